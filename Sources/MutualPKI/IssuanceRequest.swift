@@ -1,0 +1,144 @@
+import Foundation
+import SwiftASN1
+import X509
+
+/// What someone asks the CA to certify: a public key, a profile and names. Nothing here is trusted yet: the
+/// ``IssuingCA`` validates every field against the profile and its own constraints before signing.
+public struct IssuanceRequest: Sendable, Hashable {
+    public var profile: CertificateProfile
+    public var publicKey: Certificate.PublicKey
+    public var commonName: String?
+    public var dnsNames: [String]
+    public var ipAddresses: [String]
+    public var uris: [String]
+    /// Requested lifetime; the profile default when nil. Capped by the CA's maximum and the issuer's notAfter.
+    public var validity: ValidityDuration?
+    /// Notes on what the request asked for that the profile dropped (for the audit trail).
+    public var droppedRequests: [String]
+
+    public init(
+        profile: CertificateProfile,
+        publicKey: Certificate.PublicKey,
+        commonName: String? = nil,
+        dnsNames: [String] = [],
+        ipAddresses: [String] = [],
+        uris: [String] = [],
+        validity: ValidityDuration? = nil
+    ) {
+        self.profile = profile
+        self.publicKey = publicKey
+        self.commonName = commonName
+        self.dnsNames = dnsNames
+        self.ipAddresses = ipAddresses
+        self.uris = uris
+        self.validity = validity
+        self.droppedRequests = []
+    }
+
+    /// Builds a request from a CSR whose signature has already been verified (see ``CSRDecoder``).
+    ///
+    /// Only the subject common name and the subjectAltName extension are taken from the CSR. Every other requested
+    /// extension (basicConstraints cA=true, keyUsage keyCertSign, EKUs, ...) is dropped and noted in
+    /// ``droppedRequests``: the profile decides those.
+    public init(verifiedCSR csr: VerifiedCSR, profile: CertificateProfile, validity: ValidityDuration?) throws {
+        self.init(profile: profile, publicKey: csr.request.publicKey, validity: validity)
+        let request = csr.request
+        var commonNames: [String] = []
+        for rdn in request.subject {
+            for attribute in rdn {
+                if attribute.type == .RDNAttributeType.commonName {
+                    commonNames.append(String(describing: attribute.value))
+                } else {
+                    droppedRequests.append("subject attribute \(attribute.type)")
+                }
+            }
+        }
+        guard commonNames.count <= 1 else {
+            throw PKIError(.profileViolation, "CSR subject has \(commonNames.count) common names; at most one is allowed")
+        }
+        commonName = commonNames.first
+
+        let requested: Certificate.Extensions
+        do {
+            requested = try request.attributes.extensionRequest?.extensions ?? Certificate.Extensions()
+        } catch {
+            throw PKIError(.malformedInput, "CSR extension request is malformed (\(error))")
+        }
+        for ext in requested {
+            if ext.oid == .X509ExtensionID.subjectAlternativeName {
+                let sans: SubjectAlternativeNames
+                do {
+                    sans = try SubjectAlternativeNames(ext)
+                } catch {
+                    throw PKIError(.malformedInput, "CSR subjectAltName is malformed (\(error))")
+                }
+                for name in sans {
+                    switch name {
+                    case .dnsName(let dns): dnsNames.append(dns)
+                    case .ipAddress(let octets): ipAddresses.append(Names.ipAddressString(Array(octets.bytes)))
+                    case .uniformResourceIdentifier(let uri): uris.append(uri)
+                    default:
+                        throw PKIError(.profileViolation, "CSR asks for a SAN of a type Mutual does not issue: \(name)")
+                    }
+                }
+            } else if ext.oid == .X509ExtensionID.basicConstraints, let bc = try? BasicConstraints(ext),
+                case .isCertificateAuthority = bc
+            {
+                droppedRequests.append("basicConstraints cA=true (leaf issued instead)")
+            } else {
+                droppedRequests.append("extension \(ext.oid)")
+            }
+        }
+    }
+}
+
+/// A CSR whose self-signature (proof of possession of the private key) has been checked. Only ``CSRDecoder`` makes
+/// one, so holding a `VerifiedCSR` means the check happened.
+public struct VerifiedCSR: Sendable, Hashable {
+    public let request: CertificateSigningRequest
+    fileprivate init(request: CertificateSigningRequest) { self.request = request }
+}
+
+/// Decodes CSRs in PEM or DER and verifies their signatures.
+public enum CSRDecoder {
+    /// Parses a CSR given as PEM text or raw DER, refusing input over 64 KiB, and verifies its signature.
+    public static func decode(_ bytes: [UInt8]) throws -> VerifiedCSR {
+        guard bytes.count <= PEMBundle.maximumInputSize else {
+            throw PKIError(.inputTooLarge, "CSR is \(bytes.count) bytes; the limit is \(PEMBundle.maximumInputSize)")
+        }
+        guard !bytes.isEmpty else { throw PKIError(.malformedInput, "CSR is empty") }
+        let csr: CertificateSigningRequest
+        if let text = String(validating: bytes, as: UTF8.self), text.contains("-----BEGIN") {
+            let document: PEMDocument
+            do {
+                document = try PEMDocument(pemString: text)
+            } catch {
+                throw PKIError(.malformedInput, "CSR is not valid PEM (\(error))")
+            }
+            guard document.discriminator == "CERTIFICATE REQUEST" || document.discriminator == "NEW CERTIFICATE REQUEST"
+            else {
+                throw PKIError(.malformedInput, "expected a PEM CERTIFICATE REQUEST block, found \(document.discriminator)")
+            }
+            do {
+                csr = try CertificateSigningRequest(derEncoded: document.derBytes)
+            } catch {
+                throw PKIError(.malformedInput, "CSR is not a valid PKCS#10 request (\(error))")
+            }
+        } else {
+            do {
+                csr = try CertificateSigningRequest(derEncoded: bytes)
+            } catch {
+                throw PKIError(.malformedInput, "CSR is neither PEM nor a valid DER PKCS#10 request (\(error))")
+            }
+        }
+        guard csr.publicKey.isValidSignature(csr.signature, for: csr) else {
+            throw PKIError(.badSignature, "CSR signature does not verify: the request was not signed by the key it contains")
+        }
+        return VerifiedCSR(request: csr)
+    }
+
+    /// Decodes a CSR from a PEM string (convenience for the HTTP layer).
+    public static func decode(pem: String) throws -> VerifiedCSR {
+        try decode(Array(pem.utf8))
+    }
+}

@@ -1,0 +1,97 @@
+import Foundation
+import SwiftASN1
+import X509
+
+/// Reading certificates, CSRs and keys from files as users hand them over: PEM (one or many blocks) or DER.
+public enum PEMBundle {
+    /// The largest single input Mutual will parse: CSRs and certificates are a few KiB; bundles of many CAs stay
+    /// well under this.
+    public static let maximumInputSize = 64 * 1024
+
+    /// Parses every `CERTIFICATE` block of a PEM text, in order. Throws if there is none or one is malformed.
+    public static func certificates(fromPEM text: String, what: String = "certificate file") throws -> [Certificate] {
+        let documents: [PEMDocument]
+        do {
+            documents = try PEMDocument.parseMultiple(pemString: text)
+        } catch {
+            throw PKIError(.malformedInput, "\(what): not valid PEM (\(error))")
+        }
+        var result: [Certificate] = []
+        for (index, document) in documents.enumerated() where document.discriminator == "CERTIFICATE" {
+            do {
+                result.append(try Certificate(derEncoded: document.derBytes))
+            } catch {
+                throw PKIError(.malformedInput, "\(what): certificate #\(index + 1) is not a valid X.509 certificate (\(error))")
+            }
+        }
+        guard !result.isEmpty else {
+            throw PKIError(.malformedInput, "\(what): contains no PEM CERTIFICATE block")
+        }
+        return result
+    }
+
+    /// Parses certificates from bytes that are PEM text or a single DER certificate.
+    public static func certificates(fromBytes bytes: [UInt8], what: String = "certificate file") throws -> [Certificate] {
+        if let text = String(validating: bytes, as: UTF8.self), text.contains("-----BEGIN") {
+            return try certificates(fromPEM: text, what: what)
+        }
+        do {
+            return [try Certificate(derEncoded: bytes)]
+        } catch {
+            throw PKIError(.malformedInput, "\(what): neither PEM nor a DER certificate (\(error))")
+        }
+    }
+
+    /// Serializes certificates as concatenated PEM blocks.
+    public static func pem(_ certificates: [Certificate]) throws -> String {
+        try certificates.map { try $0.serializeAsPEM().pemString + "\n" }.joined()
+    }
+
+    /// DER bytes of a certificate.
+    public static func der(_ certificate: Certificate) throws -> [UInt8] {
+        var serializer = DER.Serializer()
+        try serializer.serialize(certificate)
+        return serializer.serializedBytes
+    }
+}
+
+extension Certificate {
+    /// DER encoding of the certificate.
+    public var derBytes: [UInt8] {
+        get throws { try PEMBundle.der(self) }
+    }
+
+    /// Serial number as lowercase hex without separators, as stored in the inventory and printed by the CLI.
+    public var serialHex: String { serialNumber.bytes.hexString }
+}
+
+extension Sequence where Element == UInt8 {
+    /// Lowercase hex, two digits per byte.
+    public var hexString: String {
+        var out = ""
+        for byte in self {
+            let hex = String(byte, radix: 16)
+            if hex.count == 1 { out += "0" }
+            out += hex
+        }
+        return out
+    }
+}
+
+extension Array where Element == UInt8 {
+    /// Parses hex, allowing colons and whitespace between bytes (as `openssl x509 -fingerprint` prints).
+    public init?(hex: String) {
+        let cleaned = hex.filter { !$0.isWhitespace && $0 != ":" }
+        guard cleaned.count % 2 == 0 else { return nil }
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(cleaned.count / 2)
+        var index = cleaned.startIndex
+        while index < cleaned.endIndex {
+            let next = cleaned.index(index, offsetBy: 2)
+            guard let byte = UInt8(cleaned[index..<next], radix: 16) else { return nil }
+            bytes.append(byte)
+            index = next
+        }
+        self = bytes
+    }
+}

@@ -1,0 +1,85 @@
+import SwiftASN1
+import X509
+
+/// AlgorithmIdentifier encoding for the signature algorithms Mutual signs with.
+///
+/// Hand-written because swift-certificates keeps `AlgorithmIdentifier` internal, and CRLs (which it does not model)
+/// need to encode and read one.
+enum SignatureAlgorithmDER {
+    static let table: [(Certificate.SignatureAlgorithm, ASN1ObjectIdentifier, Bool)] = [
+        (.ecdsaWithSHA256, [1, 2, 840, 10045, 4, 3, 2], false),
+        (.ecdsaWithSHA384, [1, 2, 840, 10045, 4, 3, 3], false),
+        (.ecdsaWithSHA512, [1, 2, 840, 10045, 4, 3, 4], false),
+        (.sha256WithRSAEncryption, [1, 2, 840, 113549, 1, 1, 11], true),
+        (.sha384WithRSAEncryption, [1, 2, 840, 113549, 1, 1, 12], true),
+        (.sha512WithRSAEncryption, [1, 2, 840, 113549, 1, 1, 13], true),
+        (.sha1WithRSAEncryption, [1, 2, 840, 113549, 1, 1, 5], true),
+        (.ed25519, [1, 3, 101, 112], false),
+    ]
+
+    static func serialize(_ algorithm: Certificate.SignatureAlgorithm, into coder: inout DER.Serializer) throws {
+        guard let entry = table.first(where: { $0.0 == algorithm }) else {
+            throw PKIError(.unsupportedKey, "cannot encode signature algorithm \(algorithm)")
+        }
+        try coder.appendConstructedNode(identifier: .sequence) { seq in
+            try seq.serialize(entry.1)
+            if entry.2 { try seq.serialize(ASN1Null()) }
+        }
+    }
+
+    static func parse(_ node: ASN1Node) throws -> Certificate.SignatureAlgorithm {
+        let oid: ASN1ObjectIdentifier = try DER.sequence(node, identifier: .sequence) { nodes in
+            let oid = try ASN1ObjectIdentifier(derEncoded: &nodes)
+            while nodes.next() != nil {}
+            return oid
+        }
+        guard let entry = table.first(where: { $0.1 == oid }) else {
+            throw PKIError(.unsupportedKey, "unsupported signature algorithm \(oid)")
+        }
+        return entry.0
+    }
+}
+
+/// X.509 Time (UTCTime before 2050, GeneralizedTime from 2050), as RFC 5280 4.1.2.5 requires.
+enum X509Time {
+    static func serialize(_ date: Date, into coder: inout DER.Serializer) throws {
+        let c = Calendar.utc.dateComponents([.year, .month, .day, .hour, .minute, .second], from: date)
+        if c.year! < 2050 {
+            try coder.serialize(
+                UTCTime(year: c.year!, month: c.month!, day: c.day!, hours: c.hour!, minutes: c.minute!, seconds: c.second!)
+            )
+        } else {
+            try coder.serialize(
+                GeneralizedTime(
+                    year: c.year!, month: c.month!, day: c.day!, hours: c.hour!, minutes: c.minute!, seconds: c.second!,
+                    fractionalSeconds: 0
+                )
+            )
+        }
+    }
+
+    static func parse(_ node: ASN1Node) throws -> Date {
+        let c: DateComponents
+        if node.identifier == UTCTime.defaultIdentifier {
+            let t = try UTCTime(derEncoded: node)
+            c = DateComponents(year: t.year, month: t.month, day: t.day, hour: t.hours, minute: t.minutes, second: t.seconds)
+        } else if node.identifier == GeneralizedTime.defaultIdentifier {
+            let t = try GeneralizedTime(derEncoded: node)
+            c = DateComponents(year: t.year, month: t.month, day: t.day, hour: t.hours, minute: t.minutes, second: t.seconds)
+        } else {
+            throw PKIError(.malformedInput, "expected UTCTime or GeneralizedTime")
+        }
+        guard let date = Calendar.utc.date(from: c) else { throw PKIError(.malformedInput, "invalid time") }
+        return date
+    }
+}
+
+extension Calendar {
+    static let utc: Calendar = {
+        var calendar = Calendar(identifier: .gregorian)
+        calendar.timeZone = TimeZone(identifier: "UTC")!
+        return calendar
+    }()
+}
+
+import Foundation

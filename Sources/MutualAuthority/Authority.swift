@@ -1,0 +1,288 @@
+import Crypto
+import Foundation
+import Logging
+import MutualPKI
+import MutualStore
+import SwiftASN1
+import X509
+
+/// The CA's business rules on top of the PKI core and the store: who gets which certificate, revocation, audit.
+///
+/// Every issuance is committed to the inventory together with its audit event *before* the certificate is returned;
+/// a failure at any step returns an error and leaves no certificate behind.
+public final class Authority: Sendable {
+    public let state: StateDirectory
+    public let configuration: AuthorityConfiguration
+    public let ca: IssuingCA
+    public let store: Store
+    let logger: Logger
+
+    init(state: StateDirectory, configuration: AuthorityConfiguration, ca: IssuingCA, store: Store, logger: Logger) {
+        self.state = state
+        self.configuration = configuration
+        self.ca = ca
+        self.store = store
+        self.logger = logger
+    }
+
+    /// What `initialize` made.
+    public struct InitResult: Sendable {
+        public var root: Certificate
+        public var intermediate: Certificate
+        public var rootFingerprint: String
+    }
+
+    /// Creates a new CA in an empty (or missing) state directory: root, intermediate, admin client certificate,
+    /// database, config. Refuses to touch a directory that already holds a CA.
+    public static func initialize(
+        state: StateDirectory, name: String, keyType: KeyType, constraints: CAFactory.Constraints,
+        passphrase: String?, policy: IssuancePolicy = IssuancePolicy(), actor: String, now: Date = .now,
+        logger: Logger = Logger(label: "mutual.authority")
+    ) async throws -> InitResult {
+        let fm = FileManager.default
+        if state.isInitialized || fm.fileExists(atPath: state.databasePath) || fm.fileExists(atPath: state.rootKeyPath) {
+            throw AuthorityError(.alreadyInitialized, "\(state.path) already holds a Mutual CA; refusing to overwrite it")
+        }
+        var policy = policy
+        policy.permittedURIPrefixes = constraints.permittedURIPrefixes
+        let hierarchy = try CAFactory.makeHierarchy(name: name, keyType: keyType, constraints: constraints, now: now)
+        var created: [String] = []
+        do {
+            for dir in [state.path, state.caDirectory, state.adminDirectory] where !fm.fileExists(atPath: dir) {
+                try fm.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+                created.append(dir)
+            }
+            try AtomicFile.write(KeyFile.pem(for: hierarchy.rootKey, passphrase: passphrase), to: state.rootKeyPath, mode: 0o600)
+            created.append(state.rootKeyPath)
+            try AtomicFile.write(
+                KeyFile.pem(for: hierarchy.intermediateKey, passphrase: passphrase), to: state.intermediateKeyPath, mode: 0o600
+            )
+            created.append(state.intermediateKeyPath)
+            try AtomicFile.write(PEMBundle.pem([hierarchy.root]), to: state.rootCertificatePath)
+            created.append(state.rootCertificatePath)
+            try AtomicFile.write(PEMBundle.pem([hierarchy.intermediate]), to: state.intermediateCertificatePath)
+            created.append(state.intermediateCertificatePath)
+
+            let store = try await Store.openSQLite(path: state.databasePath, logger: logger)
+            created.append(state.databasePath)
+            do {
+                let configuration = AuthorityConfiguration(
+                    name: name, keyType: keyType, policy: policy, permittedDNS: constraints.permittedDNS, createdAt: now,
+                    keysEncrypted: passphrase != nil
+                )
+                let ca = try IssuingCA(
+                    certificate: hierarchy.intermediate, privateKey: hierarchy.intermediateKey, root: hierarchy.root,
+                    policy: policy
+                )
+                let authority = Authority(state: state, configuration: configuration, ca: ca, store: store, logger: logger)
+                let fingerprint = try Self.fingerprint(hierarchy.root)
+                try await store.appendAudit(
+                    AuditEntry(
+                        time: now, actor: actor, action: "init", subject: hierarchy.intermediate.subject.description,
+                        details: [
+                            "name": name, "key_type": keyType.rawValue, "root_fingerprint": fingerprint,
+                            "permitted_dns": constraints.permittedDNS.joined(separator: ","),
+                            "permitted_uri": constraints.permittedURIPrefixes.joined(separator: ","),
+                        ]
+                    )
+                )
+                try await authority.record(hierarchy.root, profile: .root, owner: "mutual", requester: actor, now: now)
+                try await authority.record(hierarchy.intermediate, profile: .intermediate, owner: "mutual", requester: actor, now: now)
+                // The operator's client certificate for the admin API (mTLS).
+                let adminKey = try keyType.generate()
+                let admin = try await authority.issue(
+                    IssuanceRequest(profile: .admin, publicKey: adminKey.publicKey, commonName: "mutual admin", validity: nil),
+                    owner: "operator", requester: actor, now: now, maximumValidityOverride: .days(365)
+                )
+                try AtomicFile.write(KeyFile.pem(for: adminKey, passphrase: nil), to: state.adminDirectory + "/key.pem", mode: 0o600)
+                try AtomicFile.write(PEMBundle.pem([admin.certificate]), to: state.adminDirectory + "/cert.pem")
+                try AtomicFile.write(PEMBundle.pem([admin.certificate, hierarchy.intermediate]), to: state.adminDirectory + "/chain.pem")
+                let encoder = JSONEncoder()
+                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+                encoder.dateEncodingStrategy = .iso8601
+                try AtomicFile.write(Array(try encoder.encode(configuration)), to: state.configPath, mode: 0o600)
+                try await store.close()
+                return InitResult(root: hierarchy.root, intermediate: hierarchy.intermediate, rootFingerprint: fingerprint)
+            } catch {
+                try? await store.close()
+                throw error
+            }
+        } catch {
+            for path in created.reversed() {
+                try? fm.removeItem(atPath: path)
+                if path == state.databasePath {
+                    try? fm.removeItem(atPath: path + "-wal")
+                    try? fm.removeItem(atPath: path + "-shm")
+                }
+            }
+            throw error
+        }
+    }
+
+    /// Opens an initialized state directory. `passphrase` is asked only if the issuing key is encrypted.
+    public static func open(
+        state: StateDirectory, passphrase: () throws -> String? = { nil },
+        logger: Logger = Logger(label: "mutual.authority")
+    ) async throws -> Authority {
+        guard state.isInitialized else {
+            throw AuthorityError(.notInitialized, "no Mutual CA in \(state.path): run `mutual init --state-dir \(state.path)` first")
+        }
+        let configuration: AuthorityConfiguration
+        do {
+            let decoder = JSONDecoder()
+            decoder.dateDecodingStrategy = .iso8601
+            configuration = try decoder.decode(
+                AuthorityConfiguration.self, from: Data(try AtomicFile.read(state.configPath, limit: 1 << 20, what: "config"))
+            )
+        } catch {
+            throw AuthorityError(.corruptState, "\(state.configPath) is unreadable or corrupt: \(error)")
+        }
+        let ca: IssuingCA
+        do {
+            let intermediate = try PEMBundle.certificates(
+                fromBytes: try AtomicFile.read(state.intermediateCertificatePath, limit: 1 << 20, what: "issuing CA certificate"),
+                what: state.intermediateCertificatePath
+            )[0]
+            let root = try PEMBundle.certificates(
+                fromBytes: try AtomicFile.read(state.rootCertificatePath, limit: 1 << 20, what: "root certificate"),
+                what: state.rootCertificatePath
+            )[0]
+            let keyText = String(
+                decoding: try AtomicFile.read(state.intermediateKeyPath, limit: 1 << 20, what: "issuing CA key"), as: UTF8.self
+            )
+            let key = try KeyFile.load(pem: keyText, passphrase: passphrase)
+            ca = try IssuingCA(certificate: intermediate, privateKey: key, root: root, policy: configuration.policy)
+        } catch let error as PKIError {
+            if error.code == .wrongPassphrase { throw error }
+            throw AuthorityError(.corruptState, "the CA files in \(state.caDirectory) are unusable: \(error.reason)")
+        }
+        let store = try await Store.openSQLite(path: state.databasePath, logger: logger)
+        return Authority(state: state, configuration: configuration, ca: ca, store: store, logger: logger)
+    }
+
+    public func close() async throws {
+        try await store.close()
+    }
+
+    // MARK: Issuance
+
+    /// A certificate that is in the inventory.
+    public struct IssuedCertificate: Sendable {
+        public var certificate: Certificate
+        public var chain: [Certificate]
+        public var record: CertificateRecord
+    }
+
+    /// Validates, signs, records (durably, with its audit event) and only then returns a certificate.
+    public func issue(
+        _ request: IssuanceRequest, owner: String?, requester: String, now: Date = .now,
+        maximumValidityOverride: ValidityDuration? = nil
+    ) async throws -> IssuedCertificate {
+        var ca = self.ca
+        if let maximumValidityOverride { ca.policy.maximumValidity = maximumValidityOverride }
+        let certificate = try ca.issue(request, now: now)
+        var details: [String: String] = ["profile": request.profile.rawValue, "not_after": AuditChain.format(certificate.notValidAfter)]
+        if !request.droppedRequests.isEmpty { details["dropped"] = request.droppedRequests.joined(separator: "; ") }
+        if let owner { details["owner"] = owner }
+        let record = try await record(certificate, profile: request.profile, owner: owner, requester: requester, now: now, details: details)
+        return IssuedCertificate(certificate: certificate, chain: [certificate, self.ca.certificate], record: record)
+    }
+
+    /// Issues from a CSR (PEM or DER bytes): signature verified, contents decided by the profile.
+    public func sign(
+        csr bytes: [UInt8], profile: CertificateProfile, validity: ValidityDuration?, owner: String?, requester: String,
+        now: Date = .now
+    ) async throws -> IssuedCertificate {
+        let csr = try CSRDecoder.decode(bytes)
+        let request = try IssuanceRequest(verifiedCSR: csr, profile: profile, validity: validity)
+        return try await issue(request, owner: owner, requester: requester, now: now)
+    }
+
+    @discardableResult
+    func record(
+        _ certificate: Certificate, profile: CertificateProfile, owner: String?, requester: String, now: Date,
+        details: [String: String] = [:]
+    ) async throws -> CertificateRecord {
+        let record = try Self.makeRecord(certificate, profile: profile, owner: owner, requester: requester)
+        var details = details
+        details["serial"] = record.serial
+        details["identity"] = record.identity
+        try await store.recordIssuance(
+            record,
+            audit: AuditEntry(time: now, actor: requester, action: "issue", subject: record.serial, details: details)
+        )
+        return record
+    }
+
+    static func makeRecord(_ certificate: Certificate, profile: CertificateProfile, owner: String?, requester: String) throws
+        -> CertificateRecord
+    {
+        let der = try certificate.derBytes
+        var sans: [String] = []
+        var spiffe: String?
+        if let names = try certificate.extensions.subjectAlternativeNames {
+            for name in names {
+                switch name {
+                case .dnsName(let d): sans.append("dns:\(d)")
+                case .ipAddress(let ip): sans.append("ip:\(Names.ipAddressString(Array(ip.bytes)))")
+                case .uniformResourceIdentifier(let u):
+                    sans.append("uri:\(u)")
+                    if u.hasPrefix("spiffe://"), spiffe == nil { spiffe = u }
+                case .rfc822Name(let e): sans.append("email:\(e)")
+                default: break
+                }
+            }
+        }
+        let commonName = certificate.subject.commonName
+        let identity = spiffe ?? sans.first.map { String($0.drop(while: { $0 != ":" }).dropFirst()) } ?? commonName ?? certificate.serialHex
+        return CertificateRecord(
+            serial: certificate.serialHex, issuer: certificate.issuer.description, subject: certificate.subject.description,
+            subjectAlternativeNames: sans, identity: identity, profile: profile.rawValue, owner: owner, requester: requester,
+            notBefore: certificate.notValidBefore, notAfter: certificate.notValidAfter, fingerprint: try fingerprint(certificate),
+            der: der
+        )
+    }
+
+    /// SHA-256 of the certificate's DER, lowercase hex (the form `mutual init` prints and agents pin).
+    public static func fingerprint(_ certificate: Certificate) throws -> String {
+        SHA256.hash(data: try certificate.derBytes).map { String(format: "%02x", $0) }.joined()
+    }
+
+    // MARK: Revocation
+
+    /// Revokes a certificate: inventory and audit in one transaction. Unknown or already-revoked serials are refused.
+    public func revoke(serial: String, reason: RevocationReason, actor: String, now: Date = .now) async throws -> CertificateRecord {
+        let normalized = Self.normalizeSerial(serial)
+        guard !normalized.isEmpty, normalized.count <= 42, normalized.allSatisfy(\.isHexDigit) else {
+            throw AuthorityError(.notFound, "'\(serial.prefix(60))' is not a serial number (expected hex, as `mutual list` prints)")
+        }
+        do {
+            return try await store.revoke(
+                serial: normalized, reason: reason.rawValue, at: now,
+                audit: AuditEntry(time: now, actor: actor, action: "revoke", subject: normalized, details: ["reason": reason.rawValue])
+            )
+        } catch let error as StoreError where error.code == .notFound {
+            throw AuthorityError(.notFound, error.reason)
+        } catch let error as StoreError where error.code == .conflict {
+            throw AuthorityError(.conflict, error.reason)
+        }
+    }
+
+    /// Lowercase hex without colons or spaces.
+    public static func normalizeSerial(_ serial: String) -> String {
+        serial.lowercased().filter { $0 != ":" && !$0.isWhitespace }
+    }
+}
+
+extension DistinguishedName {
+    /// The last common name, if any.
+    var commonName: String? {
+        var result: String?
+        for rdn in self {
+            for attribute in rdn where attribute.type == .RDNAttributeType.commonName {
+                result = String(describing: attribute.value)
+            }
+        }
+        return result
+    }
+}

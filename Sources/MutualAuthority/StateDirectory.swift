@@ -1,0 +1,62 @@
+import Foundation
+import MutualPKI
+
+/// The files of an authority under its state directory.
+///
+/// ```
+/// DIR/config.json           CA settings (written last by init: its presence means "initialized")
+/// DIR/mutual.db             SQLite inventory + audit chain
+/// DIR/ca/root.pem           trust anchor
+/// DIR/ca/root.key           root key (0600; take it offline, see docs/operations.md)
+/// DIR/ca/intermediate.pem   issuing CA
+/// DIR/ca/intermediate.key   issuing key (0600)
+/// DIR/admin/{cert,key,chain}.pem   operator client certificate for the admin API
+/// ```
+public struct StateDirectory: Sendable {
+    public let path: String
+
+    public init(path: String) {
+        self.path = (path as NSString).expandingTildeInPath
+    }
+
+    /// `--state-dir`, else `MUTUAL_STATE_DIR`, else `~/.mutual`.
+    public static func resolve(_ flag: String?) -> StateDirectory {
+        if let flag, !flag.isEmpty { return StateDirectory(path: flag) }
+        if let env = ProcessInfo.processInfo.environment["MUTUAL_STATE_DIR"], !env.isEmpty {
+            return StateDirectory(path: env)
+        }
+        return StateDirectory(path: "~/.mutual")
+    }
+
+    public var configPath: String { path + "/config.json" }
+    public var databasePath: String { path + "/mutual.db" }
+    public var caDirectory: String { path + "/ca" }
+    public var rootCertificatePath: String { caDirectory + "/root.pem" }
+    public var rootKeyPath: String { caDirectory + "/root.key" }
+    public var intermediateCertificatePath: String { caDirectory + "/intermediate.pem" }
+    public var intermediateKeyPath: String { caDirectory + "/intermediate.key" }
+    public var adminDirectory: String { path + "/admin" }
+
+    public var isInitialized: Bool { FileManager.default.fileExists(atPath: configPath) }
+}
+
+/// CA settings persisted in `config.json`.
+public struct AuthorityConfiguration: Codable, Sendable, Hashable {
+    public var version: Int
+    public var name: String
+    public var keyType: KeyType
+    public var policy: IssuancePolicy
+    public var permittedDNS: [String]
+    public var createdAt: Date
+    public var keysEncrypted: Bool
+
+    public init(name: String, keyType: KeyType, policy: IssuancePolicy, permittedDNS: [String], createdAt: Date, keysEncrypted: Bool) {
+        self.version = 1
+        self.name = name
+        self.keyType = keyType
+        self.policy = policy
+        self.permittedDNS = permittedDNS
+        self.createdAt = createdAt
+        self.keysEncrypted = keysEncrypted
+    }
+}

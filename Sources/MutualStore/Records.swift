@@ -1,0 +1,121 @@
+import Foundation
+
+/// One issued certificate as the inventory holds it.
+public struct CertificateRecord: Sendable, Hashable, Codable {
+    public enum Status: String, Sendable, Codable, CaseIterable {
+        case valid
+        case revoked
+    }
+
+    /// Serial number, lowercase hex.
+    public var serial: String
+    public var issuer: String
+    public var subject: String
+    /// SANs as text, each prefixed by its kind: `dns:`, `ip:`, `uri:`.
+    public var subjectAlternativeNames: [String]
+    /// The identity the certificate asserts: the SPIFFE ID, else the first SAN, else the subject CN.
+    public var identity: String
+    public var profile: String
+    public var owner: String?
+    /// Who asked for it: `cli:<user>`, `token:<id>`, `cert:<serial>`.
+    public var requester: String
+    public var notBefore: Date
+    public var notAfter: Date
+    /// SHA-256 of the DER, lowercase hex.
+    public var fingerprint: String
+    public var der: [UInt8]
+    public var status: Status
+    public var revokedAt: Date?
+    public var revocationReason: String?
+
+    public init(
+        serial: String, issuer: String, subject: String, subjectAlternativeNames: [String], identity: String,
+        profile: String, owner: String?, requester: String, notBefore: Date, notAfter: Date, fingerprint: String,
+        der: [UInt8], status: Status = .valid, revokedAt: Date? = nil, revocationReason: String? = nil
+    ) {
+        self.serial = serial
+        self.issuer = issuer
+        self.subject = subject
+        self.subjectAlternativeNames = subjectAlternativeNames
+        self.identity = identity
+        self.profile = profile
+        self.owner = owner
+        self.requester = requester
+        self.notBefore = notBefore
+        self.notAfter = notAfter
+        self.fingerprint = fingerprint
+        self.der = der
+        self.status = status
+        self.revokedAt = revokedAt
+        self.revocationReason = revocationReason
+    }
+
+    /// `valid`, `expired` or `revoked` at a given time (expired is derived, never stored).
+    public func effectiveStatus(at now: Date) -> String {
+        if status == .revoked { return "revoked" }
+        return notAfter <= now ? "expired" : "valid"
+    }
+}
+
+/// Filters for listing the inventory; every filter is served by an index.
+public struct CertificateFilter: Sendable, Hashable {
+    public enum StatusFilter: String, Sendable, CaseIterable {
+        case valid, expired, revoked
+    }
+
+    public var expiringBefore: Date?
+    public var identity: String?
+    public var status: StatusFilter?
+    /// Reference time for `valid`/`expired`.
+    public var now: Date
+    public var limit: Int
+    public var offset: Int
+
+    public init(
+        expiringBefore: Date? = nil, identity: String? = nil, status: StatusFilter? = nil, now: Date,
+        limit: Int = 1000, offset: Int = 0
+    ) {
+        self.expiringBefore = expiringBefore
+        self.identity = identity
+        self.status = status
+        self.now = now
+        self.limit = limit
+        self.offset = offset
+    }
+}
+
+/// An audit event before it is chained.
+public struct AuditEntry: Sendable, Hashable {
+    public var time: Date
+    public var actor: String
+    public var action: String
+    public var subject: String
+    public var details: [String: String]
+
+    public init(time: Date, actor: String, action: String, subject: String, details: [String: String] = [:]) {
+        self.time = time
+        self.actor = actor
+        self.action = action
+        self.subject = subject
+        self.details = details
+    }
+}
+
+/// An audit event as stored: numbered and chained to the one before it.
+public struct AuditEvent: Sendable, Hashable, Codable {
+    public var sequence: Int64
+    public var time: String
+    public var actor: String
+    public var action: String
+    public var subject: String
+    /// Canonical JSON of the details (sorted keys).
+    public var details: String
+    public var previousHash: String
+    public var hash: String
+}
+
+/// The result of recomputing the audit chain.
+public enum AuditVerification: Sendable, Hashable {
+    case intact(events: Int, head: String)
+    case broken(sequence: Int64, reason: String)
+}

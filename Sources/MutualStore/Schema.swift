@@ -1,0 +1,87 @@
+import SQLKit
+
+/// Versioned schema migrations, shared by every SQL database Mutual runs on. Each migration runs once, in order, inside
+/// a transaction, and is recorded in `schema_migrations`.
+enum Schema {
+    /// Column type names that differ between databases; everything else is portable SQL.
+    struct Types {
+        var blob: String
+        var bigint: String
+
+        static let sqlite = Types(blob: "BLOB", bigint: "INTEGER")
+        static let postgres = Types(blob: "BYTEA", bigint: "BIGINT")
+    }
+
+    /// The migrations, in order. Never edit a published one: append a new one.
+    static func migrations(_ t: Types) -> [(version: Int, statements: [String])] {
+        [
+            (
+                1,
+                [
+                    """
+                    CREATE TABLE certificates (
+                        serial TEXT PRIMARY KEY,
+                        issuer TEXT NOT NULL,
+                        subject TEXT NOT NULL,
+                        sans TEXT NOT NULL,
+                        identity TEXT NOT NULL,
+                        profile TEXT NOT NULL,
+                        owner TEXT,
+                        requester TEXT NOT NULL,
+                        not_before \(t.bigint) NOT NULL,
+                        not_after \(t.bigint) NOT NULL,
+                        fingerprint TEXT NOT NULL UNIQUE,
+                        der \(t.blob) NOT NULL,
+                        status TEXT NOT NULL,
+                        revoked_at \(t.bigint),
+                        revocation_reason TEXT,
+                        created_at \(t.bigint) NOT NULL
+                    )
+                    """,
+                    "CREATE INDEX certificates_not_after ON certificates (not_after)",
+                    "CREATE INDEX certificates_identity ON certificates (identity, not_after)",
+                    "CREATE INDEX certificates_status ON certificates (status, not_after)",
+                    """
+                    CREATE TABLE audit_events (
+                        sequence \(t.bigint) PRIMARY KEY,
+                        time TEXT NOT NULL,
+                        actor TEXT NOT NULL,
+                        action TEXT NOT NULL,
+                        subject TEXT NOT NULL,
+                        details TEXT NOT NULL,
+                        previous_hash TEXT NOT NULL,
+                        hash TEXT NOT NULL
+                    )
+                    """,
+                    "CREATE TABLE metadata (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+                ]
+            )
+        ]
+    }
+
+    static var latestVersion: Int { migrations(.sqlite).last!.version }
+
+    static func migrate(_ db: any SQLDatabase, types: Types, begin: String) async throws {
+        try await db.raw("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)").run()
+        let rows = try await db.raw("SELECT version FROM schema_migrations").all()
+        let applied = Set(try rows.map { try $0.decode(column: "version", as: Int.self) })
+        if let newest = applied.max(), newest > latestVersion {
+            throw StoreError(.incompatibleSchema, "the database schema is version \(newest); this mutual understands up to \(latestVersion): upgrade mutual")
+        }
+        for migration in migrations(types) where !applied.contains(migration.version) {
+            try await db.raw(SQLQueryString(begin)).run()
+            do {
+                for statement in migration.statements {
+                    try await db.raw(SQLQueryString(statement)).run()
+                }
+                try await db.raw("INSERT INTO schema_migrations (version, applied_at) VALUES (\(bind: migration.version), \(bind: AuditChain.format(.now)))").run()
+                try await db.raw("COMMIT").run()
+            } catch {
+                try? await db.raw("ROLLBACK").run()
+                throw error
+            }
+        }
+    }
+}
+
+import Foundation

@@ -1,0 +1,221 @@
+import Foundation
+import Logging
+import SQLKit
+
+/// Group commit: every write waits in a queue; one flush at a time takes everything queued, applies it in a single
+/// transaction, and resumes each waiter once the COMMIT has returned.
+///
+/// If a batched transaction fails (say one revocation names an unknown serial), each operation of the batch is retried
+/// in a transaction of its own, so one bad request never fails or loses the others.
+actor WriteQueue {
+    enum Operation: Sendable {
+        case issue(CertificateRecord, AuditEntry)
+        case revoke(serial: String, reason: String, time: Date, AuditEntry)
+        case audit(AuditEntry)
+        case metadata([String: String], AuditEntry?)
+    }
+
+    enum Outcome: Sendable {
+        case done
+        case record(CertificateRecord)
+    }
+
+    static let headKey = "audit_head"
+
+    private let db: any SQLDatabase
+    private let begin: String
+    private let logger: Logger
+    private var pending: [(Operation, CheckedContinuation<Outcome, any Error>)] = []
+    private var flushing = false
+    private var idleWaiters: [CheckedContinuation<Void, Never>] = []
+
+    init(db: any SQLDatabase, begin: String, logger: Logger) {
+        self.db = db
+        self.begin = begin
+        self.logger = logger
+    }
+
+    func submit(_ operation: Operation) async throws -> Outcome {
+        try await withCheckedThrowingContinuation { continuation in
+            pending.append((operation, continuation))
+            if !flushing {
+                flushing = true
+                Task { await self.flushLoop() }
+            }
+        }
+    }
+
+    /// Waits until nothing is queued or being written.
+    func drain() async {
+        guard flushing || !pending.isEmpty else { return }
+        await withCheckedContinuation { idleWaiters.append($0) }
+    }
+
+    private func flushLoop() async {
+        while !pending.isEmpty {
+            let batch = pending
+            pending = []
+            do {
+                let outcomes = try await apply(batch.map(\.0))
+                for (index, item) in batch.enumerated() { item.1.resume(returning: outcomes[index]) }
+            } catch {
+                if batch.count == 1 {
+                    batch[0].1.resume(throwing: Self.mapped(error))
+                } else {
+                    for item in batch {
+                        do {
+                            item.1.resume(returning: try await apply([item.0])[0])
+                        } catch {
+                            item.1.resume(throwing: Self.mapped(error))
+                        }
+                    }
+                }
+            }
+        }
+        flushing = false
+        let waiters = idleWaiters
+        idleWaiters = []
+        for waiter in waiters { waiter.resume() }
+    }
+
+    static func mapped(_ error: any Error) -> any Error {
+        if error is StoreError { return error }
+        return StoreError(.queryFailed, "database write failed: \(error)")
+    }
+
+    static func parseHead(_ text: String) -> (sequence: Int64, hash: String)? {
+        let parts = text.split(separator: ":")
+        guard parts.count == 2, let sequence = Int64(parts[0]) else { return nil }
+        return (sequence, String(parts[1]))
+    }
+
+    /// Applies operations in one transaction. Nothing is visible to readers until COMMIT; on any error the
+    /// transaction is rolled back.
+    private func apply(_ operations: [Operation]) async throws -> [Outcome] {
+        try await db.raw(SQLQueryString(begin)).run()
+        do {
+            let outcomes = try await applyInTransaction(operations)
+            try await db.raw("COMMIT").run()
+            return outcomes
+        } catch {
+            do {
+                try await db.raw("ROLLBACK").run()
+            } catch {
+                logger.error("rollback failed", metadata: ["error": "\(error)"])
+            }
+            throw error
+        }
+    }
+
+    private func applyInTransaction(_ operations: [Operation]) async throws -> [Outcome] {
+        let last = try await db.raw("SELECT sequence, hash FROM audit_events ORDER BY sequence DESC LIMIT 1").first()
+        var head: (sequence: Int64, hash: String) =
+            try last.map { (try $0.decode(column: "sequence", as: Int64.self), try $0.decode(column: "hash", as: String.self)) }
+            ?? (0, AuditChain.genesis)
+        var events: [AuditEvent] = []
+        var certificates: [CertificateRecord] = []
+        var outcomes: [Outcome] = []
+        var metadata: [String: String] = [:]
+
+        func chain(_ entry: AuditEntry) {
+            let event = AuditChain.chain(entry, after: head)
+            head = (event.sequence, event.hash)
+            events.append(event)
+        }
+
+        for operation in operations {
+            switch operation {
+            case .issue(let record, let entry):
+                certificates.append(record)
+                chain(entry)
+                outcomes.append(.done)
+            case .audit(let entry):
+                chain(entry)
+                outcomes.append(.done)
+            case .metadata(let values, let entry):
+                metadata.merge(values) { $1 }
+                if let entry { chain(entry) }
+                outcomes.append(.done)
+            case .revoke(let serial, let reason, let time, let entry):
+                // Certificates issued earlier in this same batch are not inserted yet; look there first.
+                if let index = certificates.firstIndex(where: { $0.serial == serial }) {
+                    guard certificates[index].status == .valid else {
+                        throw StoreError(.conflict, "certificate \(serial) is already revoked")
+                    }
+                    certificates[index].status = .revoked
+                    certificates[index].revokedAt = time
+                    certificates[index].revocationReason = reason
+                    chain(entry)
+                    outcomes.append(.record(certificates[index]))
+                    continue
+                }
+                guard let row = try await db.raw("SELECT * FROM certificates WHERE serial = \(bind: serial)").first() else {
+                    throw StoreError(.notFound, "no certificate with serial \(serial) in the inventory")
+                }
+                var record = try Store.decodeCertificate(row)
+                guard record.status == .valid else {
+                    throw StoreError(.conflict, "certificate \(serial) is already revoked (\(record.revocationReason ?? "unspecified"))")
+                }
+                let seconds = Int64(time.timeIntervalSince1970)
+                try await db.raw(
+                    "UPDATE certificates SET status = 'revoked', revoked_at = \(bind: seconds), revocation_reason = \(bind: reason) WHERE serial = \(bind: serial) AND status = 'valid'"
+                ).run()
+                record.status = .revoked
+                record.revokedAt = Date(timeIntervalSince1970: Double(seconds))
+                record.revocationReason = reason
+                chain(entry)
+                outcomes.append(.record(record))
+            }
+        }
+
+        for chunk in stride(from: 0, to: certificates.count, by: 50) {
+            let rows = certificates[chunk..<min(chunk + 50, certificates.count)]
+            var insert = db.insert(into: "certificates").columns(
+                "serial", "issuer", "subject", "sans", "identity", "profile", "owner", "requester", "not_before",
+                "not_after", "fingerprint", "der", "status", "revoked_at", "revocation_reason", "created_at"
+            )
+            let created = Int64(Date().timeIntervalSince1970)
+            for r in rows {
+                let sans = String(decoding: try JSONEncoder().encode(r.subjectAlternativeNames), as: UTF8.self)
+                insert = insert.values([
+                    SQLBind(r.serial), SQLBind(r.issuer), SQLBind(r.subject), SQLBind(sans), SQLBind(r.identity),
+                    SQLBind(r.profile), SQLBind(r.owner), SQLBind(r.requester),
+                    SQLBind(Int64(r.notBefore.timeIntervalSince1970)), SQLBind(Int64(r.notAfter.timeIntervalSince1970)),
+                    SQLBind(r.fingerprint), SQLBind(Data(r.der)), SQLBind(r.status.rawValue),
+                    SQLBind(r.revokedAt.map { Int64($0.timeIntervalSince1970) }), SQLBind(r.revocationReason),
+                    SQLBind(created),
+                ] as [any SQLExpression])
+            }
+            do {
+                try await insert.run()
+            } catch {
+                if "\(error)".contains("UNIQUE") || "\(error)".contains("unique") {
+                    throw StoreError(.conflict, "a certificate with the same serial or fingerprint is already recorded")
+                }
+                throw error
+            }
+        }
+
+        for chunk in stride(from: 0, to: events.count, by: 100) {
+            var insert = db.insert(into: "audit_events").columns(
+                "sequence", "time", "actor", "action", "subject", "details", "previous_hash", "hash"
+            )
+            for e in events[chunk..<min(chunk + 100, events.count)] {
+                insert = insert.values([
+                    SQLBind(e.sequence), SQLBind(e.time), SQLBind(e.actor), SQLBind(e.action), SQLBind(e.subject),
+                    SQLBind(e.details), SQLBind(e.previousHash), SQLBind(e.hash),
+                ] as [any SQLExpression])
+            }
+            try await insert.run()
+        }
+        if !events.isEmpty {
+            metadata[Self.headKey] = "\(head.sequence):\(head.hash)"
+        }
+        for (key, value) in metadata.sorted(by: { $0.key < $1.key }) {
+            try await db.raw(
+                "INSERT INTO metadata (key, value) VALUES (\(bind: key), \(bind: value)) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+            ).run()
+        }
+        return outcomes
+    }
+}

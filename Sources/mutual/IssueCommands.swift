@@ -1,0 +1,164 @@
+import ArgumentParser
+import Foundation
+import MutualAuthority
+import MutualPKI
+import MutualStore
+
+struct IssueCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "issue",
+        abstract: "Generate a key locally and issue a certificate for it.",
+        discussion: "Writes OUT/key.pem (0600), OUT/cert.pem, OUT/chain.pem (leaf + intermediate) and OUT/root.pem."
+    )
+
+    @OptionGroup var stateOptions: StateOptions
+
+    @Option(help: "Certificate profile: \(CertificateProfile.leafChoices).")
+    var profile: String
+
+    @Option(help: "Subject common name.")
+    var cn: String?
+
+    @Option(help: "DNS SAN (repeatable).")
+    var dns: [String] = []
+
+    @Option(help: "IP address SAN (repeatable).")
+    var ip: [String] = []
+
+    @Option(help: "URI SAN, e.g. a SPIFFE ID (repeatable).")
+    var uri: [String] = []
+
+    @Option(help: "Lifetime, e.g. 24h or 30d (default: the profile's).")
+    var validity: ValidityDuration?
+
+    @Option(help: "Key type: \(KeyType.choices).")
+    var keyType: KeyType = .p256
+
+    @Option(help: "Who owns this certificate (free text, kept in the inventory).")
+    var owner: String?
+
+    @Option(help: "Directory to write key.pem, cert.pem, chain.pem and root.pem into.")
+    var outDir: String
+
+    @Flag(help: "Print the result as JSON.")
+    var json = false
+
+    func run() async throws {
+        let profile = try await failing { try CertificateProfile(leafName: self.profile) }
+        let authority = try await stateOptions.openAuthority()
+        do {
+            let key = try keyType.generate()
+            let issued = try await failing {
+                try await authority.issue(
+                    IssuanceRequest(
+                        profile: profile, publicKey: key.publicKey, commonName: cn, dnsNames: dns, ipAddresses: ip,
+                        uris: uri, validity: validity
+                    ),
+                    owner: owner, requester: cliActor
+                )
+            }
+            try await failing {
+                try FileManager.default.createDirectory(atPath: outDir, withIntermediateDirectories: true)
+                try AtomicFile.write(KeyFile.pem(for: key, passphrase: nil), to: outDir + "/key.pem", mode: 0o600)
+                try AtomicFile.write(PEMBundle.pem([issued.certificate]), to: outDir + "/cert.pem")
+                try AtomicFile.write(PEMBundle.pem(issued.chain), to: outDir + "/chain.pem")
+                try AtomicFile.write(PEMBundle.pem([authority.ca.root]), to: outDir + "/root.pem")
+            }
+            try await authority.close()
+            try report(issued.record, outFiles: ["key.pem", "cert.pem", "chain.pem", "root.pem"].map { outDir + "/" + $0 }, json: json)
+        } catch {
+            try? await authority.close()
+            throw error
+        }
+    }
+}
+
+struct SignCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sign",
+        abstract: "Issue a certificate from a CSR (PEM or DER).",
+        discussion: """
+            The CSR's signature is verified. Only its subject common name and subjectAltName are used; every other
+            requested extension (CA:true, keyCertSign, EKUs) is ignored: the profile decides.
+            """
+    )
+
+    @OptionGroup var stateOptions: StateOptions
+
+    @Option(help: "Certificate profile: \(CertificateProfile.leafChoices).")
+    var profile: String
+
+    @Option(help: "Lifetime, e.g. 24h or 30d (default: the profile's).")
+    var validity: ValidityDuration?
+
+    @Option(help: "Who owns this certificate (free text, kept in the inventory).")
+    var owner: String?
+
+    @Option(help: "Where to write the certificate (PEM).")
+    var out: String
+
+    @Flag(help: "Print the result as JSON.")
+    var json = false
+
+    @Argument(help: "The CSR file, PEM or DER, at most 64 KiB.")
+    var csr: String
+
+    func run() async throws {
+        let profile = try await failing { try CertificateProfile(leafName: self.profile) }
+        let bytes = try await failing { try AtomicFile.read(csr, limit: PEMBundle.maximumInputSize, what: "CSR") }
+        // Decode before opening the CA so bad input never touches the state directory.
+        _ = try await failing { try CSRDecoder.decode(bytes) }
+        let authority = try await stateOptions.openAuthority()
+        do {
+            let issued = try await failing {
+                try await authority.sign(csr: bytes, profile: profile, validity: validity, owner: owner, requester: cliActor)
+            }
+            try await failing { try AtomicFile.write(PEMBundle.pem([issued.certificate]), to: out) }
+            try await authority.close()
+            try report(issued.record, outFiles: [out], json: json)
+        } catch {
+            try? await authority.close()
+            throw error
+        }
+    }
+}
+
+func report(_ record: CertificateRecord, outFiles: [String], json: Bool) throws {
+    if json {
+        try printJSON(RecordView(record, now: .now))
+        return
+    }
+    print("Issued \(record.profile) certificate \(record.serial)")
+    print("  identity:   \(record.identity)")
+    if !record.subjectAlternativeNames.isEmpty { print("  SANs:       \(record.subjectAlternativeNames.joined(separator: ", "))") }
+    print("  valid:      \(record.notBefore) → \(record.notAfter)")
+    print("  SHA-256:    \(record.fingerprint)")
+    for file in outFiles { print("  wrote       \(file)") }
+}
+
+/// The JSON shape of an inventory record (DER omitted; `show --pem` prints the certificate).
+struct RecordView: Encodable {
+    var serial, issuer, subject, identity, profile, requester, fingerprint, status: String
+    var sans: [String]
+    var owner: String?
+    var not_before, not_after: Date
+    var revoked_at: Date?
+    var revocation_reason: String?
+
+    init(_ r: CertificateRecord, now: Date) {
+        serial = r.serial
+        issuer = r.issuer
+        subject = r.subject
+        identity = r.identity
+        profile = r.profile
+        requester = r.requester
+        fingerprint = r.fingerprint
+        status = r.effectiveStatus(at: now)
+        sans = r.subjectAlternativeNames
+        owner = r.owner
+        not_before = r.notBefore
+        not_after = r.notAfter
+        revoked_at = r.revokedAt
+        revocation_reason = r.revocationReason
+    }
+}

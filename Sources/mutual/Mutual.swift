@@ -1,0 +1,128 @@
+import ArgumentParser
+import Foundation
+import MutualAuthority
+import MutualPKI
+import MutualStore
+
+@main
+struct Mutual: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mutual",
+        abstract: "Verifiable machine identities and boring mutual TLS: a private CA, inventory and audit trail.",
+        discussion: """
+            Start with `mutual quickstart` for a tour, or `mutual init --state-dir DIR` to create a CA.
+            The state directory defaults to $MUTUAL_STATE_DIR, else ~/.mutual.
+            """,
+        subcommands: [
+            InitCommand.self, IssueCommand.self, SignCommand.self, ListCommand.self, ShowCommand.self,
+            RevokeCommand.self, VerifyCommand.self, AuditCommand.self, QuickstartCommand.self, BenchCommand.self,
+        ]
+    )
+
+    /// Usage and input errors exit 2 (as `verify` documents for scripts); failures exit 1.
+    static func main() async {
+        do {
+            var command = try parseAsRoot()
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch let exit as ExitCode {
+            Foundation.exit(exit.rawValue)
+        } catch let failure as CommandFailure {
+            FileHandle.standardError.write(Data("mutual: \(failure.message)\n".utf8))
+            Foundation.exit(failure.exitCode)
+        } catch {
+            let code = exitCode(for: error)
+            if code == .success {
+                exit(withError: error)
+            }
+            FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
+            Foundation.exit(code == .validationFailure || code.rawValue == 64 ? 2 : code.rawValue)
+        }
+    }
+}
+
+/// An error the CLI reports as one line, with its exit code (1: refused/failed, 2: bad usage or input).
+struct CommandFailure: Error {
+    var message: String
+    var exitCode: Int32
+
+    init(_ message: String, exitCode: Int32 = 1) {
+        self.message = message
+        self.exitCode = exitCode
+    }
+
+    /// Maps errors from the modules to a one-line message. Input errors exit 2; refusals and failures exit 1.
+    static func from(_ error: any Error) -> CommandFailure {
+        switch error {
+        case let e as CommandFailure: return e
+        case let e as PKIError:
+            let input: Set<PKIError.Code> = [.malformedInput, .inputTooLarge, .invalidDuration]
+            return CommandFailure(e.reason, exitCode: input.contains(e.code) ? 2 : 1)
+        case let e as AuthorityError: return CommandFailure(e.reason, exitCode: 1)
+        case let e as StoreError: return CommandFailure(e.reason, exitCode: 1)
+        default: return CommandFailure("\(error)", exitCode: 1)
+        }
+    }
+}
+
+/// `--state-dir`, shared by every command that touches a CA.
+struct StateOptions: ParsableArguments {
+    @Option(name: .long, help: "State directory of the CA (default: $MUTUAL_STATE_DIR, else ~/.mutual).")
+    var stateDir: String?
+
+    var state: StateDirectory { StateDirectory.resolve(stateDir) }
+
+    /// Opens the authority; asks for the passphrase (MUTUAL_PASSPHRASE or a prompt) only if keys are encrypted.
+    func openAuthority() async throws -> Authority {
+        do {
+            return try await Authority.open(state: state, passphrase: Passphrase.read)
+        } catch {
+            throw CommandFailure.from(error)
+        }
+    }
+}
+
+enum Passphrase {
+    /// `MUTUAL_PASSPHRASE`, else a prompt on the terminal; nil when neither is available.
+    static func read() -> String? {
+        if let env = ProcessInfo.processInfo.environment["MUTUAL_PASSPHRASE"], !env.isEmpty { return env }
+        guard isatty(STDIN_FILENO) == 1 else { return nil }
+        guard let pointer = getpass("Passphrase for the CA keys: ") else { return nil }
+        return String(cString: pointer)
+    }
+}
+
+/// Runs a body and turns module errors into one-line CLI failures.
+func failing<T>(_ body: () async throws -> T) async throws -> T {
+    do {
+        return try await body()
+    } catch let exit as ExitCode {
+        throw exit
+    } catch {
+        throw CommandFailure.from(error)
+    }
+}
+
+extension ValidityDuration: ExpressibleByArgument {
+    public init?(argument: String) {
+        try? self.init(parsing: argument)
+    }
+}
+
+extension KeyType: ExpressibleByArgument {}
+extension RevocationReason: ExpressibleByArgument {}
+
+/// The current user, for audit actors of CLI actions.
+var cliActor: String {
+    "cli:" + (ProcessInfo.processInfo.environment["USER"] ?? ProcessInfo.processInfo.environment["LOGNAME"] ?? "uid\(getuid())")
+}
+
+func printJSON(_ value: some Encodable) throws {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+    encoder.dateEncodingStrategy = .iso8601
+    print(String(decoding: try encoder.encode(value), as: UTF8.self))
+}

@@ -54,6 +54,7 @@ public struct ChainVerifier: Sendable {
         }
         var verifier = Verifier(rootCertificates: CertificateStore(options.roots)) {
             RFC5280Policy(validationTime: options.validationTime)
+            StrictProfilePolicy(requiredEKU: options.requiredEKU, validationTime: options.validationTime)
             ExtendedKeyUsagePolicy(required: options.requiredEKU)
             PeerNamePolicy(peerName: options.peerName)
             MaxDepthPolicy(maxDepth: options.maxDepth)
@@ -83,6 +84,9 @@ public struct ChainVerifier: Sendable {
     static func preflightCRLs(_ crls: [RevocationList]) -> [String] {
         var problems: [String] = []
         for crl in crls {
+            if crl.crlNumberIsCritical {
+                problems.append("CRL from \(crl.issuer) marks its CRL number critical (RFC 5280 5.2.3) and cannot be used")
+            }
             if crl.crlNumber == nil {
                 problems.append("CRL from \(crl.issuer) has no CRL number (RFC 5280 5.2.3) and cannot be used")
             }
@@ -166,7 +170,9 @@ struct PeerNamePolicy: VerifierPolicy {
 
     static func dnsMatches(pattern: String, host: String) -> Bool {
         let pattern = pattern.lowercased().trimmingSuffix(".")
-        guard !pattern.isEmpty, pattern.utf8.allSatisfy({ $0 < 0x80 }) else { return false }
+        guard !pattern.isEmpty else { return false }
+        // A SAN that is not a syntactically valid DNS name (underscores, spaces, non-ASCII) never matches.
+        guard (try? Names.normalizedDNSName(pattern, allowWildcard: true)) != nil else { return false }
         if pattern.hasPrefix("*.") {
             let base = pattern.dropFirst(2)
             guard !base.contains("*"), base.contains("."), let dot = host.firstIndex(of: ".") else { return false }

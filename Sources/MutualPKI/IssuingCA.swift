@@ -76,6 +76,12 @@ public struct IssuingCA: Sendable {
         let names = try validatedNames(request)
         let subject = try subjectName(commonName: request.commonName)
         try checkProfileNames(request.profile, names: names, hasCommonName: request.commonName != nil)
+        if request.profile == .server, let cn = request.commonName,
+            !names.dns.contains(cn) && !names.ips.contains(where: { Names.ipAddressString($0) == cn })
+        {
+            // Verifiers that still read the CN must not see a name the SANs do not carry (CA/B BR 7.1.4.3).
+            throw PKIError(.profileViolation, "profile server: the common name '\(cn)' must also be one of the DNS or IP SANs")
+        }
         try checkNameConstraints(names)
 
         let validity = request.validity ?? min(request.profile.defaultValidity, policy.maximumValidity)

@@ -56,6 +56,8 @@ public struct RevocationList: Sendable {
     public var entries: [Entry]
     /// Extensions present and marked critical that this parser does not understand (the CRL must not be used).
     public var unhandledCriticalExtensions: [ASN1ObjectIdentifier]
+    /// RFC 5280 5.2.3: the CRL number must be non-critical.
+    public var crlNumberIsCritical: Bool
     public var signatureAlgorithm: Certificate.SignatureAlgorithm
     let tbsBytes: ArraySlice<UInt8>
     let signatureBytes: ArraySlice<UInt8>
@@ -106,6 +108,7 @@ public struct RevocationList: Sendable {
             var crlNumber: [UInt8]?
             var aki: [UInt8]?
             var unhandled: [ASN1ObjectIdentifier] = []
+            var numberCritical = false
             let outerAlgorithm = signatureAlgorithm
             try DER.sequence(parsed.tbs, identifier: .sequence) { nodes in
                 var next = nodes.next()
@@ -143,6 +146,7 @@ public struct RevocationList: Sendable {
                         switch ext.oid {
                         case Self.crlNumberOID:
                             crlNumber = Array(try ArraySlice<UInt8>(derEncoded: DER.parse(ext.value)))
+                            numberCritical = ext.critical
                         case Self.authorityKeyIdentifierOID:
                             aki = (try AuthorityKeyIdentifier(ext).keyIdentifier).map { Array($0) }
                         default:
@@ -160,6 +164,7 @@ public struct RevocationList: Sendable {
             self.crlNumber = crlNumber
             self.authorityKeyIdentifier = aki
             self.unhandledCriticalExtensions = unhandled
+            self.crlNumberIsCritical = numberCritical
         } catch let error as PKIError {
             throw error
         } catch {

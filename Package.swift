@@ -48,7 +48,12 @@ let package = Package(
         ),
         .target(
             name: "TestSupport",
-            dependencies: ["MutualPKI"]
+            dependencies: [
+                "MutualPKI",
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+            ]
         ),
         .executableTarget(
             name: "mutual",
@@ -60,10 +65,30 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .testTarget(name: "MutualPKITests", dependencies: ["MutualPKI", "TestSupport"]),
-        .testTarget(name: "MutualStoreTests", dependencies: ["MutualStore"]),
-        .testTarget(name: "MutualAuthorityTests", dependencies: ["MutualAuthority", "MutualPKI", "MutualStore", "TestSupport"]),
-        .testTarget(name: "MutualCLITests", dependencies: ["MutualPKI", "TestSupport"]),
+        .testTarget(
+            name: "MutualPKITests",
+            dependencies: [
+                "MutualPKI", "TestSupport", .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SwiftASN1", package: "swift-asn1"), .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "_CryptoExtras", package: "swift-crypto"),
+            ]
+        ),
+        .testTarget(
+            name: "MutualStoreTests",
+            dependencies: ["MutualStore", .product(name: "SQLiteKit", package: "sqlite-kit")]
+        ),
+        .testTarget(
+            name: "MutualAuthorityTests",
+            dependencies: [
+                "MutualAuthority", "MutualPKI", "MutualStore", "TestSupport",
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SQLiteKit", package: "sqlite-kit"),
+            ]
+        ),
+        .testTarget(
+            name: "MutualCLITests",
+            dependencies: ["MutualPKI", "TestSupport", .product(name: "X509", package: "swift-certificates")]
+        ),
     ],
     swiftLanguageModes: [.v6]
 )

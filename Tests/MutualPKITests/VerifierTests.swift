@@ -1,0 +1,165 @@
+import Foundation
+import MutualPKI
+import SwiftASN1
+import Testing
+import TestSupport
+import X509
+
+@Suite("Chain verification")
+struct VerifierTests {
+    let ca: IssuingCA
+    let key: Certificate.PrivateKey
+
+    init() throws {
+        ca = try TestPKI.issuingCA()
+        key = try KeyType.p256.generate()
+    }
+
+    func verify(_ leaf: Certificate, eku: ExtendedKeyUsage.Usage? = nil, peer: ChainVerifier.PeerName? = nil,
+                crls: [RevocationList] = [], at time: Date = TestPKI.now, maxDepth: Int? = nil) async -> ChainVerifier.Outcome {
+        await ChainVerifier(options: .init(roots: [ca.root], intermediates: [ca.certificate], validationTime: time,
+                                           requiredEKU: eku, peerName: peer, crls: crls, maxDepth: maxDepth)).verify(leaf)
+    }
+
+    func reason(_ outcome: ChainVerifier.Outcome) -> String? {
+        if case .rejected(let reason) = outcome { return reason }
+        return nil
+    }
+
+    @Test("issued server and client certificates verify for their purpose and not the other")
+    func purposes() async throws {
+        let server = try ca.issue(.init(profile: .server, publicKey: key.publicKey, dnsNames: ["api.test"], ipAddresses: ["127.0.0.1"]), now: TestPKI.now)
+        let client = try ca.issue(.init(profile: .client, publicKey: key.publicKey, commonName: "api.test"), now: TestPKI.now)
+        #expect(reason(await verify(server, eku: .serverAuth, peer: .dns("API.test"))) == nil)
+        #expect(reason(await verify(server, eku: .serverAuth, peer: .ip("127.0.0.1"))) == nil)
+        #expect(reason(await verify(client, eku: .clientAuth)) == nil)
+        #expect(reason(await verify(server, eku: .clientAuth))?.contains("does not allow clientAuth") == true)
+        #expect(reason(await verify(server, eku: .serverAuth, peer: .dns("other.test")))?.contains("not valid for DNS name") == true)
+        // CN is never used as a fallback for the peer name.
+        #expect(reason(await verify(client, peer: .dns("api.test")))?.contains("CN is not used") == true)
+    }
+
+    @Test("expired and not-yet-valid certificates are refused with the dates")
+    func validityWindow() async throws {
+        let leaf = try ca.issue(.init(profile: .client, publicKey: key.publicKey, commonName: "c", validity: .hours(1)), now: TestPKI.now)
+        #expect(reason(await verify(leaf, at: TestPKI.now.addingTimeInterval(7200))) != nil)
+        #expect(reason(await verify(leaf, at: TestPKI.now.addingTimeInterval(-3600))) != nil)
+        #expect(reason(await verify(leaf, at: TestPKI.now.addingTimeInterval(1800))) == nil)
+    }
+
+    @Test("a CRL from the issuer revokes; a CRL from anyone else does not; a stale CRL fails closed")
+    func crls() async throws {
+        let leaf = try ca.issue(.init(profile: .client, publicKey: key.publicKey, commonName: "c"), now: TestPKI.now)
+        let builder = RevocationListBuilder(issuer: ca.certificate, issuerKey: ca.privateKey)
+        let revokedDER = try builder.build(
+            number: 7, thisUpdate: TestPKI.now.addingTimeInterval(-60), nextUpdate: TestPKI.now.addingTimeInterval(3600),
+            entries: [.init(serialNumber: leaf.serialNumber, revocationDate: TestPKI.now.addingTimeInterval(-30), reason: .keyCompromise)]
+        )
+        let crl = try RevocationList(derEncoded: revokedDER)
+        #expect(crl.crlNumber == [7])
+        #expect(crl.entries.first?.reason == .keyCompromise)
+        #expect(crl.isSigned(by: ca.certificate))
+        #expect(!crl.isSigned(by: ca.root))
+        #expect(reason(await verify(leaf, crls: [crl]))?.contains("revoked") == true)
+
+        // Same serial on a CRL signed by another CA: ignored.
+        let other = try TestPKI.issuingCA()
+        let foreign = try RevocationList(derEncoded: RevocationListBuilder(issuer: other.certificate, issuerKey: other.privateKey).build(
+            number: 1, thisUpdate: TestPKI.now.addingTimeInterval(-60), nextUpdate: TestPKI.now.addingTimeInterval(3600),
+            entries: [.init(serialNumber: leaf.serialNumber, revocationDate: TestPKI.now, reason: .unspecified)]))
+        #expect(reason(await verify(leaf, crls: [foreign])) == nil)
+
+        let stale = try RevocationList(derEncoded: builder.build(
+            number: 8, thisUpdate: TestPKI.now.addingTimeInterval(-7200), nextUpdate: TestPKI.now.addingTimeInterval(-3600), entries: []))
+        #expect(reason(await verify(leaf, crls: [stale]))?.contains("stale") == true)
+
+        // PEM round trip and hostile CRL bytes.
+        let pem = RevocationListBuilder.pem(revokedDER)
+        #expect(try RevocationList(bytes: Array(pem.utf8)).entries.count == 1)
+        for bad in [[UInt8](), Array(revokedDER.prefix(40)), Array("garbage".utf8), [0x30, 0x84, 0xFF, 0xFF, 0xFF, 0xFF]] {
+            #expect(throws: PKIError.self) { try RevocationList(bytes: bad) }
+        }
+    }
+
+    @Test("max depth counts intermediates")
+    func maxDepth() async throws {
+        let leaf = try ca.issue(.init(profile: .client, publicKey: key.publicKey, commonName: "c"), now: TestPKI.now)
+        #expect(reason(await verify(leaf, maxDepth: 1)) == nil)
+        #expect(reason(await verify(leaf, maxDepth: 0))?.contains("maximum depth") == true)
+    }
+
+    @Test("a CA certificate presented as a peer certificate is refused")
+    func caAsLeaf() async throws {
+        #expect(reason(await verify(ca.certificate)) != nil)
+    }
+
+    @Test("a leaf without an authority key identifier is refused")
+    func missingAKI() async throws {
+        var extensions = Certificate.Extensions()
+        try extensions.append(Certificate.Extension(SubjectAlternativeNames([.dnsName("a.test")]), critical: false))
+        let leaf = try TestPKI.certificate(subject: "a.test", issuer: ca.certificate, issuerKey: ca.privateKey, publicKey: key.publicKey, extensions: extensions)
+        #expect(reason(await verify(leaf))?.contains("authorityKeyIdentifier") == true)
+    }
+}
+
+@Suite("Names, durations, key files")
+struct PrimitivesTests {
+    @Test("durations", arguments: [("90s", 90), ("15m", 900), ("24h", 86_400), ("30d", 2_592_000), ("1h30m", 5400), ("2w", 1_209_600)])
+    func durations(text: String, seconds: Int64) throws {
+        #expect(try ValidityDuration(parsing: text).seconds == seconds)
+    }
+
+    @Test("bad durations", arguments: ["", "10", "h", "10y", "-5m", "0s", "1.5h", "999999999999999999999d", String(repeating: "9", count: 100)])
+    func badDurations(text: String) {
+        #expect(throws: PKIError.self) { try ValidityDuration(parsing: text) }
+    }
+
+    @Test("SPIFFE IDs follow the SPIFFE ID specification")
+    func spiffe() throws {
+        #expect(try Names.SPIFFEID(parsing: "spiffe://example.org/ns/prod/sa/api").trustDomain == "example.org")
+        for bad in ["spiffe://", "spiffe://Example.org/x", "spiffe://a.test/x/", "spiffe://a.test//x", "spiffe://a.test/./x",
+                    "spiffe://a.test/x?y=1", "spiffe://a.test/x#f", "spiffe://user@a.test/x", "spiffe://a.test:8080/x",
+                    "http://a.test/x", "spiffe://a.test/%41"] {
+            #expect(throws: PKIError.self, "\(bad)") { try Names.SPIFFEID(parsing: bad) }
+        }
+    }
+
+    @Test("DNS names")
+    func dns() throws {
+        #expect(try Names.normalizedDNSName("A-b.Example.ORG", allowWildcard: false) == "a-b.example.org")
+        #expect(try Names.normalizedDNSName("*.example.org", allowWildcard: true) == "*.example.org")
+        for bad in ["", "-a.test", "a-.test", "a..test", "a_b.test", "ä.test", "*.test.*", "a.*.test", String(repeating: "a", count: 64) + ".test"] {
+            #expect(throws: PKIError.self, "\(bad)") { try Names.normalizedDNSName(bad, allowWildcard: true) }
+        }
+    }
+
+    @Test("encrypted key files round-trip; a wrong passphrase or garbage is refused", arguments: [KeyType.p256, .ed25519, .rsa2048])
+    func keyFiles(keyType: KeyType) throws {
+        let key = try keyType.generate()
+        let pem = try KeyFile.pem(for: key, passphrase: "correct horse")
+        #expect(KeyFile.isEncrypted(pem))
+        #expect(try KeyFile.load(pem: pem, passphrase: { "correct horse" }) == key)
+        let wrong = #expect(throws: PKIError.self) { try KeyFile.load(pem: pem, passphrase: { "battery staple" }) }
+        #expect(wrong?.code == .wrongPassphrase)
+        let missing = #expect(throws: PKIError.self) { try KeyFile.load(pem: pem, passphrase: { nil }) }
+        #expect(missing?.code == .wrongPassphrase)
+        #expect(throws: PKIError.self) { try KeyFile.load(pem: "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMAA=\n-----END ENCRYPTED PRIVATE KEY-----\n", passphrase: { "x" }) }
+        #expect(throws: PKIError.self) { try KeyFile.load(pem: "not a key", passphrase: { nil }) }
+        let plain = try KeyFile.pem(for: key, passphrase: nil)
+        #expect(try KeyFile.load(pem: plain, passphrase: { Issue.record("must not ask"); return nil }) == key)
+    }
+
+    @Test("atomic writes leave no temporary file and set the mode")
+    func atomicFile() throws {
+        let dir = TestPKI.temporaryDirectory("atomic")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try AtomicFile.write("one", to: dir + "/f", mode: 0o600)
+        try AtomicFile.write("two", to: dir + "/f", mode: 0o600)
+        #expect(try String(contentsOfFile: dir + "/f", encoding: .utf8) == "two")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir) == ["f"])
+        let mode = try FileManager.default.attributesOfItem(atPath: dir + "/f")[.posixPermissions] as? Int
+        #expect(mode == 0o600)
+        #expect(throws: PKIError.self) { try AtomicFile.read(dir + "/f", limit: 2, what: "file") }
+        #expect(throws: PKIError.self) { try AtomicFile.read(dir + "/missing", what: "file") }
+    }
+}

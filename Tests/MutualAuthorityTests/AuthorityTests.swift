@@ -1,0 +1,138 @@
+import Foundation
+import MutualAuthority
+import MutualPKI
+import MutualStore
+import Testing
+import TestSupport
+import X509
+
+@Suite("Authority: init, issuance, revocation on a real state directory")
+struct AuthorityTests {
+    func withAuthority(passphrase: String? = nil, _ body: (Authority, StateDirectory) async throws -> Void) async throws {
+        let dir = TestPKI.temporaryDirectory("authority")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let state = StateDirectory(path: dir + "/state")
+        _ = try await Authority.initialize(
+            state: state, name: "Test", keyType: .p256, constraints: .init(), passphrase: passphrase, actor: "test"
+        )
+        let authority = try await Authority.open(state: state, passphrase: { passphrase })
+        do {
+            try await body(authority, state)
+            try await authority.close()
+        } catch {
+            try? await authority.close()
+            throw error
+        }
+    }
+
+    @Test("init writes the hierarchy, keys 0600, admin client certificate, inventory and audit")
+    func initLayout() async throws {
+        try await withAuthority { authority, state in
+            for path in [state.rootKeyPath, state.intermediateKeyPath, state.adminDirectory + "/key.pem"] {
+                let mode = try FileManager.default.attributesOfItem(atPath: path)[.posixPermissions] as? Int
+                #expect(mode == 0o600, "\(path)")
+            }
+            let admin = try PEMBundle.certificates(fromPEM: String(contentsOfFile: state.adminDirectory + "/chain.pem", encoding: .utf8))
+            #expect(admin.count == 2)
+            #expect(try admin[0].extensions.extendedKeyUsage.map(Array.init) == [.clientAuth])
+            let records = try await authority.store.certificates(.init(now: .now))
+            #expect(Set(records.map(\.profile)) == ["root", "intermediate", "admin"])
+            let actions = try await authority.store.auditEvents().map(\.action)
+            #expect(actions.first == "init")
+        }
+    }
+
+    @Test("an issued certificate is in the inventory, with its audit event, when issue returns")
+    func durableIssuance() async throws {
+        try await withAuthority { authority, state in
+            let key = try KeyType.p256.generate()
+            let issued = try await authority.issue(
+                .init(profile: .workload, publicKey: key.publicKey, uris: ["spiffe://example.org/ns/a/sa/b"]), owner: "team-a", requester: "test"
+            )
+            // A second process's view: open the database file anew.
+            let store = try await Store.openSQLite(path: state.databasePath)
+            let record = try #require(try await store.certificate(serial: issued.certificate.serialHex))
+            #expect(record.identity == "spiffe://example.org/ns/a/sa/b")
+            #expect(record.owner == "team-a")
+            #expect(record.der == (try issued.certificate.derBytes))
+            #expect(try await store.auditEvents().last?.subject == issued.certificate.serialHex)
+            try await store.close()
+        }
+    }
+
+    @Test("refused requests change neither the inventory nor the audit trail")
+    func refusalsLeaveNoTrace() async throws {
+        try await withAuthority { authority, _ in
+            let before = (try await authority.store.countCertificates(), try await authority.store.auditEvents().count)
+            let key = try KeyType.p256.generate()
+            let wrongSignature: [UInt8] = {
+                var der = (try? TestPKI.der(TestPKI.csr(key: key, commonName: "x"))) ?? []
+                der[der.count - 2] ^= 0x01
+                return der
+            }()
+            let inputs: [[UInt8]] = [
+                Array("garbage".utf8), [], [UInt8](repeating: 0x41, count: 65 * 1024), wrongSignature,
+                try TestPKI.pem(TestPKI.csr(key: key, sans: [.uniformResourceIdentifier("https://not-spiffe.test")])),
+            ]
+            for input in inputs {
+                await #expect(throws: (any Error).self) {
+                    _ = try await authority.sign(csr: input, profile: .workload, validity: nil, owner: nil, requester: "test")
+                }
+            }
+            await #expect(throws: (any Error).self) {
+                _ = try await authority.sign(csr: try TestPKI.pem(TestPKI.csr(key: key, commonName: "c")), profile: .client,
+                                             validity: .days(365), owner: nil, requester: "test")
+            }
+            await #expect(throws: AuthorityError.self) { _ = try await authority.revoke(serial: "zz-not-hex", reason: .superseded, actor: "t") }
+            await #expect(throws: AuthorityError.self) { _ = try await authority.revoke(serial: "abcdef", reason: .superseded, actor: "t") }
+            let after = (try await authority.store.countCertificates(), try await authority.store.auditEvents().count)
+            #expect(before == after)
+        }
+    }
+
+    @Test("init refuses an existing CA; open refuses a missing or corrupt one")
+    func stateDirectoryErrors() async throws {
+        try await withAuthority { _, state in
+            let again = await #expect(throws: AuthorityError.self) {
+                _ = try await Authority.initialize(state: state, name: "x", keyType: .p256, constraints: .init(), passphrase: nil, actor: "t")
+            }
+            #expect(again?.code == .alreadyInitialized)
+        }
+        let dir = TestPKI.temporaryDirectory("corrupt")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let missing = await #expect(throws: AuthorityError.self) { _ = try await Authority.open(state: StateDirectory(path: dir + "/none")) }
+        #expect(missing?.code == .notInitialized)
+
+        let state = StateDirectory(path: dir + "/s")
+        _ = try await Authority.initialize(state: state, name: "x", keyType: .p256, constraints: .init(), passphrase: nil, actor: "t")
+        try "{not json".write(toFile: state.configPath, atomically: true, encoding: .utf8)
+        let corrupt = await #expect(throws: AuthorityError.self) { _ = try await Authority.open(state: state) }
+        #expect(corrupt?.code == .corruptState)
+    }
+
+    @Test("encrypted CA keys need the right passphrase")
+    func passphrase() async throws {
+        try await withAuthority(passphrase: "s3cret") { _, state in
+            let keyText = try String(contentsOfFile: state.intermediateKeyPath, encoding: .utf8)
+            #expect(KeyFile.isEncrypted(keyText))
+            let wrong = await #expect(throws: PKIError.self) { _ = try await Authority.open(state: state, passphrase: { "nope" }) }
+            #expect(wrong?.code == .wrongPassphrase)
+            let none = await #expect(throws: PKIError.self) { _ = try await Authority.open(state: state, passphrase: { nil }) }
+            #expect(none?.code == .wrongPassphrase)
+        }
+    }
+
+    @Test("revocation is recorded with reason and audited")
+    func revoke() async throws {
+        try await withAuthority { authority, _ in
+            let key = try KeyType.p256.generate()
+            let issued = try await authority.issue(.init(profile: .client, publicKey: key.publicKey, commonName: "c"), owner: nil, requester: "t")
+            let serialWithColons = issued.record.serial.uppercased().enumerated().map { $0.offset > 0 && $0.offset % 2 == 0 ? ":\($0.element)" : "\($0.element)" }.joined()
+            let record = try await authority.revoke(serial: serialWithColons, reason: .keyCompromise, actor: "t")
+            #expect(record.status == .revoked)
+            let again = await #expect(throws: AuthorityError.self) { _ = try await authority.revoke(serial: issued.record.serial, reason: .keyCompromise, actor: "t") }
+            #expect(again?.code == .conflict)
+            #expect(try await authority.store.auditEvents().last?.action == "revoke")
+        }
+    }
+}

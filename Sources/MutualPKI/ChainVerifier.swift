@@ -53,14 +53,15 @@ public struct ChainVerifier: Sendable {
             return .rejected(reason: problem)
         }
         var verifier = Verifier(rootCertificates: CertificateStore(options.roots)) {
-            RFC5280Policy(validationTime: options.validationTime)
+            // Cheap structural checks (and the name-constraint work budget) run before the RFC 5280 policy.
             StrictProfilePolicy(requiredEKU: options.requiredEKU, validationTime: options.validationTime)
+            RFC5280Policy(validationTime: options.validationTime)
             ExtendedKeyUsagePolicy(required: options.requiredEKU)
             PeerNamePolicy(peerName: options.peerName)
             MaxDepthPolicy(maxDepth: options.maxDepth)
             RevocationPolicy(crls: options.crls, validationTime: options.validationTime)
         }
-        let result = await verifier.validate(leaf: leaf, intermediates: CertificateStore(options.intermediates))
+        let result = await verifier.validate(leaf: leaf, intermediates: CertificateStore(Self.bounded(options.intermediates)))
         switch result {
         case .validCertificate(let chain):
             return .accepted(chain: Array(chain))
@@ -77,6 +78,25 @@ public struct ChainVerifier: Sendable {
             }
             return .rejected(reason: seen.joined(separator: "; "))
         }
+    }
+
+    /// Path building is a depth-first search over candidate issuers; a peer that sends a hundred intermediates with
+    /// one subject and different keys makes it verify thousands of signatures (x509-limbo's pathological chains take
+    /// seconds). Real chains have a handful, so keep at most ``maximumIntermediatesPerSubject`` per subject name and
+    /// ``maximumIntermediates`` in all, in the order given.
+    public static let maximumIntermediatesPerSubject = 4
+    public static let maximumIntermediates = 64
+
+    static func bounded(_ intermediates: [Certificate]) -> [Certificate] {
+        var perSubject: [DistinguishedName: Int] = [:]
+        var kept: [Certificate] = []
+        for certificate in intermediates where kept.count < maximumIntermediates {
+            let count = perSubject[certificate.subject, default: 0]
+            guard count < maximumIntermediatesPerSubject else { continue }
+            perSubject[certificate.subject] = count + 1
+            kept.append(certificate)
+        }
+        return kept
     }
 
     /// CRL-level problems that make a CRL unusable whoever issued it (RFC 5280 5.2): a CRL must carry a

@@ -1,0 +1,205 @@
+import Foundation
+import MutualPKI
+import Testing
+import TestSupport
+import X509
+
+@Suite("The mutual command, run as a user runs it", .serialized)
+struct CLITests {
+    @Test("binary exists (build it with swift build first)")
+    func binaryExists() {
+        #expect(FileManager.default.isExecutableFile(atPath: CLI.binary), "missing \(CLI.binary)")
+    }
+
+    @Test("init, issue, sign, list, show, revoke, audit: the happy path")
+    func happyPath() throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        let state = cli.home + "/state"
+        let initResult = try cli.run(["init", "--state-dir", state, "--name", "Acme Internal CA", "--json"])
+        #expect(initResult.status == 0, "\(initResult.output)")
+        let initJSON = try JSONSerialization.jsonObject(with: Data(initResult.stdout.utf8)) as? [String: String]
+        #expect(initJSON?["root_fingerprint"]?.count == 64)
+
+        let issue = try cli.run(["issue", "--profile", "server", "--dns", "api.test", "--ip", "127.0.0.1", "--owner", "team-api", "--out-dir", cli.home + "/srv"])
+        #expect(issue.status == 0, "\(issue.output)")
+        for file in ["key.pem", "cert.pem", "chain.pem", "root.pem"] {
+            #expect(FileManager.default.fileExists(atPath: cli.home + "/srv/" + file))
+        }
+        let mode = try FileManager.default.attributesOfItem(atPath: cli.home + "/srv/key.pem")[.posixPermissions] as? Int
+        #expect(mode == 0o600)
+
+        let key = try KeyType.p256.generate()
+        let csrPath = cli.home + "/req.der"
+        try Data(TestPKI.der(TestPKI.csr(key: key, sans: [.uniformResourceIdentifier("spiffe://example.org/ns/a/sa/b")]))).write(to: URL(fileURLWithPath: csrPath))
+        let sign = try cli.run(["sign", "--profile", "workload", "--validity", "1h", csrPath, "--out", cli.home + "/w.pem", "--json"])
+        #expect(sign.status == 0, "\(sign.output)")
+        let signed = try JSONSerialization.jsonObject(with: Data(sign.stdout.utf8)) as? [String: Any]
+        let serial = try #require(signed?["serial"] as? String)
+
+        let list = try cli.run(["list", "--identity", "spiffe://example.org/ns/a/sa/b", "--json"])
+        #expect((try JSONSerialization.jsonObject(with: Data(list.stdout.utf8)) as? [Any])?.count == 1)
+        let expiring = try cli.run(["list", "--expiring-within", "2h"])
+        #expect(expiring.stdout.contains(serial))
+        #expect(!expiring.stdout.contains("api.test"), "the 30-day server certificate does not expire within 2h")
+
+        let show = try cli.run(["show", serial, "--pem"])
+        #expect(show.stdout.hasPrefix("-----BEGIN CERTIFICATE-----"))
+
+        let revoke = try cli.run(["revoke", serial, "--reason", "keyCompromise"])
+        #expect(revoke.status == 0, "\(revoke.output)")
+        let revoked = try cli.run(["list", "--status", "revoked", "--json"])
+        #expect(revoked.stdout.contains(serial))
+        let revokeAgain = try cli.run(["revoke", serial, "--reason", "keyCompromise"])
+        #expect(revokeAgain.status == 1)
+        #expect(revokeAgain.stderr.contains("already revoked"))
+
+        let audit = try cli.run(["audit", "verify"])
+        #expect(audit.status == 0, "\(audit.output)")
+        #expect(audit.stdout.contains("intact"))
+    }
+
+    @Test("verify exits 0 on accept, 1 on reject with the reason, 2 on bad usage or input")
+    func verifyExitCodes() throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        #expect(try cli.run(["init"]).status == 0)
+        #expect(try cli.run(["issue", "--profile", "client", "--cn", "alice", "--out-dir", cli.home + "/c"]).status == 0)
+        let c = cli.home + "/c/"
+        let ok = try cli.run(["verify", "--roots", c + "root.pem", "--intermediates", c + "chain.pem", "--eku", "clientAuth", c + "cert.pem"])
+        #expect(ok.status == 0, "\(ok.output)")
+        let wrongEKU = try cli.run(["verify", "--roots", c + "root.pem", "--intermediates", c + "chain.pem", "--eku", "serverAuth", c + "cert.pem"])
+        #expect(wrongEKU.status == 1)
+        #expect(wrongEKU.stdout.contains("does not allow serverAuth"))
+        let future = try cli.run(["verify", "--roots", c + "root.pem", "--intermediates", c + "chain.pem", "--time", "2099-01-01T00:00:00Z", c + "cert.pem"])
+        #expect(future.status == 1)
+        #expect(future.stdout.contains("expired"))
+
+        try "garbage".write(toFile: cli.home + "/garbage.pem", atomically: true, encoding: .utf8)
+        for arguments in [
+            ["verify", "--roots", c + "root.pem", cli.home + "/garbage.pem"],
+            ["verify", "--roots", cli.home + "/missing.pem", c + "cert.pem"],
+            ["verify", "--roots", c + "root.pem", "--time", "yesterday", c + "cert.pem"],
+            ["verify", "--roots", c + "root.pem", "--eku", "everything", c + "cert.pem"],
+            ["verify", "--roots", c + "root.pem", "--crl", cli.home + "/garbage.pem", c + "cert.pem"],
+            ["verify", "--roots", c + "root.pem", "--dns", "a", "--ip", "1.2.3.4", c + "cert.pem"],
+            ["verify", "--roots", c + "root.pem"],
+            ["verify", "--bogus-flag", c + "cert.pem"],
+        ] {
+            let result = try cli.run(arguments)
+            #expect(result.status == 2, "\(arguments.joined(separator: " ")): \(result.status) \(result.output)")
+            #expect(!result.stderr.isEmpty)
+        }
+    }
+
+    @Test("bad input to sign and issue: one-line error, non-zero exit, nothing recorded")
+    func badInputChangesNothing() throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        let state = cli.home + "/state"
+        #expect(try cli.run(["init", "--permit-dns", "example.org"]).status == 0)
+        let before = try cli.snapshot(state)
+
+        let key = try KeyType.p256.generate()
+        let good = try TestPKI.der(TestPKI.csr(key: key, commonName: "x", sans: [.dnsName("a.example.org")]))
+        var badSignature = good
+        badSignature[badSignature.count - 2] ^= 0xFF
+        let files: [(String, Data)] = [
+            ("garbage.csr", Data("this is not a CSR".utf8)),
+            ("truncated.csr", Data(good.prefix(good.count / 2))),
+            ("oversized.csr", Data(repeating: 0x30, count: 70 * 1024)),
+            ("badsig.csr", Data(badSignature)),
+            ("empty.csr", Data()),
+            ("outside.csr", Data(try TestPKI.der(TestPKI.csr(key: key, sans: [.dnsName("evil.test")])))),
+        ]
+        for (name, data) in files {
+            try data.write(to: URL(fileURLWithPath: cli.home + "/" + name))
+            let result = try cli.run(["sign", "--profile", "server", cli.home + "/" + name, "--out", cli.home + "/out.pem"])
+            #expect(result.status != 0, "\(name) was accepted")
+            #expect(result.stderr.split(separator: "\n").count == 1, "\(name): \(result.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: cli.home + "/out.pem"))
+        }
+        let refusals: [[String]] = [
+            ["sign", "--profile", "superuser", cli.home + "/garbage.csr", "--out", cli.home + "/o.pem"],
+            ["issue", "--profile", "workload", "--uri", "https://not-spiffe.test", "--out-dir", cli.home + "/o"],
+            ["issue", "--profile", "server", "--dns", "bad_name.example.org", "--out-dir", cli.home + "/o"],
+            ["issue", "--profile", "server", "--dns", "evil.test", "--out-dir", cli.home + "/o"],
+            ["issue", "--profile", "client", "--cn", "x", "--validity", "400d", "--out-dir", cli.home + "/o"],
+            ["issue", "--profile", "client", "--cn", "x", "--validity", "forever", "--out-dir", cli.home + "/o"],
+            ["issue", "--profile", "client", "--cn", "x", "--key-type", "dsa", "--out-dir", cli.home + "/o"],
+            ["revoke", "deadbeef", "--reason", "keyCompromise"],
+            ["revoke", "deadbeef", "--reason", "because"],
+            ["show", "deadbeef"],
+        ]
+        for arguments in refusals {
+            let result = try cli.run(arguments)
+            #expect(result.status != 0, "\(arguments.joined(separator: " ")) succeeded")
+            #expect(!result.stderr.isEmpty)
+        }
+        #expect(!FileManager.default.fileExists(atPath: cli.home + "/o/cert.pem"))
+        let after = try cli.snapshot(state)
+        #expect(before.certificates == after.certificates && before.events == after.events)
+    }
+
+    @Test("missing or corrupt state directories and wrong passphrases are named")
+    func stateErrors() throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        let missing = try cli.run(["list", "--state-dir", cli.home + "/nothing"])
+        #expect(missing.status == 1)
+        #expect(missing.stderr.contains("mutual init"))
+
+        let encrypted = cli.home + "/enc"
+        #expect(try cli.run(["init", "--state-dir", encrypted], environment: ["MUTUAL_PASSPHRASE": "right"]).status == 0)
+        let wrong = try cli.run(["list", "--state-dir", encrypted], environment: ["MUTUAL_PASSPHRASE": "wrong"])
+        #expect(wrong.status == 1)
+        #expect(wrong.stderr.contains("wrong passphrase"))
+        let none = try cli.run(["list", "--state-dir", encrypted])
+        #expect(none.stderr.contains("MUTUAL_PASSPHRASE"))
+        #expect(try cli.run(["list", "--state-dir", encrypted], environment: ["MUTUAL_PASSPHRASE": "right"]).status == 0)
+
+        let reinit = try cli.run(["init", "--state-dir", encrypted])
+        #expect(reinit.status == 1)
+        #expect(reinit.stderr.contains("refusing to overwrite"))
+
+        // Corrupt database file: refused, named, not replaced.
+        let corrupt = cli.home + "/corrupt"
+        #expect(try cli.run(["init", "--state-dir", corrupt]).status == 0)
+        let garbage = Data((0..<8192).map { UInt8(($0 * 7) % 256) })
+        try? FileManager.default.removeItem(atPath: corrupt + "/mutual.db-wal")
+        try? FileManager.default.removeItem(atPath: corrupt + "/mutual.db-shm")
+        try garbage.write(to: URL(fileURLWithPath: corrupt + "/mutual.db"))
+        let result = try cli.run(["list", "--state-dir", corrupt])
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("mutual.db"))
+        #expect(try Data(contentsOf: URL(fileURLWithPath: corrupt + "/mutual.db")) == garbage)
+    }
+
+    @Test("audit verify fails, naming the event, after someone edits the database")
+    func auditTamper() throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        let state = cli.home + "/state"
+        #expect(try cli.run(["init"]).status == 0)
+        #expect(try cli.run(["issue", "--profile", "client", "--cn", "a", "--out-dir", cli.home + "/a"]).status == 0)
+        let sqlite = Process()
+        sqlite.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        sqlite.arguments = ["python3", "-c", "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute(\"UPDATE audit_events SET actor='mallory' WHERE sequence=2\"); c.commit()", state + "/mutual.db"]
+        try sqlite.run()
+        sqlite.waitUntilExit()
+        #expect(sqlite.terminationStatus == 0)
+        let result = try cli.run(["audit", "verify"])
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("event #2"))
+    }
+
+    @Test("quickstart runs the tour and cleans up")
+    func quickstart() throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        let result = try cli.run(["quickstart"])
+        #expect(result.status == 0, "\(result.output)")
+        #expect(result.stdout.contains("audit trail intact"))
+        #expect(!result.stdout.contains("✗"))
+    }
+}

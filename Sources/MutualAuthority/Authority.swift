@@ -218,6 +218,7 @@ public final class Authority: Sendable {
         -> CertificateRecord
     {
         let der = try certificate.derBytes
+        let fingerprint = SHA256.hash(data: der).hexString
         var sans: [String] = []
         var spiffe: String?
         if let names = try certificate.extensions.subjectAlternativeNames {
@@ -238,14 +239,14 @@ public final class Authority: Sendable {
         return CertificateRecord(
             serial: certificate.serialHex, issuer: certificate.issuer.description, subject: certificate.subject.description,
             subjectAlternativeNames: sans, identity: identity, profile: profile.rawValue, owner: owner, requester: requester,
-            notBefore: certificate.notValidBefore, notAfter: certificate.notValidAfter, fingerprint: try fingerprint(certificate),
+            notBefore: certificate.notValidBefore, notAfter: certificate.notValidAfter, fingerprint: fingerprint,
             der: der
         )
     }
 
     /// SHA-256 of the certificate's DER, lowercase hex (the form `mutual init` prints and agents pin).
     public static func fingerprint(_ certificate: Certificate) throws -> String {
-        SHA256.hash(data: try certificate.derBytes).map { String(format: "%02x", $0) }.joined()
+        SHA256.hash(data: try certificate.derBytes).hexString
     }
 
     // MARK: Revocation

@@ -68,13 +68,14 @@ extension Certificate {
 extension Sequence where Element == UInt8 {
     /// Lowercase hex, two digits per byte.
     public var hexString: String {
-        var out = ""
+        let digits: [UInt8] = Array("0123456789abcdef".utf8)
+        var out = [UInt8]()
+        out.reserveCapacity(underestimatedCount * 2)
         for byte in self {
-            let hex = String(byte, radix: 16)
-            if hex.count == 1 { out += "0" }
-            out += hex
+            out.append(digits[Int(byte >> 4)])
+            out.append(digits[Int(byte & 0x0F)])
         }
-        return out
+        return String(decoding: out, as: UTF8.self)
     }
 }
 

@@ -23,7 +23,29 @@ public enum AuditChain {
     }
 
     static func escape(_ field: String) -> String {
-        field.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\n", with: "\\n")
+        // Fast path: most fields contain neither a backslash nor a newline.
+        guard field.utf8.contains(where: { $0 == 0x5C || $0 == 0x0A }) else { return field }
+        var out = ""
+        out.reserveCapacity(field.utf8.count + 8)
+        for ch in field {
+            switch ch {
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            default: out.append(ch)
+            }
+        }
+        return out
+    }
+
+    static func hex<D: Sequence>(_ bytes: D) -> String where D.Element == UInt8 {
+        let digits = Array("0123456789abcdef".utf8)
+        var out = [UInt8]()
+        out.reserveCapacity(64)
+        for byte in bytes {
+            out.append(digits[Int(byte >> 4)])
+            out.append(digits[Int(byte & 0x0F)])
+        }
+        return String(decoding: out, as: UTF8.self)
     }
 
     /// Computes an event's hash from its fields.
@@ -33,7 +55,7 @@ public enum AuditChain {
     ) -> String {
         let material = ["mutual-audit-v1", previousHash, String(sequence), time, actor, action, subject, details]
             .map(escape).joined(separator: "\n")
-        return SHA256.hash(data: Array(material.utf8)).map { String(format: "%02x", $0) }.joined()
+        return hex(SHA256.hash(data: Array(material.utf8)))
     }
 
     /// Chains a new entry after `previous` (sequence, hash).

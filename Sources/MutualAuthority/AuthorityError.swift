@@ -8,6 +8,21 @@ public struct AuthorityError: Error, Hashable, Sendable, CustomStringConvertible
         public static let corruptState = Code("corrupt-state")
         public static let notFound = Code("not-found")
         public static let conflict = Code("conflict")
+        /// No credential was presented (no token, no client certificate).
+        public static let unauthenticated = Code("unauthenticated")
+        /// The token is malformed or unknown.
+        public static let tokenInvalid = Code("token-invalid")
+        public static let tokenExpired = Code("token-expired")
+        public static let tokenUsedUp = Code("token-used-up")
+        public static let tokenRevoked = Code("token-revoked")
+        /// A requested name is outside the token's scope patterns.
+        public static let tokenOutOfScope = Code("token-out-of-scope")
+        /// The request asks for another profile or a longer validity than the token allows.
+        public static let tokenNotAllowed = Code("token-not-allowed")
+        /// The client certificate may not do this (not in the inventory, revoked, expired, wrong profile).
+        public static let certificateRefused = Code("certificate-refused")
+        /// The request is understood but refused by policy (renewal of an expired certificate outside the grace window).
+        public static let forbidden = Code("forbidden")
         public var description: String { name }
     }
 

@@ -9,17 +9,13 @@ public enum AuditChain {
     /// The previous hash of the first event.
     public static let genesis = String(repeating: "0", count: 64)
 
-    static let timeStyle = Date.ISO8601FormatStyle(includingFractionalSeconds: true)
-
     /// RFC 3339 UTC with milliseconds, the form stored in the chain.
     public static func format(_ date: Date) -> String {
-        timeStyle.format(date)
+        JSONText.time(date)
     }
 
     static func canonicalJSON(_ details: [String: String]) -> String {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        return (try? String(decoding: encoder.encode(details), as: UTF8.self)) ?? "{}"
+        JSONText.object(details)
     }
 
     static func escape(_ field: String) -> String {

@@ -55,7 +55,27 @@ enum Schema {
                     """,
                     "CREATE TABLE metadata (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
                 ]
-            )
+            ),
+            (
+                2,
+                [
+                    """
+                    CREATE TABLE tokens (
+                        id TEXT PRIMARY KEY,
+                        secret_hash TEXT NOT NULL,
+                        scopes TEXT NOT NULL,
+                        profile TEXT NOT NULL,
+                        max_validity \(t.bigint) NOT NULL,
+                        expires_at \(t.bigint) NOT NULL,
+                        uses_allowed \(t.bigint) NOT NULL,
+                        uses_consumed \(t.bigint) NOT NULL,
+                        owner TEXT,
+                        created_at \(t.bigint) NOT NULL,
+                        revoked_at \(t.bigint)
+                    )
+                    """
+                ]
+            ),
         ]
     }
 

@@ -13,6 +13,9 @@ actor WriteQueue {
         case revoke(serial: String, reason: String, time: Date, AuditEntry)
         case audit(AuditEntry)
         case metadata([String: String], AuditEntry?)
+        case issueWithToken(CertificateRecord, AuditEntry, tokenID: String, now: Date)
+        case createToken(TokenRecord, AuditEntry)
+        case revokeToken(id: String, time: Date, AuditEntry)
     }
 
     enum Outcome: Sendable {
@@ -136,6 +139,34 @@ actor WriteQueue {
                 metadata.merge(values) { $1 }
                 if let entry { chain(entry) }
                 outcomes.append(.done)
+            case .issueWithToken(let record, let entry, let tokenID, let now):
+                // Consume one use only if the token is still usable; RETURNING tells whether a row matched.
+                let consumed = try await db.raw(
+                    "UPDATE tokens SET uses_consumed = uses_consumed + 1 WHERE id = \(bind: tokenID) AND uses_consumed < uses_allowed AND revoked_at IS NULL AND expires_at > \(bind: Int64(now.timeIntervalSince1970)) RETURNING id"
+                ).all()
+                guard !consumed.isEmpty else {
+                    throw StoreError(.conflict, "token \(tokenID) is no longer usable (used up, revoked or expired)")
+                }
+                certificates.append(record)
+                chain(entry)
+                outcomes.append(.done)
+            case .createToken(let token, let entry):
+                let scopes = String(decoding: try JSONEncoder().encode(token.scopes), as: UTF8.self)
+                try await db.raw(
+                    "INSERT INTO tokens (id, secret_hash, scopes, profile, max_validity, expires_at, uses_allowed, uses_consumed, owner, created_at) VALUES (\(bind: token.id), \(bind: token.secretHash), \(bind: scopes), \(bind: token.profile), \(bind: token.maxValiditySeconds), \(bind: Int64(token.expiresAt.timeIntervalSince1970)), \(bind: token.usesAllowed), 0, \(bind: token.owner), \(bind: Int64(token.createdAt.timeIntervalSince1970)))"
+                ).run()
+                chain(entry)
+                outcomes.append(.done)
+            case .revokeToken(let id, let time, let entry):
+                guard let row = try await db.raw("SELECT revoked_at FROM tokens WHERE id = \(bind: id)").first() else {
+                    throw StoreError(.notFound, "no token with id \(id)")
+                }
+                guard try row.decodeNil(column: "revoked_at") else {
+                    throw StoreError(.conflict, "token \(id) is already revoked")
+                }
+                try await db.raw("UPDATE tokens SET revoked_at = \(bind: Int64(time.timeIntervalSince1970)) WHERE id = \(bind: id)").run()
+                chain(entry)
+                outcomes.append(.done)
             case .revoke(let serial, let reason, let time, let entry):
                 // Certificates issued earlier in this same batch are not inserted yet; look there first.
                 if let index = certificates.firstIndex(where: { $0.serial == serial }) {
@@ -176,7 +207,7 @@ actor WriteQueue {
             )
             let created = Int64(Date().timeIntervalSince1970)
             for r in rows {
-                let sans = String(decoding: try JSONEncoder().encode(r.subjectAlternativeNames), as: UTF8.self)
+                let sans = JSONText.array(r.subjectAlternativeNames)
                 insert = insert.values([
                     SQLBind(r.serial), SQLBind(r.issuer), SQLBind(r.subject), SQLBind(sans), SQLBind(r.identity),
                     SQLBind(r.profile), SQLBind(r.owner), SQLBind(r.requester),

@@ -201,3 +201,30 @@ public final class Store: Sendable {
         )
     }
 }
+
+extension Store {
+    /// Certificates by effective status (valid, expired, revoked) at `now`, for metrics.
+    public func statusCounts(now: Date) async throws -> [String: Int] {
+        let seconds = Int64(now.timeIntervalSince1970)
+        let row = try await reader.raw("""
+            SELECT
+              SUM(CASE WHEN status = 'valid' AND not_after > \(bind: seconds) THEN 1 ELSE 0 END) AS valid,
+              SUM(CASE WHEN status = 'valid' AND not_after <= \(bind: seconds) THEN 1 ELSE 0 END) AS expired,
+              SUM(CASE WHEN status = 'revoked' THEN 1 ELSE 0 END) AS revoked
+            FROM certificates
+            """).first()
+        func value(_ column: String) throws -> Int {
+            guard let row, try !row.decodeNil(column: column) else { return 0 }
+            return try row.decode(column: column, as: Int.self)
+        }
+        return ["valid": try value("valid"), "expired": try value("expired"), "revoked": try value("revoked")]
+    }
+
+    /// The soonest notAfter among valid, unexpired certificates (index on status, not_after).
+    public func soonestExpiry(now: Date) async throws -> Date? {
+        let row = try await reader.raw(
+            "SELECT not_after FROM certificates WHERE status = 'valid' AND not_after > \(bind: Int64(now.timeIntervalSince1970)) ORDER BY not_after ASC LIMIT 1"
+        ).first()
+        return try row.map { Date(timeIntervalSince1970: Double(try $0.decode(column: "not_after", as: Int64.self))) }
+    }
+}

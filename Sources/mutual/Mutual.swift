@@ -15,7 +15,8 @@ struct Mutual: AsyncParsableCommand {
             """,
         subcommands: [
             InitCommand.self, IssueCommand.self, SignCommand.self, ListCommand.self, ShowCommand.self,
-            RevokeCommand.self, VerifyCommand.self, AuditCommand.self, QuickstartCommand.self, BenchCommand.self,
+            RevokeCommand.self, VerifyCommand.self, AuditCommand.self, ServeCommand.self, TokenCommand.self,
+            QuickstartCommand.self, BenchCommand.self,
         ]
     )
 

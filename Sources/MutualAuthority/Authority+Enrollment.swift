@@ -1,0 +1,201 @@
+import Crypto
+import Foundation
+import MutualPKI
+import MutualStore
+import X509
+
+extension Authority {
+    /// Token-authorised issuance: the token's profile, validity cap and scopes are checked against the CSR's
+    /// contents, and one use of the token is consumed in the same transaction that records the certificate. A
+    /// refused token is audited with its reason.
+    public func sign(
+        csr bytes: [UInt8], profile requestedProfile: CertificateProfile?, validity: ValidityDuration?, bearer: String,
+        now: Date = .now
+    ) async throws -> IssuedCertificate {
+        let tokens = TokenService(store: store)
+        let token: TokenRecord
+        do {
+            token = try await tokens.authenticate(bearer, now: now)
+        } catch let error as AuthorityError {
+            try? await auditRefusal(actor: "token:\(Self.tokenID(bearer) ?? "unknown")", reason: error, now: now)
+            throw error
+        }
+        let actor = "token:\(token.id)"
+        let csr = try CSRDecoder.decode(bytes)
+        let profile = try requestedProfile ?? CertificateProfile(leafName: token.profile)
+        var request = try IssuanceRequest(verifiedCSR: csr, profile: profile, validity: validity)
+        if request.validity == nil {
+            request.validity = min(profile.defaultValidity, ValidityDuration(seconds: token.maxValiditySeconds), ca.policy.maximumValidity)
+        }
+        do {
+            try TokenService.authorize(request, token: token)
+        } catch let error as AuthorityError {
+            try? await auditRefusal(actor: actor, reason: error, now: now)
+            throw error
+        }
+        let certificate = try ca.issue(request, now: now)
+        let record = try Self.makeRecord(certificate, profile: profile, owner: token.owner, requester: actor)
+        var details = ["profile": profile.rawValue, "serial": record.serial, "identity": record.identity, "token": token.id]
+        if !request.droppedRequests.isEmpty { details["dropped"] = request.droppedRequests.joined(separator: "; ") }
+        do {
+            try await store.recordIssuance(
+                record, audit: AuditEntry(time: now, actor: actor, action: "issue", subject: record.serial, details: details),
+                consumingToken: token.id, now: now
+            )
+        } catch let error as StoreError where error.code == .conflict {
+            let refusal = AuthorityError(.tokenUsedUp, "token \(token.id) is used up or no longer valid")
+            try? await auditRefusal(actor: actor, reason: refusal, now: now)
+            throw refusal
+        }
+        return IssuedCertificate(certificate: certificate, chain: [certificate, ca.certificate], record: record)
+    }
+
+    static func tokenID(_ bearer: String) -> String? {
+        guard bearer.hasPrefix(TokenService.prefix) else { return nil }
+        let id = bearer.dropFirst(TokenService.prefix.count).prefix(16)
+        return id.count == 16 && id.allSatisfy(\.isHexDigit) ? String(id) : nil
+    }
+
+    /// Appends a `refused` audit event naming the reason.
+    public func auditRefusal(actor: String, reason: AuthorityError, now: Date = .now) async throws {
+        try await store.appendAudit(
+            AuditEntry(time: now, actor: actor, action: "refused", subject: reason.code.name, details: ["reason": reason.reason])
+        )
+    }
+
+    /// The inventory record for a certificate a client presented, if this authority issued exactly that certificate.
+    public func presentedRecord(_ certificate: Certificate) async throws -> CertificateRecord? {
+        guard let record = try await store.certificate(serial: certificate.serialHex) else { return nil }
+        let fingerprint = SHA256.hash(data: try certificate.derBytes).hexString
+        return record.fingerprint == fingerprint ? record : nil
+    }
+
+    /// Checks that a presented client certificate is one this authority issued and is still current.
+    public func checkPresented(_ certificate: Certificate, now: Date = .now, allowExpired: Bool = false) async throws -> CertificateRecord {
+        guard let record = try await presentedRecord(certificate) else {
+            throw AuthorityError(.certificateRefused, "the client certificate \(certificate.serialHex) was not issued by this authority")
+        }
+        if record.status == .revoked {
+            throw AuthorityError(.certificateRefused, "the client certificate \(record.serial) is revoked (\(record.revocationReason ?? "unspecified"))")
+        }
+        if !allowExpired, record.notAfter <= now {
+            throw AuthorityError(.certificateRefused, "the client certificate \(record.serial) expired at \(AuditChain.format(record.notAfter))")
+        }
+        if now < record.notBefore {
+            throw AuthorityError(.certificateRefused, "the client certificate \(record.serial) is not valid before \(AuditChain.format(record.notBefore))")
+        }
+        return record
+    }
+
+    /// Renewal over mTLS: the identity and profile come from the current certificate, never from the CSR; the CSR only
+    /// contributes its (new) public key. Same lifetime as the current certificate.
+    public func renew(current certificate: Certificate, csr bytes: [UInt8], now: Date = .now) async throws -> IssuedCertificate {
+        let record = try await checkPresented(certificate, now: now)
+        return try await reissue(from: certificate, record: record, csr: bytes, action: "renew", now: now)
+    }
+
+    func reissue(from certificate: Certificate, record: CertificateRecord, csr bytes: [UInt8], action: String, now: Date) async throws -> IssuedCertificate {
+        let actor = "cert:\(record.serial)"
+        guard let profile = CertificateProfile(rawValue: record.profile), CertificateProfile.leafProfiles.contains(profile) else {
+            throw AuthorityError(.certificateRefused, "certificates of profile \(record.profile) cannot be renewed")
+        }
+        let csr = try CSRDecoder.decode(bytes)
+        guard csr.request.publicKey != certificate.publicKey else {
+            let refusal = AuthorityError(.forbidden, "renewal needs a new key: the CSR carries the current certificate's key")
+            try? await auditRefusal(actor: actor, reason: refusal, now: now)
+            throw refusal
+        }
+        var dns: [String] = []
+        var ips: [String] = []
+        var uris: [String] = []
+        for name in (try certificate.extensions.subjectAlternativeNames) ?? SubjectAlternativeNames() {
+            switch name {
+            case .dnsName(let d): dns.append(d)
+            case .ipAddress(let ip): ips.append(Names.ipAddressString(Array(ip.bytes)))
+            case .uniformResourceIdentifier(let u): uris.append(u)
+            default: break
+            }
+        }
+        let lifetime = certificate.notValidAfter.timeIntervalSince(certificate.notValidBefore) - ca.policy.backdate.timeInterval
+        let validity = ValidityDuration(seconds: max(60, Int64(lifetime.rounded())))
+        let request = IssuanceRequest(
+            profile: profile, publicKey: csr.request.publicKey, commonName: certificate.subject.commonName, dnsNames: dns,
+            ipAddresses: ips, uris: uris, validity: min(validity, ca.policy.maximumValidity)
+        )
+        let issued = try ca.issue(request, now: now)
+        let newRecord = try Self.makeRecord(issued, profile: profile, owner: record.owner, requester: actor)
+        try await store.recordIssuance(
+            newRecord,
+            audit: AuditEntry(
+                time: now, actor: actor, action: action, subject: newRecord.serial,
+                details: ["profile": profile.rawValue, "serial": newRecord.serial, "identity": newRecord.identity, "renewed_from": record.serial]
+            )
+        )
+        return IssuedCertificate(certificate: issued, chain: [issued, ca.certificate], record: newRecord)
+    }
+
+    /// The statement a device signs with its old (expired) key to prove possession when it renews after expiry:
+    /// `mutual-renew-expired-v1\n<timestamp>\n<hex SHA-256 of the new CSR's DER>`.
+    public static func renewExpiredStatement(timestamp: String, csrDER: [UInt8]) -> [UInt8] {
+        Array("mutual-renew-expired-v1\n\(timestamp)\n\(SHA256.hash(data: csrDER).hexString)".utf8)
+    }
+
+    /// Renewal of an expired certificate: allowed only within `grace` after its notAfter, only if it was never
+    /// revoked, and only with proof of possession of the old key (a signature over ``renewExpiredStatement`` made within
+    /// five minutes of now).
+    public func renewExpired(
+        current certificate: Certificate, csr bytes: [UInt8], timestamp: String, signature: [UInt8],
+        grace: ValidityDuration?, now: Date = .now
+    ) async throws -> IssuedCertificate {
+        guard let grace else {
+            throw AuthorityError(.forbidden, "renewal of expired certificates is disabled on this authority (see --renew-expired-grace); a new token is needed")
+        }
+        let record = try await checkPresented(certificate, now: now, allowExpired: true)
+        let actor = "cert:\(record.serial)"
+        guard record.notAfter.addingTimeInterval(grace.timeInterval) > now else {
+            let refusal = AuthorityError(.forbidden, "certificate \(record.serial) expired at \(AuditChain.format(record.notAfter)), beyond the renewal grace window of \(grace); a new token is needed")
+            try? await auditRefusal(actor: actor, reason: refusal, now: now)
+            throw refusal
+        }
+        guard let signedAt = try? Date(timestamp, strategy: .iso8601), abs(signedAt.timeIntervalSince(now)) <= 300 else {
+            throw AuthorityError(.forbidden, "the proof's timestamp must be RFC 3339 and within 5 minutes of the authority's clock")
+        }
+        let csr = try CSRDecoder.decode(bytes)
+        var der: [UInt8] = []
+        do {
+            var serializer = DER.Serializer()
+            try serializer.serialize(csr.request)
+            der = serializer.serializedBytes
+        }
+        let statement = Self.renewExpiredStatement(timestamp: timestamp, csrDER: der)
+        let algorithm = Self.proofAlgorithm(for: certificate.publicKey)
+        guard certificate.publicKey.isValidSignature(signature, for: statement, signatureAlgorithm: algorithm) else {
+            let refusal = AuthorityError(.forbidden, "the proof of possession does not verify against the expired certificate's key")
+            try? await auditRefusal(actor: actor, reason: refusal, now: now)
+            throw refusal
+        }
+        return try await reissue(from: certificate, record: record, csr: bytes, action: "renew-expired", now: now)
+    }
+
+    /// The algorithm a proof of possession uses for a key: ECDSA with SHA-256 (P-256) or SHA-384 (P-384), Ed25519,
+    /// RSA PKCS#1 v1.5 with SHA-256.
+    public static func proofAlgorithm(for key: Certificate.PublicKey) -> Certificate.SignatureAlgorithm {
+        if P384.Signing.PublicKey(key) != nil { return .ecdsaWithSHA384 }
+        if Curve25519.Signing.PublicKey(key) != nil { return .ed25519 }
+        if P256.Signing.PublicKey(key) != nil { return .ecdsaWithSHA256 }
+        return .sha256WithRSAEncryption
+    }
+
+    /// Revocation requested over the API: by an admin, or by a client for its own certificate.
+    public func revoke(serial: String, reason: RevocationReason, requestedBy presented: CertificateRecord, now: Date = .now) async throws -> CertificateRecord {
+        let normalized = Self.normalizeSerial(serial)
+        if presented.profile != CertificateProfile.admin.rawValue && presented.serial != normalized {
+            let refusal = AuthorityError(.certificateRefused, "a client certificate may only revoke itself (\(presented.serial))")
+            try? await auditRefusal(actor: "cert:\(presented.serial)", reason: refusal, now: now)
+            throw refusal
+        }
+        return try await revoke(serial: normalized, reason: reason, actor: "cert:\(presented.serial)", now: now)
+    }
+}
+
+import SwiftASN1

@@ -1,0 +1,156 @@
+import AsyncHTTPClient
+import Foundation
+import MutualPKI
+import NIOCore
+import NIOHTTP1
+import NIOSSL
+import X509
+
+/// A refusal or failure reported by the authority (its RFC 9457 problem), or a transport failure (status 0).
+public struct AuthorityClientError: Error, Sendable, CustomStringConvertible {
+    public var status: Int
+    public var type: String
+    public var detail: String
+    /// The authority's `Date` header, when it answered (for clock-skew checks).
+    public var serverDate: Date?
+
+    public var description: String {
+        status == 0 ? "authority unreachable: \(detail)" : "authority refused (\(status) \(type)): \(detail)"
+    }
+}
+
+/// What the authority returns for `/v1/sign`, `/v1/renew` and `/v1/renew-expired`.
+public struct Enrollment: Sendable {
+    public var certificate: Certificate
+    public var chain: [Certificate]
+    public var serial: String
+    public var notAfter: Date
+    /// The authority's `Date` header.
+    public var serverDate: Date?
+}
+
+/// The project's own client for the authority API, over HTTPS with an optional client certificate (mTLS).
+///
+/// Owns an `HTTPClient`: call ``shutdown()`` when done.
+public final class AuthorityClient: Sendable {
+    let http: HTTPClient
+    public let baseURL: String
+
+    /// - Parameters:
+    ///   - trustRoots: the roots the authority's server certificate must chain to (never the system store).
+    ///   - identity: the client certificate chain and key for mTLS endpoints.
+    public init(baseURL: String, trustRoots: [Certificate], identity: (chain: [Certificate], key: Certificate.PrivateKey)? = nil,
+                timeout: Duration = .seconds(30)) throws {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.minimumTLSVersion = .tlsv12
+        tls.trustRoots = .certificates(try trustRoots.map { try NIOSSLCertificate(bytes: try $0.derBytes, format: .der) })
+        if let identity {
+            tls.certificateChain = try identity.chain.map { .certificate(try NIOSSLCertificate(bytes: try $0.derBytes, format: .der)) }
+            tls.privateKey = .privateKey(try NIOSSLPrivateKey(bytes: Array(try KeyFile.pem(for: identity.key, passphrase: nil).utf8), format: .pem))
+        }
+        var configuration = HTTPClient.Configuration(tlsConfiguration: tls)
+        let seconds = Int64(timeout.components.seconds)
+        configuration.timeout = .init(connect: .seconds(min(seconds, 10)), read: .seconds(seconds))
+        self.http = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+        self.baseURL = baseURL.hasSuffix("/") ? String(baseURL.dropLast()) : baseURL
+    }
+
+    public func shutdown() async throws {
+        try await http.shutdown()
+    }
+
+    public func sign(csrPEM: String, token: String, profile: String? = nil, validity: String? = nil) async throws -> Enrollment {
+        var body: [String: String] = ["csr": csrPEM]
+        if let profile { body["profile"] = profile }
+        if let validity { body["validity"] = validity }
+        return try await enrollment(path: "/v1/sign", body: body, bearer: token)
+    }
+
+    public func renew(csrPEM: String) async throws -> Enrollment {
+        try await enrollment(path: "/v1/renew", body: ["csr": csrPEM], bearer: nil)
+    }
+
+    /// Renews an expired certificate with proof of possession of its key (see docs/api.md).
+    public func renewExpired(certificate: Certificate, oldKey: Certificate.PrivateKey, csr: CertificateSigningRequest, now: Date = .now) async throws -> Enrollment {
+        let timestamp = now.formatted(.iso8601)
+        var serializer = DER.Serializer()
+        try serializer.serialize(csr)
+        let statement = Array("mutual-renew-expired-v1\n\(timestamp)\n\(sha256Hex(serializer.serializedBytes))".utf8)
+        let algorithm = Self.proofAlgorithm(oldKey)
+        let signature = try oldKey.sign(bytes: statement, signatureAlgorithm: algorithm)
+        return try await enrollment(path: "/v1/renew-expired", body: [
+            "certificate": try PEMBundle.pem([certificate]), "csr": try csr.serializeAsPEM().pemString,
+            "timestamp": timestamp, "signature": Data(signature.rawRepresentation).base64EncodedString(),
+        ], bearer: nil)
+    }
+
+    static func proofAlgorithm(_ key: Certificate.PrivateKey) -> Certificate.SignatureAlgorithm {
+        key.preferredSignatureAlgorithm
+    }
+
+    public func revoke(serial: String, reason: String) async throws {
+        _ = try await send(path: "/v1/revoke", method: .POST, body: ["serial": serial, "reason": reason], bearer: nil)
+    }
+
+    /// The authority's trust anchors (`/roots.pem`).
+    public func roots() async throws -> [Certificate] {
+        let (bytes, _) = try await send(path: "/roots.pem", method: .GET, body: nil, bearer: nil)
+        return try PEMBundle.certificates(fromBytes: bytes, what: "roots.pem")
+    }
+
+    func enrollment(path: String, body: [String: String], bearer: String?) async throws -> Enrollment {
+        let (bytes, date) = try await send(path: path, method: .POST, body: body, bearer: bearer)
+        guard let object = try? JSONSerialization.jsonObject(with: Data(bytes)) as? [String: Any],
+            let certificatePEM = object["certificate"] as? String, let chainPEM = object["chain"] as? String,
+            let serial = object["serial"] as? String
+        else {
+            throw AuthorityClientError(status: 0, type: "malformed-response", detail: "the authority's answer is not an enrollment", serverDate: date)
+        }
+        let certificate = try PEMBundle.certificates(fromPEM: certificatePEM)[0]
+        return Enrollment(certificate: certificate, chain: try PEMBundle.certificates(fromPEM: chainPEM), serial: serial,
+                          notAfter: certificate.notValidAfter, serverDate: date)
+    }
+
+    func send(path: String, method: HTTPMethod, body: [String: String]?, bearer: String?) async throws -> ([UInt8], Date?) {
+        var request = HTTPClientRequest(url: baseURL + path)
+        request.method = method
+        if let body {
+            request.headers.add(name: "Content-Type", value: "application/json")
+            request.body = .bytes(ByteBuffer(bytes: try JSONSerialization.data(withJSONObject: body)))
+        }
+        if let bearer { request.headers.add(name: "Authorization", value: "Bearer \(bearer)") }
+        let response: HTTPClientResponse
+        do {
+            response = try await http.execute(request, timeout: .seconds(30))
+        } catch {
+            throw AuthorityClientError(status: 0, type: "transport", detail: "\(error)", serverDate: nil)
+        }
+        let date = response.headers.first(name: "date").flatMap { Self.parseHTTPDate($0) }
+        let buffer = try await response.body.collect(upTo: 4 * 1024 * 1024)
+        let bytes = Array(buffer.readableBytesView)
+        guard (200..<300).contains(Int(response.status.code)) else {
+            let problem = (try? JSONSerialization.jsonObject(with: Data(bytes))) as? [String: Any]
+            throw AuthorityClientError(
+                status: Int(response.status.code), type: (problem?["type"] as? String) ?? "http-\(response.status.code)",
+                detail: (problem?["detail"] as? String) ?? String(decoding: bytes.prefix(200), as: UTF8.self), serverDate: date
+            )
+        }
+        return (bytes, date)
+    }
+
+    /// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
+    static func parseHTTPDate(_ text: String) -> Date? {
+        let formatter = DateFormatter()
+        formatter.locale = Locale(identifier: "en_US_POSIX")
+        formatter.timeZone = TimeZone(identifier: "GMT")
+        formatter.dateFormat = "EEE, dd MMM yyyy HH:mm:ss zzz"
+        return formatter.date(from: text)
+    }
+}
+
+import Crypto
+import SwiftASN1
+
+func sha256Hex(_ bytes: [UInt8]) -> String {
+    SHA256.hash(data: bytes).hexString
+}

@@ -1,0 +1,278 @@
+import Foundation
+import Hummingbird
+import MutualAuthority
+import MutualPKI
+import MutualStore
+import X509
+
+/// JSON request and response bodies of the API (see docs/api.md and docs/openapi.yaml).
+struct SignRequest: Decodable {
+    var csr: String
+    var profile: String?
+    var validity: String?
+}
+
+struct RenewRequest: Decodable {
+    var csr: String
+}
+
+struct RenewExpiredRequest: Decodable {
+    var certificate: String
+    var csr: String
+    var timestamp: String
+    var signature: String
+}
+
+struct RevokeRequest: Decodable {
+    var serial: String
+    var reason: String?
+}
+
+struct IssuedResponse: Encodable {
+    var certificate: String
+    var chain: String
+    var serial: String
+    var not_after: String
+    var identity: String
+}
+
+/// The handlers. Each decides, through the authority, and maps errors to problems only via ``ProblemMiddleware``.
+struct AuthorityRoutes: Sendable {
+    let authority: Authority
+    let metrics: ServerMetrics
+    let renewExpiredGrace: ValidityDuration?
+
+    func register(on router: Router<APIContext>) {
+        router.post("/v1/sign") { request, context in try await self.sign(request, context) }
+        router.post("/v1/renew") { request, context in try await self.renew(request, context) }
+        router.post("/v1/renew-expired") { request, context in try await self.renewExpired(request, context) }
+        router.post("/v1/revoke") { request, context in try await self.revoke(request, context) }
+        router.get("/v1/certificates") { request, context in try await self.listCertificates(request, context) }
+        router.get("/v1/certificates/:serial") { request, context in try await self.showCertificate(request, context) }
+        router.get("/roots.pem") { _, _ in try self.pem([self.authority.ca.root]) }
+        router.get("/bundle.pem") { _, _ in try self.pem([self.authority.ca.root, self.authority.ca.certificate]) }
+        router.get("/healthz") { _, _ in try await self.health() }
+        router.get("/metrics") { _, _ in
+            Response(
+                status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                body: .init(byteBuffer: ByteBuffer(bytes: await self.metrics.render(store: self.authority.store, now: .now)))
+            )
+        }
+    }
+
+    // MARK: Helpers
+
+    static let jsonDecoder = JSONDecoder()
+
+    /// Reads a JSON body: 415 unless the content type is JSON, 413 over 64 KiB, 400 with the reason if malformed.
+    func decode<T: Decodable>(_ type: T.Type, from request: Request, context: APIContext) async throws -> T {
+        let contentType = request.headers[.contentType]?.lowercased() ?? ""
+        guard contentType.hasPrefix("application/json") else {
+            throw Problem(.unsupportedMediaType, code: "unsupported-media-type", title: "Unsupported Media Type",
+                          detail: "send the body as application/json (got \(contentType.isEmpty ? "no content type" : contentType))")
+        }
+        let buffer = try await request.body.collect(upTo: context.maxUploadSize)
+        do {
+            return try Self.jsonDecoder.decode(T.self, from: Data(buffer: buffer))
+        } catch let DecodingError.keyNotFound(key, _) {
+            throw Problem(.badRequest, code: "malformed-json", title: "Bad Request", detail: "missing field '\(key.stringValue)'")
+        } catch let DecodingError.typeMismatch(_, ctx) {
+            throw Problem(.badRequest, code: "malformed-json", title: "Bad Request", detail: "wrong type at \(ctx.codingPath.map(\.stringValue).joined(separator: "."))")
+        } catch {
+            throw Problem(.badRequest, code: "malformed-json", title: "Bad Request", detail: "the body is not valid JSON for this endpoint")
+        }
+    }
+
+    func json(_ value: some Encodable, status: HTTPResponse.Status = .ok) throws -> Response {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        encoder.dateEncodingStrategy = .iso8601
+        return Response(status: status, headers: [.contentType: "application/json", .cacheControl: "no-store"],
+                        body: .init(byteBuffer: ByteBuffer(bytes: try encoder.encode(value))))
+    }
+
+    func pem(_ certificates: [Certificate]) throws -> Response {
+        Response(status: .ok, headers: [.contentType: "application/x-pem-file"],
+                 body: .init(byteBuffer: ByteBuffer(string: try PEMBundle.pem(certificates))))
+    }
+
+    func issuedResponse(_ issued: Authority.IssuedCertificate) throws -> Response {
+        try json(IssuedResponse(
+            certificate: try PEMBundle.pem([issued.certificate]), chain: try PEMBundle.pem(issued.chain),
+            serial: issued.record.serial, not_after: AuditChain.format(issued.record.notAfter), identity: issued.record.identity
+        ))
+    }
+
+    /// The verified client certificate, checked against the inventory; 401 when none was sent.
+    func presentedRecord(_ context: APIContext) async throws -> (Certificate, CertificateRecord) {
+        guard let certificate = try await context.peerCertificate() else {
+            throw AuthorityError(.unauthenticated, "this endpoint needs a client certificate (mTLS) issued by this authority")
+        }
+        return (certificate, try await authority.checkPresented(certificate))
+    }
+
+    func requireAdmin(_ context: APIContext) async throws -> CertificateRecord {
+        let (_, record) = try await presentedRecord(context)
+        guard record.profile == CertificateProfile.admin.rawValue else {
+            throw AuthorityError(.certificateRefused, "this endpoint needs the admin client certificate (admin/cert.pem), not \(record.profile) certificate \(record.serial)")
+        }
+        return record
+    }
+
+    /// Runs a handler, counting its outcome and reason and timing it.
+    func measured(_ operation: String, route: String, _ body: () async throws -> Response) async throws -> Response {
+        let start = ContinuousClock.now
+        defer { metrics.observe(route: route, since: start) }
+        do {
+            let response = try await body()
+            metrics.count(operation, outcome: "ok", reason: "none")
+            return response
+        } catch {
+            let problem = Problem.from(error)
+            metrics.count(operation, outcome: problem.status.code >= 500 ? "error" : "refused", reason: String(problem.type.split(separator: ":").last ?? "unknown"))
+            throw error
+        }
+    }
+
+    // MARK: Handlers
+
+    func sign(_ request: Request, _ context: APIContext) async throws -> Response {
+        try await measured("issuance", route: "/v1/sign") {
+            guard let authorization = request.headers[.authorization], authorization.lowercased().hasPrefix("bearer ") else {
+                throw AuthorityError(.unauthenticated, "missing 'Authorization: Bearer <token>' (create one with `mutual token create`)")
+            }
+            let bearer = String(authorization.dropFirst("bearer ".count)).trimmingCharacters(in: .whitespaces)
+            let body = try await decode(SignRequest.self, from: request, context: context)
+            let profile = try body.profile.map { try CertificateProfile(leafName: $0) }
+            let validity = try body.validity.map { try ValidityDuration(parsing: $0) }
+            let issued = try await authority.sign(csr: Array(body.csr.utf8), profile: profile, validity: validity, bearer: bearer)
+            return try issuedResponse(issued)
+        }
+    }
+
+    func renew(_ request: Request, _ context: APIContext) async throws -> Response {
+        try await measured("renewal", route: "/v1/renew") {
+            guard let certificate = try await context.peerCertificate() else {
+                throw AuthorityError(.unauthenticated, "renewal needs the current certificate as the TLS client certificate")
+            }
+            let body = try await decode(RenewRequest.self, from: request, context: context)
+            return try issuedResponse(try await authority.renew(current: certificate, csr: Array(body.csr.utf8)))
+        }
+    }
+
+    func renewExpired(_ request: Request, _ context: APIContext) async throws -> Response {
+        try await measured("renewal", route: "/v1/renew-expired") {
+            let body = try await decode(RenewExpiredRequest.self, from: request, context: context)
+            let certificate = try PEMBundle.certificates(fromPEM: body.certificate, what: "certificate")[0]
+            guard let signature = Data(base64Encoded: body.signature) else {
+                throw Problem(.badRequest, code: "malformed-signature", title: "Bad Request", detail: "signature must be base64")
+            }
+            let issued = try await authority.renewExpired(
+                current: certificate, csr: Array(body.csr.utf8), timestamp: body.timestamp, signature: Array(signature),
+                grace: renewExpiredGrace
+            )
+            return try issuedResponse(issued)
+        }
+    }
+
+    func revoke(_ request: Request, _ context: APIContext) async throws -> Response {
+        try await measured("revocation", route: "/v1/revoke") {
+            let (_, presented) = try await presentedRecord(context)
+            let body = try await decode(RevokeRequest.self, from: request, context: context)
+            let reasonText = body.reason ?? "unspecified"
+            guard let reason = RevocationReason(rawValue: reasonText) else {
+                throw Problem(.badRequest, code: "unknown-reason", title: "Bad Request", detail: "unknown reason '\(reasonText.prefix(40))': expected one of \(RevocationReason.choices)")
+            }
+            let record = try await authority.revoke(serial: body.serial, reason: reason, requestedBy: presented)
+            return try json(CertificateView(record, now: .now))
+        }
+    }
+
+    func listCertificates(_ request: Request, _ context: APIContext) async throws -> Response {
+        _ = try await requireAdmin(context)
+        let query = request.uri.queryParameters
+        let now = Date.now
+        var filter = CertificateFilter(now: now, limit: 100)
+        if let within = query["expiring_within"] {
+            filter.expiringBefore = now.addingTimeInterval(try ValidityDuration(parsing: String(within)).timeInterval)
+        }
+        if let identity = query["identity"] { filter.identity = String(identity) }
+        if let status = query["status"] {
+            guard let parsed = CertificateFilter.StatusFilter(rawValue: String(status)) else {
+                throw Problem(.badRequest, code: "bad-filter", title: "Bad Request", detail: "status must be valid, expired or revoked")
+            }
+            filter.status = parsed
+        }
+        if let limit = query["limit"] {
+            guard let value = Int(String(limit)), (1...1000).contains(value) else {
+                throw Problem(.badRequest, code: "bad-filter", title: "Bad Request", detail: "limit must be 1 to 1000")
+            }
+            filter.limit = value
+        }
+        if let offset = query["offset"] {
+            guard let value = Int(String(offset)), value >= 0 else {
+                throw Problem(.badRequest, code: "bad-filter", title: "Bad Request", detail: "offset must be 0 or more")
+            }
+            filter.offset = value
+        }
+        let records = try await authority.store.certificates(filter)
+        struct Page: Encodable {
+            var items: [CertificateView]
+            var next_offset: Int?
+        }
+        return try json(Page(items: records.map { CertificateView($0, now: now) },
+                             next_offset: records.count == filter.limit ? filter.offset + filter.limit : nil))
+    }
+
+    func showCertificate(_ request: Request, _ context: APIContext) async throws -> Response {
+        let (_, presented) = try await presentedRecord(context)
+        let serial = Authority.normalizeSerial(context.parameters.get("serial") ?? "")
+        guard presented.profile == CertificateProfile.admin.rawValue || presented.serial == serial else {
+            throw AuthorityError(.certificateRefused, "a client certificate may only read its own record")
+        }
+        guard let record = try await authority.store.certificate(serial: serial) else {
+            throw AuthorityError(.notFound, "no certificate with serial \(serial.prefix(64)) in the inventory")
+        }
+        return try json(CertificateView(record, now: .now, includePEM: true))
+    }
+
+    func health() async throws -> Response {
+        do {
+            _ = try await authority.store.countCertificates()
+            return try json(["status": "ok", "issuing_ca_not_after": AuditChain.format(authority.ca.certificate.notValidAfter)])
+        } catch {
+            return try json(["status": "unavailable", "reason": "inventory: \(error)"], status: .serviceUnavailable)
+        }
+    }
+}
+
+/// The JSON shape of an inventory record.
+struct CertificateView: Encodable {
+    var serial, issuer, subject, identity, profile, requester, fingerprint, status: String
+    var sans: [String]
+    var owner: String?
+    var not_before, not_after: String
+    var revoked_at: String?
+    var revocation_reason: String?
+    var pem: String?
+
+    init(_ r: CertificateRecord, now: Date, includePEM: Bool = false) {
+        serial = r.serial
+        issuer = r.issuer
+        subject = r.subject
+        identity = r.identity
+        profile = r.profile
+        requester = r.requester
+        fingerprint = r.fingerprint
+        status = r.effectiveStatus(at: now)
+        sans = r.subjectAlternativeNames
+        owner = r.owner
+        not_before = AuditChain.format(r.notBefore)
+        not_after = AuditChain.format(r.notAfter)
+        revoked_at = r.revokedAt.map(AuditChain.format)
+        revocation_reason = r.revocationReason
+        if includePEM, let certificate = try? Certificate(derEncoded: r.der) {
+            pem = try? PEMBundle.pem([certificate])
+        }
+    }
+}

@@ -1,0 +1,99 @@
+import Foundation
+import Logging
+import MutualAuthority
+import MutualPKI
+import NIOCore
+import NIOSSL
+import ServiceLifecycle
+import Synchronization
+import X509
+
+/// The authority's own TLS server certificate: issued from its intermediate at start-up, renewed at two thirds of
+/// its lifetime, and swapped in for new handshakes through NIOSSL's context callback (established connections keep
+/// theirs).
+final class ServerCredentials: Sendable {
+    struct Current: Sendable {
+        var chain: [NIOSSLCertificate]
+        var key: NIOSSLPrivateKey
+        var notBefore: Date
+        var notAfter: Date
+    }
+
+    private let current: Mutex<Current>
+    let authority: Authority
+    let names: (dns: [String], ips: [String])
+    let lifetime: ValidityDuration
+
+    init(authority: Authority, dnsNames: [String], ipAddresses: [String], lifetime: ValidityDuration) async throws {
+        self.authority = authority
+        self.names = (dnsNames, ipAddresses)
+        self.lifetime = lifetime
+        self.current = Mutex(try await Self.issue(authority: authority, dns: dnsNames, ips: ipAddresses, lifetime: lifetime))
+    }
+
+    static func issue(authority: Authority, dns: [String], ips: [String], lifetime: ValidityDuration) async throws -> Current {
+        let key = try KeyType.p256.generate()
+        let issued = try await authority.issue(
+            IssuanceRequest(profile: .server, publicKey: key.publicKey, dnsNames: dns, ipAddresses: ips, validity: lifetime),
+            owner: "mutual serve", requester: "mutual-serve", maximumValidityOverride: max(lifetime, authority.ca.policy.maximumValidity)
+        )
+        let chain = try issued.chain.map { try NIOSSLCertificate(bytes: try $0.derBytes, format: .der) }
+        let keyPEM = try KeyFile.pem(for: key, passphrase: nil)
+        return Current(
+            chain: chain, key: try NIOSSLPrivateKey(bytes: Array(keyPEM.utf8), format: .pem),
+            notBefore: issued.certificate.notValidBefore, notAfter: issued.certificate.notValidAfter
+        )
+    }
+
+    var snapshot: Current { current.withLock { $0 } }
+
+    /// The TLS configuration: TLS 1.2+, client certificates optional but verified against the CA's root when sent.
+    func tlsConfiguration() throws -> TLSConfiguration {
+        let now = snapshot
+        var configuration = TLSConfiguration.makeServerConfiguration(
+            certificateChain: now.chain.map { .certificate($0) }, privateKey: .privateKey(now.key)
+        )
+        configuration.minimumTLSVersion = .tlsv12
+        configuration.certificateVerification = .optionalVerification
+        configuration.trustRoots = .certificates([try NIOSSLCertificate(bytes: try authority.ca.root.derBytes, format: .der)])
+        configuration.sslContextCallback = { [self] _, promise in
+            let fresh = self.snapshot
+            var override = NIOSSLContextConfigurationOverride()
+            override.certificateChain = fresh.chain.map { .certificate($0) }
+            override.privateKey = .privateKey(fresh.key)
+            promise.succeed(override)
+        }
+        return configuration
+    }
+
+    /// Renews the certificate when two thirds of its lifetime have passed.
+    func renewIfDue(now: Date = .now, logger: Logger) async {
+        let snapshot = self.snapshot
+        let renewAt = snapshot.notBefore.addingTimeInterval(snapshot.notAfter.timeIntervalSince(snapshot.notBefore) * 2 / 3)
+        guard now >= renewAt else { return }
+        do {
+            let fresh = try await Self.issue(authority: authority, dns: names.dns, ips: names.ips, lifetime: lifetime)
+            current.withLock { $0 = fresh }
+            logger.info("server certificate renewed", metadata: ["not_after": "\(fresh.notAfter)"])
+        } catch {
+            logger.error("server certificate renewal failed; keeping the current one", metadata: ["error": "\(error)"])
+        }
+    }
+}
+
+/// Checks the server certificate once a minute and renews it when due.
+struct ServerCertificateRenewal: Service {
+    let credentials: ServerCredentials
+    let logger: Logger
+
+    func run() async throws {
+        while !Task.isShuttingDownGracefully && !Task.isCancelled {
+            do {
+                try await cancelWhenGracefulShutdown { try await Task.sleep(for: .seconds(60)) }
+            } catch {
+                return
+            }
+            await credentials.renewIfDue(logger: logger)
+        }
+    }
+}

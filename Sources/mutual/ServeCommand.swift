@@ -1,0 +1,178 @@
+import ArgumentParser
+import Foundation
+import Logging
+import MutualAuthority
+import MutualPKI
+import MutualServer
+import MutualStore
+
+struct ServeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Run the authority: HTTPS API for enrollment with tokens, renewal over mTLS, revocation, inventory.",
+        discussion: """
+            Listens on HTTPS with a server certificate issued from the CA's own intermediate (renewed at 2/3 of its
+            lifetime). Admin endpoints require the admin client certificate written by `mutual init` (admin/).
+            Stops gracefully on SIGTERM or SIGINT: in-flight requests finish. See docs/api.md.
+            """
+    )
+
+    @OptionGroup var stateOptions: StateOptions
+
+    @Option(help: "Address to listen on, HOST:PORT (port 0 picks a free port; the chosen one is printed).")
+    var listen: String = "127.0.0.1:9443"
+
+    @Option(help: "URL clients use to reach this authority; its host is put in the server certificate.")
+    var publicURL: String?
+
+    @Option(help: "Allow /v1/renew-expired for certificates expired at most this long ago (off by default).")
+    var renewExpiredGrace: ValidityDuration?
+
+    @Option(help: "Lifetime of the authority's own TLS certificate.")
+    var serverCertValidity: ValidityDuration = .hours(24)
+
+    @Option(help: "Log level: trace|debug|info|notice|warning|error|critical.")
+    var logLevel: String = "info"
+
+    func run() async throws {
+        let (host, port) = try await failing { try AuthorityServer.Configuration.parseListen(listen) }
+        var url: URL?
+        if let publicURL {
+            guard let parsed = URL(string: publicURL), parsed.scheme == "https", parsed.host != nil else {
+                throw CommandFailure("invalid --public-url '\(publicURL)': expected https://HOST[:PORT]", exitCode: 2)
+            }
+            url = parsed
+        }
+        var logger = Logger(label: "mutual.serve")
+        logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+        let authority = try await stateOptions.openAuthority()
+        let server = AuthorityServer(
+            authority: authority,
+            configuration: .init(host: host, port: port, publicURL: url, serverCertificateLifetime: serverCertValidity, renewExpiredGrace: renewExpiredGrace),
+            logger: logger
+        )
+        do {
+            try await server.run { port in
+                let line = "mutual serve: listening on https://\(host.contains(":") ? "[\(host)]" : host):\(port)\n  trust anchor: \(stateOptions.state.rootCertificatePath)\n"
+                FileHandle.standardOutput.write(Data(line.utf8))
+            }
+            try await authority.close()
+        } catch {
+            try? await authority.close()
+            throw CommandFailure("serve stopped: \(error)")
+        }
+    }
+}
+
+struct TokenCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "token", abstract: "Scoped access tokens for enrollment (POST /v1/sign).",
+        subcommands: [Create.self, List.self, Revoke.self]
+    )
+
+    struct Create: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Mint a token. It is shown once; only its hash is stored.",
+            discussion: "Scope patterns: 'spiffe://example.org/ns/prod/*' (anything below), '*.svc.example.org' (any subdomain), or exact names."
+        )
+        @OptionGroup var stateOptions: StateOptions
+        @Option(name: .customLong("scope"), help: "Names the token may request (repeatable).") var scopes: [String] = []
+        @Option(help: "Profile the token issues: \(CertificateProfile.leafChoices).") var profile: String = "workload"
+        @Option(help: "Longest certificate lifetime the token may request.") var maxValidity: ValidityDuration = .hours(24)
+        @Option(help: "How long the token itself can be used.") var ttl: ValidityDuration = .hours(1)
+        @Option(help: "How many certificates it may issue.") var uses: Int = 1
+        @Option(help: "Owner recorded on the token and on certificates issued with it.") var owner: String?
+        @Flag(help: "Print JSON (with id and token).") var json = false
+
+        func run() async throws {
+            let profile = try await failing { try CertificateProfile(leafName: self.profile) }
+            let authority = try await stateOptions.openAuthority()
+            do {
+                let issued = try await failing {
+                    try await TokenService(store: authority.store).create(
+                        scopes: scopes, profile: profile, maxValidity: maxValidity, ttl: ttl, uses: uses, owner: owner,
+                        actor: cliActor, caMaximum: authority.ca.policy.maximumValidity
+                    )
+                }
+                try await authority.close()
+                if json {
+                    try printJSON(TokenView(issued.record, token: issued.token))
+                } else {
+                    print(issued.token)
+                    FileHandle.standardError.write(Data("token \(issued.record.id): \(profile.rawValue), scopes \(issued.record.scopes.joined(separator: " ")), \(uses) use(s), expires \(issued.record.expiresAt). Shown once.\n".utf8))
+                }
+            } catch {
+                try? await authority.close()
+                throw error
+            }
+        }
+    }
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List tokens (never their secrets).")
+        @OptionGroup var stateOptions: StateOptions
+        @Flag(help: "Print JSON.") var json = false
+
+        func run() async throws {
+            let authority = try await stateOptions.openAuthority()
+            let tokens = try await failing { try await TokenService(store: authority.store).list() }
+            try await authority.close()
+            if json {
+                try printJSON(tokens.map { TokenView($0, token: nil) })
+                return
+            }
+            var rows = [["ID", "PROFILE", "USES", "EXPIRES", "STATUS", "SCOPES"]]
+            let now = Date.now
+            for t in tokens {
+                let status = t.revokedAt != nil ? "revoked" : t.expiresAt <= now ? "expired" : t.usesConsumed >= t.usesAllowed ? "used up" : "active"
+                rows.append([t.id, t.profile, "\(t.usesConsumed)/\(t.usesAllowed)", AuditTime.short(t.expiresAt), status, t.scopes.joined(separator: " ")])
+            }
+            printTable(rows)
+        }
+    }
+
+    struct Revoke: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Revoke a token so it can no longer be used.")
+        @OptionGroup var stateOptions: StateOptions
+        @Argument(help: "Token id (the 16 hex digits after mtk_).") var tokenID: String
+
+        func run() async throws {
+            let id = tokenID.hasPrefix("mtk_") ? String(tokenID.dropFirst(4).prefix(16)) : tokenID
+            let authority = try await stateOptions.openAuthority()
+            do {
+                try await failing { try await TokenService(store: authority.store).revoke(id: id, actor: cliActor) }
+                try await authority.close()
+                print("Revoked token \(id)")
+            } catch {
+                try? await authority.close()
+                throw error
+            }
+        }
+    }
+}
+
+struct TokenView: Encodable {
+    var id: String
+    var token: String?
+    var scopes: [String]
+    var profile: String
+    var max_validity: String
+    var expires_at: Date
+    var uses: Int64
+    var used: Int64
+    var owner: String?
+    var revoked_at: Date?
+
+    init(_ r: TokenRecord, token: String?) {
+        id = r.id
+        self.token = token
+        scopes = r.scopes
+        profile = r.profile
+        max_validity = ValidityDuration(seconds: r.maxValiditySeconds).description
+        expires_at = r.expiresAt
+        uses = r.usesAllowed
+        used = r.usesConsumed
+        owner = r.owner
+        revoked_at = r.revokedAt
+    }
+}

@@ -1,4 +1,7 @@
 import ArgumentParser
+import Hummingbird
+import Logging
+import MutualServer
 import Foundation
 import MutualAuthority
 import MutualPKI
@@ -6,7 +9,7 @@ import X509
 
 struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "bench", abstract: "Benchmarks of this machine's Mutual.", subcommands: [BenchIssue.self]
+        commandName: "bench", abstract: "Benchmarks of this machine's Mutual.", subcommands: [BenchIssue.self, BenchCAServer.self]
     )
 }
 
@@ -96,5 +99,46 @@ struct BenchIssue: AsyncParsableCommand {
         getrusage(RUSAGE_SELF.rawValue, &usage)
         return Double(usage.ru_utime.tv_sec) + Double(usage.ru_utime.tv_usec) / 1e6 + Double(usage.ru_stime.tv_sec)
             + Double(usage.ru_stime.tv_usec) / 1e6
+    }
+}
+
+/// A plain-HTTP signing endpoint for `../shared/bench/peers.sh` (`OUR_CA_MODE=raw`), so that the authority's
+/// issuance path can be measured with the same load generator, methodology and pinning as `cfssl serve`, which also
+/// speaks plain HTTP without authentication. Bench only: it runs a throwaway CA in a temporary directory, never
+/// the operator's, and it is not part of `mutual serve`.
+struct BenchCAServer: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ca-server",
+        abstract: "Bench only: a throwaway CA answering POST /sign (PEM CSR in, PEM certificate out) over plain HTTP."
+    )
+
+    @Option(help: "HOST:PORT to listen on.") var listen = "127.0.0.1:9888"
+
+    func run() async throws {
+        let (host, port) = try await failing { try AuthorityServer.Configuration.parseListen(listen) }
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("mutual-bench-ca-\(UUID().uuidString.prefix(8))").path
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let state = StateDirectory(path: dir)
+        _ = try await failing {
+            try await Authority.initialize(state: state, name: "Bench CA", keyType: .p256, constraints: .init(), passphrase: nil, actor: "bench")
+        }
+        let authority = try await failing { try await Authority.open(state: state) }
+        let router = Router()
+        router.post("/sign") { request, context -> Response in
+            let body = try await request.body.collect(upTo: PEMBundle.maximumInputSize)
+            do {
+                let issued = try await authority.sign(csr: Array(body.readableBytesView), profile: .client, validity: .hours(24), owner: "bench", requester: "bench")
+                return Response(status: .ok, headers: [.contentType: "application/x-pem-file"],
+                                body: .init(byteBuffer: ByteBuffer(string: try PEMBundle.pem([issued.certificate]))))
+            } catch {
+                return Response(status: .badRequest, body: .init(byteBuffer: ByteBuffer(string: "\(error)\n")))
+            }
+        }
+        var logger = Logger(label: "mutual.bench")
+        logger.logLevel = .warning
+        let app = Application(router: router, configuration: .init(address: .hostname(host, port: port)), logger: logger)
+        print("mutual bench ca-server: http://\(host):\(port)/sign (throwaway CA in \(dir))")
+        try await app.runService()
+        try await authority.close()
     }
 }

@@ -1,0 +1,121 @@
+import Foundation
+import Logging
+import MutualAuthority
+import MutualClient
+import MutualPKI
+import MutualServer
+import MutualStore
+import TestSupport
+import X509
+
+/// A real authority on 127.0.0.1 (port chosen at run time) over a real state directory, stopped by cancellation.
+final class ServerHarness: @unchecked Sendable {
+    // @unchecked: `task` is written once in `start` before any other access and read in `stop`, both from the
+    // test's own task.
+    let dir: String
+    let state: StateDirectory
+    let authority: Authority
+    var port = 0
+    var task: Task<Void, any Error>?
+
+    var baseURL: String { "https://127.0.0.1:\(port)" }
+
+    static func start(renewExpiredGrace: ValidityDuration? = nil, idleTimeout: Duration = .seconds(30)) async throws -> ServerHarness {
+        let dir = TestPKI.temporaryDirectory("server")
+        let state = StateDirectory(path: dir + "/state")
+        _ = try await Authority.initialize(state: state, name: "Server Test", keyType: .p256, constraints: .init(), passphrase: nil, actor: "test")
+        let authority = try await Authority.open(state: state)
+        let harness = ServerHarness(dir: dir, state: state, authority: authority)
+        var logger = Logger(label: "test.server")
+        logger.logLevel = .critical
+        let server = AuthorityServer(
+            authority: authority,
+            configuration: .init(host: "127.0.0.1", port: 0, renewExpiredGrace: renewExpiredGrace, idleTimeout: idleTimeout),
+            logger: logger
+        )
+        let (stream, continuation) = AsyncStream<Int>.makeStream()
+        harness.task = Task {
+            try await server.run { port in continuation.yield(port) }
+        }
+        for await port in stream {
+            harness.port = port
+            break
+        }
+        return harness
+    }
+
+    private init(dir: String, state: StateDirectory, authority: Authority) {
+        self.dir = dir
+        self.state = state
+        self.authority = authority
+    }
+
+    func stop() async {
+        task?.cancel()
+        _ = try? await task?.value
+        try? await authority.close()
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+
+    var root: Certificate { authority.ca.root }
+
+    func client(identity: (chain: [Certificate], key: Certificate.PrivateKey)? = nil) throws -> AuthorityClient {
+        try AuthorityClient(baseURL: baseURL, trustRoots: [root], identity: identity)
+    }
+
+    func adminIdentity() throws -> (chain: [Certificate], key: Certificate.PrivateKey) {
+        let chain = try PEMBundle.certificates(fromPEM: String(contentsOfFile: state.adminDirectory + "/chain.pem", encoding: .utf8))
+        let key = try KeyFile.load(pem: String(contentsOfFile: state.adminDirectory + "/key.pem", encoding: .utf8), passphrase: { nil })
+        return (chain, key)
+    }
+
+    func token(scopes: [String], profile: CertificateProfile = .workload, uses: Int = 1, ttl: ValidityDuration = .hours(1),
+               maxValidity: ValidityDuration = .hours(24)) async throws -> IssuedToken {
+        try await TokenService(store: authority.store).create(
+            scopes: scopes, profile: profile, maxValidity: maxValidity, ttl: ttl, uses: uses, owner: "test", actor: "test",
+            caMaximum: authority.ca.policy.maximumValidity
+        )
+    }
+
+    static func csr(_ key: Certificate.PrivateKey, uri: String? = nil, dns: [String] = [], cn: String? = nil) throws -> String {
+        var sans: [GeneralName] = dns.map { .dnsName($0) }
+        if let uri { sans.append(.uniformResourceIdentifier(uri)) }
+        return try TestPKI.csr(key: key, commonName: cn, sans: sans).serializeAsPEM().pemString
+    }
+
+    /// Runs curl against the server and returns (HTTP status, body).
+    func curl(_ path: String, method: String = "GET", body: String? = nil, contentType: String? = "application/json",
+              headers: [String] = [], clientCert: (cert: String, key: String)? = nil, maxTime: Int = 20) throws -> (Int, String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+        var args = ["-s", "-S", "--max-time", String(maxTime), "--cacert", state.rootCertificatePath, "-X", method, "-w", "\n%{http_code}"]
+        if let contentType { args += ["-H", "Content-Type: \(contentType)"] }
+        for header in headers { args += ["-H", header] }
+        if let clientCert { args += ["--cert", clientCert.cert, "--key", clientCert.key] }
+        if let body {
+            let file = dir + "/body-\(UUID().uuidString)"
+            try body.write(toFile: file, atomically: true, encoding: .utf8)
+            args += ["--data-binary", "@" + file]
+        }
+        args.append(baseURL + path)
+        process.arguments = args
+        let out = Pipe()
+        process.standardOutput = out
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        let text = String(decoding: data, as: UTF8.self)
+        let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+        let status = Int(lines.last ?? "") ?? 0
+        return (status, lines.dropLast().joined(separator: "\n"))
+    }
+
+    static func json(_ text: String) -> [String: Any] {
+        (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any] ?? [:]
+    }
+
+    static func encode(_ object: [String: String]) -> String {
+        String(decoding: (try? JSONSerialization.data(withJSONObject: object)) ?? Data(), as: UTF8.self)
+    }
+}

@@ -112,6 +112,9 @@ check "mutual verify accepts another certificate with that CRL" "$MUTUAL" verify
 
 check "audit chain intact after all of the above" "$MUTUAL" audit verify --state-dir "$S"
 
+# The OpenAPI description of the authority API is valid OpenAPI 3.1.
+check "docs/openapi.yaml is valid OpenAPI 3.1" "$VENV/bin/openapi-spec-validator" "$(dirname "$0")/../docs/openapi.yaml"
+
 # x509-limbo
 LIMBO="$SHARED/conformance/limbo"
 if VERIFY_CMD="$MUTUAL verify" FAIL_ON_MISMATCH=1 EXCEPTIONS="$(dirname "$0")/../conformance/limbo-exceptions.json" \

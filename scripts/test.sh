@@ -18,11 +18,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
-if [ ! -x "$VENV/bin/lint_pkix_cert" ]; then
-  log "installing pkilint into $VENV (pip)"
+if [ ! -x "$VENV/bin/lint_pkix_cert" ] || [ ! -x "$VENV/bin/openapi-spec-validator" ]; then
+  log "installing pkilint and openapi-spec-validator into $VENV (pip)"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check pkilint cryptography
+  "$VENV/bin/pip" install -q --disable-pip-version-check pkilint cryptography openapi-spec-validator
 fi
+command -v curl >/dev/null 2>&1 || { export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
 
 # ---- build and unit/integration tests (Swift Testing)
 log "swift build"

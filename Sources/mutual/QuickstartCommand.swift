@@ -1,13 +1,16 @@
 import ArgumentParser
 import Foundation
+import Logging
 import MutualAuthority
+import MutualClient
 import MutualPKI
+import MutualServer
 import X509
 
 struct QuickstartCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "quickstart",
-        abstract: "A tour in one command: a throwaway CA, a server and a client certificate, verified both ways."
+        abstract: "A tour in one command: a throwaway authority on 127.0.0.1, a token, enrollment over the API, renewal over mTLS, revocation, inventory and audit."
     )
 
     @Flag(help: "Keep the temporary directory instead of deleting it.")
@@ -18,73 +21,93 @@ struct QuickstartCommand: AsyncParsableCommand {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("mutual-quickstart-\(UUID().uuidString.prefix(8))").path
         defer { if !keep { try? FileManager.default.removeItem(atPath: dir) } }
         let state = StateDirectory(path: dir + "/ca")
-        print("1. Creating a throwaway CA in \(state.path)")
+        func step(_ text: String) { print(String(format: "[%4.1fs] ", Date.now.timeIntervalSince(started)) + text) }
+
+        step("Creating a throwaway CA in \(state.path) (SQLite inventory, P-256)")
         let initResult = try await failing {
-            try await Authority.initialize(
-                state: state, name: "Quickstart CA", keyType: .p256, constraints: .init(), passphrase: nil, actor: "quickstart"
-            )
+            try await Authority.initialize(state: state, name: "Quickstart CA", keyType: .p256, constraints: .init(), passphrase: nil, actor: "quickstart")
         }
-        print("   root SHA-256 \(initResult.rootFingerprint)")
+        print("       root SHA-256 \(initResult.rootFingerprint)")
         let authority = try await failing { try await Authority.open(state: state) }
+        var logger = Logger(label: "mutual.quickstart")
+        logger.logLevel = .critical
+        let server = AuthorityServer(authority: authority, configuration: .init(host: "127.0.0.1", port: 0), logger: logger)
+        let (ports, portContinuation) = AsyncStream<Int>.makeStream()
+        let serverTask = Task { try await server.run { portContinuation.yield($0) } }
+        var port = 0
+        for await p in ports { port = p; break }
+        let url = "https://127.0.0.1:\(port)"
         do {
-            print("2. Issuing a server certificate for localhost / 127.0.0.1 and a client certificate for spiffe://quickstart.test/ns/demo/sa/client")
-            let serverKey = try KeyType.p256.generate()
-            let server = try await failing {
-                try await authority.issue(
-                    IssuanceRequest(profile: .server, publicKey: serverKey.publicKey, dnsNames: ["localhost"], ipAddresses: ["127.0.0.1"]),
-                    owner: "quickstart", requester: "quickstart"
+            step("Authority listening on \(url) (its own server certificate, issued from the intermediate)")
+
+            let token = try await failing {
+                try await TokenService(store: authority.store).create(
+                    scopes: ["spiffe://quickstart.test/ns/demo/*"], profile: .workload, maxValidity: .hours(24), ttl: .minutes(10),
+                    uses: 1, owner: "quickstart", actor: "quickstart", caMaximum: authority.ca.policy.maximumValidity
                 )
             }
-            let clientKey = try KeyType.p256.generate()
-            let client = try await failing {
-                try await authority.issue(
-                    IssuanceRequest(profile: .workload, publicKey: clientKey.publicKey, uris: ["spiffe://quickstart.test/ns/demo/sa/client"]),
-                    owner: "quickstart", requester: "quickstart"
-                )
-            }
-            for (name, issued, key) in [("server", server, serverKey), ("client", client, clientKey)] {
-                try FileManager.default.createDirectory(atPath: "\(dir)/\(name)", withIntermediateDirectories: true)
-                try AtomicFile.write(KeyFile.pem(for: key, passphrase: nil), to: "\(dir)/\(name)/key.pem", mode: 0o600)
-                try AtomicFile.write(PEMBundle.pem(issued.chain), to: "\(dir)/\(name)/chain.pem")
-                print("   \(name): serial \(issued.record.serial), identity \(issued.record.identity), until \(issued.record.notAfter)")
-            }
+            step("Minted a 1-use token for spiffe://quickstart.test/ns/demo/* (only its hash is stored)")
 
-            print("3. Verifying both ways against the root, as a TLS client and a TLS server would")
-            let checks: [(String, Certificate, ExtendedKeyUsage.Usage, ChainVerifier.PeerName?, Bool)] = [
-                ("server as serverAuth for localhost", server.certificate, .serverAuth, .dns("localhost"), true),
-                ("client as clientAuth", client.certificate, .clientAuth, nil, true),
-                ("client cert used as a server for localhost (must fail)", client.certificate, .serverAuth, .dns("localhost"), false),
-                ("server cert used as a client (must fail)", server.certificate, .clientAuth, nil, false),
-            ]
-            for (label, leaf, eku, peer, expected) in checks {
-                let outcome = await ChainVerifier(
-                    options: .init(roots: [authority.ca.root], intermediates: [authority.ca.certificate], validationTime: .now, requiredEKU: eku, peerName: peer)
-                ).verify(leaf)
-                let accepted: Bool
-                let detail: String
-                switch outcome {
-                case .accepted: accepted = true; detail = "accepted"
-                case .rejected(let reason): accepted = false; detail = "rejected: \(reason)"
-                }
-                print("   \(accepted == expected ? "✓" : "✗") \(label): \(detail)")
-                if accepted != expected { throw CommandFailure("quickstart check failed: \(label)") }
+            let key = try KeyType.p256.generate()
+            let identity = "spiffe://quickstart.test/ns/demo/sa/api"
+            let csr = try CertificateSigningRequest(
+                version: .v1, subject: DistinguishedName(), privateKey: key,
+                attributes: try .init([.init(ExtensionRequest(extensions: try Certificate.Extensions { SubjectAlternativeNames([.uniformResourceIdentifier(identity)]) }))]),
+                signatureAlgorithm: .ecdsaWithSHA256
+            )
+            let anonymous = try AuthorityClient(baseURL: url, trustRoots: [authority.ca.root])
+            let enrolled = try await anonymous.sign(csrPEM: try csr.serializeAsPEM().pemString, token: token.token)
+            step("Enrolled \(identity) over POST /v1/sign: serial \(enrolled.serial), until \(enrolled.notAfter)")
+            do {
+                _ = try await anonymous.sign(csrPEM: try csr.serializeAsPEM().pemString, token: token.token)
+                throw CommandFailure("quickstart: a used-up token was accepted")
+            } catch let error as AuthorityClientError {
+                step("Second use of the token refused: \(error.status) \(error.detail)")
             }
+            try await anonymous.shutdown()
 
-            print("4. Revoking the client certificate and checking the audit trail")
-            _ = try await failing { try await authority.revoke(serial: client.record.serial, reason: .superseded, actor: "quickstart") }
-            let records = try await authority.store.certificates(.init(now: .now))
-            for r in records {
-                print("   \(r.serial)  \(r.profile.padding(toLength: 12, withPad: " ", startingAt: 0)) \(r.effectiveStatus(at: .now).padding(toLength: 8, withPad: " ", startingAt: 0)) \(r.identity)")
+            let mtls = try AuthorityClient(baseURL: url, trustRoots: [authority.ca.root], identity: (enrolled.chain, key))
+            let newKey = try KeyType.p256.generate()
+            let renewCSR = try CertificateSigningRequest(version: .v1, subject: DistinguishedName(), privateKey: newKey, attributes: .init(), signatureAlgorithm: .ecdsaWithSHA256)
+            let renewed = try await mtls.renew(csrPEM: try renewCSR.serializeAsPEM().pemString)
+            step("Renewed over mTLS with a new key: serial \(renewed.serial), same identity, until \(renewed.notAfter)")
+
+            let verdict = await ChainVerifier(options: .init(
+                roots: [authority.ca.root], intermediates: [authority.ca.certificate], validationTime: .now, requiredEKU: .clientAuth
+            )).verify(renewed.certificate)
+            if case .rejected(let reason) = verdict { throw CommandFailure("quickstart: renewed certificate rejected: \(reason)") }
+            step("The renewed certificate verifies as a TLS client (chain, EKU clientAuth)")
+
+            try await mtls.revoke(serial: enrolled.serial, reason: "superseded")
+            do {
+                _ = try await mtls.renew(csrPEM: try renewCSR.serializeAsPEM().pemString)
+                throw CommandFailure("quickstart: a revoked certificate renewed")
+            } catch let error as AuthorityClientError {
+                step("Revoked the old certificate; it can no longer renew: \(error.status) \(error.detail)")
+            }
+            try await mtls.shutdown()
+
+            print("\nInventory:")
+            for r in try await authority.store.certificates(.init(now: .now)) {
+                print("  \(r.serial)  \(r.profile.padding(toLength: 12, withPad: " ", startingAt: 0)) \(r.effectiveStatus(at: .now).padding(toLength: 8, withPad: " ", startingAt: 0)) \(r.identity)  (by \(r.requester))")
+            }
+            print("\nAudit trail:")
+            for e in try await authority.store.auditEvents() {
+                print("  #\(e.sequence) \(e.action.padding(toLength: 12, withPad: " ", startingAt: 0)) \(e.actor.padding(toLength: 40, withPad: " ", startingAt: 0)) \(e.subject)")
             }
             switch try await authority.store.verifyAudit() {
-            case .intact(let count, _): print("   audit trail intact: \(count) events")
+            case .intact(let count, _): print("  audit trail intact: \(count) events, hash chain verified")
             case .broken(let sequence, let reason): throw CommandFailure("audit trail broken at #\(sequence): \(reason)")
             }
-            try await authority.close()
         } catch {
+            serverTask.cancel()
+            _ = try? await serverTask.value
             try? await authority.close()
             throw error
         }
-        print(String(format: "Done in %.1f s.%@", Date.now.timeIntervalSince(started), keep ? " Files kept in \(dir)" : ""))
+        serverTask.cancel()
+        _ = try? await serverTask.value
+        try await authority.close()
+        print(String(format: "\nDone in %.1f s.%@", Date.now.timeIntervalSince(started), keep ? " Files kept in \(dir)" : ""))
     }
 }

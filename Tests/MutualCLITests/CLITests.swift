@@ -193,13 +193,89 @@ struct CLITests {
         #expect(result.stderr.contains("event #2"))
     }
 
-    @Test("quickstart runs the tour and cleans up")
+    @Test("quickstart runs the tour over the API and cleans up")
     func quickstart() throws {
         let cli = CLI()
         defer { cli.cleanup() }
+        let started = Date.now
         let result = try cli.run(["quickstart"])
         #expect(result.status == 0, "\(result.output)")
+        #expect(result.stdout.contains("Enrolled spiffe://quickstart.test/ns/demo/sa/api over POST /v1/sign"))
+        #expect(result.stdout.contains("Renewed over mTLS"))
+        #expect(result.stdout.contains("can no longer renew: 403"))
         #expect(result.stdout.contains("audit trail intact"))
-        #expect(!result.stdout.contains("✗"))
+        #expect(Date.now.timeIntervalSince(started) < 30)
+    }
+
+    @Test("serve: token create --json, enrollment with curl, graceful stop on SIGTERM")
+    func serveAndStop() throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        #expect(try cli.run(["init"]).status == 0)
+        let tokenResult = try cli.run(["token", "create", "--scope", "*.svc.example.org", "--profile", "server", "--uses", "2", "--json"])
+        #expect(tokenResult.status == 0, "\(tokenResult.output)")
+        let tokenJSON = try JSONSerialization.jsonObject(with: Data(tokenResult.stdout.utf8)) as? [String: Any]
+        let token = try #require(tokenJSON?["token"] as? String)
+        #expect(tokenJSON?["id"] as? String != nil)
+        let list = try cli.run(["token", "list"])
+        #expect(list.stdout.contains("0/2"))
+        #expect(!list.stdout.contains(token), "secrets are never listed")
+        for bad in [["token", "create"], ["token", "create", "--scope", "a*b"], ["token", "create", "--scope", "x", "--uses", "0"],
+                    ["token", "create", "--scope", "x", "--max-validity", "400d"], ["token", "revoke", "0000000000000000"]] {
+            let result = try cli.run(bad)
+            #expect(result.status != 0, "\(bad)")
+            #expect(!result.stderr.isEmpty)
+        }
+
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: CLI.binary)
+        process.arguments = ["serve", "--listen", "127.0.0.1:0"]
+        process.environment = ["HOME": cli.home, "MUTUAL_STATE_DIR": cli.home + "/state", "PATH": "/usr/bin:/bin"]
+        let out = Pipe()
+        process.standardOutput = out
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        defer { if process.isRunning { process.terminate() } }
+        var port = 0
+        var buffer = ""
+        let deadline = Date.now.addingTimeInterval(20)
+        while port == 0 && Date.now < deadline {
+            let chunk = out.fileHandleForReading.availableData
+            if chunk.isEmpty { break }
+            buffer += String(decoding: chunk, as: UTF8.self)
+            if let range = buffer.range(of: #"127\.0\.0\.1:(\d+)"#, options: .regularExpression) {
+                port = Int(buffer[range].split(separator: ":").last ?? "") ?? 0
+            }
+        }
+        #expect(port > 0, "serve did not report its port: \(buffer)")
+
+        let csrKey = cli.home + "/k.pem"
+        let csr = cli.home + "/r.csr"
+        let openssl = Process()
+        openssl.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+        openssl.arguments = ["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", csrKey,
+                             "-subj", "/CN=api.svc.example.org", "-addext", "subjectAltName=DNS:api.svc.example.org", "-out", csr]
+        openssl.standardError = FileHandle.nullDevice
+        try openssl.run()
+        openssl.waitUntilExit()
+        let body = try JSONSerialization.data(withJSONObject: ["csr": try String(contentsOfFile: csr, encoding: .utf8)])
+        try body.write(to: URL(fileURLWithPath: cli.home + "/body.json"))
+        let curl = Process()
+        curl.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
+        curl.arguments = ["-s", "--max-time", "10", "--cacert", cli.home + "/state/ca/root.pem", "-H", "Authorization: Bearer \(token)",
+                          "-H", "Content-Type: application/json", "--data-binary", "@" + cli.home + "/body.json", "https://127.0.0.1:\(port)/v1/sign"]
+        let curlOut = Pipe()
+        curl.standardOutput = curlOut
+        try curl.run()
+        let response = curlOut.fileHandleForReading.readDataToEndOfFile()
+        curl.waitUntilExit()
+        let issued = try JSONSerialization.jsonObject(with: response) as? [String: Any]
+        #expect((issued?["certificate"] as? String)?.contains("BEGIN CERTIFICATE") == true, "\(String(decoding: response, as: UTF8.self))")
+
+        process.terminate()  // SIGTERM
+        let stopDeadline = Date.now.addingTimeInterval(10)
+        while process.isRunning && Date.now < stopDeadline { Thread.sleep(forTimeInterval: 0.05) }
+        #expect(!process.isRunning, "serve did not stop within 10 s of SIGTERM")
+        #expect(process.terminationStatus == 0, "graceful stop exits 0")
     }
 }

@@ -34,7 +34,7 @@ extension Authority {
             throw error
         }
         let certificate = try ca.issue(request, now: now)
-        let record = try Self.makeRecord(certificate, profile: profile, owner: token.owner, requester: actor)
+        let record = try Self.makeRecord(certificate, profile: profile, owner: token.owner, requester: actor, issuerDescription: issuerDescription)
         var details = ["profile": profile.rawValue, "serial": record.serial, "identity": record.identity, "token": token.id]
         if !request.droppedRequests.isEmpty { details["dropped"] = request.droppedRequests.joined(separator: "; ") }
         do {
@@ -123,7 +123,7 @@ extension Authority {
             ipAddresses: ips, uris: uris, validity: min(validity, ca.policy.maximumValidity)
         )
         let issued = try ca.issue(request, now: now)
-        let newRecord = try Self.makeRecord(issued, profile: profile, owner: record.owner, requester: actor)
+        let newRecord = try Self.makeRecord(issued, profile: profile, owner: record.owner, requester: actor, issuerDescription: issuerDescription)
         try await store.recordIssuance(
             newRecord,
             audit: AuditEntry(

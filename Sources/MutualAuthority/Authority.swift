@@ -16,8 +16,11 @@ public final class Authority: Sendable {
     public let ca: IssuingCA
     public let store: Store
     let logger: Logger
+    /// The issuing CA's subject as stored in every record it issues (computed once).
+    let issuerDescription: String
 
     init(state: StateDirectory, configuration: AuthorityConfiguration, ca: IssuingCA, store: Store, logger: Logger) {
+        self.issuerDescription = ca.certificate.subject.description
         self.state = state
         self.configuration = configuration
         self.ca = ca
@@ -203,7 +206,10 @@ public final class Authority: Sendable {
         _ certificate: Certificate, profile: CertificateProfile, owner: String?, requester: String, now: Date,
         details: [String: String] = [:]
     ) async throws -> CertificateRecord {
-        let record = try Self.makeRecord(certificate, profile: profile, owner: owner, requester: requester)
+        let record = try Self.makeRecord(
+            certificate, profile: profile, owner: owner, requester: requester,
+            issuerDescription: certificate.issuer == ca.certificate.subject ? issuerDescription : nil
+        )
         var details = details
         details["serial"] = record.serial
         details["identity"] = record.identity
@@ -214,8 +220,8 @@ public final class Authority: Sendable {
         return record
     }
 
-    static func makeRecord(_ certificate: Certificate, profile: CertificateProfile, owner: String?, requester: String) throws
-        -> CertificateRecord
+    static func makeRecord(_ certificate: Certificate, profile: CertificateProfile, owner: String?, requester: String,
+                           issuerDescription: String? = nil) throws -> CertificateRecord
     {
         let der = try certificate.derBytes
         let fingerprint = SHA256.hash(data: der).hexString
@@ -237,7 +243,8 @@ public final class Authority: Sendable {
         let commonName = certificate.subject.commonName
         let identity = spiffe ?? sans.first.map { String($0.drop(while: { $0 != ":" }).dropFirst()) } ?? commonName ?? certificate.serialHex
         return CertificateRecord(
-            serial: certificate.serialHex, issuer: certificate.issuer.description, subject: certificate.subject.description,
+            serial: certificate.serialHex, issuer: issuerDescription ?? certificate.issuer.description,
+            subject: certificate.subject.isEmpty ? "" : certificate.subject.description,
             subjectAlternativeNames: sans, identity: identity, profile: profile.rawValue, owner: owner, requester: requester,
             notBefore: certificate.notValidBefore, notAfter: certificate.notValidAfter, fingerprint: fingerprint,
             der: der

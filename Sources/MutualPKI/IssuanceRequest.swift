@@ -108,19 +108,13 @@ public enum CSRDecoder {
         }
         guard !bytes.isEmpty else { throw PKIError(.malformedInput, "CSR is empty") }
         let csr: CertificateSigningRequest
-        if let text = String(validating: bytes, as: UTF8.self), text.contains("-----BEGIN") {
-            let document: PEMDocument
-            do {
-                document = try PEMDocument(pemString: text)
-            } catch {
-                throw PKIError(.malformedInput, "CSR is not valid PEM (\(error))")
-            }
-            guard document.discriminator == "CERTIFICATE REQUEST" || document.discriminator == "NEW CERTIFICATE REQUEST"
-            else {
-                throw PKIError(.malformedInput, "expected a PEM CERTIFICATE REQUEST block, found \(document.discriminator)")
+        let looksLikePEM = PEMCodec.find(Array("-----BEGIN".utf8), in: bytes, from: 0) != nil
+        if looksLikePEM {
+            guard let der = PEMCodec.decode(bytes, label: "CERTIFICATE REQUEST") ?? PEMCodec.decode(bytes, label: "NEW CERTIFICATE REQUEST") else {
+                throw PKIError(.malformedInput, "expected one PEM CERTIFICATE REQUEST block with valid base64")
             }
             do {
-                csr = try CertificateSigningRequest(derEncoded: document.derBytes)
+                csr = try CertificateSigningRequest(derEncoded: der)
             } catch {
                 throw PKIError(.malformedInput, "CSR is not a valid PKCS#10 request (\(error))")
             }

@@ -44,7 +44,7 @@ public enum PEMBundle {
 
     /// Serializes certificates as concatenated PEM blocks.
     public static func pem(_ certificates: [Certificate]) throws -> String {
-        try certificates.map { try $0.serializeAsPEM().pemString + "\n" }.joined()
+        try certificates.map { PEMCodec.encode(try $0.derBytes, label: "CERTIFICATE") }.joined()
     }
 
     /// DER bytes of a certificate.

@@ -97,8 +97,10 @@ struct AuthorityRoutes: Sendable {
     }
 
     func issuedResponse(_ issued: Authority.IssuedCertificate) throws -> Response {
-        try json(IssuedResponse(
-            certificate: try PEMBundle.pem([issued.certificate]), chain: try PEMBundle.pem(issued.chain),
+        // The inventory record already holds the leaf's DER: encode it once, not again from the parsed certificate.
+        let leaf = PEMCodec.encode(issued.record.der, label: "CERTIFICATE")
+        return try json(IssuedResponse(
+            certificate: leaf, chain: leaf + (try PEMBundle.pem(Array(issued.chain.dropFirst()))),
             serial: issued.record.serial, not_after: AuditChain.format(issued.record.notAfter), identity: issued.record.identity
         ))
     }

@@ -9,6 +9,13 @@ import Glibc
 /// measurable share of durable issuance (see BENCHMARKS.md). Output is canonical: sorted keys, RFC 8259 escaping.
 enum JSONText {
     static func string(_ value: String, into out: inout String) {
+        // Fast path: nothing to escape (the common case for names, serials and dates).
+        if !value.utf8.contains(where: { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C }) {
+            out.append("\"")
+            out.append(value)
+            out.append("\"")
+            return
+        }
         out.append("\"")
         for scalar in value.unicodeScalars {
             switch scalar {

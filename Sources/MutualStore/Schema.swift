@@ -30,7 +30,7 @@ enum Schema {
                         requester TEXT NOT NULL,
                         not_before \(t.bigint) NOT NULL,
                         not_after \(t.bigint) NOT NULL,
-                        fingerprint TEXT NOT NULL UNIQUE,
+                        fingerprint TEXT NOT NULL,
                         der \(t.blob) NOT NULL,
                         status TEXT NOT NULL,
                         revoked_at \(t.bigint),

@@ -43,6 +43,8 @@ public final class Store: Sendable {
             try await db.raw("PRAGMA synchronous=FULL").run()
             try await db.raw("PRAGMA busy_timeout=10000").run()
             try await db.raw("PRAGMA foreign_keys=ON").run()
+            // Checkpoint the WAL every ~16 MiB instead of every 4 MiB: hot index pages are copied back less often.
+            try await db.raw("PRAGMA wal_autocheckpoint=4000").run()
             try await Schema.migrate(db, types: .sqlite, begin: "BEGIN IMMEDIATE")
             reader = try await SQLiteConnection.open(storage: .file(path: path), logger: logger)
             try await reader.sql().raw("PRAGMA busy_timeout=10000").run()

@@ -129,7 +129,7 @@ struct BenchCAServer: AsyncParsableCommand {
             do {
                 let issued = try await authority.sign(csr: Array(body.readableBytesView), profile: .client, validity: .hours(24), owner: "bench", requester: "bench")
                 return Response(status: .ok, headers: [.contentType: "application/x-pem-file"],
-                                body: .init(byteBuffer: ByteBuffer(string: try PEMBundle.pem([issued.certificate]))))
+                                body: .init(byteBuffer: ByteBuffer(string: PEMCodec.encode(issued.record.der, label: "CERTIFICATE"))))
             } catch {
                 return Response(status: .badRequest, body: .init(byteBuffer: ByteBuffer(string: "\(error)\n")))
             }

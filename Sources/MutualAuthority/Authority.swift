@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import MutualPKI
 import MutualStore
+import Synchronization
 import SwiftASN1
 import X509
 
@@ -13,7 +14,9 @@ import X509
 public final class Authority: Sendable {
     public let state: StateDirectory
     public let configuration: AuthorityConfiguration
-    public let ca: IssuingCA
+    private let caBox: Mutex<IssuingCA>
+    /// The issuing CA with its current policy (CRL/OCSP URLs can change while serving).
+    public var ca: IssuingCA { caBox.withLock { $0 } }
     public let store: Store
     let logger: Logger
     /// The issuing CA's subject as stored in every record it issues (computed once).
@@ -23,7 +26,7 @@ public final class Authority: Sendable {
         self.issuerDescription = ca.certificate.subject.description
         self.state = state
         self.configuration = configuration
-        self.ca = ca
+        self.caBox = Mutex(ca)
         self.store = store
         self.logger = logger
     }
@@ -160,8 +163,34 @@ public final class Authority: Sendable {
             throw AuthorityError(.corruptState, "the CA files in \(state.caDirectory) are unusable: \(error.reason)")
         }
         let store = try await Store.openSQLite(path: state.databasePath, logger: logger)
-        return Authority(state: state, configuration: configuration, ca: ca, store: store, logger: logger)
+        var configured = ca
+        // Where relying parties fetch the CRL and ask OCSP: set by `mutual serve --http-public-url`, used by every
+        // process that issues from this state directory.
+        if let url = try? await store.metadata(Self.httpPublicURLKey) {
+            configured.policy.crlURL = url + "/crl"
+            configured.policy.ocspURL = url + "/ocsp"
+        }
+        return Authority(state: state, configuration: configuration, ca: configured, store: store, logger: logger)
     }
+
+    /// Sets the plain-HTTP base URL placed in certificates issued from now on (CRL distribution point `URL/crl`, OCSP
+    /// `URL/ocsp`), here and, through the database, in every other process using this state directory.
+    public func setHTTPPublicURL(_ url: String, actor: String, now: Date = .now) async throws {
+        let trimmed = url.hasSuffix("/") ? String(url.dropLast()) : url
+        if try await store.metadata(Self.httpPublicURLKey) != trimmed {
+            try await store.setMetadata(
+                [Self.httpPublicURLKey: trimmed],
+                audit: AuditEntry(time: now, actor: actor, action: "configure", subject: Self.httpPublicURLKey, details: ["value": trimmed])
+            )
+        }
+        caBox.withLock {
+            $0.policy.crlURL = trimmed + "/crl"
+            $0.policy.ocspURL = trimmed + "/ocsp"
+        }
+    }
+
+    /// Metadata key holding the plain-HTTP base URL placed in certificates (CRL distribution point, OCSP in AIA).
+    public static let httpPublicURLKey = "http_public_url"
 
     public func close() async throws {
         try await store.close()

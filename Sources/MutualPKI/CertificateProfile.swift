@@ -10,6 +10,8 @@ public enum CertificateProfile: String, CaseIterable, Sendable, Codable {
     case workload
     /// The operator's client certificate for the authority's admin endpoints (clientAuth).
     case admin
+    /// The authority's delegated OCSP responder: EKU OCSPSigning, id-pkix-ocsp-nocheck, short-lived, rotated.
+    case ocspSigner
     /// The issuing intermediate made by `init`: CA, path length 0, optional name constraints.
     case intermediate
     /// The self-signed root made by `init`.
@@ -35,6 +37,7 @@ public enum CertificateProfile: String, CaseIterable, Sendable, Codable {
         case .workload: return .hours(24)
         case .client, .server: return .days(30)
         case .admin: return .days(365)
+        case .ocspSigner: return .days(7)
         case .intermediate: return .days(5 * 365)
         case .root: return .days(10 * 365)
         }
@@ -48,6 +51,7 @@ public enum CertificateProfile: String, CaseIterable, Sendable, Codable {
         case .client, .admin: return [.clientAuth]
         case .server: return [.serverAuth]
         case .workload: return [.serverAuth, .clientAuth]
+        case .ocspSigner: return [.ocspSigning]
         case .intermediate, .root: return []
         }
     }

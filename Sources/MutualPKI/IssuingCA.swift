@@ -68,7 +68,7 @@ public struct IssuingCA: Sendable {
 
     /// Checks a request and decides the certificate's contents, without signing.
     public func approve(_ request: IssuanceRequest, now: Date) throws -> ApprovedRequest {
-        guard CertificateProfile.leafProfiles.contains(request.profile) || request.profile == .admin else {
+        guard CertificateProfile.leafProfiles.contains(request.profile) || request.profile == .admin || request.profile == .ocspSigner else {
             throw PKIError(.profileViolation, "profile '\(request.profile.rawValue)' cannot be requested from an issuing CA")
         }
         guard request.publicKey.isAcceptableSubjectKey else {
@@ -142,7 +142,11 @@ public struct IssuingCA: Sendable {
                 )
             )
         }
-        if let ocsp = policy.ocspURL {
+        if approved.profile == .ocspSigner {
+            // id-pkix-ocsp-nocheck (RFC 6960 4.2.2.2.1): relying parties need not check the responder's own status.
+            try extensions.append(Certificate.Extension(oid: OCSP.noCheckOID, critical: false, value: [0x05, 0x00]))
+        }
+        if let ocsp = policy.ocspURL, approved.profile != .ocspSigner {
             try extensions.append(
                 .init(
                     AuthorityInformationAccess([.init(method: .ocspServer, location: .uniformResourceIdentifier(ocsp))]),
@@ -150,7 +154,7 @@ public struct IssuingCA: Sendable {
                 )
             )
         }
-        if let crl = policy.crlURL {
+        if let crl = policy.crlURL, approved.profile != .ocspSigner {
             try extensions.append(CRLDistributionPoints(url: crl).makeExtension())
         }
         return extensions
@@ -212,6 +216,10 @@ public struct IssuingCA: Sendable {
                     .profileViolation,
                     "profile workload needs exactly one URI SAN and it must be a spiffe:// ID (got \(names.uris.count) URI SAN(s)\(names.uris.isEmpty ? "" : ": " + names.uris.joined(separator: ", ")))"
                 )
+            }
+        case .ocspSigner:
+            guard hasCommonName, names.dns.isEmpty, names.ips.isEmpty, names.uris.isEmpty else {
+                throw PKIError(.profileViolation, "profile ocspSigner needs a common name and no SANs")
             }
         case .client, .admin:
             guard hasCommonName || !names.dns.isEmpty || !names.ips.isEmpty || !names.uris.isEmpty else {

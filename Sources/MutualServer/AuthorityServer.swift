@@ -22,6 +22,12 @@ public struct AuthorityServer: Sendable {
         public var renewExpiredGrace: ValidityDuration?
         /// Idle connections (including slow clients that stop sending) are closed after this long.
         public var idleTimeout: Duration
+        /// The plain-HTTP listener for CRL, OCSP and roots (`--http-listen`); nil: off.
+        public var httpListen: (host: String, port: Int)?
+        /// The base URL placed in certificates for CRL and OCSP; default `http://<http listen address>`.
+        public var httpPublicURL: String?
+        /// Lifetime of published CRLs (a new one is made at half of it, and after every revocation).
+        public var crlValidity: ValidityDuration = .hours(24)
 
         public init(
             host: String = "127.0.0.1", port: Int = 9443, publicURL: URL? = nil,
@@ -68,7 +74,11 @@ public struct AuthorityServer: Sendable {
 
     /// Runs until SIGTERM/SIGINT (graceful: in-flight requests finish) or until the task is cancelled.
     /// `onListening` receives the bound port (useful with port 0).
-    public func run(onListening: @escaping @Sendable (Int) async -> Void = { _ in }) async throws {
+    public func run(
+        onListening: @escaping @Sendable (Int) async -> Void = { _ in },
+        onHTTPListening: @escaping @Sendable (Int) async -> Void = { _ in }
+    ) async throws {
+        var plainPort: Task<Int, Never>?
         var dns: [String] = []
         var ips: [String] = []
         for host in [configuration.host, configuration.publicURL?.host].compactMap({ $0 }) {
@@ -82,10 +92,41 @@ public struct AuthorityServer: Sendable {
         let credentials = try await ServerCredentials(
             authority: authority, dnsNames: dns, ipAddresses: ips, lifetime: configuration.serverCertificateLifetime
         )
+        let metrics = ServerMetrics(registry: registry)
+        let publisher = RevocationPublisher(authority: authority, validity: configuration.crlValidity)
+        let ocsp = OCSPResponder(authority: authority)
+        let feed = RevocationFeed()
+        let revocation = RevocationRoutes(authority: authority, publisher: publisher, ocsp: ocsp, feed: feed, metrics: metrics)
+        _ = try await publisher.current()
+        _ = try await ocsp.currentSigner()
+
+        // The plain-HTTP listener is bound first so that its real port (with port 0) can go into certificates.
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
+        if let http = configuration.httpListen {
+            let plainRouter = Router()
+            revocation.registerSignedObjects(on: plainRouter)
+            let (httpPorts, httpContinuation) = AsyncStream<Int>.makeStream()
+            let plain = Application(
+                router: plainRouter,
+                server: .http1(configuration: .init(idleTimeout: .seconds(30))),
+                configuration: .init(address: .hostname(http.host, port: http.port), serverName: nil),
+                onServerRunning: { channel in httpContinuation.yield(channel.localAddress?.port ?? 0) },
+                logger: logger
+            )
+            services.append(.init(service: plain))
+            let bound = Task { () -> Int in
+                for await port in httpPorts { return port }
+                return 0
+            }
+            plainPort = bound
+        }
+
         let router = Router(context: APIContext.self)
         router.add(middleware: ProblemMiddleware())
-        AuthorityRoutes(authority: authority, metrics: ServerMetrics(registry: registry), renewExpiredGrace: configuration.renewExpiredGrace)
+        AuthorityRoutes(authority: authority, metrics: metrics, renewExpiredGrace: configuration.renewExpiredGrace, publisher: publisher)
             .register(on: router)
+        revocation.registerSignedObjects(on: router)
+        revocation.registerEvents(on: router)
         let timeout = TimeAmount.nanoseconds(Int64(configuration.idleTimeout.components.seconds) * 1_000_000_000)
         let app = Application(
             router: router,
@@ -97,13 +138,24 @@ public struct AuthorityServer: Sendable {
             },
             logger: logger
         )
+        services.append(.init(service: app))
+        services.append(.init(service: ServerCertificateRenewal(credentials: credentials, logger: logger)))
+        // Last in the list, so it is the first to stop on graceful shutdown: it ends open event streams, which lets
+        // the HTTP server drain.
+        services.append(.init(service: RevocationWatcher(authority: authority, feed: feed, ocsp: ocsp, publisher: publisher, logger: logger)))
         let group = ServiceGroup(
-            configuration: .init(
-                services: [.init(service: app), .init(service: ServerCertificateRenewal(credentials: credentials, logger: logger))],
-                gracefulShutdownSignals: [.sigterm, .sigint],
-                logger: logger
-            )
+            configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         )
-        try await group.run()
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            if let bound = plainPort, let http = configuration.httpListen {
+                let port = await bound.value
+                let url = configuration.httpPublicURL ?? "http://\(http.host.contains(":") ? "[\(http.host)]" : http.host):\(port)"
+                try await authority.setHTTPPublicURL(url, actor: "mutual-serve")
+                await onHTTPListening(port)
+            }
+            try await tasks.next()
+            tasks.cancelAll()
+        }
     }
 }

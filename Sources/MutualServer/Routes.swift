@@ -41,6 +41,7 @@ struct AuthorityRoutes: Sendable {
     let authority: Authority
     let metrics: ServerMetrics
     let renewExpiredGrace: ValidityDuration?
+    let publisher: RevocationPublisher
 
     func register(on router: Router<APIContext>) {
         router.post("/v1/sign") { request, context in try await self.sign(request, context) }
@@ -49,7 +50,6 @@ struct AuthorityRoutes: Sendable {
         router.post("/v1/revoke") { request, context in try await self.revoke(request, context) }
         router.get("/v1/certificates") { request, context in try await self.listCertificates(request, context) }
         router.get("/v1/certificates/:serial") { request, context in try await self.showCertificate(request, context) }
-        router.get("/roots.pem") { _, _ in try self.pem([self.authority.ca.root]) }
         router.get("/bundle.pem") { _, _ in try self.pem([self.authority.ca.root, self.authority.ca.certificate]) }
         router.get("/healthz") { _, _ in try await self.health() }
         router.get("/metrics") { _, _ in
@@ -186,6 +186,8 @@ struct AuthorityRoutes: Sendable {
                 throw Problem(.badRequest, code: "unknown-reason", title: "Bad Request", detail: "unknown reason '\(reasonText.prefix(40))': expected one of \(RevocationReason.choices)")
             }
             let record = try await authority.revoke(serial: body.serial, reason: reason, requestedBy: presented)
+            // The CRL follows the inventory at once; events reach subscribers through the revocation watcher.
+            _ = try? await publisher.publish()
             return try json(CertificateView(record, now: .now))
         }
     }

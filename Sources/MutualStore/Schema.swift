@@ -76,6 +76,28 @@ enum Schema {
                     """
                 ]
             ),
+            (
+                3,
+                [
+                    """
+                    CREATE TABLE revocation_log (
+                        sequence \(t.bigint) PRIMARY KEY,
+                        serial TEXT NOT NULL,
+                        reason TEXT NOT NULL,
+                        revoked_at \(t.bigint) NOT NULL
+                    )
+                    """,
+                    """
+                    CREATE TABLE crls (
+                        number \(t.bigint) PRIMARY KEY,
+                        this_update \(t.bigint) NOT NULL,
+                        next_update \(t.bigint) NOT NULL,
+                        last_revocation \(t.bigint) NOT NULL,
+                        der \(t.blob) NOT NULL
+                    )
+                    """,
+                ]
+            ),
         ]
     }
 

@@ -16,6 +16,7 @@ actor WriteQueue {
         case issueWithToken(CertificateRecord, AuditEntry, tokenID: String, now: Date)
         case createToken(TokenRecord, AuditEntry)
         case revokeToken(id: String, time: Date, AuditEntry)
+        case storeCRL(StoredCRL)
     }
 
     enum Outcome: Sendable {
@@ -90,6 +91,14 @@ actor WriteQueue {
         let parts = text.split(separator: ":")
         guard parts.count == 2, let sequence = Int64(parts[0]) else { return nil }
         return (sequence, String(parts[1]))
+    }
+
+    private func logRevocation(serial: String, reason: String, seconds: Int64) async throws {
+        let last = try await db.raw("SELECT MAX(sequence) AS n FROM revocation_log").first()
+        let sequence = (try last.flatMap { try $0.decodeNil(column: "n") ? nil : try $0.decode(column: "n", as: Int64.self) } ?? 0) + 1
+        try await db.raw(
+            "INSERT INTO revocation_log (sequence, serial, reason, revoked_at) VALUES (\(bind: sequence), \(bind: serial), \(bind: reason), \(bind: seconds))"
+        ).run()
     }
 
     /// Applies operations in one transaction. Nothing is visible to readers until COMMIT; on any error the
@@ -167,6 +176,17 @@ actor WriteQueue {
                 try await db.raw("UPDATE tokens SET revoked_at = \(bind: Int64(time.timeIntervalSince1970)) WHERE id = \(bind: id)").run()
                 chain(entry)
                 outcomes.append(.done)
+            case .storeCRL(let crl):
+                // The primary key on the number makes "one CRL per number" hold across writers.
+                let latest = try await db.raw("SELECT MAX(number) AS n FROM crls").first()
+                let current = try latest.flatMap { try $0.decodeNil(column: "n") ? nil : try $0.decode(column: "n", as: Int64.self) } ?? 0
+                guard crl.number == current + 1 else {
+                    throw StoreError(.conflict, "CRL number \(crl.number) is not next (latest is \(current))")
+                }
+                try await db.raw(
+                    "INSERT INTO crls (number, this_update, next_update, last_revocation, der) VALUES (\(bind: crl.number), \(bind: Int64(crl.thisUpdate.timeIntervalSince1970)), \(bind: Int64(crl.nextUpdate.timeIntervalSince1970)), \(bind: crl.lastRevocation), \(bind: Data(crl.der)))"
+                ).run()
+                outcomes.append(.done)
             case .revoke(let serial, let reason, let time, let entry):
                 // Certificates issued earlier in this same batch are not inserted yet; look there first.
                 if let index = certificates.firstIndex(where: { $0.serial == serial }) {
@@ -176,6 +196,7 @@ actor WriteQueue {
                     certificates[index].status = .revoked
                     certificates[index].revokedAt = time
                     certificates[index].revocationReason = reason
+                    try await logRevocation(serial: serial, reason: reason, seconds: Int64(time.timeIntervalSince1970))
                     chain(entry)
                     outcomes.append(.record(certificates[index]))
                     continue
@@ -194,6 +215,7 @@ actor WriteQueue {
                 record.status = .revoked
                 record.revokedAt = Date(timeIntervalSince1970: Double(seconds))
                 record.revocationReason = reason
+                try await logRevocation(serial: serial, reason: reason, seconds: seconds)
                 chain(entry)
                 outcomes.append(.record(record))
             }

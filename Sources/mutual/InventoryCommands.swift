@@ -125,12 +125,15 @@ struct RevokeCommand: AsyncParsableCommand {
     func run() async throws {
         let authority = try await stateOptions.openAuthority()
         do {
-            let record = try await failing { try await authority.revoke(serial: serial, reason: reason, actor: cliActor) }
+            let (record, crl) = try await failing {
+                try await authority.revokeAndPublish(serial: serial, reason: reason, actor: cliActor, publisher: RevocationPublisher(authority: authority))
+            }
             try await authority.close()
             if json {
                 try printJSON(RecordView(record, now: .now))
             } else {
                 print("Revoked \(record.serial) (\(record.identity)) at \(record.revokedAt ?? .now): \(reason.rawValue)")
+                if let crl { print("Published CRL #\(crl.number) (\(crl.der.count) bytes); subscribed relying parties learn of it from the event stream.") }
             }
         } catch {
             try? await authority.close()

@@ -25,6 +25,12 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "URL clients use to reach this authority; its host is put in the server certificate.")
     var publicURL: String?
 
+    @Option(help: "Plain-HTTP listener for /crl, /crl.pem, /ocsp and /roots.pem only, HOST:PORT, or 'off'.")
+    var httpListen: String = "127.0.0.1:9080"
+
+    @Option(help: "Base URL placed in certificates for the CRL (URL/crl) and OCSP (URL/ocsp); default http://<http-listen>.")
+    var httpPublicURL: String?
+
     @Option(help: "Allow /v1/renew-expired for certificates expired at most this long ago (off by default).")
     var renewExpiredGrace: ValidityDuration?
 
@@ -36,6 +42,12 @@ struct ServeCommand: AsyncParsableCommand {
 
     func run() async throws {
         let (host, port) = try await failing { try AuthorityServer.Configuration.parseListen(listen) }
+        let http = httpListen == "off" ? nil : try await failing { try AuthorityServer.Configuration.parseListen(httpListen) }
+        if let httpPublicURL {
+            guard let parsed = URL(string: httpPublicURL), parsed.scheme == "http" || parsed.scheme == "https", parsed.host != nil else {
+                throw CommandFailure("invalid --http-public-url '\(httpPublicURL)': expected http://HOST[:PORT]", exitCode: 2)
+            }
+        }
         var url: URL?
         if let publicURL {
             guard let parsed = URL(string: publicURL), parsed.scheme == "https", parsed.host != nil else {
@@ -46,16 +58,19 @@ struct ServeCommand: AsyncParsableCommand {
         var logger = Logger(label: "mutual.serve")
         logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
         let authority = try await stateOptions.openAuthority()
-        let server = AuthorityServer(
-            authority: authority,
-            configuration: .init(host: host, port: port, publicURL: url, serverCertificateLifetime: serverCertValidity, renewExpiredGrace: renewExpiredGrace),
-            logger: logger
+        var configuration = AuthorityServer.Configuration(
+            host: host, port: port, publicURL: url, serverCertificateLifetime: serverCertValidity, renewExpiredGrace: renewExpiredGrace
         )
+        configuration.httpListen = http
+        configuration.httpPublicURL = httpPublicURL
+        let server = AuthorityServer(authority: authority, configuration: configuration, logger: logger)
         do {
-            try await server.run { port in
+            try await server.run(onListening: { port in
                 let line = "mutual serve: listening on https://\(host.contains(":") ? "[\(host)]" : host):\(port)\n  trust anchor: \(stateOptions.state.rootCertificatePath)\n"
                 FileHandle.standardOutput.write(Data(line.utf8))
-            }
+            }, onHTTPListening: { port in
+                FileHandle.standardOutput.write(Data("mutual serve: CRL and OCSP on http://\(http?.host ?? ""):\(port) (/crl, /crl.pem, /ocsp, /roots.pem)\n".utf8))
+            })
             try await authority.close()
         } catch {
             try? await authority.close()

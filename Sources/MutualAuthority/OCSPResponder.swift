@@ -1,0 +1,128 @@
+import Foundation
+import MutualPKI
+import MutualStore
+import X509
+
+/// Answers OCSP requests for the issuing CA, signing with a delegated responder certificate (EKU OCSPSigning,
+/// id-pkix-ocsp-nocheck) that it issues for itself and rotates at two thirds of its lifetime.
+///
+/// Responses without a nonce are cached per request until half their validity has passed or any revocation
+/// happens (``noteRevocation(sequence:)``), so answering a repeated question costs a dictionary lookup.
+public actor OCSPResponder {
+    struct Signer {
+        var certificate: Certificate
+        var key: Certificate.PrivateKey
+    }
+
+    struct CachedResponse {
+        var der: [UInt8]
+        var producedAt: Date
+        var nextUpdate: Date
+        var watermark: Int64
+    }
+
+    let authority: Authority
+    /// How long a response is valid (nextUpdate - thisUpdate).
+    public let responseValidity: ValidityDuration
+    let signerValidity: ValidityDuration
+    private var signer: Signer?
+    private var cache: [[UInt8]: CachedResponse] = [:]
+    private var watermark: Int64 = 0
+    private static let cacheLimit = 100_000
+
+    public init(authority: Authority, responseValidity: ValidityDuration = .hours(1), signerValidity: ValidityDuration = .days(7)) {
+        self.authority = authority
+        self.responseValidity = responseValidity
+        self.signerValidity = signerValidity
+    }
+
+    /// A response (DER) and how long it may be cached (seconds), for the HTTP layer's Cache-Control.
+    public struct Answer: Sendable {
+        public var der: [UInt8]
+        public var maxAge: Int
+        public var cacheHit: Bool
+        /// `good`, `revoked`, `unknown`, `malformedRequest`, `unauthorized`, `internalError`: for metrics and logs.
+        public var outcome: String
+    }
+
+    /// Invalidates cached answers when the revocation log moves.
+    public func noteRevocation(sequence: Int64) {
+        if sequence > watermark {
+            watermark = sequence
+            cache.removeAll(keepingCapacity: true)
+        }
+    }
+
+    public func currentSigner(now: Date = .now) async throws -> Certificate {
+        try await ensureSigner(now: now).certificate
+    }
+
+    private func ensureSigner(now: Date) async throws -> Signer {
+        if let signer {
+            let lifetime = signer.certificate.notValidAfter.timeIntervalSince(signer.certificate.notValidBefore)
+            if now < signer.certificate.notValidBefore.addingTimeInterval(lifetime * 2 / 3) { return signer }
+        }
+        let key = try KeyType.p256.generate()
+        let issued = try await authority.issue(
+            IssuanceRequest(profile: .ocspSigner, publicKey: key.publicKey, commonName: "\(authority.configuration.name) OCSP Responder",
+                            validity: signerValidity),
+            owner: "mutual serve", requester: "mutual-ocsp", now: now,
+            maximumValidityOverride: max(signerValidity, authority.ca.policy.maximumValidity)
+        )
+        let fresh = Signer(certificate: issued.certificate, key: key)
+        signer = fresh
+        cache.removeAll(keepingCapacity: true)
+        return fresh
+    }
+
+    /// Answers one DER request. Never throws: malformed input gets a `malformedRequest` response.
+    public func respond(to requestDER: [UInt8], now: Date = .now) async -> Answer {
+        if let hit = cache[requestDER], hit.watermark == watermark,
+            now < hit.producedAt.addingTimeInterval(responseValidity.timeInterval / 2)
+        {
+            return Answer(der: hit.der, maxAge: max(0, Int(hit.nextUpdate.timeIntervalSince(now))), cacheHit: true, outcome: "cached")
+        }
+        let request: OCSP.Request
+        do {
+            request = try OCSP.Request(derEncoded: requestDER)
+        } catch {
+            return Answer(der: OCSP.errorResponse(.malformedRequest), maxAge: 0, cacheHit: false, outcome: "malformedRequest")
+        }
+        let issuer = authority.ca.certificate
+        guard request.certIDs.contains(where: { $0.matches(issuer: issuer) }) else {
+            return Answer(der: OCSP.errorResponse(.unauthorized), maxAge: 0, cacheHit: false, outcome: "unauthorized")
+        }
+        do {
+            let signer = try await ensureSigner(now: now)
+            let nextUpdate = now.addingTimeInterval(responseValidity.timeInterval)
+            var singles: [OCSP.SingleResponse] = []
+            var outcome = "good"
+            for id in request.certIDs {
+                var status: OCSP.CertStatus = .unknown
+                if id.matches(issuer: issuer), let record = try await authority.store.certificate(serial: id.serialNumber.bytes.hexString) {
+                    if record.status == .revoked {
+                        status = .revoked(time: record.revokedAt ?? now, reason: record.revocationReason.flatMap(RevocationReason.init(rawValue:)))
+                    } else {
+                        status = .good
+                    }
+                }
+                switch status {
+                case .revoked: outcome = "revoked"
+                case .unknown where outcome == "good": outcome = "unknown"
+                default: break
+                }
+                singles.append(OCSP.SingleResponse(certID: id, status: status, thisUpdate: now, nextUpdate: nextUpdate))
+            }
+            let der = try OCSP.successfulResponse(
+                responses: singles, nonce: request.nonce, producedAt: now, responderCertificate: signer.certificate, responderKey: signer.key
+            )
+            if request.nonce == nil {
+                if cache.count >= Self.cacheLimit { cache.removeAll(keepingCapacity: true) }
+                cache[requestDER] = CachedResponse(der: der, producedAt: now, nextUpdate: nextUpdate, watermark: watermark)
+            }
+            return Answer(der: der, maxAge: request.nonce == nil ? Int(responseValidity.seconds) : 0, cacheHit: false, outcome: outcome)
+        } catch {
+            return Answer(der: OCSP.errorResponse(.internalError), maxAge: 0, cacheHit: false, outcome: "internalError")
+        }
+    }
+}

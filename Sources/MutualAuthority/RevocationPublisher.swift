@@ -1,0 +1,78 @@
+import Foundation
+import Logging
+import MutualPKI
+import MutualStore
+import X509
+
+/// Publishes the issuing CA's CRL: one per number, regenerated after revocations and before nextUpdate.
+///
+/// An actor so that concurrent requests for a fresh CRL share one generation; building it is linear in the number
+/// of revoked, unexpired certificates and runs outside the store's write queue, so it never holds up issuance.
+public actor RevocationPublisher {
+    let authority: Authority
+    /// How long a CRL is valid; a new one is made when half of that has passed.
+    public let validity: ValidityDuration
+    private var cached: StoredCRL?
+
+    public init(authority: Authority, validity: ValidityDuration = .hours(24)) {
+        self.authority = authority
+        self.validity = validity
+    }
+
+    /// The CRL to serve now: the latest published one if it covers every revocation and is not half-way to its
+    /// nextUpdate, else a new one.
+    public func current(now: Date = .now) async throws -> StoredCRL {
+        let lastRevocation = try await authority.store.lastRevocationSequence()
+        if let cached, isFresh(cached, lastRevocation: lastRevocation, now: now) { return cached }
+        if let stored = try await authority.store.latestCRL(), isFresh(stored, lastRevocation: lastRevocation, now: now) {
+            cached = stored
+            return stored
+        }
+        return try await publish(now: now)
+    }
+
+    func isFresh(_ crl: StoredCRL, lastRevocation: Int64, now: Date) -> Bool {
+        crl.lastRevocation >= lastRevocation && now < crl.thisUpdate.addingTimeInterval(validity.timeInterval / 2)
+    }
+
+    /// Builds, signs and stores the next CRL. Retries when another writer published the same number first.
+    @discardableResult
+    public func publish(now: Date = .now) async throws -> StoredCRL {
+        for _ in 0..<5 {
+            let lastRevocation = try await authority.store.lastRevocationSequence()
+            let latest = try await authority.store.latestCRL()
+            let revoked = try await authority.store.revokedUnexpired(now: now)
+            var entries: [RevocationListBuilder.Entry] = []
+            entries.reserveCapacity(revoked.count)
+            for item in revoked {
+                guard let bytes = [UInt8](hex: item.serial) else { continue }
+                entries.append(.init(serialNumber: .init(bytes: bytes), revocationDate: item.revokedAt,
+                                     reason: RevocationReason(rawValue: item.reason) ?? .unspecified))
+            }
+            let number = (latest?.number ?? 0) + 1
+            let nextUpdate = now.addingTimeInterval(validity.timeInterval)
+            let der = try RevocationListBuilder(issuer: authority.ca.certificate, issuerKey: authority.ca.privateKey)
+                .build(number: UInt64(number), thisUpdate: now, nextUpdate: nextUpdate, entries: entries)
+            let crl = StoredCRL(number: number, thisUpdate: now, nextUpdate: nextUpdate, lastRevocation: lastRevocation, der: der)
+            do {
+                try await authority.store.storeCRL(crl)
+                cached = crl
+                return crl
+            } catch let error as StoreError where error.code == .conflict {
+                continue
+            }
+        }
+        throw AuthorityError(.conflict, "could not publish a CRL: other writers kept taking the next number")
+    }
+}
+
+extension Authority {
+    /// Revokes and then publishes a new CRL, so the inventory, audit trail, CRL and event log change together.
+    /// A failure to publish the CRL is reported but does not undo the revocation (it is already durable).
+    public func revokeAndPublish(serial: String, reason: RevocationReason, actor: String, publisher: RevocationPublisher,
+                                 now: Date = .now) async throws -> (CertificateRecord, StoredCRL?) {
+        let record = try await revoke(serial: serial, reason: reason, actor: actor, now: now)
+        let crl = try? await publisher.publish(now: now)
+        return (record, crl)
+    }
+}

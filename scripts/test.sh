@@ -2,6 +2,7 @@
 # The one test command. Installs what the tests need if it is missing (openssl from Debian, pkilint in a venv),
 # builds, runs `swift test`, then the interop checks against real external programs and the x509-limbo suite.
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 SHARED=${MUTUAL_SHARED:-$ROOT/../shared}
@@ -12,18 +13,23 @@ log() { printf '\n==> %s\n' "$*"; }
 need_apt=()
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} (apt-get)"
   export DEBIAN_FRONTEND=noninteractive
+  # Packages must not start services (nginx would listen on port 80): deny service starts while installing.
+  created_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; created_policy=1; fi
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  [ "$created_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
 fi
 if [ ! -x "$VENV/bin/lint_pkix_cert" ] || [ ! -x "$VENV/bin/openapi-spec-validator" ]; then
   log "installing pkilint and openapi-spec-validator into $VENV (pip)"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check pkilint cryptography openapi-spec-validator
 fi
-command -v curl >/dev/null 2>&1 || { export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
 
 # ---- build and unit/integration tests (Swift Testing)
 log "swift build"
@@ -38,4 +44,8 @@ fi
 
 # ---- interop with real external peers
 log "interop: openssl, pkilint, x509-limbo"
-MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" SHARED="$SHARED" bash "$ROOT/scripts/interop.sh"
+status=0
+MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" SHARED="$SHARED" bash "$ROOT/scripts/interop.sh" || status=1
+log "interop: revocation (openssl ocsp/crl, pkilint, python cryptography, nginx ssl_crl)"
+MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-revocation.sh" || status=1
+exit $status

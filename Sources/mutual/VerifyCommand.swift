@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import MutualClient
 import MutualPKI
 import X509
 
@@ -34,6 +35,9 @@ struct VerifyCommand: AsyncParsableCommand {
     @Option(help: "CRL file(s), PEM (several blocks allowed) or DER (repeatable).")
     var crl: [String] = []
 
+    @Option(help: "Also ask this OCSP responder (http URL) about the certificate; unknown or untrustworthy answers reject.")
+    var ocsp: String?
+
     @Option(help: "Maximum number of intermediates (self-issued ones not counted).")
     var maxDepth: Int?
 
@@ -45,6 +49,7 @@ struct VerifyCommand: AsyncParsableCommand {
             throw ValidationError("give at most one of --dns, --ip, --email")
         }
         if let maxDepth, maxDepth < 0 { throw ValidationError("--max-depth must be 0 or more") }
+        if let ocsp, !(ocsp.hasPrefix("http://") || ocsp.hasPrefix("https://")) { throw ValidationError("--ocsp needs an http:// URL") }
     }
 
     static let ekus: [String: ExtendedKeyUsage.Usage] = [
@@ -100,6 +105,18 @@ struct VerifyCommand: AsyncParsableCommand {
         }
         switch await ChainVerifier(options: options).verify(leafCertificate) {
         case .accepted(let chain):
+            if let ocsp, chain.count >= 2 {
+                switch await OCSPClient.check(leaf: leafCertificate, issuer: chain[1], url: ocsp, now: options.validationTime) {
+                case .good:
+                    print("OCSP: good (\(ocsp))")
+                case .revoked(let time, let reason):
+                    print("REJECTED: OCSP says the certificate was revoked at \(time)\(reason.map { " (\($0.rawValue))" } ?? "")")
+                    throw ExitCode(1)
+                case .failed(let why):
+                    print("REJECTED: \(why)")
+                    throw ExitCode(1)
+                }
+            }
             print("OK: \(leafCertificate.subject.description.isEmpty ? leafCertificate.serialHex : leafCertificate.subject.description)")
             for (index, certificate) in chain.enumerated() {
                 print("  \(index): \(certificate.subject)  (until \(certificate.notValidAfter))")

@@ -13,6 +13,8 @@ public actor RevocationPublisher {
     /// How long a CRL is valid; a new one is made when half of that has passed.
     public let validity: ValidityDuration
     private var cached: StoredCRL?
+    /// The generation under way, shared by everyone who asks meanwhile (single flight).
+    private var inFlight: Task<StoredCRL, any Error>?
 
     public init(authority: Authority, validity: ValidityDuration = .hours(24)) {
         self.authority = authority
@@ -28,16 +30,43 @@ public actor RevocationPublisher {
             cached = stored
             return stored
         }
-        return try await publish(now: now)
+        let published = try await publish(now: now)
+        cached = published
+        return published
     }
 
     func isFresh(_ crl: StoredCRL, lastRevocation: Int64, now: Date) -> Bool {
         crl.lastRevocation >= lastRevocation && now < crl.thisUpdate.addingTimeInterval(validity.timeInterval / 2)
     }
 
-    /// Builds, signs and stores the next CRL. Retries when another writer published the same number first.
+    /// Publishes a CRL that covers every revocation recorded when this was called. Concurrent callers share one
+    /// generation; a caller whose revocation came after that generation started waits for the next one.
     @discardableResult
     public func publish(now: Date = .now) async throws -> StoredCRL {
+        while true {
+            let wanted = try await authority.store.lastRevocationSequence()
+            if let running = inFlight {
+                let crl = try await running.value
+                if crl.lastRevocation >= wanted { return crl }
+                continue
+            }
+            let task = Task { try await self.generate(now: now) }
+            inFlight = task
+            do {
+                let crl = try await task.value
+                inFlight = nil
+                cached = crl
+                return crl
+            } catch {
+                inFlight = nil
+                throw error
+            }
+        }
+    }
+
+    /// Builds, signs and stores the next CRL. Retries when another writer (process or replica) published the same
+    /// number first.
+    private func generate(now: Date) async throws -> StoredCRL {
         for _ in 0..<5 {
             let lastRevocation = try await authority.store.lastRevocationSequence()
             let latest = try await authority.store.latestCRL()
@@ -56,7 +85,6 @@ public actor RevocationPublisher {
             let crl = StoredCRL(number: number, thisUpdate: now, nextUpdate: nextUpdate, lastRevocation: lastRevocation, der: der)
             do {
                 try await authority.store.storeCRL(crl)
-                cached = crl
                 return crl
             } catch let error as StoreError where error.code == .conflict {
                 continue

@@ -104,6 +104,7 @@ public struct AuthorityServer: Sendable {
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
         if let http = configuration.httpListen {
             let plainRouter = Router()
+            plainRouter.add(middleware: ProblemMiddleware())
             revocation.registerSignedObjects(on: plainRouter)
             let (httpPorts, httpContinuation) = AsyncStream<Int>.makeStream()
             let plain = Application(

@@ -16,9 +16,11 @@ final class ServerHarness: @unchecked Sendable {
     let state: StateDirectory
     let authority: Authority
     var port = 0
+    var httpPort = 0
     var task: Task<Void, any Error>?
 
     var baseURL: String { "https://127.0.0.1:\(port)" }
+    var httpURL: String { "http://127.0.0.1:\(httpPort)" }
 
     static func start(renewExpiredGrace: ValidityDuration? = nil, idleTimeout: Duration = .seconds(30)) async throws -> ServerHarness {
         let dir = TestPKI.temporaryDirectory("server")
@@ -28,18 +30,19 @@ final class ServerHarness: @unchecked Sendable {
         let harness = ServerHarness(dir: dir, state: state, authority: authority)
         var logger = Logger(label: "test.server")
         logger.logLevel = .critical
-        let server = AuthorityServer(
-            authority: authority,
-            configuration: .init(host: "127.0.0.1", port: 0, renewExpiredGrace: renewExpiredGrace, idleTimeout: idleTimeout),
-            logger: logger
-        )
-        let (stream, continuation) = AsyncStream<Int>.makeStream()
+        var configuration = AuthorityServer.Configuration(host: "127.0.0.1", port: 0, renewExpiredGrace: renewExpiredGrace, idleTimeout: idleTimeout)
+        configuration.httpListen = ("127.0.0.1", 0)
+        let server = AuthorityServer(authority: authority, configuration: configuration, logger: logger)
+        let (stream, continuation) = AsyncStream<(String, Int)>.makeStream()
         harness.task = Task {
-            try await server.run { port in continuation.yield(port) }
+            try await server.run(
+                onListening: { port in continuation.yield(("https", port)) },
+                onHTTPListening: { port in continuation.yield(("http", port)) }
+            )
         }
-        for await port in stream {
-            harness.port = port
-            break
+        for await (kind, port) in stream {
+            if kind == "https" { harness.port = port } else { harness.httpPort = port }
+            if harness.port != 0 && harness.httpPort != 0 { break }
         }
         return harness
     }

@@ -8,6 +8,29 @@ import NIOCore
 import NIOSSL
 import Prometheus
 import ServiceLifecycle
+import Synchronization
+
+/// Lets an embedding program (tests, the quickstart) stop a running server gracefully, as SIGTERM would.
+public final class ShutdownHandle: Sendable {
+    private let group = Mutex<ServiceGroup?>(nil)
+    private let requested = Mutex(false)
+
+    public init() {}
+
+    func attach(_ serviceGroup: ServiceGroup) async {
+        let stopNow: Bool = group.withLock {
+            $0 = serviceGroup
+            return requested.withLock { $0 }
+        }
+        if stopNow { await serviceGroup.triggerGracefulShutdown() }
+    }
+
+    /// Starts a graceful shutdown: open event streams end, in-flight requests finish, listeners close.
+    public func shutdown() async {
+        requested.withLock { $0 = true }
+        if let serviceGroup = group.withLock({ $0 }) { await serviceGroup.triggerGracefulShutdown() }
+    }
+}
 
 /// `mutual serve`: the authority over HTTPS.
 public struct AuthorityServer: Sendable {
@@ -75,6 +98,7 @@ public struct AuthorityServer: Sendable {
     /// Runs until SIGTERM/SIGINT (graceful: in-flight requests finish) or until the task is cancelled.
     /// `onListening` receives the bound port (useful with port 0).
     public func run(
+        shutdown: ShutdownHandle? = nil,
         onListening: @escaping @Sendable (Int) async -> Void = { _ in },
         onHTTPListening: @escaping @Sendable (Int) async -> Void = { _ in }
     ) async throws {
@@ -147,6 +171,7 @@ public struct AuthorityServer: Sendable {
         let group = ServiceGroup(
             configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         )
+        await shutdown?.attach(group)
         try await withThrowingTaskGroup(of: Void.self) { tasks in
             tasks.addTask { try await group.run() }
             if let bound = plainPort, let http = configuration.httpListen {

@@ -26,31 +26,70 @@ struct CLI {
 
     func cleanup() { try? FileManager.default.removeItem(atPath: home) }
 
+    /// Runs the command on a dispatch thread, so waiting for it never blocks a Swift concurrency thread that servers
+    /// in other tests of the same process need.
     @discardableResult
-    func run(_ arguments: [String], environment: [String: String] = [:], stdin: Data? = nil) throws -> Result {
+    func run(_ arguments: [String], environment: [String: String] = [:]) async throws -> Result {
+        try await withCheckedThrowingContinuation { continuation in
+            DispatchQueue.global().async {
+                do {
+                    continuation.resume(returning: try self.runBlocking(arguments, environment: environment))
+                } catch {
+                    continuation.resume(throwing: error)
+                }
+            }
+        }
+    }
+
+    func runBlocking(_ arguments: [String], environment: [String: String]) throws -> Result {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: Self.binary)
         process.arguments = arguments
         var env = ["HOME": home, "PATH": "/usr/bin:/bin", "MUTUAL_STATE_DIR": home + "/state"]
         env.merge(environment) { $1 }
         process.environment = env
-        let out = Pipe()
-        let err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
+        // Output goes to files, not pipes: a pipe's write end can leak into a child another test spawns at the same
+        // moment, and then EOF never comes.
+        let outPath = home + "/.out-\(UUID().uuidString)"
+        let errPath = home + "/.err-\(UUID().uuidString)"
+        FileManager.default.createFile(atPath: outPath, contents: nil)
+        FileManager.default.createFile(atPath: errPath, contents: nil)
+        let outHandle = try FileHandle(forWritingTo: URL(fileURLWithPath: outPath))
+        let errHandle = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
+        process.standardOutput = outHandle
+        process.standardError = errHandle
         process.standardInput = FileHandle.nullDevice
         try process.run()
-        let stdoutData = out.fileHandleForReading.readDataToEndOfFile()
-        let stderrData = err.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
-        return Result(status: process.terminationStatus, stdout: String(decoding: stdoutData, as: UTF8.self),
-                      stderr: String(decoding: stderrData, as: UTF8.self))
+        try outHandle.close()
+        try errHandle.close()
+        defer {
+            try? FileManager.default.removeItem(atPath: outPath)
+            try? FileManager.default.removeItem(atPath: errPath)
+        }
+        return Result(status: process.terminationStatus, stdout: (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? "",
+                      stderr: (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "")
+    }
+
+    static func readAll(_ fd: Int32) -> [UInt8] {
+        var result: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n > 0 {
+                result.append(contentsOf: buffer[0..<n])
+            } else if n == 0 {
+                return result
+            } else if errno != EINTR {
+                return result
+            }
+        }
     }
 
     /// `mutual list --json` rows and `audit list --json` events, to check "nothing changed".
-    func snapshot(_ state: String) throws -> (certificates: Int, events: Int) {
-        let list = try run(["list", "--state-dir", state, "--json"])
-        let audit = try run(["audit", "list", "--state-dir", state, "--json"])
+    func snapshot(_ state: String) async throws -> (certificates: Int, events: Int) {
+        let list = try await run(["list", "--state-dir", state, "--json"])
+        let audit = try await run(["audit", "list", "--state-dir", state, "--json"])
         let certificates = (try JSONSerialization.jsonObject(with: Data(list.stdout.utf8)) as? [Any])?.count ?? -1
         let events = (try JSONSerialization.jsonObject(with: Data(audit.stdout.utf8)) as? [Any])?.count ?? -1
         return (certificates, events)

@@ -12,16 +12,16 @@ struct CLITests {
     }
 
     @Test("init, issue, sign, list, show, revoke, audit: the happy path")
-    func happyPath() throws {
+    func happyPath() async throws {
         let cli = CLI()
         defer { cli.cleanup() }
         let state = cli.home + "/state"
-        let initResult = try cli.run(["init", "--state-dir", state, "--name", "Acme Internal CA", "--json"])
+        let initResult = try await cli.run(["init", "--state-dir", state, "--name", "Acme Internal CA", "--json"])
         #expect(initResult.status == 0, "\(initResult.output)")
         let initJSON = try JSONSerialization.jsonObject(with: Data(initResult.stdout.utf8)) as? [String: String]
         #expect(initJSON?["root_fingerprint"]?.count == 64)
 
-        let issue = try cli.run(["issue", "--profile", "server", "--dns", "api.test", "--ip", "127.0.0.1", "--owner", "team-api", "--out-dir", cli.home + "/srv"])
+        let issue = try await cli.run(["issue", "--profile", "server", "--dns", "api.test", "--ip", "127.0.0.1", "--owner", "team-api", "--out-dir", cli.home + "/srv"])
         #expect(issue.status == 0, "\(issue.output)")
         for file in ["key.pem", "cert.pem", "chain.pem", "root.pem"] {
             #expect(FileManager.default.fileExists(atPath: cli.home + "/srv/" + file))
@@ -32,46 +32,46 @@ struct CLITests {
         let key = try KeyType.p256.generate()
         let csrPath = cli.home + "/req.der"
         try Data(TestPKI.der(TestPKI.csr(key: key, sans: [.uniformResourceIdentifier("spiffe://example.org/ns/a/sa/b")]))).write(to: URL(fileURLWithPath: csrPath))
-        let sign = try cli.run(["sign", "--profile", "workload", "--validity", "1h", csrPath, "--out", cli.home + "/w.pem", "--json"])
+        let sign = try await cli.run(["sign", "--profile", "workload", "--validity", "1h", csrPath, "--out", cli.home + "/w.pem", "--json"])
         #expect(sign.status == 0, "\(sign.output)")
         let signed = try JSONSerialization.jsonObject(with: Data(sign.stdout.utf8)) as? [String: Any]
         let serial = try #require(signed?["serial"] as? String)
 
-        let list = try cli.run(["list", "--identity", "spiffe://example.org/ns/a/sa/b", "--json"])
+        let list = try await cli.run(["list", "--identity", "spiffe://example.org/ns/a/sa/b", "--json"])
         #expect((try JSONSerialization.jsonObject(with: Data(list.stdout.utf8)) as? [Any])?.count == 1)
-        let expiring = try cli.run(["list", "--expiring-within", "2h"])
+        let expiring = try await cli.run(["list", "--expiring-within", "2h"])
         #expect(expiring.stdout.contains(serial))
         #expect(!expiring.stdout.contains("api.test"), "the 30-day server certificate does not expire within 2h")
 
-        let show = try cli.run(["show", serial, "--pem"])
+        let show = try await cli.run(["show", serial, "--pem"])
         #expect(show.stdout.hasPrefix("-----BEGIN CERTIFICATE-----"))
 
-        let revoke = try cli.run(["revoke", serial, "--reason", "keyCompromise"])
+        let revoke = try await cli.run(["revoke", serial, "--reason", "keyCompromise"])
         #expect(revoke.status == 0, "\(revoke.output)")
-        let revoked = try cli.run(["list", "--status", "revoked", "--json"])
+        let revoked = try await cli.run(["list", "--status", "revoked", "--json"])
         #expect(revoked.stdout.contains(serial))
-        let revokeAgain = try cli.run(["revoke", serial, "--reason", "keyCompromise"])
+        let revokeAgain = try await cli.run(["revoke", serial, "--reason", "keyCompromise"])
         #expect(revokeAgain.status == 1)
         #expect(revokeAgain.stderr.contains("already revoked"))
 
-        let audit = try cli.run(["audit", "verify"])
+        let audit = try await cli.run(["audit", "verify"])
         #expect(audit.status == 0, "\(audit.output)")
         #expect(audit.stdout.contains("intact"))
     }
 
     @Test("verify exits 0 on accept, 1 on reject with the reason, 2 on bad usage or input")
-    func verifyExitCodes() throws {
+    func verifyExitCodes() async throws {
         let cli = CLI()
         defer { cli.cleanup() }
-        #expect(try cli.run(["init"]).status == 0)
-        #expect(try cli.run(["issue", "--profile", "client", "--cn", "alice", "--out-dir", cli.home + "/c"]).status == 0)
+        #expect(try await cli.run(["init"]).status == 0)
+        #expect(try await cli.run(["issue", "--profile", "client", "--cn", "alice", "--out-dir", cli.home + "/c"]).status == 0)
         let c = cli.home + "/c/"
-        let ok = try cli.run(["verify", "--roots", c + "root.pem", "--intermediates", c + "chain.pem", "--eku", "clientAuth", c + "cert.pem"])
+        let ok = try await cli.run(["verify", "--roots", c + "root.pem", "--intermediates", c + "chain.pem", "--eku", "clientAuth", c + "cert.pem"])
         #expect(ok.status == 0, "\(ok.output)")
-        let wrongEKU = try cli.run(["verify", "--roots", c + "root.pem", "--intermediates", c + "chain.pem", "--eku", "serverAuth", c + "cert.pem"])
+        let wrongEKU = try await cli.run(["verify", "--roots", c + "root.pem", "--intermediates", c + "chain.pem", "--eku", "serverAuth", c + "cert.pem"])
         #expect(wrongEKU.status == 1)
         #expect(wrongEKU.stdout.contains("does not allow serverAuth"))
-        let future = try cli.run(["verify", "--roots", c + "root.pem", "--intermediates", c + "chain.pem", "--time", "2099-01-01T00:00:00Z", c + "cert.pem"])
+        let future = try await cli.run(["verify", "--roots", c + "root.pem", "--intermediates", c + "chain.pem", "--time", "2099-01-01T00:00:00Z", c + "cert.pem"])
         #expect(future.status == 1)
         #expect(future.stdout.contains("expired"))
 
@@ -86,19 +86,19 @@ struct CLITests {
             ["verify", "--roots", c + "root.pem"],
             ["verify", "--bogus-flag", c + "cert.pem"],
         ] {
-            let result = try cli.run(arguments)
+            let result = try await cli.run(arguments)
             #expect(result.status == 2, "\(arguments.joined(separator: " ")): \(result.status) \(result.output)")
             #expect(!result.stderr.isEmpty)
         }
     }
 
     @Test("bad input to sign and issue: one-line error, non-zero exit, nothing recorded")
-    func badInputChangesNothing() throws {
+    func badInputChangesNothing() async throws {
         let cli = CLI()
         defer { cli.cleanup() }
         let state = cli.home + "/state"
-        #expect(try cli.run(["init", "--permit-dns", "example.org"]).status == 0)
-        let before = try cli.snapshot(state)
+        #expect(try await cli.run(["init", "--permit-dns", "example.org"]).status == 0)
+        let before = try await cli.snapshot(state)
 
         let key = try KeyType.p256.generate()
         let good = try TestPKI.der(TestPKI.csr(key: key, commonName: "x", sans: [.dnsName("a.example.org")]))
@@ -114,7 +114,7 @@ struct CLITests {
         ]
         for (name, data) in files {
             try data.write(to: URL(fileURLWithPath: cli.home + "/" + name))
-            let result = try cli.run(["sign", "--profile", "server", cli.home + "/" + name, "--out", cli.home + "/out.pem"])
+            let result = try await cli.run(["sign", "--profile", "server", cli.home + "/" + name, "--out", cli.home + "/out.pem"])
             #expect(result.status != 0, "\(name) was accepted")
             #expect(result.stderr.split(separator: "\n").count == 1, "\(name): \(result.stderr)")
             #expect(!FileManager.default.fileExists(atPath: cli.home + "/out.pem"))
@@ -132,73 +132,73 @@ struct CLITests {
             ["show", "deadbeef"],
         ]
         for arguments in refusals {
-            let result = try cli.run(arguments)
+            let result = try await cli.run(arguments)
             #expect(result.status != 0, "\(arguments.joined(separator: " ")) succeeded")
             #expect(!result.stderr.isEmpty)
         }
         #expect(!FileManager.default.fileExists(atPath: cli.home + "/o/cert.pem"))
-        let after = try cli.snapshot(state)
+        let after = try await cli.snapshot(state)
         #expect(before.certificates == after.certificates && before.events == after.events)
     }
 
     @Test("missing or corrupt state directories and wrong passphrases are named")
-    func stateErrors() throws {
+    func stateErrors() async throws {
         let cli = CLI()
         defer { cli.cleanup() }
-        let missing = try cli.run(["list", "--state-dir", cli.home + "/nothing"])
+        let missing = try await cli.run(["list", "--state-dir", cli.home + "/nothing"])
         #expect(missing.status == 1)
         #expect(missing.stderr.contains("mutual init"))
 
         let encrypted = cli.home + "/enc"
-        #expect(try cli.run(["init", "--state-dir", encrypted], environment: ["MUTUAL_PASSPHRASE": "right"]).status == 0)
-        let wrong = try cli.run(["list", "--state-dir", encrypted], environment: ["MUTUAL_PASSPHRASE": "wrong"])
+        #expect(try await cli.run(["init", "--state-dir", encrypted], environment: ["MUTUAL_PASSPHRASE": "right"]).status == 0)
+        let wrong = try await cli.run(["list", "--state-dir", encrypted], environment: ["MUTUAL_PASSPHRASE": "wrong"])
         #expect(wrong.status == 1)
         #expect(wrong.stderr.contains("wrong passphrase"))
-        let none = try cli.run(["list", "--state-dir", encrypted])
+        let none = try await cli.run(["list", "--state-dir", encrypted])
         #expect(none.stderr.contains("MUTUAL_PASSPHRASE"))
-        #expect(try cli.run(["list", "--state-dir", encrypted], environment: ["MUTUAL_PASSPHRASE": "right"]).status == 0)
+        #expect(try await cli.run(["list", "--state-dir", encrypted], environment: ["MUTUAL_PASSPHRASE": "right"]).status == 0)
 
-        let reinit = try cli.run(["init", "--state-dir", encrypted])
+        let reinit = try await cli.run(["init", "--state-dir", encrypted])
         #expect(reinit.status == 1)
         #expect(reinit.stderr.contains("refusing to overwrite"))
 
         // Corrupt database file: refused, named, not replaced.
         let corrupt = cli.home + "/corrupt"
-        #expect(try cli.run(["init", "--state-dir", corrupt]).status == 0)
+        #expect(try await cli.run(["init", "--state-dir", corrupt]).status == 0)
         let garbage = Data((0..<8192).map { UInt8(($0 * 7) % 256) })
         try? FileManager.default.removeItem(atPath: corrupt + "/mutual.db-wal")
         try? FileManager.default.removeItem(atPath: corrupt + "/mutual.db-shm")
         try garbage.write(to: URL(fileURLWithPath: corrupt + "/mutual.db"))
-        let result = try cli.run(["list", "--state-dir", corrupt])
+        let result = try await cli.run(["list", "--state-dir", corrupt])
         #expect(result.status == 1)
         #expect(result.stderr.contains("mutual.db"))
         #expect(try Data(contentsOf: URL(fileURLWithPath: corrupt + "/mutual.db")) == garbage)
     }
 
     @Test("audit verify fails, naming the event, after someone edits the database")
-    func auditTamper() throws {
+    func auditTamper() async throws {
         let cli = CLI()
         defer { cli.cleanup() }
         let state = cli.home + "/state"
-        #expect(try cli.run(["init"]).status == 0)
-        #expect(try cli.run(["issue", "--profile", "client", "--cn", "a", "--out-dir", cli.home + "/a"]).status == 0)
+        #expect(try await cli.run(["init"]).status == 0)
+        #expect(try await cli.run(["issue", "--profile", "client", "--cn", "a", "--out-dir", cli.home + "/a"]).status == 0)
         let sqlite = Process()
         sqlite.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         sqlite.arguments = ["python3", "-c", "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute(\"UPDATE audit_events SET actor='mallory' WHERE sequence=2\"); c.commit()", state + "/mutual.db"]
         try sqlite.run()
         sqlite.waitUntilExit()
         #expect(sqlite.terminationStatus == 0)
-        let result = try cli.run(["audit", "verify"])
+        let result = try await cli.run(["audit", "verify"])
         #expect(result.status == 1)
         #expect(result.stderr.contains("event #2"))
     }
 
     @Test("quickstart runs the tour over the API and cleans up")
-    func quickstart() throws {
+    func quickstart() async throws {
         let cli = CLI()
         defer { cli.cleanup() }
         let started = Date.now
-        let result = try cli.run(["quickstart"])
+        let result = try await cli.run(["quickstart"])
         #expect(result.status == 0, "\(result.output)")
         #expect(result.stdout.contains("Enrolled spiffe://quickstart.test/ns/demo/sa/api over POST /v1/sign"))
         #expect(result.stdout.contains("Renewed over mTLS"))
@@ -208,21 +208,21 @@ struct CLITests {
     }
 
     @Test("serve: token create --json, enrollment with curl, graceful stop on SIGTERM")
-    func serveAndStop() throws {
+    func serveAndStop() async throws {
         let cli = CLI()
         defer { cli.cleanup() }
-        #expect(try cli.run(["init"]).status == 0)
-        let tokenResult = try cli.run(["token", "create", "--scope", "*.svc.example.org", "--profile", "server", "--uses", "2", "--json"])
+        #expect(try await cli.run(["init"]).status == 0)
+        let tokenResult = try await cli.run(["token", "create", "--scope", "*.svc.example.org", "--profile", "server", "--uses", "2", "--json"])
         #expect(tokenResult.status == 0, "\(tokenResult.output)")
         let tokenJSON = try JSONSerialization.jsonObject(with: Data(tokenResult.stdout.utf8)) as? [String: Any]
         let token = try #require(tokenJSON?["token"] as? String)
         #expect(tokenJSON?["id"] as? String != nil)
-        let list = try cli.run(["token", "list"])
+        let list = try await cli.run(["token", "list"])
         #expect(list.stdout.contains("0/2"))
         #expect(!list.stdout.contains(token), "secrets are never listed")
         for bad in [["token", "create"], ["token", "create", "--scope", "a*b"], ["token", "create", "--scope", "x", "--uses", "0"],
                     ["token", "create", "--scope", "x", "--max-validity", "400d"], ["token", "revoke", "0000000000000000"]] {
-            let result = try cli.run(bad)
+            let result = try await cli.run(bad)
             #expect(result.status != 0, "\(bad)")
             #expect(!result.stderr.isEmpty)
         }
@@ -240,9 +240,11 @@ struct CLITests {
         var buffer = ""
         let deadline = Date.now.addingTimeInterval(20)
         while port == 0 && Date.now < deadline {
-            let chunk = out.fileHandleForReading.availableData
-            if chunk.isEmpty { break }
-            buffer += String(decoding: chunk, as: UTF8.self)
+            var chunk = [UInt8](repeating: 0, count: 4096)
+            let n = chunk.withUnsafeMutableBytes { read(out.fileHandleForReading.fileDescriptor, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            buffer += String(decoding: chunk[0..<n], as: UTF8.self)
             if let range = buffer.range(of: #"127\.0\.0\.1:(\d+)"#, options: .regularExpression) {
                 port = Int(buffer[range].split(separator: ":").last ?? "") ?? 0
             }
@@ -264,17 +266,19 @@ struct CLITests {
         curl.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
         curl.arguments = ["-s", "--max-time", "10", "--cacert", cli.home + "/state/ca/root.pem", "-H", "Authorization: Bearer \(token)",
                           "-H", "Content-Type: application/json", "--data-binary", "@" + cli.home + "/body.json", "https://127.0.0.1:\(port)/v1/sign"]
-        let curlOut = Pipe()
+        FileManager.default.createFile(atPath: cli.home + "/curl.out", contents: nil)
+        let curlOut = try FileHandle(forWritingTo: URL(fileURLWithPath: cli.home + "/curl.out"))
         curl.standardOutput = curlOut
         try curl.run()
-        let response = curlOut.fileHandleForReading.readDataToEndOfFile()
         curl.waitUntilExit()
+        try curlOut.close()
+        let response = (try? Data(contentsOf: URL(fileURLWithPath: cli.home + "/curl.out"))) ?? Data()
         let issued = try JSONSerialization.jsonObject(with: response) as? [String: Any]
         #expect((issued?["certificate"] as? String)?.contains("BEGIN CERTIFICATE") == true, "\(String(decoding: response, as: UTF8.self))")
 
         process.terminate()  // SIGTERM
         let stopDeadline = Date.now.addingTimeInterval(10)
-        while process.isRunning && Date.now < stopDeadline { Thread.sleep(forTimeInterval: 0.05) }
+        while process.isRunning && Date.now < stopDeadline { try await Task.sleep(for: .milliseconds(50)) }
         #expect(!process.isRunning, "serve did not stop within 10 s of SIGTERM")
         #expect(process.terminationStatus == 0, "graceful stop exits 0")
     }

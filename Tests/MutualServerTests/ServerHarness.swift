@@ -18,6 +18,7 @@ final class ServerHarness: @unchecked Sendable {
     var port = 0
     var httpPort = 0
     var task: Task<Void, any Error>?
+    let shutdownHandle = ShutdownHandle()
 
     var baseURL: String { "https://127.0.0.1:\(port)" }
     var httpURL: String { "http://127.0.0.1:\(httpPort)" }
@@ -36,6 +37,7 @@ final class ServerHarness: @unchecked Sendable {
         let (stream, continuation) = AsyncStream<(String, Int)>.makeStream()
         harness.task = Task {
             try await server.run(
+                shutdown: harness.shutdownHandle,
                 onListening: { port in continuation.yield(("https", port)) },
                 onHTTPListening: { port in continuation.yield(("http", port)) }
             )
@@ -54,7 +56,7 @@ final class ServerHarness: @unchecked Sendable {
     }
 
     func stop() async {
-        task?.cancel()
+        await shutdownHandle.shutdown()
         _ = try? await task?.value
         try? await authority.close()
         try? FileManager.default.removeItem(atPath: dir)
@@ -87,8 +89,26 @@ final class ServerHarness: @unchecked Sendable {
     }
 
     /// Runs curl against the server and returns (HTTP status, body).
+    /// Runs curl on a dispatch thread: waiting for a child process must not block a Swift concurrency thread, which
+    /// the in-process server needs to answer that very request.
     func curl(_ path: String, method: String = "GET", body: String? = nil, contentType: String? = "application/json",
-              headers: [String] = [], clientCert: (cert: String, key: String)? = nil, maxTime: Int = 20) throws -> (Int, String) {
+              headers: [String] = [], clientCert: (cert: String, key: String)? = nil, maxTime: Int = 20) async throws -> (Int, String) {
+        let clientCertificate = clientCert.map { [$0.cert, $0.key] }
+        return try await withCheckedThrowingContinuation { continuation in
+            DispatchQueue.global().async {
+                do {
+                    let pair = clientCertificate.map { (cert: $0[0], key: $0[1]) }
+                    continuation.resume(returning: try self.curlBlocking(path, method: method, body: body, contentType: contentType,
+                                                                         headers: headers, clientCert: pair, maxTime: maxTime))
+                } catch {
+                    continuation.resume(throwing: error)
+                }
+            }
+        }
+    }
+
+    func curlBlocking(_ path: String, method: String, body: String?, contentType: String?,
+                      headers: [String], clientCert: (cert: String, key: String)?, maxTime: Int) throws -> (Int, String) {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/curl")
         var args = ["-s", "-S", "--max-time", String(maxTime), "--cacert", state.rootCertificatePath, "-X", method, "-w", "\n%{http_code}"]
@@ -102,13 +122,17 @@ final class ServerHarness: @unchecked Sendable {
         }
         args.append(baseURL + path)
         process.arguments = args
-        let out = Pipe()
-        process.standardOutput = out
+        // Output goes to a file, not a pipe: a pipe's write end can leak into a child another test spawns at the same
+        // moment, and then EOF never comes.
+        let outPath = dir + "/curl-\(UUID().uuidString)"
+        FileManager.default.createFile(atPath: outPath, contents: nil)
+        let outHandle = try FileHandle(forWritingTo: URL(fileURLWithPath: outPath))
+        process.standardOutput = outHandle
         process.standardError = FileHandle.nullDevice
         try process.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
-        let text = String(decoding: data, as: UTF8.self)
+        try outHandle.close()
+        let text = (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? ""
         let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
         let status = Int(lines.last ?? "") ?? 0
         return (status, lines.dropLast().joined(separator: "\n"))
@@ -122,3 +146,4 @@ final class ServerHarness: @unchecked Sendable {
         String(decoding: (try? JSONSerialization.data(withJSONObject: object)) ?? Data(), as: UTF8.self)
     }
 }
+

@@ -115,7 +115,7 @@ struct ServerTests {
                 ("validity above the token's", "Bearer \(short.token)", ServerHarness.encode(["csr": csr, "validity": "2h"]), 403, "token-not-allowed"),
             ]
             for (label, authorization, body, status, type) in cases {
-                let (code, text) = try server.curl("/v1/sign", method: "POST", body: body, headers: authorization.map { ["Authorization: \($0)"] } ?? [])
+                let (code, text) = try await server.curl("/v1/sign", method: "POST", body: body, headers: authorization.map { ["Authorization: \($0)"] } ?? [])
                 #expect(code == status, "\(label): \(code) \(text)")
                 #expect((ServerHarness.json(text)["type"] as? String) == "urn:mutual:problem:\(type)", "\(label): \(text)")
                 #expect(!((ServerHarness.json(text)["detail"] as? String) ?? "").isEmpty)
@@ -153,19 +153,19 @@ struct ServerTests {
                 ("binary junk", String(decoding: (0..<2000).map { UInt8($0 % 256) }, as: UTF8.self), "application/json", 400),
             ]
             for (label, body, contentType, status) in cases {
-                let (code, text) = try server.curl("/v1/sign", method: "POST", body: body, contentType: contentType, headers: auth)
+                let (code, text) = try await server.curl("/v1/sign", method: "POST", body: body, contentType: contentType, headers: auth)
                 #expect(code == status, "\(label): \(code) \(text.prefix(200))")
                 #expect(ServerHarness.json(text)["type"] != nil, "\(label): not problem+json: \(text.prefix(100))")
             }
             // mTLS endpoints without a client certificate: 401.
             for path in ["/v1/renew", "/v1/revoke"] {
-                let (code, _) = try server.curl(path, method: "POST", body: "{\"csr\":\"x\",\"serial\":\"ab\"}")
+                let (code, _) = try await server.curl(path, method: "POST", body: "{\"csr\":\"x\",\"serial\":\"ab\"}")
                 #expect(code == 401, "\(path)")
             }
-            let (listCode, _) = try server.curl("/v1/certificates")
+            let (listCode, _) = try await server.curl("/v1/certificates")
             #expect(listCode == 401)
             // renew-expired is off by default.
-            let (expiredCode, expiredText) = try server.curl("/v1/renew-expired", method: "POST", body: "{\"certificate\":\"x\",\"csr\":\"x\",\"timestamp\":\"x\",\"signature\":\"\"}")
+            let (expiredCode, expiredText) = try await server.curl("/v1/renew-expired", method: "POST", body: "{\"certificate\":\"x\",\"csr\":\"x\",\"timestamp\":\"x\",\"signature\":\"\"}")
             #expect(expiredCode == 400 || expiredCode == 403, "\(expiredText)")
         } catch {
             await server.stop()
@@ -179,12 +179,12 @@ struct ServerTests {
         let server = try await ServerHarness.start()
         do {
             let admin = (cert: server.state.adminDirectory + "/chain.pem", key: server.state.adminDirectory + "/key.pem")
-            let (code, text) = try server.curl("/v1/certificates?limit=2", clientCert: admin)
+            let (code, text) = try await server.curl("/v1/certificates?limit=2", clientCert: admin)
             #expect(code == 200, "\(text)")
             let page = ServerHarness.json(text)
             #expect((page["items"] as? [Any])?.count == 2)
             #expect(page["next_offset"] as? Int == 2)
-            let (badFilter, _) = try server.curl("/v1/certificates?status=weird", clientCert: admin)
+            let (badFilter, _) = try await server.curl("/v1/certificates?status=weird", clientCert: admin)
             #expect(badFilter == 400)
 
             // A workload certificate issued by this CA: can read itself, not list, not revoke others.
@@ -194,26 +194,26 @@ struct ServerTests {
             try PEMBundle.pem(issued.chain).write(toFile: server.dir + "/w.pem", atomically: true, encoding: .utf8)
             try KeyFile.pem(for: key, passphrase: nil).write(toFile: server.dir + "/w.key", atomically: true, encoding: .utf8)
             let workload = (cert: server.dir + "/w.pem", key: server.dir + "/w.key")
-            #expect(try server.curl("/v1/certificates", clientCert: workload).0 == 403)
-            #expect(try server.curl("/v1/certificates/\(issued.record.serial)", clientCert: workload).0 == 200)
-            #expect(try server.curl("/v1/certificates/\(other.record.serial)", clientCert: workload).0 == 403)
-            let (revokeOther, _) = try server.curl("/v1/revoke", method: "POST", body: ServerHarness.encode(["serial": other.record.serial, "reason": "superseded"]), clientCert: workload)
+            #expect(try await server.curl("/v1/certificates", clientCert: workload).0 == 403)
+            #expect(try await server.curl("/v1/certificates/\(issued.record.serial)", clientCert: workload).0 == 200)
+            #expect(try await server.curl("/v1/certificates/\(other.record.serial)", clientCert: workload).0 == 403)
+            let (revokeOther, _) = try await server.curl("/v1/revoke", method: "POST", body: ServerHarness.encode(["serial": other.record.serial, "reason": "superseded"]), clientCert: workload)
             #expect(revokeOther == 403)
-            let (adminRevoke, adminText) = try server.curl("/v1/revoke", method: "POST", body: ServerHarness.encode(["serial": other.record.serial, "reason": "superseded"]), clientCert: admin)
+            let (adminRevoke, adminText) = try await server.curl("/v1/revoke", method: "POST", body: ServerHarness.encode(["serial": other.record.serial, "reason": "superseded"]), clientCert: admin)
             #expect(adminRevoke == 200, "\(adminText)")
-            let (again, _) = try server.curl("/v1/revoke", method: "POST", body: ServerHarness.encode(["serial": other.record.serial, "reason": "superseded"]), clientCert: admin)
+            let (again, _) = try await server.curl("/v1/revoke", method: "POST", body: ServerHarness.encode(["serial": other.record.serial, "reason": "superseded"]), clientCert: admin)
             #expect(again == 409)
-            let (unknown, _) = try server.curl("/v1/revoke", method: "POST", body: ServerHarness.encode(["serial": "abcdef", "reason": "superseded"]), clientCert: admin)
+            let (unknown, _) = try await server.curl("/v1/revoke", method: "POST", body: ServerHarness.encode(["serial": "abcdef", "reason": "superseded"]), clientCert: admin)
             #expect(unknown == 404)
-            let (badReason, _) = try server.curl("/v1/revoke", method: "POST", body: ServerHarness.encode(["serial": issued.record.serial, "reason": "because"]), clientCert: admin)
+            let (badReason, _) = try await server.curl("/v1/revoke", method: "POST", body: ServerHarness.encode(["serial": issued.record.serial, "reason": "because"]), clientCert: admin)
             #expect(badReason == 400)
 
-            let (rootsCode, roots) = try server.curl("/roots.pem")
+            let (rootsCode, roots) = try await server.curl("/roots.pem")
             #expect(rootsCode == 200 && roots.contains("BEGIN CERTIFICATE"))
-            let (bundleCode, bundle) = try server.curl("/bundle.pem")
+            let (bundleCode, bundle) = try await server.curl("/bundle.pem")
             #expect(bundleCode == 200 && bundle.components(separatedBy: "BEGIN CERTIFICATE").count == 3)
-            #expect(try server.curl("/healthz").0 == 200)
-            let (metricsCode, metrics) = try server.curl("/metrics")
+            #expect(try await server.curl("/healthz").0 == 200)
+            let (metricsCode, metrics) = try await server.curl("/metrics")
             #expect(metricsCode == 200)
             #expect(metrics.contains("mutual_revocation_total{outcome=\"ok\",reason=\"none\"} 1"))
             #expect(metrics.contains("mutual_certificates{status=\"revoked\"} 1"))

@@ -2,6 +2,11 @@ import ArgumentParser
 import Hummingbird
 import Logging
 import MutualServer
+import MutualStore
+import MutualClient
+import AsyncHTTPClient
+import NIOCore
+import NIOSSL
 import Foundation
 import MutualAuthority
 import MutualPKI
@@ -9,7 +14,7 @@ import X509
 
 struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "bench", abstract: "Benchmarks of this machine's Mutual.", subcommands: [BenchIssue.self, BenchCAServer.self]
+        commandName: "bench", abstract: "Benchmarks of this machine's Mutual.", subcommands: [BenchIssue.self, BenchCAServer.self, BenchCRL.self, BenchRevokeEvent.self]
     )
 }
 
@@ -140,5 +145,140 @@ struct BenchCAServer: AsyncParsableCommand {
         print("mutual bench ca-server: http://\(host):\(port)/sign (throwaway CA in \(dir))")
         try await app.runService()
         try await authority.close()
+    }
+}
+
+/// CRL generation time and size with many revoked certificates (issue #4): the inventory is filled with synthetic
+/// revoked records (no signing), then one CRL is built, signed and stored, as after a revocation.
+struct BenchCRL: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "crl", abstract: "CRL generation time and size with N revoked certificates.")
+
+    @Option(help: "Revoked certificates in the inventory.") var revoked = 100_000
+    @Flag(help: "Print JSON.") var json = false
+
+    func run() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("mutual-bench-crl-\(UUID().uuidString.prefix(8))").path
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let state = StateDirectory(path: dir)
+        _ = try await failing { try await Authority.initialize(state: state, name: "Bench CA", keyType: .p256, constraints: .init(), passphrase: nil, actor: "bench") }
+        let authority = try await failing { try await Authority.open(state: state) }
+        let now = Date.now
+        let fillStart = ContinuousClock.now
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            let workers = 256
+            for worker in 0..<workers {
+                group.addTask {
+                    var n = worker
+                    while n < revoked {
+                        var serial = [UInt8](repeating: 0, count: 16)
+                        withUnsafeBytes(of: UInt64(n + 1).bigEndian) { serial.replaceSubrange(8..<16, with: $0) }
+                        serial[0] = 0x40
+                        let hex = serial.hexString
+                        let record = CertificateRecord(
+                            serial: hex, issuer: "bench", subject: "", subjectAlternativeNames: [], identity: "bench-\(n)",
+                            profile: "workload", owner: nil, requester: "bench", notBefore: now, notAfter: now.addingTimeInterval(86_400),
+                            fingerprint: hex, der: [0x30, 0x00], status: .revoked, revokedAt: now, revocationReason: n % 2 == 0 ? "keyCompromise" : "superseded"
+                        )
+                        try await authority.store.recordIssuance(record, audit: AuditEntry(time: now, actor: "bench", action: "bench-fill", subject: hex))
+                        n += workers
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        let fill = ContinuousClock.now - fillStart
+        let publisher = RevocationPublisher(authority: authority)
+        let cpuBefore = BenchIssue.cpuSeconds()
+        let start = ContinuousClock.now
+        let crl = try await publisher.publish(now: now)
+        let elapsed = ContinuousClock.now - start
+        let cpu = BenchIssue.cpuSeconds() - cpuBefore
+        let parsed = try RevocationList(derEncoded: crl.der)
+        try await authority.close()
+        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        if json {
+            try printJSON(["revoked": Double(revoked), "entries": Double(parsed.entries.count), "seconds": seconds, "cpu_seconds": cpu, "bytes": Double(crl.der.count)])
+        } else {
+            print(String(format: "CRL with %d entries: generated, signed and stored in %.3f s (%.3f s CPU), %d bytes (%.1f MiB); inventory filled in %@",
+                         parsed.entries.count, seconds, cpu, crl.der.count, Double(crl.der.count) / 1_048_576, "\(fill)"))
+        }
+    }
+}
+
+/// Time from a revocation (API call by the admin) to the event reaching a Server-Sent-Events subscriber, on loopback.
+struct BenchRevokeEvent: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "revoke-event", abstract: "Revocation-to-event latency over the event stream.")
+
+    @Option(help: "Revocations to time.") var count = 50
+
+    func run() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("mutual-bench-ev-\(UUID().uuidString.prefix(8))").path
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let state = StateDirectory(path: dir)
+        _ = try await failing { try await Authority.initialize(state: state, name: "Bench CA", keyType: .p256, constraints: .init(), passphrase: nil, actor: "bench") }
+        let authority = try await failing { try await Authority.open(state: state) }
+        var logger = Logger(label: "bench")
+        logger.logLevel = .critical
+        let handle = ShutdownHandle()
+        let server = AuthorityServer(authority: authority, configuration: .init(host: "127.0.0.1", port: 0), logger: logger)
+        let (ports, continuation) = AsyncStream<Int>.makeStream()
+        let serverTask = Task { try await server.run(shutdown: handle, onListening: { continuation.yield($0) }) }
+        var port = 0
+        for await p in ports { port = p; break }
+        var issued: [String] = []
+        for i in 0..<count {
+            let key = try KeyType.p256.generate()
+            issued.append(try await authority.issue(.init(profile: .client, publicKey: key.publicKey, commonName: "ev-\(i)"), owner: nil, requester: "bench").record.serial)
+        }
+        let adminChain = try PEMBundle.certificates(fromPEM: String(contentsOfFile: state.adminDirectory + "/chain.pem", encoding: .utf8))
+        let adminKey = try KeyFile.load(pem: String(contentsOfFile: state.adminDirectory + "/key.pem", encoding: .utf8), passphrase: { nil })
+        let admin = try AuthorityClient(baseURL: "https://127.0.0.1:\(port)", trustRoots: [authority.ca.root], identity: (adminChain, adminKey))
+
+        // The subscriber: AsyncHTTPClient streaming the SSE body; records when each serial arrives.
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.trustRoots = .certificates([try NIOSSLCertificate(bytes: try authority.ca.root.derBytes, format: .der)])
+        let http = HTTPClient(eventLoopGroupProvider: .singleton, configuration: .init(tlsConfiguration: tls))
+        let arrivals = AsyncStream<(String, ContinuousClock.Instant)>.makeStream()
+        let subscriber = Task {
+            let request = HTTPClientRequest(url: "https://127.0.0.1:\(port)/v1/revocations/events")
+            let response = try await http.execute(request, timeout: .seconds(300))
+            var pending = ""
+            for try await chunk in response.body {
+                pending += String(buffer: chunk)
+                while let range = pending.range(of: "\n\n") {
+                    let block = String(pending[..<range.lowerBound])
+                    pending = String(pending[range.upperBound...])
+                    if let dataLine = block.split(separator: "\n").first(where: { $0.hasPrefix("data: ") }),
+                       let object = try? JSONSerialization.jsonObject(with: Data(dataLine.dropFirst(6).utf8)) as? [String: Any],
+                       let serial = object["serial"] as? String {
+                        arrivals.continuation.yield((serial, ContinuousClock.now))
+                    }
+                }
+            }
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        var latencies: [Double] = []
+        var iterator = arrivals.stream.makeAsyncIterator()
+        for serial in issued {
+            let start = ContinuousClock.now
+            try await admin.revoke(serial: serial, reason: "superseded")
+            while let (got, at) = await iterator.next() {
+                if got == serial {
+                    let d = at - start
+                    latencies.append(Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15)
+                    break
+                }
+            }
+        }
+        subscriber.cancel()
+        try? await http.shutdown()
+        try await admin.shutdown()
+        await handle.shutdown()
+        _ = try? await serverTask.value
+        try await authority.close()
+        latencies.sort()
+        func q(_ p: Double) -> Double { latencies[min(latencies.count - 1, Int((Double(latencies.count - 1) * p).rounded()))] }
+        print(String(format: "revoke -> event over SSE, %d revocations: p50 %.1f ms, p90 %.1f ms, p99 %.1f ms, max %.1f ms (includes the revoke API call itself)",
+                     latencies.count, q(0.5), q(0.9), q(0.99), latencies.last ?? 0))
     }
 }

@@ -43,16 +43,20 @@ enum SignatureAlgorithmDER {
 /// X.509 Time (UTCTime before 2050, GeneralizedTime from 2050), as RFC 5280 4.1.2.5 requires.
 enum X509Time {
     static func serialize(_ date: Date, into coder: inout DER.Serializer) throws {
-        let c = Calendar.utc.dateComponents([.year, .month, .day, .hour, .minute, .second], from: date)
-        if c.year! < 2050 {
+        // gmtime_r rather than Calendar: a CRL with a million entries formats a million dates.
+        var seconds = time_t(date.timeIntervalSince1970.rounded(.down))
+        var t = tm()
+        gmtime_r(&seconds, &t)
+        let year = Int(t.tm_year) + 1900
+        if year < 2050 {
             try coder.serialize(
-                UTCTime(year: c.year!, month: c.month!, day: c.day!, hours: c.hour!, minutes: c.minute!, seconds: c.second!)
+                UTCTime(year: year, month: Int(t.tm_mon) + 1, day: Int(t.tm_mday), hours: Int(t.tm_hour), minutes: Int(t.tm_min), seconds: Int(t.tm_sec))
             )
         } else {
             try coder.serialize(
                 GeneralizedTime(
-                    year: c.year!, month: c.month!, day: c.day!, hours: c.hour!, minutes: c.minute!, seconds: c.second!,
-                    fractionalSeconds: 0
+                    year: year, month: Int(t.tm_mon) + 1, day: Int(t.tm_mday), hours: Int(t.tm_hour), minutes: Int(t.tm_min),
+                    seconds: Int(t.tm_sec), fractionalSeconds: 0
                 )
             )
         }
@@ -83,3 +87,6 @@ extension Calendar {
 }
 
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif

@@ -148,7 +148,7 @@ public struct AuthorityServer: Sendable {
 
         let router = Router(context: APIContext.self)
         router.add(middleware: ProblemMiddleware())
-        AuthorityRoutes(authority: authority, metrics: metrics, renewExpiredGrace: configuration.renewExpiredGrace, publisher: publisher)
+        AuthorityRoutes(authority: authority, metrics: metrics, renewExpiredGrace: configuration.renewExpiredGrace, publisher: publisher, feed: feed)
             .register(on: router)
         revocation.registerSignedObjects(on: router)
         revocation.registerEvents(on: router)

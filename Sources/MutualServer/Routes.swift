@@ -42,6 +42,7 @@ struct AuthorityRoutes: Sendable {
     let metrics: ServerMetrics
     let renewExpiredGrace: ValidityDuration?
     let publisher: RevocationPublisher
+    let feed: RevocationFeed
 
     func register(on router: Router<APIContext>) {
         router.post("/v1/sign") { request, context in try await self.sign(request, context) }
@@ -186,7 +187,12 @@ struct AuthorityRoutes: Sendable {
                 throw Problem(.badRequest, code: "unknown-reason", title: "Bad Request", detail: "unknown reason '\(reasonText.prefix(40))': expected one of \(RevocationReason.choices)")
             }
             let record = try await authority.revoke(serial: body.serial, reason: reason, requestedBy: presented)
-            // The CRL follows the inventory at once; events reach subscribers through the revocation watcher.
+            // Push the event to subscribers now rather than at the watcher's next poll (subscribers drop duplicates by
+            // sequence), then bring the CRL up to date.
+            if let latest = try? await authority.store.lastRevocationSequence(),
+               let recent = try? await authority.store.revocations(after: max(0, latest - 16)) {
+                await feed.publish(recent.map { .event($0) })
+            }
             _ = try? await publisher.publish()
             return try json(CertificateView(record, now: .now))
         }

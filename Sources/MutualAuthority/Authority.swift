@@ -43,7 +43,7 @@ public final class Authority: Sendable {
     public static func initialize(
         state: StateDirectory, name: String, keyType: KeyType, constraints: CAFactory.Constraints,
         passphrase: String?, policy: IssuancePolicy = IssuancePolicy(), actor: String, now: Date = .now,
-        logger: Logger = Logger(label: "mutual.authority")
+        databaseURL: String? = nil, logger: Logger = Logger(label: "mutual.authority")
     ) async throws -> InitResult {
         let fm = FileManager.default
         if state.isInitialized || fm.fileExists(atPath: state.databasePath) || fm.fileExists(atPath: state.rootKeyPath) {
@@ -69,13 +69,17 @@ public final class Authority: Sendable {
             try AtomicFile.write(PEMBundle.pem([hierarchy.intermediate]), to: state.intermediateCertificatePath)
             created.append(state.intermediateCertificatePath)
 
-            let store = try await Store.openSQLite(path: state.databasePath, logger: logger)
-            created.append(state.databasePath)
+            let store = try await Store.open(databaseURL: databaseURL, sqlitePath: state.databasePath, logger: logger)
+            if databaseURL == nil { created.append(state.databasePath) }
             do {
-                let configuration = AuthorityConfiguration(
+                if databaseURL != nil, try await !store.auditEvents(limit: 1).isEmpty {
+                    throw AuthorityError(.alreadyInitialized, "the database already holds a Mutual CA; refusing to mix a second one into it")
+                }
+                var configuration = AuthorityConfiguration(
                     name: name, keyType: keyType, policy: policy, permittedDNS: constraints.permittedDNS, createdAt: now,
                     keysEncrypted: passphrase != nil
                 )
+                configuration.databaseURL = databaseURL
                 let ca = try IssuingCA(
                     certificate: hierarchy.intermediate, privateKey: hierarchy.intermediateKey, root: hierarchy.root,
                     policy: policy
@@ -127,7 +131,7 @@ public final class Authority: Sendable {
 
     /// Opens an initialized state directory. `passphrase` is asked only if the issuing key is encrypted.
     public static func open(
-        state: StateDirectory, passphrase: () throws -> String? = { nil },
+        state: StateDirectory, passphrase: () throws -> String? = { nil }, databaseURL: String? = nil,
         logger: Logger = Logger(label: "mutual.authority")
     ) async throws -> Authority {
         guard state.isInitialized else {
@@ -162,7 +166,7 @@ public final class Authority: Sendable {
             if error.code == .wrongPassphrase { throw error }
             throw AuthorityError(.corruptState, "the CA files in \(state.caDirectory) are unusable: \(error.reason)")
         }
-        let store = try await Store.openSQLite(path: state.databasePath, logger: logger)
+        let store = try await Store.open(databaseURL: databaseURL ?? configuration.databaseURL, sqlitePath: state.databasePath, logger: logger)
         var configured = ca
         // Where relying parties fetch the CRL and ask OCSP: set by `mutual serve --http-public-url`, used by every
         // process that issues from this state directory.

@@ -49,6 +49,8 @@ public struct AuthorityConfiguration: Codable, Sendable, Hashable {
     public var permittedDNS: [String]
     public var createdAt: Date
     public var keysEncrypted: Bool
+    /// `postgres://…` when the inventory lives in PostgreSQL (shared by replicas); nil: SQLite in the state directory.
+    public var databaseURL: String?
 
     public init(name: String, keyType: KeyType, policy: IssuancePolicy, permittedDNS: [String], createdAt: Date, keysEncrypted: Bool) {
         self.version = 1

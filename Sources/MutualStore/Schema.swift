@@ -103,16 +103,31 @@ enum Schema {
 
     static var latestVersion: Int { migrations(.sqlite).last!.version }
 
-    static func migrate(_ db: any SQLDatabase, types: Types, begin: String) async throws {
+    static func migrate(_ db: any SQLDatabase, types: Types, begin: String, lock: String? = nil) async throws {
+        if let lock {
+            // Replicas starting together: one migrates, the others wait and then find nothing to do.
+            try await db.raw(SQLQueryString(begin)).run()
+            _ = try await db.raw(SQLQueryString(lock)).all()
+            try await db.raw("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)").run()
+            try await db.raw("COMMIT").run()
+        }
         try await db.raw("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)").run()
         let rows = try await db.raw("SELECT version FROM schema_migrations").all()
-        let applied = Set(try rows.map { try $0.decode(column: "version", as: Int.self) })
+        let applied = Set(try rows.map { Int(try $0.decode(column: "version", as: Int64.self)) })
         if let newest = applied.max(), newest > latestVersion {
             throw StoreError(.incompatibleSchema, "the database schema is version \(newest); this mutual understands up to \(latestVersion): upgrade mutual")
         }
         for migration in migrations(types) where !applied.contains(migration.version) {
             try await db.raw(SQLQueryString(begin)).run()
             do {
+                if let lock {
+                    _ = try await db.raw(SQLQueryString(lock)).all()
+                    let again = try await db.raw("SELECT version FROM schema_migrations WHERE version = \(bind: migration.version)").all()
+                    if !again.isEmpty {
+                        try await db.raw("COMMIT").run()
+                        continue
+                    }
+                }
                 for statement in migration.statements {
                     try await db.raw(SQLQueryString(statement)).run()
                 }

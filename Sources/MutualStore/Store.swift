@@ -16,10 +16,11 @@ public final class Store: Sendable {
     private let closeAction: @Sendable () async throws -> Void
     let logger: Logger
 
-    init(writer: any SQLDatabase, reader: any SQLDatabase, begin: String, logger: Logger, close: @escaping @Sendable () async throws -> Void) {
+    init(writer: any SQLDatabase, reader: any SQLDatabase, begin: String, lock: String? = nil, logger: Logger,
+         close: @escaping @Sendable () async throws -> Void) {
         self.writer = writer
         self.reader = reader
-        self.queue = WriteQueue(db: writer, begin: begin, logger: logger)
+        self.queue = WriteQueue(db: writer, begin: begin, lock: lock, logger: logger)
         self.closeAction = close
         self.logger = logger
     }
@@ -144,7 +145,7 @@ public final class Store: Sendable {
     /// Number of certificates by stored status.
     public func countCertificates() async throws -> Int {
         let row = try await reader.raw("SELECT COUNT(*) AS n FROM certificates").first()
-        return try row?.decode(column: "n", as: Int.self) ?? 0
+        return Int(try row?.decode(column: "n", as: Int64.self) ?? 0)
     }
 
     /// Every audit event in order. Cost: linear in the chain length.
@@ -210,14 +211,14 @@ extension Store {
         let seconds = Int64(now.timeIntervalSince1970)
         let row = try await reader.raw("""
             SELECT
-              SUM(CASE WHEN status = 'valid' AND not_after > \(bind: seconds) THEN 1 ELSE 0 END) AS valid,
-              SUM(CASE WHEN status = 'valid' AND not_after <= \(bind: seconds) THEN 1 ELSE 0 END) AS expired,
-              SUM(CASE WHEN status = 'revoked' THEN 1 ELSE 0 END) AS revoked
+              CAST(SUM(CASE WHEN status = 'valid' AND not_after > \(bind: seconds) THEN 1 ELSE 0 END) AS BIGINT) AS valid,
+              CAST(SUM(CASE WHEN status = 'valid' AND not_after <= \(bind: seconds) THEN 1 ELSE 0 END) AS BIGINT) AS expired,
+              CAST(SUM(CASE WHEN status = 'revoked' THEN 1 ELSE 0 END) AS BIGINT) AS revoked
             FROM certificates
             """).first()
         func value(_ column: String) throws -> Int {
             guard let row, try !row.decodeNil(column: column) else { return 0 }
-            return try row.decode(column: column, as: Int.self)
+            return Int(try row.decode(column: column, as: Int64.self))
         }
         return ["valid": try value("valid"), "expired": try value("expired"), "revoked": try value("revoked")]
     }

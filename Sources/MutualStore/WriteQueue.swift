@@ -28,14 +28,16 @@ actor WriteQueue {
 
     private let db: any SQLDatabase
     private let begin: String
+    private let lock: String?
     private let logger: Logger
     private var pending: [(Operation, CheckedContinuation<Outcome, any Error>)] = []
     private var flushing = false
     private var idleWaiters: [CheckedContinuation<Void, Never>] = []
 
-    init(db: any SQLDatabase, begin: String, logger: Logger) {
+    init(db: any SQLDatabase, begin: String, lock: String?, logger: Logger) {
         self.db = db
         self.begin = begin
+        self.lock = lock
         self.logger = logger
     }
 
@@ -106,6 +108,7 @@ actor WriteQueue {
     private func apply(_ operations: [Operation]) async throws -> [Outcome] {
         try await db.raw(SQLQueryString(begin)).run()
         do {
+            if let lock { _ = try await db.raw(SQLQueryString(lock)).all() }
             let outcomes = try await applyInTransaction(operations)
             try await db.raw("COMMIT").run()
             return outcomes

@@ -53,7 +53,8 @@ struct InitCommand: AsyncParsableCommand {
             try await Authority.initialize(
                 state: state, name: name, keyType: keyType,
                 constraints: .init(permittedDNS: permitDNS, permittedURIPrefixes: permitURI),
-                passphrase: passphrase, policy: IssuancePolicy(maximumValidity: maxValidity), actor: cliActor
+                passphrase: passphrase, policy: IssuancePolicy(maximumValidity: maxValidity), actor: cliActor,
+                databaseURL: stateOptions.databaseURL
             )
         }
         if json {

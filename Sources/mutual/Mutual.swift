@@ -74,12 +74,21 @@ struct StateOptions: ParsableArguments {
     @Option(name: .long, help: "State directory of the CA (default: $MUTUAL_STATE_DIR, else ~/.mutual).")
     var stateDir: String?
 
+    @Option(help: "PostgreSQL inventory, postgres://user[:password]@host:port/db (default: $MUTUAL_DATABASE_URL, else what `init` recorded, else SQLite in the state directory).")
+    var database: String?
+
     var state: StateDirectory { StateDirectory.resolve(stateDir) }
+
+    var databaseURL: String? {
+        if let database, !database.isEmpty { return database }
+        if let env = ProcessInfo.processInfo.environment["MUTUAL_DATABASE_URL"], !env.isEmpty { return env }
+        return nil
+    }
 
     /// Opens the authority; asks for the passphrase (MUTUAL_PASSPHRASE or a prompt) only if keys are encrypted.
     func openAuthority() async throws -> Authority {
         do {
-            return try await Authority.open(state: state, passphrase: Passphrase.read)
+            return try await Authority.open(state: state, passphrase: Passphrase.read, databaseURL: databaseURL)
         } catch {
             throw CommandFailure.from(error)
         }

@@ -15,6 +15,8 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
+command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} (apt-get)"
@@ -30,6 +32,13 @@ if [ ! -x "$VENV/bin/lint_pkix_cert" ] || [ ! -x "$VENV/bin/openapi-spec-validat
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check pkilint cryptography openapi-spec-validator
 fi
+
+# ---- a throwaway PostgreSQL cluster (127.0.0.1, free port, unprivileged user), removed on exit
+PG_DIR=$(mktemp -d /tmp/mutual-pg-XXXXXX)
+trap 'bash "$ROOT/scripts/pg.sh" stop "$PG_DIR"' EXIT
+log "starting a throwaway PostgreSQL cluster"
+eval "$(bash "$ROOT/scripts/pg.sh" start "$PG_DIR")"
+export MUTUAL_TEST_POSTGRES_URL MUTUAL_TEST_PG_DIR
 
 # ---- build and unit/integration tests (Swift Testing)
 log "swift build"
@@ -48,4 +57,6 @@ status=0
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" SHARED="$SHARED" bash "$ROOT/scripts/interop.sh" || status=1
 log "interop: revocation (openssl ocsp/crl, pkilint, python cryptography, nginx ssl_crl)"
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-revocation.sh" || status=1
+log "replicas: two authorities on one PostgreSQL under load, with revocations, a SIGKILL and a database restart"
+MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" PG_DIR="$PG_DIR" DURATION="${REPLICA_SECONDS:-60}" bash "$ROOT/scripts/replicas.sh" || status=1
 exit $status

@@ -4,7 +4,23 @@ import SQLKit
 import SQLiteKit
 import Testing
 
-@Suite("Inventory and audit chain on a real SQLite file")
+/// The store backends the conformance suite runs against: SQLite always, PostgreSQL when the test command started a
+/// throwaway cluster (`scripts/pg.sh`, which exports MUTUAL_TEST_POSTGRES_URL).
+enum Backend: String, CaseIterable, Sendable, CustomTestStringConvertible {
+    case sqlite, postgres
+
+    var testDescription: String { rawValue }
+
+    static var postgresURL: String? {
+        ProcessInfo.processInfo.environment["MUTUAL_TEST_POSTGRES_URL"].flatMap { $0.isEmpty ? nil : $0 }
+    }
+
+    static var available: [Backend] {
+        postgresURL == nil ? [.sqlite] : [.sqlite, .postgres]
+    }
+}
+
+@Suite("Store conformance: the same tests on SQLite and PostgreSQL")
 struct StoreTests {
     static func record(_ n: Int, notAfter: Date = Date(timeIntervalSince1970: 1_900_000_000), identity: String? = nil) -> CertificateRecord {
         let serial = String(format: "%032x", n + 1)
@@ -20,12 +36,26 @@ struct StoreTests {
         AuditEntry(time: Date(timeIntervalSince1970: 1_800_000_000), actor: "test", action: action, subject: subject, details: ["k": "v\n\"quoted\""])
     }
 
-    func withStore(_ body: (Store, String) async throws -> Void) async throws {
+    /// Opens a fresh store on `backend`; `location` is the SQLite path or the PostgreSQL URL of a new database.
+    func withStore(_ backend: Backend = .sqlite, _ body: (Store, String) async throws -> Void) async throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("mutual-store-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let path = dir + "/mutual.db"
-        let store = try await Store.openSQLite(path: path)
+        let path: String
+        if backend == .postgres {
+            let base = try #require(Backend.postgresURL)
+            let name = "t_" + UUID().uuidString.prefix(12).lowercased().replacingOccurrences(of: "-", with: "")
+            try PSQL.run(base, "CREATE DATABASE \(name)")
+            path = base.replacingOccurrences(of: "/mutual_test", with: "/\(name)")
+        } else {
+            path = dir + "/mutual.db"
+        }
+        defer {
+            if backend == .postgres, let base = Backend.postgresURL, let name = path.split(separator: "/").last?.split(separator: "?").first {
+                try? PSQL.run(base, "DROP DATABASE IF EXISTS \(name) WITH (FORCE)")
+            }
+        }
+        let store = try await Store.open(databaseURL: backend == .postgres ? path : nil, sqlitePath: path)
         do {
             try await body(store, path)
             try await store.close()
@@ -35,16 +65,20 @@ struct StoreTests {
         }
     }
 
-    /// Runs raw SQL on the database file from a second connection, as an attacker with file access would.
-    func tamper(_ path: String, _ sql: String) async throws {
-        let connection = try await SQLiteConnection.open(storage: .file(path: path))
+    /// Runs raw SQL on the database from a second connection, as an attacker with database access would.
+    func tamper(_ backend: Backend, _ location: String, _ sql: String) async throws {
+        if backend == .postgres {
+            try PSQL.run(location, sql)
+            return
+        }
+        let connection = try await SQLiteConnection.open(storage: .file(path: location))
         try await connection.sql().raw(SQLQueryString(sql)).run()
         try await connection.close()
     }
 
-    @Test("concurrent issuances are batched, all durable, each with its audit event, chain intact")
-    func groupCommit() async throws {
-        try await withStore { store, path in
+    @Test("concurrent issuances are batched, all durable, each with its audit event, chain intact", arguments: Backend.available)
+    func groupCommit(backend: Backend) async throws {
+        try await withStore(backend) { store, path in
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for n in 0..<300 {
                     group.addTask { try await store.recordIssuance(Self.record(n), audit: Self.entry("issue", "\(n)")) }
@@ -61,15 +95,15 @@ struct StoreTests {
             }
             #expect(count == 300)
             // A second, fresh connection sees everything: it was committed, not cached.
-            let reopened = try await Store.openSQLite(path: path)
+            let reopened = try await Store.open(databaseURL: backend == .postgres ? path : nil, sqlitePath: path)
             #expect(try await reopened.countCertificates() == 300)
             try await reopened.close()
         }
     }
 
-    @Test("one bad write in a batch fails alone; the others commit")
-    func batchIsolation() async throws {
-        try await withStore { store, _ in
+    @Test("one bad write in a batch fails alone; the others commit", arguments: Backend.available)
+    func batchIsolation(backend: Backend) async throws {
+        try await withStore(backend) { store, _ in
             try await store.recordIssuance(Self.record(1), audit: Self.entry("issue", "1"))
             let results = await withTaskGroup(of: Bool.self) { group in
                 for n in 2..<40 {
@@ -85,9 +119,9 @@ struct StoreTests {
         }
     }
 
-    @Test("revocation: once, with its event; unknown and repeated revocations change nothing")
-    func revocation() async throws {
-        try await withStore { store, _ in
+    @Test("revocation: once, with its event; unknown and repeated revocations change nothing", arguments: Backend.available)
+    func revocation(backend: Backend) async throws {
+        try await withStore(backend) { store, _ in
             try await store.recordIssuance(Self.record(1), audit: Self.entry("issue", "1"))
             let serial = Self.record(1).serial
             let revoked = try await store.revoke(serial: serial, reason: "keyCompromise", at: Date(timeIntervalSince1970: 1_800_000_100), audit: Self.entry("revoke", serial))
@@ -107,9 +141,9 @@ struct StoreTests {
         }
     }
 
-    @Test("listing by expiry, identity and status")
-    func listing() async throws {
-        try await withStore { store, _ in
+    @Test("listing by expiry, identity and status", arguments: Backend.available)
+    func listing(backend: Backend) async throws {
+        try await withStore(backend) { store, _ in
             let base = Date(timeIntervalSince1970: 1_800_000_000)
             for n in 0..<10 {
                 try await store.recordIssuance(
@@ -154,14 +188,20 @@ struct StoreTests {
         ("UPDATE audit_events SET details = '{}' WHERE sequence = 1", "event #1", "altered"),
     ])
     func tamperDetection(sql: String, where: String, what: String) async throws {
-        try await withStore { store, path in
+        for backend in Backend.available {
+            try await tamperDetection(backend: backend, sql: sql, where: `where`, what: what)
+        }
+    }
+
+    func tamperDetection(backend: Backend, sql: String, where: String, what: String) async throws {
+        try await withStore(backend) { store, path in
             for n in 0..<6 {
                 try await store.recordIssuance(Self.record(n), audit: Self.entry("issue", "\(n)"))
             }
             guard case .intact = try await store.verifyAudit() else { Issue.record("should start intact"); return }
-            try await tamper(path, sql)
+            try await tamper(backend, path, sql)
             guard case .broken(_, let reason) = try await store.verifyAudit() else {
-                Issue.record("tampering with '\(sql)' was not detected")
+                Issue.record("\(backend): tampering with '\(sql)' was not detected")
                 return
             }
             #expect(reason.contains(`where`) && reason.contains(what), "\(reason)")
@@ -178,5 +218,70 @@ struct StoreTests {
         let error = await #expect(throws: StoreError.self) { _ = try await Store.openSQLite(path: dir + "/mutual.db") }
         #expect(error?.code == .unavailable)
         #expect(try Data(contentsOf: URL(fileURLWithPath: dir + "/mutual.db")) == garbage)
+    }
+}
+
+@Suite("Store conformance: tokens, CRLs and revocation log on both backends")
+struct StoreConformanceExtras {
+    @Test("a 1-use token is consumed once across concurrent writers; CRL numbers are strictly increasing", arguments: Backend.available)
+    func tokensAndCRLs(backend: Backend) async throws {
+        try await StoreTests().withStore(backend) { store, _ in
+            let now = Date(timeIntervalSince1970: 1_800_000_000)
+            try await store.createToken(
+                TokenRecord(id: "00000000000000aa", secretHash: String(repeating: "0", count: 64), scopes: ["*.test"], profile: "server",
+                            maxValiditySeconds: 3600, expiresAt: now.addingTimeInterval(3600), usesAllowed: 1, owner: nil, createdAt: now),
+                audit: StoreTests.entry("token-create", "t"))
+            let results = await withTaskGroup(of: Bool.self) { group in
+                for n in 0..<20 {
+                    group.addTask {
+                        (try? await store.recordIssuance(StoreTests.record(n), audit: StoreTests.entry("issue", "\(n)"), consumingToken: "00000000000000aa", now: now)) != nil
+                    }
+                }
+                return await group.reduce(into: [Bool]()) { $0.append($1) }
+            }
+            #expect(results.filter { $0 }.count == 1)
+            #expect(try await store.countCertificates() == 1)
+            #expect(try await store.token(id: "00000000000000aa")?.usesConsumed == 1)
+
+            try await store.storeCRL(StoredCRL(number: 1, thisUpdate: now, nextUpdate: now, lastRevocation: 0, der: [0x30, 0x00]))
+            let duplicate = await #expect(throws: StoreError.self) {
+                try await store.storeCRL(StoredCRL(number: 1, thisUpdate: now, nextUpdate: now, lastRevocation: 0, der: [0x30, 0x00]))
+            }
+            #expect(duplicate?.code == .conflict)
+            let skipped = await #expect(throws: StoreError.self) {
+                try await store.storeCRL(StoredCRL(number: 3, thisUpdate: now, nextUpdate: now, lastRevocation: 0, der: [0x30, 0x00]))
+            }
+            #expect(skipped?.code == .conflict)
+            try await store.storeCRL(StoredCRL(number: 2, thisUpdate: now, nextUpdate: now, lastRevocation: 0, der: [0x30, 0x01]))
+            #expect(try await store.latestCRL()?.number == 2)
+
+            let serial = StoreTests.record(1).serial
+            if try await store.certificate(serial: serial) == nil {
+                try await store.recordIssuance(StoreTests.record(1), audit: StoreTests.entry("issue", "1"))
+            }
+            _ = try await store.revoke(serial: serial, reason: "superseded", at: now, audit: StoreTests.entry("revoke", serial))
+            let events = try await store.revocations(after: 0)
+            #expect(events.map(\.serial) == [serial])
+            #expect(try await store.lastRevocationSequence() == 1)
+            #expect(try await store.statusCounts(now: now)["revoked"] == 1)
+            guard case .intact = try await store.verifyAudit() else { Issue.record("audit chain broken"); return }
+        }
+    }
+}
+
+/// psql, the PostgreSQL client, for the tests' own administrative statements (create/drop databases, tampering).
+enum PSQL {
+    static func run(_ url: String, _ sql: String) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/psql")
+        let plain = url.replacingOccurrences(of: "?tlsmode=disable", with: "")
+        process.arguments = [plain, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else {
+            throw StoreError(.queryFailed, "psql failed (\(process.terminationStatus)) running: \(sql.prefix(80))")
+        }
     }
 }

@@ -86,7 +86,8 @@ final class ReconnectingPostgres: SQLDatabase, Sendable {
             if isBegin { state.withLock { $0.inTransaction = true; $0.transactionBroken = false } }
             if isEnd { state.withLock { $0.inTransaction = false } }
         } catch {
-            if connection.isClosed {
+            if connection.isClosed || Self.isConnectionFailure(error) {
+                try? await connection.close()
                 state.withLock {
                     $0.connection = nil
                     if $0.inTransaction { $0.transactionBroken = true }
@@ -97,6 +98,15 @@ final class ReconnectingPostgres: SQLDatabase, Sendable {
             if isEnd { state.withLock { $0.inTransaction = false } }
             throw error
         }
+    }
+
+    /// Whether an error means the session is gone (connection dropped, server shutting down or restarting: SQLSTATE
+    /// classes 08 and 57), as opposed to an error in the statement itself.
+    static func isConnectionFailure(_ error: any Error) -> Bool {
+        guard let error = error as? PSQLError else { return false }
+        guard error.code == .server, let info = error.serverInfo else { return true }
+        let state = info[.sqlState] ?? ""
+        return state.hasPrefix("08") || state.hasPrefix("57")
     }
 
     func close() async {

@@ -26,6 +26,8 @@ struct BenchIssue: AsyncParsableCommand {
     @Option(help: "Number of certificates to issue.") var count = 20_000
     @Option(help: "Concurrent issuers.") var concurrency = 64
     @Option(help: "State directory to use (default: a fresh temporary one, deleted afterwards).") var stateDir: String?
+    @Option(help: "PostgreSQL URL for the inventory (default: SQLite in the state directory).") var database: String?
+    @Flag(help: "Measure renewals instead: issue --count certificates first (untimed), then renew each with a new key.") var renew = false
     @Flag(help: "Print JSON.") var json = false
 
     func validate() throws {
@@ -41,10 +43,10 @@ struct BenchIssue: AsyncParsableCommand {
         let state = StateDirectory(path: dir)
         if !state.isInitialized {
             _ = try await failing {
-                try await Authority.initialize(state: state, name: "Bench CA", keyType: .p256, constraints: .init(), passphrase: nil, actor: "bench")
+                try await Authority.initialize(state: state, name: "Bench CA", keyType: .p256, constraints: .init(), passphrase: nil, actor: "bench", databaseURL: database)
             }
         }
-        let authority = try await failing { try await Authority.open(state: state) }
+        let authority = try await failing { try await Authority.open(state: state, databaseURL: database) }
         // CSRs are made before the clock starts: clients make them, not the CA.
         var csrs: [[UInt8]] = []
         csrs.reserveCapacity(count)
@@ -58,7 +60,23 @@ struct BenchIssue: AsyncParsableCommand {
             )
             csrs.append(Array(try csr.serializeAsPEM().pemString.utf8))
         }
+        var currents: [Certificate] = []
+        if renew {
+            // Untimed: the certificates to renew.
+            for csr in csrs {
+                currents.append(try await authority.sign(csr: csr, profile: .workload, validity: nil, owner: "bench", requester: "bench").certificate)
+            }
+            var fresh: [[UInt8]] = []
+            for i in 0..<count {
+                let key = try KeyType.p256.generate()
+                let request = try CertificateSigningRequest(version: .v1, subject: DistinguishedName(), privateKey: key, attributes: .init(), signatureAlgorithm: .ecdsaWithSHA256)
+                fresh.append(Array(try request.serializeAsPEM().pemString.utf8))
+                _ = i
+            }
+            csrs = fresh
+        }
         let shared = csrs
+        let renewing = currents
         let cpuBefore = Self.cpuSeconds()
         let started = ContinuousClock.now
         let failures = try await withThrowingTaskGroup(of: Int.self) { group in
@@ -70,7 +88,11 @@ struct BenchIssue: AsyncParsableCommand {
                     var failed = 0
                     for index in range {
                         do {
-                            _ = try await authority.sign(csr: shared[index], profile: .workload, validity: nil, owner: "bench", requester: "bench")
+                            if renewing.isEmpty {
+                                _ = try await authority.sign(csr: shared[index], profile: .workload, validity: nil, owner: "bench", requester: "bench")
+                            } else {
+                                _ = try await authority.renew(current: renewing[index], csr: shared[index])
+                            }
                         } catch {
                             failed += 1
                         }
@@ -93,8 +115,8 @@ struct BenchIssue: AsyncParsableCommand {
                 "cpu_us_per_certificate": cpuPer, "inventory_rows": Double(stored),
             ])
         } else {
-            print(String(format: "issued %d certificates (%d failed) in %.2f s: %.0f certificates/s, %.0f µs CPU per certificate, %d rows in the inventory",
-                         count - failures, failures, seconds, rate, cpuPer, stored))
+            print(String(format: "%@ %d certificates (%d failed) in %.2f s: %.0f certificates/s, %.0f µs CPU per certificate, %d rows in the inventory",
+                         renew ? "renewed" : "issued", count - failures, failures, seconds, rate, cpuPer, stored))
         }
         if failures > 0 { throw ExitCode(1) }
     }

@@ -273,7 +273,7 @@ public final class Authority: Sendable {
                 }
             }
         }
-        let commonName = certificate.subject.commonName
+        let commonName = certificate.subject.lastCommonNameString
         let identity = spiffe ?? sans.first.map { String($0.drop(while: { $0 != ":" }).dropFirst()) } ?? commonName ?? certificate.serialHex
         return CertificateRecord(
             serial: certificate.serialHex, issuer: issuerDescription ?? certificate.issuer.description,
@@ -312,18 +312,5 @@ public final class Authority: Sendable {
     /// Lowercase hex without colons or spaces.
     public static func normalizeSerial(_ serial: String) -> String {
         serial.lowercased().filter { $0 != ":" && !$0.isWhitespace }
-    }
-}
-
-extension DistinguishedName {
-    /// The last common name, if any.
-    var commonName: String? {
-        var result: String?
-        for rdn in self {
-            for attribute in rdn where attribute.type == .RDNAttributeType.commonName {
-                result = String(describing: attribute.value)
-            }
-        }
-        return result
     }
 }

@@ -179,7 +179,8 @@ struct StrictProfilePolicy: VerifierPolicy {
 }
 
 extension DistinguishedName {
-    var lastCommonNameString: String? {
+    /// The last (most specific) common name of the name, as text; nil when there is none.
+    public var lastCommonNameString: String? {
         var result: String?
         for rdn in self {
             for attribute in rdn where attribute.type == .RDNAttributeType.commonName {

@@ -194,7 +194,7 @@ struct AuthorityRoutes: Sendable {
                 await feed.publish(recent.map { .event($0) })
             }
             _ = try? await publisher.publish()
-            return try json(CertificateView(record, now: .now))
+            return try json(CertificateRecordView(record, now: .now))
         }
     }
 
@@ -227,10 +227,10 @@ struct AuthorityRoutes: Sendable {
         }
         let records = try await authority.store.certificates(filter)
         struct Page: Encodable {
-            var items: [CertificateView]
+            var items: [CertificateRecordView]
             var next_offset: Int?
         }
-        return try json(Page(items: records.map { CertificateView($0, now: now) },
+        return try json(Page(items: records.map { CertificateRecordView($0, now: now) },
                              next_offset: records.count == filter.limit ? filter.offset + filter.limit : nil))
     }
 
@@ -243,7 +243,7 @@ struct AuthorityRoutes: Sendable {
         guard let record = try await authority.store.certificate(serial: serial) else {
             throw AuthorityError(.notFound, "no certificate with serial \(serial.prefix(64)) in the inventory")
         }
-        return try json(CertificateView(record, now: .now, includePEM: true))
+        return try json(CertificateRecordView(record, now: .now, pem: PEMCodec.encode(record.der, label: "CERTIFICATE")))
     }
 
     func health() async throws -> Response {
@@ -252,37 +252,6 @@ struct AuthorityRoutes: Sendable {
             return try json(["status": "ok", "issuing_ca_not_after": AuditChain.format(authority.ca.certificate.notValidAfter)])
         } catch {
             return try json(["status": "unavailable", "reason": "inventory: \(error)"], status: .serviceUnavailable)
-        }
-    }
-}
-
-/// The JSON shape of an inventory record.
-struct CertificateView: Encodable {
-    var serial, issuer, subject, identity, profile, requester, fingerprint, status: String
-    var sans: [String]
-    var owner: String?
-    var not_before, not_after: String
-    var revoked_at: String?
-    var revocation_reason: String?
-    var pem: String?
-
-    init(_ r: CertificateRecord, now: Date, includePEM: Bool = false) {
-        serial = r.serial
-        issuer = r.issuer
-        subject = r.subject
-        identity = r.identity
-        profile = r.profile
-        requester = r.requester
-        fingerprint = r.fingerprint
-        status = r.effectiveStatus(at: now)
-        sans = r.subjectAlternativeNames
-        owner = r.owner
-        not_before = AuditChain.format(r.notBefore)
-        not_after = AuditChain.format(r.notAfter)
-        revoked_at = r.revokedAt.map(AuditChain.format)
-        revocation_reason = r.revocationReason
-        if includePEM, let certificate = try? Certificate(derEncoded: r.der) {
-            pem = try? PEMBundle.pem([certificate])
         }
     }
 }

@@ -119,3 +119,33 @@ public enum AuditVerification: Sendable, Hashable {
     case intact(events: Int, head: String)
     case broken(sequence: Int64, reason: String)
 }
+
+/// The JSON shape of an inventory record, shared by `mutual list/show --json` and the HTTP API (DER omitted; `pem`
+/// only when asked for).
+public struct CertificateRecordView: Encodable, Sendable {
+    public var serial, issuer, subject, identity, profile, requester, fingerprint, status: String
+    public var sans: [String]
+    public var owner: String?
+    public var not_before, not_after: String
+    public var revoked_at: String?
+    public var revocation_reason: String?
+    public var pem: String?
+
+    public init(_ r: CertificateRecord, now: Date, pem: String? = nil) {
+        serial = r.serial
+        issuer = r.issuer
+        subject = r.subject
+        identity = r.identity
+        profile = r.profile
+        requester = r.requester
+        fingerprint = r.fingerprint
+        status = r.effectiveStatus(at: now)
+        sans = r.subjectAlternativeNames
+        owner = r.owner
+        not_before = AuditChain.format(r.notBefore)
+        not_after = AuditChain.format(r.notAfter)
+        revoked_at = r.revokedAt.map(AuditChain.format)
+        revocation_reason = r.revocationReason
+        self.pem = pem
+    }
+}

@@ -44,7 +44,7 @@ struct ListCommand: AsyncParsableCommand {
         let records = try await failing { try await authority.store.certificates(filter) }
         try await authority.close()
         if json {
-            try printJSON(records.map { RecordView($0, now: now) })
+            try printJSON(records.map { CertificateRecordView($0, now: now) })
             return
         }
         if records.isEmpty {
@@ -87,7 +87,7 @@ struct ShowCommand: AsyncParsableCommand {
             return
         }
         if json {
-            try printJSON(RecordView(record, now: .now))
+            try printJSON(CertificateRecordView(record, now: .now))
             return
         }
         let now = Date.now
@@ -130,7 +130,7 @@ struct RevokeCommand: AsyncParsableCommand {
             }
             try await authority.close()
             if json {
-                try printJSON(RecordView(record, now: .now))
+                try printJSON(CertificateRecordView(record, now: .now))
             } else {
                 print("Revoked \(record.serial) (\(record.identity)) at \(record.revokedAt ?? .now): \(reason.rawValue)")
                 if let crl { print("Published CRL #\(crl.number) (\(crl.der.count) bytes); subscribed relying parties learn of it from the event stream.") }

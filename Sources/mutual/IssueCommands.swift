@@ -125,7 +125,7 @@ struct SignCommand: AsyncParsableCommand {
 
 func report(_ record: CertificateRecord, outFiles: [String], json: Bool) throws {
     if json {
-        try printJSON(RecordView(record, now: .now))
+        try printJSON(CertificateRecordView(record, now: .now))
         return
     }
     print("Issued \(record.profile) certificate \(record.serial)")
@@ -134,31 +134,4 @@ func report(_ record: CertificateRecord, outFiles: [String], json: Bool) throws 
     print("  valid:      \(record.notBefore) → \(record.notAfter)")
     print("  SHA-256:    \(record.fingerprint)")
     for file in outFiles { print("  wrote       \(file)") }
-}
-
-/// The JSON shape of an inventory record (DER omitted; `show --pem` prints the certificate).
-struct RecordView: Encodable {
-    var serial, issuer, subject, identity, profile, requester, fingerprint, status: String
-    var sans: [String]
-    var owner: String?
-    var not_before, not_after: Date
-    var revoked_at: Date?
-    var revocation_reason: String?
-
-    init(_ r: CertificateRecord, now: Date) {
-        serial = r.serial
-        issuer = r.issuer
-        subject = r.subject
-        identity = r.identity
-        profile = r.profile
-        requester = r.requester
-        fingerprint = r.fingerprint
-        status = r.effectiveStatus(at: now)
-        sans = r.subjectAlternativeNames
-        owner = r.owner
-        not_before = r.notBefore
-        not_after = r.notAfter
-        revoked_at = r.revokedAt
-        revocation_reason = r.revocationReason
-    }
 }

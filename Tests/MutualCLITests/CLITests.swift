@@ -229,7 +229,7 @@ struct CLITests {
 
         let process = Process()
         process.executableURL = URL(fileURLWithPath: CLI.binary)
-        process.arguments = ["serve", "--listen", "127.0.0.1:0"]
+        process.arguments = ["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]
         process.environment = ["HOME": cli.home, "MUTUAL_STATE_DIR": cli.home + "/state", "PATH": "/usr/bin:/bin"]
         let out = Pipe()
         process.standardOutput = out

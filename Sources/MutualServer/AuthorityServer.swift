@@ -168,9 +168,12 @@ public struct AuthorityServer: Sendable {
         // Last in the list, so it is the first to stop on graceful shutdown: it ends open event streams, which lets
         // the HTTP server drain.
         services.append(.init(service: RevocationWatcher(authority: authority, feed: feed, ocsp: ocsp, publisher: publisher, logger: logger)))
-        let group = ServiceGroup(
-            configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
-        )
+        var groupConfiguration = ServiceGroupConfiguration(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        // In-flight requests get 30 s to finish; a request stuck on an unresponsive database must not keep the process
+        // alive for ever, so after that the services are cancelled.
+        groupConfiguration.maximumGracefulShutdownDuration = .seconds(30)
+        groupConfiguration.maximumCancellationDuration = .seconds(5)
+        let group = ServiceGroup(configuration: groupConfiguration)
         await shutdown?.attach(group)
         try await withThrowingTaskGroup(of: Void.self) { tasks in
             tasks.addTask { try await group.run() }

@@ -66,6 +66,7 @@ struct RevocationWatcher: Service {
         var last = (try? await authority.store.lastRevocationSequence()) ?? 0
         await ocsp.noteRevocation(sequence: last)
         var ticks = 0
+        var failing = false
         while !Task.isCancelled {
             try await Task.sleep(for: interval)
             ticks += 1
@@ -81,8 +82,16 @@ struct RevocationWatcher: Service {
                     await feed.publish([.heartbeat])
                     _ = try await publisher.current()
                 }
+                if failing {
+                    failing = false
+                    logger.notice("revocation watcher: store reachable again")
+                }
             } catch {
-                logger.warning("revocation watcher: store unavailable", metadata: ["error": "\(error)"])
+                // Logged once per outage, not every 50 ms.
+                if !failing {
+                    failing = true
+                    logger.warning("revocation watcher: store unavailable; events and OCSP freshness wait for it", metadata: ["error": "\(error)"])
+                }
             }
         }
     }

@@ -71,7 +71,13 @@ struct ServeCommand: AsyncParsableCommand {
             }, onHTTPListening: { port in
                 FileHandle.standardOutput.write(Data("mutual serve: CRL and OCSP on http://\(http?.host ?? ""):\(port) (/crl, /crl.pem, /ocsp, /roots.pem)\n".utf8))
             })
-            try await authority.close()
+            // Pending writes get a few seconds to commit; a database that stopped answering must not hold the exit.
+            await withTaskGroup(of: Void.self) { group in
+                group.addTask { try? await authority.close() }
+                group.addTask { try? await Task.sleep(for: .seconds(5)) }
+                await group.next()
+                group.cancelAll()
+            }
         } catch {
             try? await authority.close()
             throw CommandFailure("serve stopped: \(error)")

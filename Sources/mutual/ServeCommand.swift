@@ -72,12 +72,11 @@ struct ServeCommand: AsyncParsableCommand {
                 FileHandle.standardOutput.write(Data("mutual serve: CRL and OCSP on http://\(http?.host ?? ""):\(port) (/crl, /crl.pem, /ocsp, /roots.pem)\n".utf8))
             })
             // Pending writes get a few seconds to commit; a database that stopped answering must not hold the exit.
-            await withTaskGroup(of: Void.self) { group in
-                group.addTask { try? await authority.close() }
-                group.addTask { try? await Task.sleep(for: .seconds(5)) }
-                await group.next()
-                group.cancelAll()
-            }
+            // (Unstructured tasks: a task group would wait for a stuck close anyway.)
+            let (finished, signal) = AsyncStream<Void>.makeStream()
+            Task { try? await authority.close(); signal.yield() }
+            Task { try? await Task.sleep(for: .seconds(5)); signal.yield() }
+            for await _ in finished { break }
         } catch {
             try? await authority.close()
             throw CommandFailure("serve stopped: \(error)")

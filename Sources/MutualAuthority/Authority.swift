@@ -256,7 +256,7 @@ public final class Authority: Sendable {
     static func makeRecord(_ certificate: Certificate, profile: CertificateProfile, owner: String?, requester: String,
                            issuerDescription: String? = nil) throws -> CertificateRecord
     {
-        let der = try certificate.derBytes
+        let der = try certificate.issuedDER
         let fingerprint = SHA256.hash(data: der).hexString
         var sans: [String] = []
         var spiffe: String?

@@ -14,6 +14,8 @@ public struct IssuingCA: Sendable {
     public var policy: IssuancePolicy
 
     private let subjectKeyIdentifier: ArraySlice<UInt8>
+    /// Parsed once: checked on every issuance.
+    private let nameConstraints: NameConstraints?
 
     public init(certificate: Certificate, privateKey: Certificate.PrivateKey, root: Certificate, policy: IssuancePolicy)
         throws
@@ -28,6 +30,7 @@ public struct IssuingCA: Sendable {
         self.subjectKeyIdentifier =
             (try? certificate.extensions.subjectKeyIdentifier)??.keyIdentifier
             ?? SubjectKeyIdentifier(hash: certificate.publicKey).keyIdentifier
+        self.nameConstraints = try? certificate.extensions.nameConstraints
     }
 
     /// The chain a leaf should present after itself: the issuing intermediate (the root is the trust anchor).
@@ -241,7 +244,7 @@ public struct IssuingCA: Sendable {
                 )
             }
         }
-        guard let constraints = try? certificate.extensions.nameConstraints else { return }
+        guard let constraints = nameConstraints else { return }
         let permittedDNS = constraints.permittedSubtrees.compactMap { if case .dnsName(let d) = $0 { d } else { nil } }
         let excludedDNS = constraints.excludedSubtrees.compactMap { if case .dnsName(let d) = $0 { d } else { nil } }
         let permittedURI = constraints.permittedSubtrees.compactMap {

@@ -96,3 +96,20 @@ extension Array where Element == UInt8 {
         self = bytes
     }
 }
+
+extension Certificate {
+    /// DER of a certificate this process has just signed, assembled from the TBS bytes the signature covers instead of
+    /// re-encoding the whole structure (about a tenth of the issuance path's encoding work). Only for certificates made
+    /// by ``IssuingCA`` (whose algorithm encodings Mutual chooses); tests check it equals ``derBytes``.
+    public var issuedDER: [UInt8] {
+        get throws {
+            var serializer = DER.Serializer()
+            try serializer.appendConstructedNode(identifier: .sequence) { coder in
+                coder.serializeRawBytes(tbsCertificateBytes)
+                try SignatureAlgorithmDER.serialize(signatureAlgorithm, into: &coder)
+                try coder.serialize(ASN1BitString(bytes: signature.rawRepresentation[...]))
+            }
+            return serializer.serializedBytes
+        }
+    }
+}

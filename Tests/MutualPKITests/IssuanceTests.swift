@@ -37,6 +37,7 @@ struct IssuanceTests {
         #expect(sanExtension.critical, "an empty subject requires a critical SAN (RFC 5280 4.2.1.6)")
 
         for certificate in [client, server, workload] {
+            #expect(try certificate.issuedDER == certificate.derBytes, "the fast DER path must equal the full encoding")
             #expect(try certificate.extensions.subjectKeyIdentifier != nil)
             let aki = try #require(try certificate.extensions.authorityKeyIdentifier)
             #expect(aki.keyIdentifier == (try ca.certificate.extensions.subjectKeyIdentifier)?.keyIdentifier)

@@ -147,6 +147,10 @@ extension Store {
         }
         var core = configuration.coreConfiguration
         core.options.connectTimeout = .seconds(5)
+        // A statement (or a lock wait) that takes longer than this fails, and the request answers 503, instead of
+        // holding a client and a replica's writer indefinitely.
+        core.options.additionalStartupParameters.append(("statement_timeout", "15s"))
+        core.options.additionalStartupParameters.append(("idle_in_transaction_session_timeout", "30s"))
         let probe: PostgresConnection
         do {
             probe = try await PostgresConnection.connect(configuration: core, id: 0, logger: logger)

@@ -68,6 +68,10 @@ public final class Authority: Sendable {
             created.append(state.rootCertificatePath)
             try AtomicFile.write(PEMBundle.pem([hierarchy.intermediate]), to: state.intermediateCertificatePath)
             created.append(state.intermediateCertificatePath)
+            try AtomicFile.write(
+                try Self.rootCRLPEM(root: hierarchy.root, rootKey: hierarchy.rootKey, number: 1, now: now), to: state.rootCRLPath
+            )
+            created.append(state.rootCRLPath)
 
             let store = try await Store.open(databaseURL: databaseURL, sqlitePath: state.databasePath, logger: logger)
             if databaseURL == nil { created.append(state.databasePath) }
@@ -175,6 +179,32 @@ public final class Authority: Sendable {
             configured.policy.ocspURL = url + "/ocsp"
         }
         return Authority(state: state, configuration: configuration, ca: configured, store: store, logger: logger)
+    }
+
+    /// How long a root CRL is valid: the root key may be offline, so it is re-signed rarely (`mutual root-crl`).
+    public static let rootCRLValidity = ValidityDuration.days(365)
+
+    /// An (empty) CRL signed by the root: Mutual's root revokes nothing; the CRL exists so that relying parties that
+    /// check every level of a chain (nginx `ssl_crl`, OpenSSL `-crl_check_all`) can validate the intermediate.
+    public static func rootCRLPEM(root: Certificate, rootKey: Certificate.PrivateKey, number: UInt64, now: Date) throws -> String {
+        let der = try RevocationListBuilder(issuer: root, issuerKey: rootKey)
+            .build(number: number, thisUpdate: now, nextUpdate: min(now.addingTimeInterval(rootCRLValidity.timeInterval), root.notValidAfter), entries: [])
+        return RevocationListBuilder.pem(der)
+    }
+
+    /// Re-signs the root CRL with the next number (needs the root key, so run it where the key is).
+    public static func refreshRootCRL(state: StateDirectory, passphrase: () throws -> String?, now: Date = .now) throws -> (number: UInt64, nextUpdate: Date) {
+        let root = try PEMBundle.certificates(fromBytes: try AtomicFile.read(state.rootCertificatePath, what: "root certificate"))[0]
+        let keyText = String(decoding: try AtomicFile.read(state.rootKeyPath, what: "root key (take it out of offline storage first)"), as: UTF8.self)
+        let key = try KeyFile.load(pem: keyText, passphrase: passphrase)
+        guard key.publicKey == root.publicKey else { throw PKIError(.inconsistentCA, "the root key does not match ca/root.pem") }
+        var number: UInt64 = 1
+        if let bytes = try? AtomicFile.read(state.rootCRLPath, what: "root CRL"), let current = try? RevocationList(bytes: bytes),
+           let n = current.crlNumber {
+            number = n.reduce(0) { $0 << 8 | UInt64($1) } + 1
+        }
+        try AtomicFile.write(try rootCRLPEM(root: root, rootKey: key, number: number, now: now), to: state.rootCRLPath)
+        return (number, min(now.addingTimeInterval(rootCRLValidity.timeInterval), root.notValidAfter))
     }
 
     /// Sets the plain-HTTP base URL placed in certificates issued from now on (CRL distribution point `URL/crl`, OCSP

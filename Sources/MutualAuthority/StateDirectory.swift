@@ -36,6 +36,9 @@ public struct StateDirectory: Sendable {
     public var intermediateCertificatePath: String { caDirectory + "/intermediate.pem" }
     public var intermediateKeyPath: String { caDirectory + "/intermediate.key" }
     public var adminDirectory: String { path + "/admin" }
+    /// The root's CRL (revoking intermediates), signed at init and by `mutual root-crl`; relying parties such as nginx
+    /// that check every level of the chain need it.
+    public var rootCRLPath: String { caDirectory + "/root-crl.pem" }
 
     public var isInitialized: Bool { FileManager.default.fileExists(atPath: configPath) }
 }

@@ -152,6 +152,7 @@ public struct AuthorityServer: Sendable {
             .register(on: router)
         revocation.registerSignedObjects(on: router)
         revocation.registerEvents(on: router)
+        revocation.registerChainCRLs(on: router)
         let timeout = TimeAmount.nanoseconds(Int64(configuration.idleTimeout.components.seconds) * 1_000_000_000)
         let app = Application(
             router: router,

@@ -26,6 +26,16 @@ struct RevocationRoutes: Sendable {
         }
     }
 
+    /// `GET /crls.pem`: the root's CRL followed by the issuing CA's current CRL — the file nginx's `ssl_crl` wants.
+    func registerChainCRLs(on router: Router<APIContext>) {
+        router.get("/crls.pem") { _, _ in
+            let root = (try? String(contentsOfFile: self.authority.state.rootCRLPath, encoding: .utf8)) ?? ""
+            let current = try await self.publisher.current()
+            return Response(status: .ok, headers: [.contentType: "application/x-pem-file", .cacheControl: "no-store"],
+                            body: .init(byteBuffer: ByteBuffer(string: root + RevocationListBuilder.pem(current.der))))
+        }
+    }
+
     func registerEvents(on router: Router<APIContext>) {
         router.get("/v1/revocations") { request, _ in try await self.catchUp(request) }
         router.get("/v1/revocations/events") { request, _ in await self.events(request) }

@@ -73,3 +73,19 @@ struct InitCommand: AsyncParsableCommand {
         print("Take the root key offline once you no longer need to re-issue the intermediate: see docs/operations.md.")
     }
 }
+
+struct RootCRLCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "root-crl",
+        abstract: "Re-sign the root's CRL (ca/root-crl.pem) with the next number; needs the root key.",
+        discussion: "The root CRL is valid for a year. Run this where the root key is (bring it back from offline storage), then publish the file; `mutual serve` serves it in /crls.pem."
+    )
+
+    @OptionGroup var stateOptions: StateOptions
+
+    func run() async throws {
+        let state = stateOptions.state
+        let result = try await failing { try Authority.refreshRootCRL(state: state, passphrase: Passphrase.read) }
+        print("Signed root CRL #\(result.number) in \(state.rootCRLPath), valid until \(result.nextUpdate)")
+    }
+}

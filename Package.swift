@@ -77,6 +77,14 @@ let package = Package(
             ]
         ),
         .target(
+            name: "MutualProxy",
+            dependencies: [
+                "MutualPKI",
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
+        .target(
             name: "MutualClient",
             dependencies: [
                 "MutualPKI",
@@ -145,6 +153,10 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ]
+        ),
+        .testTarget(
+            name: "MutualProxyTests",
+            dependencies: ["MutualProxy", "MutualPKI", "TestSupport", .product(name: "X509", package: "swift-certificates")]
         ),
         .testTarget(
             name: "MutualCLITests",

@@ -1,0 +1,55 @@
+import Crypto
+import Foundation
+import MutualPKI
+import X509
+
+/// The identity of a client whose certificate chain the proxy has verified. Only the verifier path creates one from a
+/// validated chain; policy and identity forwarding read it.
+public struct PeerIdentity: Sendable, Hashable {
+    public let leaf: Certificate
+    public let chain: [Certificate]
+    /// The one `spiffe://` URI SAN, if the certificate is a SPIFFE X.509-SVID.
+    public let spiffeID: String?
+    public let uris: [String]
+    public let dnsNames: [String]
+    public let commonName: String?
+    public let organizationalUnits: [String]
+    public let serial: String
+    /// SHA-256 of the leaf's DER, lowercase hex (Envoy's XFCC `Hash`).
+    public let fingerprint: String
+
+    /// `chain` is leaf first, as validated (trust anchor excluded or included: both work).
+    public init(validatedChain chain: [Certificate]) throws {
+        guard let leaf = chain.first else { throw PKIError(.malformedInput, "empty certificate chain") }
+        self.leaf = leaf
+        self.chain = chain
+        var uris: [String] = []
+        var dns: [String] = []
+        for name in (try leaf.extensions.subjectAlternativeNames) ?? SubjectAlternativeNames() {
+            switch name {
+            case .uniformResourceIdentifier(let uri): uris.append(uri)
+            case .dnsName(let name): dns.append(name.lowercased())
+            default: continue
+            }
+        }
+        self.uris = uris
+        self.dnsNames = dns
+        let spiffe = uris.filter { $0.hasPrefix("spiffe://") }
+        self.spiffeID = spiffe.count == 1 ? spiffe[0] : nil
+        self.commonName = leaf.subject.lastCommonNameString
+        var units: [String] = []
+        for rdn in leaf.subject {
+            for attribute in rdn where attribute.type == .RDNAttributeType.organizationalUnitName {
+                units.append(String(describing: attribute.value))
+            }
+        }
+        self.organizationalUnits = units
+        self.serial = leaf.serialHex
+        self.fingerprint = SHA256.hash(data: try leaf.derBytes).hexString
+    }
+
+    /// The name logs and errors show: the SPIFFE ID, else the first URI or DNS SAN, else `CN=…`.
+    public var displayName: String {
+        spiffeID ?? uris.first ?? dnsNames.first ?? commonName.map { "CN=\($0)" } ?? "serial \(serial)"
+    }
+}

@@ -1,0 +1,57 @@
+import Foundation
+
+/// Per-route authorization: the first route whose path prefix (and method list, if any) matches decides; no matching
+/// route means deny. Routes may allow requests without a client certificate (`optionalClientCertificate`), which then
+/// answer 401 for a missing certificate and 403 for a denied identity instead of failing the handshake.
+public struct RoutePolicy: Sendable {
+    public struct Route: Sendable {
+        public var pathPrefix: String
+        /// Upper-case methods; empty means any.
+        public var methods: Set<String>
+        public var allow: [Principal]
+        /// An open route (e.g. `/healthz`): anyone may call it, with or without a certificate; `allow` is ignored.
+        public var allowWithoutCertificate: Bool
+
+        public init(pathPrefix: String, methods: Set<String> = [], allow: [Principal], allowWithoutCertificate: Bool = false) {
+            self.pathPrefix = pathPrefix
+            self.methods = Set(methods.map { $0.uppercased() })
+            self.allow = allow
+            self.allowWithoutCertificate = allowWithoutCertificate
+        }
+
+        func applies(method: String, path: String) -> Bool {
+            guard methods.isEmpty || methods.contains(method.uppercased()) else { return false }
+            if pathPrefix == "/" { return true }
+            return path == pathPrefix || path.hasPrefix(pathPrefix.hasSuffix("/") ? pathPrefix : pathPrefix + "/")
+        }
+    }
+
+    /// A decision and its reason, for the access log, metrics and the error body.
+    public enum Decision: Sendable, Equatable {
+        case allow(route: String, by: String)
+        /// 401: the route needs a client certificate and none was presented.
+        case unauthenticated(reason: String)
+        /// 403: the identity is not allowed (or no route matched: default deny).
+        case deny(reason: String)
+    }
+
+    public var routes: [Route]
+
+    public init(routes: [Route]) { self.routes = routes }
+
+    public func decide(method: String, path: String, peer: PeerIdentity?) -> Decision {
+        guard let route = routes.first(where: { $0.applies(method: method, path: path) }) else {
+            return .deny(reason: "no route allows \(method) \(path) (default deny)")
+        }
+        if route.allowWithoutCertificate {
+            return .allow(route: route.pathPrefix, by: "no certificate required")
+        }
+        guard let peer else {
+            return .unauthenticated(reason: "route \(route.pathPrefix) requires a client certificate")
+        }
+        if let match = route.allow.first(where: { $0.matches(peer) }) {
+            return .allow(route: route.pathPrefix, by: match.description)
+        }
+        return .deny(reason: "\(peer.displayName) is not allowed on route \(route.pathPrefix) (allowed: \(route.allow.map(\.description).joined(separator: ", ")))")
+    }
+}

@@ -8,12 +8,7 @@
 # Prints "N passed, N failed" at the end; exits non-zero on any failure.
 set -uo pipefail
 : "${MUTUAL:?path to the mutual binary}" "${VENV:?pkilint venv}" "${SHARED:?shared dir}"
-T=$(mktemp -d)
-trap 'rm -rf "$T"' EXIT
-pass=0; fail=0
-ok() { pass=$((pass + 1)); echo "ok   $*"; }
-bad() { fail=$((fail + 1)); echo "FAIL $*"; }
-check() { local what=$1; shift; if "$@" >"$T/out" 2>&1; then ok "$what"; else bad "$what"; sed 's/^/     /' "$T/out" | head -20; fi; }
+. "$(dirname "$0")/harness.sh"
 
 # pkilint with exactly the documented false positives filtered: pkix.invalid_uri_syntax for spiffe:// URIs and
 # pkix.invalid_domain_name_syntax for single-label DNS names.

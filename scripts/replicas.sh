@@ -10,14 +10,7 @@
 set -uo pipefail
 : "${MUTUAL:?}" "${VENV:?}" "${PG_DIR:?}"
 DURATION=${DURATION:-60}
-T=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$T"; }
-trap cleanup EXIT
-trap "exit 130" INT TERM PIPE
-pass=0; fail=0
-ok() { pass=$((pass + 1)); echo "ok   $*"; }
-bad() { fail=$((fail + 1)); echo "FAIL $*"; }
+. "$(dirname "$0")/harness.sh"
 PORT=$(cat "$PG_DIR/port")
 psql "postgres://mutual@127.0.0.1:$PORT/mutual_test" -q -c "DROP DATABASE IF EXISTS replicas WITH (FORCE)" -c "CREATE DATABASE replicas" >/dev/null
 DB="postgres://mutual@127.0.0.1:$PORT/replicas?tlsmode=disable"

@@ -113,9 +113,22 @@ public struct AuthorityServer: Sendable {
             }
         }
         if dns.isEmpty && ips.isEmpty { dns = ["localhost"] }
-        let credentials = try await ServerCredentials(
-            authority: authority, dnsNames: dns, ipAddresses: ips, lifetime: configuration.serverCertificateLifetime
-        )
+        let credentials: ServerCredentials
+        do {
+            credentials = try await ServerCredentials(
+                authority: authority, dnsNames: dns, ipAddresses: ips, lifetime: configuration.serverCertificateLifetime
+            )
+        } catch let error as PKIError where error.code == .nameNotPermitted {
+            // A name-constrained CA may not certify the listen address (an IP, say). Keep the DNS names it allows; if
+            // none is left, say how to give the server a name inside the constraints.
+            guard !dns.isEmpty, !ips.isEmpty, let fallback = try? await ServerCredentials(
+                authority: authority, dnsNames: dns, ipAddresses: [], lifetime: configuration.serverCertificateLifetime
+            ) else {
+                throw PKIError(.nameNotPermitted, "the CA's name constraints do not allow the server's own names (\((dns + ips).joined(separator: ", "))): \(error.reason); give --public-url https://NAME:PORT with a name the CA may certify")
+            }
+            logger.notice("server certificate without IP SANs: the CA's name constraints exclude them", metadata: ["names": "\(dns)"])
+            credentials = fallback
+        }
         let metrics = ServerMetrics(registry: registry)
         let publisher = RevocationPublisher(authority: authority, validity: configuration.crlValidity)
         let ocsp = OCSPResponder(authority: authority)

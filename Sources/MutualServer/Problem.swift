@@ -77,10 +77,6 @@ public struct Problem: Error, HTTPResponseError, Sendable {
             }
             return Problem(e.status, code: "http-\(e.status.code)", title: e.status.reasonPhrase, detail: e.body ?? e.status.reasonPhrase)
         default:
-            if String(reflecting: Swift.type(of: error)).contains("PSQLError") || String(reflecting: Swift.type(of: error)).contains("SQLiteError") {
-                // A database failure that reached the edge unclassified: the inventory is the problem, not the request.
-                return Problem(.serviceUnavailable, code: "store-unavailable", title: "Service Unavailable", detail: "inventory unavailable; retry later")
-            }
             return Problem(.internalServerError, code: "internal", title: "Internal Server Error", detail: "unexpected error; see the server log")
         }
     }

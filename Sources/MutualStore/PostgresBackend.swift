@@ -44,7 +44,7 @@ final class ReconnectingPostgres: SQLDatabase, Sendable {
                 self.state.withLock { $0.connection = fresh }
                 return fresh
             } catch {
-                throw StoreError(.unavailable, "PostgreSQL is unreachable: \(String(describing: error).prefix(200))")
+                throw StoreError(.unavailable, "PostgreSQL is unreachable: \(Store.describe(error))")
             }
         }
     }
@@ -93,7 +93,7 @@ final class ReconnectingPostgres: SQLDatabase, Sendable {
                     if $0.inTransaction { $0.transactionBroken = true }
                 }
                 if isEnd { state.withLock { $0.inTransaction = false; $0.transactionBroken = false } }
-                throw StoreError(.unavailable, "lost the connection to PostgreSQL: \(String(describing: error).prefix(200))")
+                throw StoreError(.unavailable, "lost the connection to PostgreSQL: \(Store.describe(error))")
             }
             if isEnd { state.withLock { $0.inTransaction = false } }
             throw error
@@ -155,7 +155,7 @@ extension Store {
         do {
             probe = try await PostgresConnection.connect(configuration: core, id: 0, logger: logger)
         } catch {
-            throw StoreError(.unavailable, "cannot connect to PostgreSQL at \(Self.redacted(url)): \(String(describing: error).prefix(200))")
+            throw StoreError(.unavailable, "cannot connect to PostgreSQL at \(Self.redacted(url)): \(Store.describe(error))")
         }
         let dialect = probe.sql().dialect
         try? await probe.close()
@@ -178,6 +178,12 @@ extension Store {
 
     /// Every write transaction on PostgreSQL starts with this: one writer at a time across all replicas.
     static let postgresLock = "SELECT pg_advisory_xact_lock(7275162584)"
+
+    /// PSQLError's `description` is deliberately generic; its reflection names the actual cause (connection refused,
+    /// authentication failed, database does not exist) without the password.
+    static func describe(_ error: any Error) -> String {
+        String(String(reflecting: error).prefix(300))
+    }
 
     static func redacted(_ url: String) -> String {
         guard var components = URLComponents(string: url) else { return "(unparsable URL)" }

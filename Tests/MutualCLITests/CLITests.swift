@@ -175,6 +175,76 @@ struct CLITests {
         #expect(try Data(contentsOf: URL(fileURLWithPath: corrupt + "/mutual.db")) == garbage)
     }
 
+    @Test("bad database URLs, listen addresses and a missing root key: one-line errors, nothing changed")
+    func serveAndDatabaseInputErrors() async throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        let state = cli.home + "/state"
+        #expect(try await cli.run(["init"]).status == 0)
+        let before = try await cli.snapshot(state)
+        let cases: [([String], Int32, String)] = [
+            (["list", "--database", "postgres://nobody@127.0.0.1:1/x?tlsmode=disable"], 1, "Connection refused"),
+            (["list", "--database", "postgres://%%%"], 1, "invalid PostgreSQL URL"),
+            (["serve", "--listen", "garbage"], 2, "invalid listen address"),
+            (["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:99999"], 2, "invalid listen address"),
+            (["serve", "--listen", "127.0.0.1:0", "--http-public-url", "ftp://x"], 2, "--http-public-url"),
+            (["serve", "--listen", "127.0.0.1:0", "--public-url", "http://not-https"], 2, "--public-url"),
+        ]
+        for (arguments, status, message) in cases {
+            let result = try await cli.run(arguments)
+            #expect(result.status == status, "\(arguments): \(result.status) \(result.output)")
+            #expect(result.stderr.contains(message), "\(arguments): \(result.stderr)")
+            #expect(result.stderr.split(separator: "\n").count == 1, "\(arguments): one line")
+        }
+        // The root CRL needs the root key: without it, a clear error and the CRL file untouched.
+        let rootCRL = try String(contentsOfFile: state + "/ca/root-crl.pem", encoding: .utf8)
+        try FileManager.default.moveItem(atPath: state + "/ca/root.key", toPath: cli.home + "/root.key.offline")
+        let missing = try await cli.run(["root-crl"])
+        #expect(missing.status != 0)
+        #expect(missing.stderr.contains("root key"))
+        #expect(try String(contentsOfFile: state + "/ca/root-crl.pem", encoding: .utf8) == rootCRL)
+        try "-----BEGIN PRIVATE KEY-----\ngarbage\n".write(toFile: state + "/ca/root.key", atomically: true, encoding: .utf8)
+        let corrupt = try await cli.run(["root-crl"])
+        #expect(corrupt.status != 0)
+        #expect(try String(contentsOfFile: state + "/ca/root-crl.pem", encoding: .utf8) == rootCRL)
+        try FileManager.default.removeItem(atPath: state + "/ca/root.key")
+        try FileManager.default.moveItem(atPath: cli.home + "/root.key.offline", toPath: state + "/ca/root.key")
+        let signed = try await cli.run(["root-crl"])
+        #expect(signed.status == 0 && signed.stdout.contains("root CRL #2"), "\(signed.output)")
+        let after = try await cli.snapshot(state)
+        #expect(before.certificates == after.certificates && before.events == after.events)
+    }
+
+    @Test("a name-constrained CA: serve on an IP needs --public-url with a permitted name, and says so")
+    func serveWithNameConstraints() async throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        #expect(try await cli.run(["init", "--permit-dns", "svc.acme.test"]).status == 0)
+        let refused = try await cli.run(["serve", "--listen", "127.0.0.1:0", "--http-listen", "off"])
+        #expect(refused.status == 1)
+        #expect(refused.stderr.contains("--public-url"), "\(refused.stderr)")
+        // With a permitted name the server starts (the IP SAN is left out); it is stopped at once.
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: CLI.binary)
+        process.arguments = ["serve", "--listen", "127.0.0.1:0", "--http-listen", "off", "--public-url", "https://ca.svc.acme.test:9443"]
+        process.environment = ["HOME": cli.home, "MUTUAL_STATE_DIR": cli.home + "/state", "PATH": "/usr/bin:/bin"]
+        FileManager.default.createFile(atPath: cli.home + "/serve.out", contents: nil)
+        let out = try FileHandle(forWritingTo: URL(fileURLWithPath: cli.home + "/serve.out"))
+        process.standardOutput = out
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        var started = false
+        for _ in 0..<200 where !started {
+            try await Task.sleep(for: .milliseconds(50))
+            started = ((try? String(contentsOfFile: cli.home + "/serve.out", encoding: .utf8)) ?? "").contains("listening on https://")
+            if !process.isRunning { break }
+        }
+        #expect(started, "serve did not start with a permitted public name")
+        process.terminate()
+        while process.isRunning { try await Task.sleep(for: .milliseconds(50)) }
+        try out.close()
+    }
+
     @Test("audit verify fails, naming the event, after someone edits the database")
     func auditTamper() async throws {
         let cli = CLI()

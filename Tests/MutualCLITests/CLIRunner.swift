@@ -71,21 +71,6 @@ struct CLI {
                       stderr: (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "")
     }
 
-    static func readAll(_ fd: Int32) -> [UInt8] {
-        var result: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if n > 0 {
-                result.append(contentsOf: buffer[0..<n])
-            } else if n == 0 {
-                return result
-            } else if errno != EINTR {
-                return result
-            }
-        }
-    }
-
     /// `mutual list --json` rows and `audit list --json` events, to check "nothing changed".
     func snapshot(_ state: String) async throws -> (certificates: Int, events: Int) {
         let list = try await run(["list", "--state-dir", state, "--json"])

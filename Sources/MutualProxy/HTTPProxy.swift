@@ -1,0 +1,457 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Prometheus
+import Synchronization
+
+/// Idle upstream HTTP/1.1 connections, one pool per (event loop, upstream): a request borrows a connection on its
+/// own loop (no thread hop), returns it after a complete keep-alive response.
+public final class UpstreamPools: Sendable {
+    private let pools = Mutex<[String: UpstreamPool]>([:])
+    /// Idle connections kept per loop and upstream.
+    let maximumIdle: Int
+
+    public init(maximumIdle: Int = 64) { self.maximumIdle = maximumIdle }
+
+    func pool(for loop: any EventLoop, upstream: UpstreamAddress) -> UpstreamPool {
+        let key = "\(ObjectIdentifier(loop))|\(upstream.host)|\(upstream.port)"
+        return pools.withLock { pools in
+            if let pool = pools[key] { return pool }
+            let pool = UpstreamPool(loop: loop, host: upstream.host, port: upstream.port, maximumIdle: maximumIdle)
+            pools[key] = pool
+            return pool
+        }
+    }
+
+    /// Closes every idle connection (shutdown).
+    public func closeAll() {
+        for pool in pools.withLock({ Array($0.values) }) {
+            pool.loop.execute { pool.closeIdle() }
+        }
+    }
+}
+
+/// Lives on one event loop; only touched from it.
+final class UpstreamPool: @unchecked Sendable {
+    let loop: any EventLoop
+    let host: String
+    let port: Int
+    let maximumIdle: Int
+    private var idle: [UpstreamConnection] = []
+
+    init(loop: any EventLoop, host: String, port: Int, maximumIdle: Int) {
+        self.loop = loop
+        self.host = host
+        self.port = port
+        self.maximumIdle = maximumIdle
+    }
+
+    func acquire(_ completion: @escaping (Result<UpstreamConnection, any Error>) -> Void) {
+        loop.assertInEventLoop()
+        while let connection = idle.popLast() {
+            if connection.channel.isActive && !connection.closed { return completion(.success(connection)) }
+        }
+        let bootstrap = ClientBootstrap(group: loop)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .connectTimeout(.seconds(5))
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHTTPClientHandlers()
+                    try channel.pipeline.syncOperations.addHandler(UpstreamResponseHandler())
+                }
+            }
+        bootstrap.connect(host: host, port: port).assumeIsolated().whenComplete { result in
+            switch result {
+            case .success(let channel):
+                do {
+                    let handler = try channel.pipeline.syncOperations.handler(type: UpstreamResponseHandler.self)
+                    completion(.success(UpstreamConnection(channel: channel, handler: handler)))
+                } catch {
+                    channel.close(promise: nil)
+                    completion(.failure(error))
+                }
+            case .failure(let error):
+                completion(.failure(error))
+            }
+        }
+    }
+
+    func release(_ connection: UpstreamConnection) {
+        loop.assertInEventLoop()
+        connection.handler.sink = nil
+        guard connection.channel.isActive, !connection.closed, idle.count < maximumIdle else {
+            connection.channel.close(promise: nil)
+            return
+        }
+        idle.append(connection)
+    }
+
+    func closeIdle() {
+        for connection in idle { connection.channel.close(promise: nil) }
+        idle.removeAll()
+    }
+}
+
+final class UpstreamConnection {
+    let channel: any Channel
+    let handler: UpstreamResponseHandler
+    var closed: Bool { handler.closed }
+
+    init(channel: any Channel, handler: UpstreamResponseHandler) {
+        self.channel = channel
+        self.handler = handler
+    }
+}
+
+/// Hands upstream response parts to whichever downstream request currently owns the connection.
+final class UpstreamResponseHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPClientResponsePart
+
+    enum Event {
+        case part(HTTPClientResponsePart)
+        case closed
+    }
+
+    var sink: ((Event) -> Void)?
+    var closed = false
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        sink?(.part(unwrapInboundIn(data)))
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        closed = true
+        let sink = self.sink
+        self.sink = nil
+        sink?(.closed)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        closed = true
+        context.close(promise: nil)
+    }
+}
+
+/// The HTTP/1.1 front end of an inbound listener: per request, route policy on the verified identity, identity
+/// headers (clients' copies removed), forwarding over a pooled upstream connection, access log and metrics.
+final class HTTPProxyHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    /// Hop-by-hop headers (RFC 9110 7.6.1) never forwarded in either direction.
+    static let hopByHop: Set<String> = ["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authenticate", "proxy-authorization"]
+
+    let state: InboundState
+    let connection: ConnectionIdentity
+    let runtime: ProxyRuntime
+    let pools: UpstreamPools
+    private var exchange: Exchange?
+    private var counters: [String: Counter] = [:]
+    private var latency: DurationHistogram
+    /// Identity headers computed once per connection (the identity does not change within it).
+    private var identityHeaders: [(String, String)]?
+
+    final class Exchange {
+        let head: HTTPRequestHead
+        let started = ContinuousClock.now
+        let keepAlive: Bool
+        var route: String?
+        var reason: String
+        var rejectStatus: HTTPResponseStatus?
+        var upstream: UpstreamConnection?
+        var pending: [HTTPClientRequestPart] = []
+        var requestEnded = false
+        var responseStarted = false
+        var responseEnded = false
+        var status = 0
+        var bytesIn = 0
+        var bytesOut = 0
+        var upstreamReusable = true
+
+        init(head: HTTPRequestHead, reason: String) {
+            self.head = head
+            self.keepAlive = head.isKeepAlive
+            self.reason = reason
+        }
+    }
+
+    init(state: InboundState, connection: ConnectionIdentity, runtime: ProxyRuntime, pools: UpstreamPools) {
+        self.state = state
+        self.connection = connection
+        self.runtime = runtime
+        self.pools = pools
+        self.latency = runtime.metrics.latency(listener: state.name)
+    }
+
+    private var loopPool: UpstreamPool?
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        loopPool = pools.pool(for: context.eventLoop, upstream: state.upstream)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            begin(context: context, head: head)
+        case .body(let buffer):
+            guard let exchange else { return }
+            exchange.bytesIn += buffer.readableBytes
+            guard exchange.rejectStatus == nil else { return }
+            send(.body(.byteBuffer(buffer)), exchange: exchange)
+        case .end(let trailers):
+            guard let exchange else { return }
+            exchange.requestEnded = true
+            if let status = exchange.rejectStatus {
+                respondDirectly(context: context, exchange: exchange, status: status)
+                return
+            }
+            send(.end(trailers), exchange: exchange, flush: true)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if let exchange, let upstream = exchange.upstream, !exchange.responseEnded {
+            // The client left mid-exchange: the upstream connection is in an unknown state, never reuse it.
+            upstream.handler.sink = nil
+            upstream.channel.close(promise: nil)
+            finish(exchange: exchange, status: exchange.responseStarted ? exchange.status : 499, reason: "client closed the connection")
+        }
+        exchange = nil
+        context.fireChannelInactive()
+    }
+
+    private func begin(context: ChannelHandlerContext, head: HTTPRequestHead) {
+        let path = head.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? head.uri
+        let exchange = Exchange(head: head, reason: "")
+        self.exchange = exchange
+        if let problem = Self.pathProblem(path) {
+            exchange.reason = problem
+            exchange.rejectStatus = .badRequest
+            if exchange.requestEnded { respondDirectly(context: context, exchange: exchange, status: .badRequest) }
+            return
+        }
+        let decision = state.policy.decide(method: head.method.rawValue, path: path, peer: connection.identity)
+        switch decision {
+        case .unauthenticated(let reason):
+            exchange.reason = reason
+            exchange.rejectStatus = .unauthorized
+            return
+        case .deny(let reason):
+            exchange.reason = reason
+            exchange.rejectStatus = .forbidden
+            return
+        case .allow(let route, let by):
+            exchange.route = route
+            exchange.reason = "allowed by \(by)"
+        }
+        var upstreamHead = HTTPRequestHead(version: .http1_1, method: head.method, uri: head.uri)
+        upstreamHead.headers = forwardedHeaders(head.headers, context: context)
+        exchange.pending.append(.head(upstreamHead))
+        guard let pool = loopPool else { return }
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        pool.acquire { result in
+            let (handler, context) = loopBound.value
+            handler.upstreamReady(context: context, exchange: exchange, result: result)
+        }
+    }
+
+    /// Paths whose meaning a backend could read differently from the route prefix are refused rather than guessed.
+    static func pathProblem(_ path: String) -> String? {
+        guard path.hasPrefix("/") else { return "request target must be an absolute path (origin-form)" }
+        let lower = path.lowercased()
+        if lower.contains("%2e") || lower.contains("%2f") || lower.contains("%5c") || path.contains("\\") {
+            return "encoded '.', '/' or '\\' in the path is refused (ambiguous for routing)"
+        }
+        for segment in path.split(separator: "/", omittingEmptySubsequences: false) where segment == "." || segment == ".." {
+            return "dot segments in the path are refused (ambiguous for routing)"
+        }
+        if path.contains("//") { return "empty path segments ('//') are refused (ambiguous for routing)" }
+        return nil
+    }
+
+    private func forwardedHeaders(_ incoming: HTTPHeaders, context: ChannelHandlerContext) -> HTTPHeaders {
+        var named = Set<String>()
+        for value in incoming["connection"] {
+            for token in value.split(separator: ",") { named.insert(token.trimmingCharacters(in: .whitespaces).lowercased()) }
+        }
+        var headers = HTTPHeaders()
+        headers.reserveCapacity(incoming.count + 4)
+        var forwardedFor: String?
+        for (name, value) in incoming {
+            let lower = name.lowercased()
+            if Self.hopByHop.contains(lower) || named.contains(lower) || ForwardedIdentity.strippedHeaders.contains(lower) { continue }
+            if lower == "x-forwarded-proto" { continue }
+            if lower == "x-forwarded-for" { forwardedFor = (forwardedFor.map { $0 + ", " } ?? "") + value; continue }
+            headers.add(name: name, value: value)
+        }
+        if identityHeaders == nil {
+            var computed: [(String, String)] = []
+            if let peer = connection.identity {
+                if state.forwardXFCC, let xfcc = try? ForwardedIdentity.xfcc(peer, by: state.credentials.identity) {
+                    computed.append(("x-forwarded-client-cert", xfcc))
+                }
+                if state.forwardRFC9440 {
+                    if let cert = try? ForwardedIdentity.clientCert(peer) { computed.append(("client-cert", cert)) }
+                    if let chain = try? ForwardedIdentity.clientCertChain(peer) { computed.append(("client-cert-chain", chain)) }
+                }
+            }
+            identityHeaders = computed
+        }
+        for (name, value) in identityHeaders ?? [] { headers.add(name: name, value: value) }
+        headers.add(name: "x-forwarded-proto", value: "https")
+        if let ip = context.channel.remoteAddress?.ipAddress {
+            headers.add(name: "x-forwarded-for", value: forwardedFor.map { "\($0), \(ip)" } ?? ip)
+        }
+        return headers
+    }
+
+    private func upstreamReady(context: ChannelHandlerContext, exchange: Exchange, result: Result<UpstreamConnection, any Error>) {
+        guard self.exchange === exchange, context.channel.isActive else {
+            if case .success(let upstream) = result { loopPool?.release(upstream) }
+            return
+        }
+        switch result {
+        case .failure(let error):
+            exchange.rejectStatus = .badGateway
+            exchange.reason = "upstream \(state.upstream.host):\(state.upstream.port) unreachable: \(Self.describe(error))"
+            runtime.logger.warning("upstream unreachable", metadata: ["listener": "\(state.name)", "error": "\(exchange.reason)"])
+            if exchange.requestEnded { respondDirectly(context: context, exchange: exchange, status: .badGateway) }
+        case .success(let upstream):
+            exchange.upstream = upstream
+            let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            upstream.handler.sink = { event in
+                let (handler, context) = loopBound.value
+                handler.upstreamEvent(context: context, exchange: exchange, event: event)
+            }
+            let parts = exchange.pending
+            exchange.pending = []
+            for part in parts { upstream.channel.write(part, promise: nil) }
+            upstream.channel.flush()
+        }
+    }
+
+    private func send(_ part: HTTPClientRequestPart, exchange: Exchange, flush: Bool = false) {
+        if let upstream = exchange.upstream {
+            if flush { upstream.channel.writeAndFlush(part, promise: nil) } else { upstream.channel.write(part, promise: nil) }
+        } else {
+            exchange.pending.append(part)
+        }
+    }
+
+    private func upstreamEvent(context: ChannelHandlerContext, exchange: Exchange, event: UpstreamResponseHandler.Event) {
+        guard self.exchange === exchange else { return }
+        switch event {
+        case .part(.head(let head)):
+            if head.status.code < 200 { return }  // informational responses are not relayed
+            exchange.responseStarted = true
+            exchange.status = Int(head.status.code)
+            exchange.upstreamReusable = head.isKeepAlive
+            var response = HTTPResponseHead(version: exchange.head.version, status: head.status)
+            var named = Set<String>()
+            for value in head.headers["connection"] {
+                for token in value.split(separator: ",") { named.insert(token.trimmingCharacters(in: .whitespaces).lowercased()) }
+            }
+            for (name, value) in head.headers {
+                let lower = name.lowercased()
+                if Self.hopByHop.contains(lower) || named.contains(lower) { continue }
+                response.headers.add(name: name, value: value)
+            }
+            if !exchange.keepAlive { response.headers.replaceOrAdd(name: "connection", value: "close") }
+            context.write(wrapOutboundOut(.head(response)), promise: nil)
+        case .part(.body(let buffer)):
+            exchange.bytesOut += buffer.readableBytes
+            context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+        case .part(.end(let trailers)):
+            exchange.responseEnded = true
+            let keepAlive = exchange.keepAlive
+            if let upstream = exchange.upstream {
+                if exchange.upstreamReusable && exchange.requestEnded { loopPool?.release(upstream) } else {
+                    upstream.handler.sink = nil
+                    upstream.channel.close(promise: nil)
+                }
+            }
+            self.exchange = nil
+            finish(exchange: exchange, status: exchange.status, reason: exchange.reason)
+            context.writeAndFlush(wrapOutboundOut(.end(trailers))).assumeIsolated().whenComplete { _ in
+                if !keepAlive { context.close(promise: nil) }
+            }
+        case .closed:
+            if exchange.responseEnded { return }
+            if exchange.responseStarted {
+                // Truncated response: the client must not take it as complete.
+                self.exchange = nil
+                finish(exchange: exchange, status: exchange.status, reason: "upstream closed mid-response")
+                context.close(promise: nil)
+            } else {
+                exchange.upstream = nil
+                exchange.rejectStatus = .badGateway
+                exchange.reason = "upstream \(state.upstream.host):\(state.upstream.port) closed the connection before responding"
+                if exchange.requestEnded { respondDirectly(context: context, exchange: exchange, status: .badGateway) }
+            }
+        }
+    }
+
+    /// Answers a request the proxy decides itself (400/401/403/502) with a JSON problem body naming the reason.
+    private func respondDirectly(context: ChannelHandlerContext, exchange: Exchange, status: HTTPResponseStatus) {
+        guard self.exchange === exchange else { return }
+        self.exchange = nil
+        let code: String
+        switch status.code {
+        case 400: code = "bad_request"
+        case 401: code = "client_certificate_required"
+        case 403: code = "forbidden"
+        default: code = "bad_gateway"
+        }
+        let body = "{\"error\":\"\(code)\",\"reason\":\(AccessLog.quote(exchange.reason))}\n"
+        var head = HTTPResponseHead(version: exchange.head.version, status: status)
+        head.headers.add(name: "content-type", value: "application/json")
+        head.headers.add(name: "content-length", value: String(body.utf8.count))
+        if !exchange.keepAlive { head.headers.add(name: "connection", value: "close") }
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
+        exchange.bytesOut = body.utf8.count
+        finish(exchange: exchange, status: Int(status.code), reason: exchange.reason)
+        let keepAlive = exchange.keepAlive
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+            if !keepAlive { context.close(promise: nil) }
+        }
+    }
+
+    private func finish(exchange: Exchange, status: Int, reason: String) {
+        let elapsed = ContinuousClock.now - exchange.started
+        latency.record(elapsed)
+        let key = "\(status)|\(exchange.route ?? "none")"
+        if let counter = counters[key] {
+            counter.increment()
+        } else {
+            let counter = runtime.metrics.requestCounter(listener: state.name, route: exchange.route ?? "none", status: status)
+            counters[key] = counter
+            counter.increment()
+        }
+        guard runtime.accessLog.enabled else { return }
+        let peer = connection.identity
+        let decision: String
+        switch status {
+        case 400: decision = "bad_request"
+        case 401: decision = "unauthenticated"
+        case 403: decision = "deny"
+        default: decision = exchange.route == nil ? "error" : "allow"
+        }
+        runtime.accessLog.record(.init(
+            listener: state.name, client: peer?.displayName, serial: peer?.serial, method: exchange.head.method.rawValue,
+            path: exchange.head.uri, route: exchange.route, decision: decision, reason: reason, status: status,
+            bytesIn: exchange.bytesIn, bytesOut: exchange.bytesOut, latency: elapsed, peer: nil
+        ))
+    }
+
+    static func describe(_ error: any Error) -> String {
+        if let error = error as? NIOConnectionError {
+            return error.connectionErrors.first.map { "\($0.error)" } ?? "\(error)"
+        }
+        if let error = error as? IOError { return error.description }
+        if error is ChannelError { return "\(error)" }
+        return String(describing: error)
+    }
+}

@@ -1,0 +1,204 @@
+import Crypto
+import Foundation
+import MutualPKI
+import NIOCore
+import NIOSSL
+import Synchronization
+import X509
+
+/// One inbound listener's complete, immutable state: credentials, client-CA bundle, TLS context and policy. A
+/// reload builds a new one and swaps it in (``InboundSlot``): new connections take the new state, established ones
+/// keep the one they started with.
+public final class InboundState: Sendable {
+    public let name: String
+    public let configuration: ProxyConfiguration.Listener
+    public let credentials: LoadedCredentials
+    public let clientRoots: [Certificate]
+    public let sslContext: NIOSSLContext
+    public let policy: RoutePolicy
+    public let upstream: UpstreamAddress
+    public let requireCertificate: Bool
+    public let maxDepth: Int
+    public let forwardXFCC: Bool
+    public let forwardRFC9440: Bool
+    let stamps: [String: FileStamp?]
+    /// Identities verified by full handshakes on this TLS context, by leaf fingerprint. A resumed session (which
+    /// skips certificate verification) is only accepted when its certificate is found here, then re-checked for
+    /// expiry and revocation. Session tickets are bound to this context, so the cache never outlives them.
+    private let verifiedIdentities = Mutex<[String: PeerIdentity]>([:])
+    static let verifiedIdentityLimit = 10_000
+
+    /// The key exchange groups offered, hybrid post-quantum first.
+    public static let groups: [NIOTLSCurve] = [.x25519_MLKEM768, .x25519, .secp256r1, .secp384r1]
+
+    public init(name: String, configuration: ProxyConfiguration.Listener, policy: RoutePolicy) throws {
+        self.name = name
+        self.configuration = configuration
+        self.policy = policy
+        self.upstream = try UpstreamAddress(parsing: configuration.upstream, what: "\(name).upstream")
+        self.credentials = try LoadedCredentials.load(cert: configuration.cert, key: configuration.key)
+        self.clientRoots = try LoadedCredentials.readCertificates(configuration.clientCA, what: "client-CA bundle")
+        self.requireCertificate = (configuration.clientCertificate ?? .require) == .require
+        self.maxDepth = configuration.maxDepth ?? 3
+        let forward = configuration.forward ?? ["xfcc", "rfc9440"]
+        self.forwardXFCC = forward.contains("xfcc")
+        self.forwardRFC9440 = forward.contains("rfc9440")
+        self.stamps = FileStamp.stamps([configuration.cert, configuration.key, configuration.clientCA])
+
+        var tls = TLSConfiguration.makeServerConfiguration(
+            certificateChain: credentials.nioChain.map { .certificate($0) }, privateKey: .privateKey(credentials.nioKey)
+        )
+        tls.minimumTLSVersion = .tlsv12
+        tls.curves = Self.groups
+        // The custom verification callback replaces BoringSSL's chain checks; the mode still decides whether a
+        // certificate is requested and whether its absence fails the handshake.
+        tls.certificateVerification = requireCertificate ? .noHostnameVerification : .optionalVerification
+        tls.trustRoots = .certificates(try clientRoots.map { try NIOSSLCertificate(bytes: try $0.derBytes, format: .der) })
+        tls.sendCANameList = true
+        tls.applicationProtocols = configuration.mode == .tcp ? [] : ["http/1.1"]
+        do {
+            self.sslContext = try NIOSSLContext(configuration: tls)
+        } catch {
+            throw ProxyError("\(name): cannot build the TLS context: \(error)")
+        }
+    }
+
+    /// Rebuilds this state if any of its files changed (or `force`); nil when nothing changed.
+    func reloaded(configuration: ProxyConfiguration.Listener? = nil, policy: RoutePolicy? = nil, force: Bool) throws -> InboundState? {
+        let config = configuration ?? self.configuration
+        let changedFiles = FileStamp.stamps([config.cert, config.key, config.clientCA]) != stamps
+        guard force || changedFiles || config != self.configuration else { return nil }
+        return try InboundState(name: name, configuration: config, policy: policy ?? self.policy)
+    }
+
+    /// Verifies a presented client chain (leaf first): validity, clientAuth EKU, a path to a root in the bundle
+    /// within max depth, revocation. The reason strings are what logs and metrics show.
+    func verify(presented: [Certificate], revocation: RevocationState, now: Date = Date()) async -> Result<PeerIdentity, VerificationFailure> {
+        guard let leaf = presented.first else {
+            return .failure(.init(.noCertificate, "no client certificate presented"))
+        }
+        if now > leaf.notValidAfter {
+            return .failure(.init(.expired, "client certificate expired \(leaf.notValidAfter.relativeDescription(from: now)) (notAfter \(leaf.notValidAfter), serial \(leaf.serialHex))"))
+        }
+        if now < leaf.notValidBefore {
+            return .failure(.init(.notYetValid, "client certificate is not valid until \(leaf.notValidBefore) (\(leaf.notValidBefore.relativeDescription(from: now)))"))
+        }
+        let eku = try? leaf.extensions.extendedKeyUsage
+        if eku == nil || !(eku!.contains(.clientAuth) || eku!.contains(.any)) {
+            return .failure(.init(.eku, "client certificate (serial \(leaf.serialHex)) lacks the clientAuth extended key usage"))
+        }
+        let verifier = ChainVerifier(options: .init(
+            roots: clientRoots, intermediates: Array(presented.dropFirst()), validationTime: now,
+            requiredEKU: .clientAuth, maxDepth: maxDepth
+        ))
+        switch await verifier.verify(leaf) {
+        case .rejected(let reason):
+            let kind: HandshakeFailure = reason.contains("no chain to a trusted root") ? .unknownCA
+                : reason.contains("expired") ? .expired : .invalidChain
+            return .failure(.init(kind, "client certificate rejected: \(reason)"))
+        case .accepted(let chain):
+            if let (kind, reason) = revocation.check(chain: chain, now: now) {
+                return .failure(.init(kind, reason))
+            }
+            do {
+                let identity = try PeerIdentity(validatedChain: chain)
+                verifiedIdentities.withLock { cache in
+                    if cache.count >= Self.verifiedIdentityLimit { cache.removeAll(keepingCapacity: true) }
+                    cache[identity.fingerprint] = identity
+                }
+                return .success(identity)
+            } catch {
+                return .failure(.init(.malformed, "client certificate: \(error)"))
+            }
+        }
+    }
+
+    /// The identity of a resumed session: found among those this context verified, and still valid and unrevoked.
+    func resumedIdentity(leafDER: [UInt8], revocation: RevocationState, now: Date = Date()) -> Result<PeerIdentity, VerificationFailure> {
+        let fingerprint = SHA256Hex.of(leafDER)
+        guard let identity = verifiedIdentities.withLock({ $0[fingerprint] }) else {
+            return .failure(.init(.invalidChain, "resumed TLS session carries a certificate this proxy did not verify; refusing it"))
+        }
+        if now > identity.leaf.notValidAfter {
+            return .failure(.init(.expired, "client certificate expired \(identity.leaf.notValidAfter.relativeDescription(from: now)) (notAfter \(identity.leaf.notValidAfter)); resumed session refused"))
+        }
+        if let (kind, reason) = revocation.check(chain: identity.chain, now: now) {
+            return .failure(.init(kind, reason + "; resumed session refused"))
+        }
+        return .success(identity)
+    }
+}
+
+public struct VerificationFailure: Error, Sendable {
+    public var kind: HandshakeFailure
+    public var reason: String
+    init(_ kind: HandshakeFailure, _ reason: String) {
+        self.kind = kind
+        self.reason = reason
+    }
+}
+
+/// The live state of a listener; swapped atomically by reloads.
+public final class InboundSlot: Sendable {
+    private let state: Mutex<InboundState>
+    public init(_ state: InboundState) { self.state = Mutex(state) }
+    public var current: InboundState { state.withLock { $0 } }
+    func replace(_ new: InboundState) { state.withLock { $0 = new } }
+}
+
+/// What one TLS connection learned during its handshake; written by the verification task, read on the event loop.
+final class ConnectionIdentity: Sendable {
+    private let value = Mutex<(PeerIdentity?, VerificationFailure?, Bool)>((nil, nil, false))
+    var identity: PeerIdentity? { value.withLock { $0.0 } }
+    var failure: VerificationFailure? { value.withLock { $0.1 } }
+    /// True once our verification callback ran (false after a resumed handshake).
+    var verified: Bool { value.withLock { $0.2 } }
+    func set(_ result: Result<PeerIdentity, VerificationFailure>) {
+        value.withLock {
+            switch result {
+            case .success(let identity): $0 = (identity, nil, true)
+            case .failure(let failure): $0 = (nil, failure, true)
+            }
+        }
+    }
+    func setResumed(_ identity: PeerIdentity) { value.withLock { $0.0 = identity } }
+}
+
+/// Open connections by certificate serial, so a revocation closes the ones it concerns.
+public final class ConnectionRegistry: Sendable {
+    private struct Entry: Sendable {
+        var channel: any Channel
+        var chain: [Certificate]
+    }
+    private let entries = Mutex<[ObjectIdentifier: Entry]>([:])
+
+    public init() {}
+
+    func register(_ channel: any Channel, identity: PeerIdentity) {
+        entries.withLock { $0[ObjectIdentifier(channel)] = Entry(channel: channel, chain: identity.chain) }
+        channel.closeFuture.whenComplete { [weak self] _ in
+            self?.entries.withLock { _ = $0.removeValue(forKey: ObjectIdentifier(channel)) }
+        }
+    }
+
+    public var count: Int { entries.withLock { $0.count } }
+
+    /// Closes every registered connection whose chain is now revoked; returns how many, with their reasons.
+    func closeRevoked(_ revocation: RevocationState) -> [(String, String)] {
+        let all = entries.withLock { Array($0.values) }
+        var closed: [(String, String)] = []
+        for entry in all {
+            if let (kind, reason) = revocation.check(chain: entry.chain), kind == .revoked {
+                closed.append((entry.chain[0].serialHex, reason))
+                entry.channel.close(promise: nil)
+            }
+        }
+        return closed
+    }
+}
+
+enum SHA256Hex {
+    static func of(_ bytes: [UInt8]) -> String {
+        Crypto.SHA256.hash(data: bytes).hexString
+    }
+}

@@ -1,0 +1,157 @@
+import Foundation
+import Logging
+import MutualPKI
+import NIOCore
+import NIOSSL
+import NIOTLS
+import X509
+
+/// Shared by every connection: metrics, the access log, revocation and the open-connection registry.
+public final class ProxyRuntime: Sendable {
+    public let metrics: ProxyMetrics
+    public let accessLog: AccessLog
+    public let revocation: RevocationState
+    public let registry: ConnectionRegistry
+    public let logger: Logger
+
+    public init(metrics: ProxyMetrics, accessLog: AccessLog, revocation: RevocationState, registry: ConnectionRegistry = ConnectionRegistry(), logger: Logger) {
+        self.metrics = metrics
+        self.accessLog = accessLog
+        self.revocation = revocation
+        self.registry = registry
+        self.logger = logger
+    }
+}
+
+enum InboundPipeline {
+    /// Puts TLS (with our verification), the handshake observer and the mode's handler on a new inbound channel.
+    static func configure(_ channel: any Channel, slot: InboundSlot, runtime: ProxyRuntime, pools: UpstreamPools) throws {
+        let state = slot.current
+        let connection = ConnectionIdentity()
+        let revocation = runtime.revocation
+        let ssl = NIOSSLServerHandler(context: state.sslContext, configuration: .init(), customVerificationCallbackWithMetadata: { presented, promise in
+            let certificates: [Certificate]
+            do {
+                certificates = try presented.map { try Certificate(derEncoded: try $0.toDERBytes()) }
+            } catch {
+                connection.set(.failure(VerificationFailure(.malformed, "client certificate could not be parsed: \(error)")))
+                promise.succeed(.failed)
+                return
+            }
+            Task {
+                let result = await state.verify(presented: certificates, revocation: revocation)
+                connection.set(result)
+                switch result {
+                case .success: promise.succeed(.certificateVerified(VerificationMetadata(nil)))
+                case .failure: promise.succeed(.failed)
+                }
+            }
+        })
+        let sync = channel.pipeline.syncOperations
+        try sync.addHandler(ssl)
+        try sync.addHandler(HandshakeObserver(state: state, connection: connection, runtime: runtime))
+        switch state.configuration.mode ?? .http {
+        case .http:
+            try sync.configureHTTPServerPipeline(withErrorHandling: true)
+            try sync.addHandler(HTTPProxyHandler(state: state, connection: connection, runtime: runtime, pools: pools))
+        case .tcp:
+            try sync.addHandler(TCPInboundHandler(state: state, connection: connection, runtime: runtime))
+        }
+    }
+}
+
+/// Counts and logs handshake outcomes with their reason, accepts resumed sessions only with a known identity, and
+/// registers verified connections so revocation can close them.
+final class HandshakeObserver: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = NIOAny
+
+    let state: InboundState
+    let connection: ConnectionIdentity
+    let runtime: ProxyRuntime
+    private var completed = false
+    private var counted = false
+
+    init(state: InboundState, connection: ConnectionIdentity, runtime: ProxyRuntime) {
+        self.state = state
+        self.connection = connection
+        self.runtime = runtime
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        runtime.metrics.openConnections(listener: state.name).increment()
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        runtime.metrics.openConnections(listener: state.name).decrement()
+        if !completed && !counted {
+            // The peer went away mid-handshake; count it once with what we know.
+            if let failure = connection.failure { fail(context: context, failure, close: false) }
+        }
+        context.fireChannelInactive()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case TLSUserEvent.handshakeCompleted = event {
+            completed = true
+            if !connection.verified, let handler = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self),
+               let peer = handler.peerCertificate {
+                // A resumed session: BoringSSL skipped verification, so the identity must come from our own record.
+                switch (try? peer.toDERBytes()).map({ state.resumedIdentity(leafDER: $0, revocation: runtime.revocation) }) {
+                case .success(let identity)?:
+                    connection.setResumed(identity)
+                case .failure(let failure)?:
+                    fail(context: context, failure, close: true)
+                    return
+                case nil:
+                    fail(context: context, VerificationFailure(.malformed, "resumed session certificate unreadable"), close: true)
+                    return
+                }
+            }
+            counted = true
+            runtime.metrics.handshake(listener: state.name, failure: nil)
+            if let identity = connection.identity {
+                runtime.registry.register(context.channel, identity: identity)
+            }
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if !completed {
+            let failure = connection.failure ?? Self.classify(error)
+            fail(context: context, failure, close: true)
+            return
+        }
+        context.fireErrorCaught(error)
+    }
+
+    private func fail(context: ChannelHandlerContext, _ failure: VerificationFailure, close: Bool) {
+        if !counted {
+            counted = true
+            runtime.metrics.handshake(listener: state.name, failure: failure.kind)
+            runtime.logger.notice("handshake refused", metadata: [
+                "listener": "\(state.name)", "reason": "\(failure.kind.rawValue)", "detail": "\(failure.reason)",
+                "peer": "\(context.channel.remoteAddress?.display ?? "?")",
+            ])
+            runtime.accessLog.record(.init(
+                listener: state.name, client: nil, serial: nil, method: nil, path: nil, route: nil, decision: "refused",
+                reason: failure.reason, status: 0, bytesIn: 0, bytesOut: 0, latency: .zero,
+                peer: context.channel.remoteAddress?.display
+            ))
+        }
+        if close { context.close(promise: nil) }
+    }
+
+    /// Handshake errors that happen before (or instead of) our verification callback.
+    static func classify(_ error: any Error) -> VerificationFailure {
+        let text = String(describing: error)
+        if text.contains("PEER_DID_NOT_RETURN_A_CERTIFICATE") || text.contains("CERTIFICATE_REQUIRED") {
+            return VerificationFailure(.noCertificate, "the client presented no certificate (required on this listener)")
+        }
+        if text.contains("eofDuringHandshake") || text.contains("uncleanShutdown") {
+            return VerificationFailure(.tls, "the client closed the connection during the handshake")
+        }
+        return VerificationFailure(.tls, "TLS handshake failed: \(text)")
+    }
+}

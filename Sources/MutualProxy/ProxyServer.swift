@@ -1,0 +1,335 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Synchronization
+
+/// `mutual proxy`: binds every listener of a ``ProxyConfiguration``, keeps credentials, bundles, CRLs and policy
+/// fresh (file changes and SIGHUP, atomically, keeping the old state when a reload fails), follows revocation, and
+/// drains on shutdown.
+public final class ProxyServer: Sendable {
+    public let runtime: ProxyRuntime
+    let group: any EventLoopGroup
+    let configurationPath: String?
+    private let configuration: Mutex<ProxyConfiguration>
+    let inbound: [InboundSlot]
+    let outbound: [OutboundSlot]
+    let pools = UpstreamPools()
+    let revocationSources: RevocationSources?
+    private let serverChannels = Mutex<[any Channel]>([])
+    private let children = ChannelSet()
+    private let bound = Mutex<[String: SocketAddress]>([:])
+    private let tasks = Mutex<[Task<Void, Never>]>([])
+    private let configurationStamp: Mutex<FileStamp?>
+
+    /// Loads every listener's files; throws with the file and the reason when one cannot be used.
+    public init(configuration: ProxyConfiguration, configurationPath: String? = nil, logger: Logger, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) throws {
+        try configuration.validate()
+        self.configuration = Mutex(configuration)
+        self.configurationPath = configurationPath
+        self.configurationStamp = Mutex(configurationPath.flatMap(FileStamp.init(path:)))
+        self.group = group
+        let revocation = RevocationState(stalePolicy: configuration.revocation?.onStale ?? .deny)
+        let runtime = ProxyRuntime(metrics: ProxyMetrics(), accessLog: try AccessLog(destination: configuration.accessLog), revocation: revocation, logger: logger)
+        self.runtime = runtime
+        var inbound: [InboundSlot] = []
+        for (index, listener) in configuration.listeners.enumerated() {
+            let name = listener.name ?? "inbound-\(index)"
+            let state = try InboundState(name: name, configuration: listener, policy: try configuration.policy(for: listener, label: name))
+            runtime.metrics.certificateExpiry(listener: name, notAfter: state.credentials.leaf.notValidAfter)
+            inbound.append(InboundSlot(state))
+        }
+        self.inbound = inbound
+        self.outbound = try configuration.outbound.enumerated().map { index, out in
+            let state = try OutboundState(name: out.name ?? "outbound-\(index)", configuration: out)
+            return OutboundSlot(state)
+        }
+        for slot in outbound {
+            runtime.metrics.certificateExpiry(listener: slot.current.name, notAfter: slot.current.credentials.leaf.notValidAfter)
+        }
+        self.revocationSources = try configuration.revocation.map { try RevocationSources(configuration: $0, runtime: runtime) }
+    }
+
+    /// The address each listener is bound to, by name (`admin` for the admin listener): how tests find port 0 binds.
+    public var boundAddresses: [String: SocketAddress] { bound.withLock { $0 } }
+
+    public func inboundState(named name: String) -> InboundState? {
+        inbound.first { $0.current.name == name }?.current
+    }
+
+    /// Binds all listeners and starts the background work (file watching, CRL refresh, revocation events).
+    public func start() async throws {
+        let configuration = self.configuration.withLock { $0 }
+        if let sources = revocationSources { try await sources.loadAll(initial: true) }
+        for slot in inbound {
+            let state = slot.current
+            let address = try SocketAddressSpec(parsing: state.configuration.listen, what: "\(state.name).listen")
+            let channel = try await bind(address: address, name: state.name) { [runtime, pools] channel in
+                try InboundPipeline.configure(channel, slot: slot, runtime: runtime, pools: pools)
+            }
+            register(server: channel, name: state.name)
+            runtime.logger.info("listening", metadata: [
+                "listener": "\(state.name)", "address": "\(channel.localAddress?.display ?? "?")",
+                "mode": "\((state.configuration.mode ?? .http).rawValue)", "upstream": "\(state.configuration.upstream)",
+            ])
+        }
+        for slot in outbound {
+            let state = slot.current
+            let address = try SocketAddressSpec(parsing: state.configuration.listen, what: "\(state.name).listen")
+            let channel = try await bind(address: address, name: state.name, autoRead: false) { [runtime] channel in
+                try channel.pipeline.syncOperations.addHandler(OutboundHandler(state: slot.current, runtime: runtime))
+            }
+            register(server: channel, name: state.name)
+            runtime.logger.info("listening (outbound)", metadata: ["listener": "\(state.name)", "address": "\(channel.localAddress?.display ?? "?")", "upstream": "\(state.configuration.upstream)"])
+        }
+        if let admin = configuration.adminListen {
+            let address = try SocketAddressSpec(parsing: admin, what: "admin-listen")
+            let metrics = runtime.metrics
+            let channel = try await ServerBootstrap(group: group)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.configureHTTPServerPipeline()
+                        try channel.pipeline.syncOperations.addHandler(AdminHandler(metrics: metrics))
+                    }
+                }
+                .bind(host: address.host, port: address.port).get()
+            register(server: channel, name: "admin")
+        }
+        let interval = configuration.watchInterval ?? 1
+        var started: [Task<Void, Never>] = []
+        started.append(Task { [weak self] in
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .seconds(interval))
+                guard let self else { return }
+                await self.reload(force: false)
+            }
+        })
+        if let sources = revocationSources {
+            started.append(Task { await sources.refreshLoop() })
+            started.append(Task { await sources.eventLoop() })
+        }
+        tasks.withLock { $0.append(contentsOf: started) }
+    }
+
+    private func bind(address: SocketAddressSpec, name: String, autoRead: Bool = true, configure: @escaping @Sendable (any Channel) throws -> Void) async throws -> any Channel {
+        let children = self.children
+        do {
+            return try await ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: 1024)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                .childChannelOption(.autoRead, value: autoRead)
+                .childChannelInitializer { channel in
+                    children.insert(channel)
+                    return channel.eventLoop.makeCompletedFuture { try configure(channel) }
+                }
+                .bind(host: address.host, port: address.port).get()
+        } catch {
+            throw ProxyError("\(name): cannot listen on \(address): \(error)")
+        }
+    }
+
+    private func register(server channel: any Channel, name: String) {
+        serverChannels.withLock { $0.append(channel) }
+        if let address = channel.localAddress { bound.withLock { $0[name] = address } }
+    }
+
+    /// Re-reads what changed (all of it when `force`, as on SIGHUP). A listener whose new files fail to load keeps
+    /// its current state; the failure is logged with its reason and counted.
+    public func reload(force: Bool) async {
+        var newConfiguration: ProxyConfiguration?
+        if let path = configurationPath {
+            let stamp = FileStamp(path: path)
+            let changed = configurationStamp.withLock { $0 != stamp }
+            if force || changed {
+                do {
+                    let loaded = try ProxyConfiguration.load(path: path)
+                    configurationStamp.withLock { $0 = stamp }
+                    newConfiguration = loaded
+                } catch {
+                    configurationStamp.withLock { $0 = stamp }
+                    runtime.metrics.reload(success: false, listener: "config")
+                    runtime.logger.error("configuration reload failed; keeping the current configuration", metadata: ["path": "\(path)", "error": "\(error)"])
+                }
+            }
+        }
+        for (index, slot) in inbound.enumerated() {
+            let current = slot.current
+            var listenerConfig: ProxyConfiguration.Listener?
+            var policy: RoutePolicy?
+            if let newConfiguration {
+                guard index < newConfiguration.listeners.count, newConfiguration.listeners[index].listen == current.configuration.listen,
+                      (newConfiguration.listeners[index].mode ?? .http) == (current.configuration.mode ?? .http) else {
+                    runtime.logger.error("listeners were added, removed, moved or changed mode; that needs a restart (other changes applied)", metadata: ["listener": "\(current.name)"])
+                    continue
+                }
+                listenerConfig = newConfiguration.listeners[index]
+                do {
+                    policy = try newConfiguration.policy(for: listenerConfig!, label: current.name)
+                } catch {
+                    runtime.logger.error("policy reload failed; keeping the current state", metadata: ["listener": "\(current.name)", "error": "\(error)"])
+                    runtime.metrics.reload(success: false, listener: current.name)
+                    continue
+                }
+            }
+            do {
+                if let fresh = try current.reloaded(configuration: listenerConfig, policy: policy, force: force) {
+                    slot.replace(fresh)
+                    runtime.metrics.reload(success: true, listener: current.name)
+                    runtime.metrics.certificateExpiry(listener: current.name, notAfter: fresh.credentials.leaf.notValidAfter)
+                    runtime.logger.info("reloaded", metadata: ["listener": "\(current.name)", "certificate_serial": "\(fresh.credentials.leaf.serialHex)", "not_after": "\(fresh.credentials.leaf.notValidAfter)"])
+                }
+            } catch {
+                runtime.metrics.reload(success: false, listener: current.name)
+                runtime.logger.error("reload failed; keeping the current certificate, key, bundle and policy", metadata: ["listener": "\(current.name)", "error": "\(error)"])
+            }
+        }
+        for (index, slot) in outbound.enumerated() {
+            let current = slot.current
+            var config: ProxyConfiguration.Outbound?
+            if let newConfiguration, index < newConfiguration.outbound.count, newConfiguration.outbound[index].listen == current.configuration.listen {
+                config = newConfiguration.outbound[index]
+            }
+            do {
+                if let fresh = try current.reloaded(configuration: config, force: force) {
+                    slot.replace(fresh)
+                    runtime.metrics.reload(success: true, listener: current.name)
+                    runtime.metrics.certificateExpiry(listener: current.name, notAfter: fresh.credentials.leaf.notValidAfter)
+                    runtime.logger.info("reloaded", metadata: ["listener": "\(current.name)"])
+                }
+            } catch {
+                runtime.metrics.reload(success: false, listener: current.name)
+                runtime.logger.error("reload failed; keeping the current state", metadata: ["listener": "\(current.name)", "error": "\(error)"])
+            }
+        }
+        if let newConfiguration { self.configuration.withLock { $0 = newConfiguration } }
+        if let sources = revocationSources {
+            if force { try? await sources.loadAll(initial: false) } else { await sources.reloadChangedFiles() }
+        }
+        runtime.accessLog.flush()
+    }
+
+    /// Stops accepting, lets open HTTP exchanges finish (idle keep-alive connections close at once), waits up to
+    /// the drain timeout for connections to end, then closes the rest.
+    public func shutdown() async {
+        for task in tasks.withLock({ $0 }) { task.cancel() }
+        let servers = serverChannels.withLock { $0 }
+        for channel in servers { try? await channel.close() }
+        let open = children.all
+        for channel in open { channel.pipeline.fireUserInboundEventTriggered(ChannelShouldQuiesceEvent()) }
+        let timeout = configuration.withLock { $0.drainTimeout ?? 10 }
+        let deadline = ContinuousClock.now + .milliseconds(Int64(timeout * 1000))
+        while ContinuousClock.now < deadline, !children.isEmpty {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        for channel in children.all { try? await channel.close() }
+        pools.closeAll()
+        await revocationSources?.shutdown()
+        runtime.accessLog.flush()
+    }
+
+    /// Runs until SIGTERM or SIGINT; SIGHUP reloads everything.
+    public func run() async throws {
+        try await start()
+        try await runUntilSignalled()
+    }
+
+    /// After ``start()``: serves until SIGTERM or SIGINT, reloading on SIGHUP, then drains.
+    public func runUntilSignalled() async throws {
+        let signals = AsyncStream<Int32> { continuation in
+            let queue = DispatchQueue(label: "mutual.proxy.signals")
+            var sources: [DispatchSourceSignal] = []
+            for number in [SIGTERM, SIGINT, SIGHUP] {
+                signal(number, SIG_IGN)
+                let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
+                source.setEventHandler { continuation.yield(number) }
+                source.resume()
+                sources.append(source)
+            }
+            let keep = SignalSources(sources: sources)
+            continuation.onTermination = { _ in keep.sources.forEach { $0.cancel() } }
+        }
+        let flusher = Task { [runtime] in
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .milliseconds(100))
+                runtime.accessLog.flush()
+            }
+        }
+        for await number in signals {
+            if number == SIGHUP {
+                runtime.logger.info("SIGHUP: reloading")
+                await reload(force: true)
+                continue
+            }
+            runtime.logger.info("shutting down: draining connections")
+            break
+        }
+        flusher.cancel()
+        await shutdown()
+    }
+}
+
+/// The admin listener: `GET /metrics` (Prometheus text format) and `GET /healthz`.
+final class AdminHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+    let metrics: ProxyMetrics
+    private var uri: String?
+    private var keepAlive = true
+
+    init(metrics: ProxyMetrics) { self.metrics = metrics }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            uri = head.method == .GET ? head.uri : nil
+            keepAlive = head.isKeepAlive
+        case .body:
+            break
+        case .end:
+            let status: HTTPResponseStatus
+            let body: ByteBuffer
+            let type: String
+            switch uri {
+            case "/metrics"?:
+                status = .ok; body = ByteBuffer(bytes: metrics.render()); type = "text/plain; version=0.0.4"
+            case "/healthz"?:
+                status = .ok; body = ByteBuffer(string: "ok\n"); type = "text/plain"
+            default:
+                status = .notFound; body = ByteBuffer(string: "not found: GET /metrics or /healthz\n"); type = "text/plain"
+            }
+            var head = HTTPResponseHead(version: .http1_1, status: status)
+            head.headers.add(name: "content-type", value: type)
+            head.headers.add(name: "content-length", value: String(body.readableBytes))
+            if !keepAlive { head.headers.add(name: "connection", value: "close") }
+            context.write(wrapOutboundOut(.head(head)), promise: nil)
+            context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+            let keepAlive = self.keepAlive
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+                if !keepAlive { context.close(promise: nil) }
+            }
+        }
+    }
+}
+
+/// Dispatch signal sources kept alive for the stream's lifetime (cancelled from its termination handler only).
+private struct SignalSources: @unchecked Sendable {
+    let sources: [any DispatchSourceSignal]
+}
+
+/// Accepted connections still open, for draining at shutdown.
+final class ChannelSet: Sendable {
+    private let channels = Mutex<[ObjectIdentifier: any Channel]>([:])
+
+    func insert(_ channel: any Channel) {
+        channels.withLock { $0[ObjectIdentifier(channel)] = channel }
+        channel.closeFuture.whenComplete { [weak self] _ in
+            self?.channels.withLock { _ = $0.removeValue(forKey: ObjectIdentifier(channel)) }
+        }
+    }
+
+    var all: [any Channel] { channels.withLock { Array($0.values) } }
+    var isEmpty: Bool { channels.withLock { $0.isEmpty } }
+}

@@ -1,0 +1,170 @@
+import ArgumentParser
+import Foundation
+import Logging
+import MutualPKI
+import MutualProxy
+
+struct ProxyCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "proxy",
+        abstract: "Run the mTLS proxy: inbound gateway/sidecar (http or tcp) or outbound sidecar (--outbound).",
+        discussion: """
+            Inbound: verifies client chains against --client-ca (clientAuth EKU, max depth, revocation), applies the
+            allow list (default deny), forwards the verified identity (x-forwarded-client-cert, Client-Cert). Outbound:
+            plaintext in, mTLS out with --cert/--key, verifying the upstream against --server-ca and --expect.
+            Certificates, keys, bundles, CRL files and --config reload on change and on SIGHUP. SIGTERM drains.
+            Everything here can be written in a YAML file: see docs/proxy.md.
+            """
+    )
+
+    @Option(help: "YAML configuration (several listeners, routes, revocation, admin). Other flags then may not be given.")
+    var config: String?
+
+    @Flag(help: "Outbound mode: a plaintext listener carried over mTLS to --upstream.")
+    var outbound = false
+
+    @Option(help: "Address to listen on, HOST:PORT (port 0 picks a free port).")
+    var listen: String?
+
+    @Option(help: "Where to forward: http://HOST:PORT (http mode), HOST:PORT (tcp mode), https://HOST:PORT or HOST:PORT (outbound).")
+    var upstream: String?
+
+    @Option(help: "Inbound mode: http (default) or tcp.")
+    var mode: String?
+
+    @Option(help: "Certificate chain file (leaf first) the proxy presents.")
+    var cert: String?
+
+    @Option(help: "Private key file (unencrypted PEM) for --cert.")
+    var key: String?
+
+    @Option(help: "Inbound: CA bundle client certificates must chain to.")
+    var clientCA: String?
+
+    @Option(help: "Inbound: require (default) or optional client certificates (optional: routes answer 401 unless open).")
+    var clientCertificate: String?
+
+    @Option(name: .customLong("allow"), help: "Inbound: allowed principal (repeatable): spiffe://… (exact or /*), uri:…, dns:…, cn:…, ou:….")
+    var allow: [String] = []
+
+    @Option(name: .customLong("open"), help: "Inbound http: a path prefix anyone may call without a certificate, e.g. /healthz (repeatable).")
+    var openPaths: [String] = []
+
+    @Option(help: "Inbound: largest number of intermediates below a client-CA root (default 3).")
+    var maxDepth: Int?
+
+    @Flag(help: "Inbound tcp: send a PROXY protocol v2 header with the verified client certificate upstream.")
+    var proxyProtocol = false
+
+    @Option(help: "Outbound: CA bundle the upstream's certificate must chain to.")
+    var serverCA: String?
+
+    @Option(help: "Outbound: identity the upstream must present (repeatable): spiffe://… or dns:NAME.")
+    var expect: [String] = []
+
+    @Option(help: "CRL file or URL (repeatable); refreshed on change or every --crl-refresh seconds.")
+    var crl: [String] = []
+
+    @Option(help: "Seconds between CRL URL refreshes.")
+    var crlRefresh: Double?
+
+    @Option(help: "Authority URL (https://…): CRL from /crls.pem when --crl is not given, and live revocation events.")
+    var authority: String?
+
+    @Option(help: "Root certificate that signs the authority's TLS certificate.")
+    var authorityCA: String?
+
+    @Option(help: "When a CRL is past nextUpdate and cannot be refreshed: deny (default) or allow.")
+    var onStale: String?
+
+    @Option(help: "Admin listener for /metrics and /healthz, HOST:PORT.")
+    var adminListen: String?
+
+    @Option(help: "Access log: stdout (default), off, or a file path (JSON lines).")
+    var accessLog: String?
+
+    @Option(help: "Log level: trace|debug|info|notice|warning|error|critical.")
+    var logLevel: String = "info"
+
+    func configurationFromFlags() throws -> ProxyConfiguration {
+        func require(_ value: String?, _ flag: String) throws -> String {
+            guard let value else { throw CommandFailure("missing \(flag) (or use --config FILE)", exitCode: 2) }
+            return value
+        }
+        var configuration = ProxyConfiguration()
+        let listen = try require(listen, "--listen")
+        let upstream = try require(upstream, "--upstream")
+        if outbound {
+            configuration.outbound = [.init(
+                name: "outbound", listen: listen, upstream: upstream, cert: try require(cert, "--cert"), key: try require(key, "--key"),
+                serverCA: try require(serverCA, "--server-ca"), expect: expect
+            )]
+        } else {
+            guard let parsedMode = ProxyConfiguration.Mode(rawValue: mode ?? "http") else {
+                throw CommandFailure("invalid --mode '\(mode ?? "")': expected http or tcp", exitCode: 2)
+            }
+            // Open paths are only reachable without a certificate when the handshake does not demand one.
+            var certMode: ProxyConfiguration.ClientCertificateMode? = openPaths.isEmpty ? nil : .optional
+            if let clientCertificate {
+                guard let parsed = ProxyConfiguration.ClientCertificateMode(rawValue: clientCertificate) else {
+                    throw CommandFailure("invalid --client-certificate '\(clientCertificate)': expected require or optional", exitCode: 2)
+                }
+                certMode = parsed
+            }
+            let routes = openPaths.isEmpty ? nil : openPaths.map { ProxyConfiguration.Route(path: $0, open: true) }
+            configuration.listeners = [.init(
+                name: "inbound", listen: listen, mode: parsedMode, upstream: upstream, cert: try require(cert, "--cert"),
+                key: try require(key, "--key"), clientCA: try require(clientCA, "--client-ca"), clientCertificate: certMode,
+                maxDepth: maxDepth, allow: allow.isEmpty ? nil : allow, routes: routes, proxyProtocol: proxyProtocol ? true : nil
+            )]
+        }
+        if !crl.isEmpty || authority != nil {
+            var stale: ProxyConfiguration.StalePolicy?
+            if let onStale {
+                guard let parsed = ProxyConfiguration.StalePolicy(rawValue: onStale) else {
+                    throw CommandFailure("invalid --on-stale '\(onStale)': expected deny or allow", exitCode: 2)
+                }
+                stale = parsed
+            }
+            configuration.revocation = .init(crl: crl.isEmpty ? nil : crl, refresh: crlRefresh, authority: authority, authorityCA: authorityCA, onStale: stale)
+        }
+        configuration.adminListen = adminListen
+        configuration.accessLog = accessLog
+        return configuration
+    }
+
+    func run() async throws {
+        let configuration: ProxyConfiguration
+        if let config {
+            let flagsGiven = listen != nil || upstream != nil || cert != nil || key != nil || clientCA != nil || !allow.isEmpty || outbound
+            if flagsGiven {
+                throw CommandFailure("--config cannot be combined with listener flags; put them in \(config)", exitCode: 2)
+            }
+            configuration = try await failing { try ProxyConfiguration.load(path: config) }
+        } else {
+            configuration = try await failing {
+                let flags = try configurationFromFlags()
+                try flags.validate()
+                return flags
+            }
+        }
+        var logger = Logger(label: "mutual.proxy")
+        logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+        let server: ProxyServer
+        do {
+            server = try ProxyServer(configuration: configuration, configurationPath: config.map { URL(fileURLWithPath: $0).path }, logger: logger)
+        } catch {
+            throw CommandFailure("\(error)", exitCode: 2)
+        }
+        do {
+            try await server.start()
+        } catch {
+            await server.shutdown()
+            throw CommandFailure("\(error)")
+        }
+        for (name, address) in server.boundAddresses.sorted(by: { $0.key < $1.key }) {
+            FileHandle.standardError.write(Data("mutual proxy: \(name) listening on \(address.display)\n".utf8))
+        }
+        try await server.runUntilSignalled()
+    }
+}

@@ -57,6 +57,8 @@ status=0
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" SHARED="$SHARED" bash "$ROOT/scripts/interop.sh" || status=1
 log "interop: revocation (openssl ocsp/crl, pkilint, python cryptography, nginx ssl_crl)"
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-revocation.sh" || status=1
+log "interop: mutual proxy (curl, openssl s_client, nginx, PROXY v2, revocation, rotation under load)"
+MUTUAL="$ROOT/.build/debug/mutual" bash "$ROOT/scripts/interop-proxy.sh" || status=1
 log "replicas: two authorities on one PostgreSQL under load, with revocations, a SIGKILL and a database restart"
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" PG_DIR="$PG_DIR" DURATION="${REPLICA_SECONDS:-60}" bash "$ROOT/scripts/replicas.sh" || status=1
 exit $status

@@ -180,8 +180,9 @@ final class OutboundHandler: ChannelInboundHandler {
             upstream.flush()
             buffered = []
             try context.pipeline.syncOperations.addHandler(inbound, position: .after(self))
+            let channel = context.channel
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
-            context.read()
+            channel.read()
         } catch {
             upstream.close(promise: nil)
             context.close(promise: nil)

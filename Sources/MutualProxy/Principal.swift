@@ -25,11 +25,11 @@ public enum Principal: Sendable, Hashable, CustomStringConvertible {
         if t.hasPrefix("spiffe://") {
             if t.hasSuffix("/*") {
                 let base = String(t.dropLast(2))
-                _ = try Names.SPIFFEID(parsing: base)
+                do { _ = try Names.SPIFFEID(parsing: base) } catch { throw fail("\(error)") }
                 self = .spiffePrefix(base + "/")
             } else {
                 guard !t.contains("*") else { throw fail("'*' is only allowed as a final '/*'") }
-                self = .spiffeID(try Names.SPIFFEID(parsing: t).description)
+                do { self = .spiffeID(try Names.SPIFFEID(parsing: t).description) } catch { throw fail("\(error)") }
             }
         } else if t.hasPrefix("uri:") {
             let value = String(t.dropFirst(4))

@@ -205,7 +205,7 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
             throw PKIError(.malformedInput, "cannot read proxy configuration \(path)")
         }
         guard let text = String(data: data, encoding: .utf8) else {
-            throw PKIError(.malformedInput, "\(path) is not UTF-8 text")
+            throw PKIError(.malformedInput, "proxy configuration \(path) is not UTF-8 text")
         }
         do {
             return try parse(yaml: text, baseDirectory: url.deletingLastPathComponent())
@@ -256,8 +256,8 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
         }
         var addresses = Set<String>()
         func claim(_ address: String, _ what: String) throws {
-            _ = try SocketAddressSpec(parsing: address, what: what)
-            guard addresses.insert(address).inserted else { throw PKIError(.malformedInput, "\(address) is used by two listeners") }
+            let parsed = try SocketAddressSpec(parsing: address, what: what)
+            guard parsed.port == 0 || addresses.insert(address).inserted else { throw PKIError(.malformedInput, "\(address) is used by two listeners") }
         }
         for (index, listener) in listeners.enumerated() {
             let label = listener.name ?? "listeners[\(index)]"

@@ -140,9 +140,9 @@ struct ProxyCommand: AsyncParsableCommand {
             if flagsGiven {
                 throw CommandFailure("--config cannot be combined with listener flags; put them in \(config)", exitCode: 2)
             }
-            configuration = try await failing { try ProxyConfiguration.load(path: config) }
+            configuration = try inputError { try ProxyConfiguration.load(path: config) }
         } else {
-            configuration = try await failing {
+            configuration = try inputError {
                 let flags = try configurationFromFlags()
                 try flags.validate()
                 return flags
@@ -160,11 +160,25 @@ struct ProxyCommand: AsyncParsableCommand {
             try await server.start()
         } catch {
             await server.shutdown()
-            throw CommandFailure("\(error)")
+            // Files, CRLs and addresses the operator gave that cannot be used are input errors (2).
+            throw CommandFailure("\(error)", exitCode: error is ProxyError ? 2 : 1)
         }
         for (name, address) in server.boundAddresses.sorted(by: { $0.key < $1.key }) {
             FileHandle.standardError.write(Data("mutual proxy: \(name) listening on \(address.display)\n".utf8))
         }
         try await server.runUntilSignalled()
+    }
+}
+
+/// Everything wrong with a configuration (flags or file) is an input error: exit 2 with the reason.
+private func inputError<T>(_ body: () throws -> T) throws -> T {
+    do {
+        return try body()
+    } catch let failure as CommandFailure {
+        throw failure
+    } catch let error as PKIError {
+        throw CommandFailure(error.reason, exitCode: 2)
+    } catch {
+        throw CommandFailure("\(error)", exitCode: 2)
     }
 }

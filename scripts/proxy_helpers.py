@@ -1,0 +1,177 @@
+"""Peers for scripts/interop-proxy.sh: an echo backend, a PROXY v2 backend, and TLS clients that measure.
+
+Every server binds port 0 on 127.0.0.1 and prints its port on the first line of stdout.
+"""
+import http.client
+import http.server
+import json
+import socket
+import ssl
+import struct
+import sys
+import threading
+import time
+
+
+def echo_backend():
+    """HTTP/1.1 keep-alive backend that answers with the path and the headers it received (JSON)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def handle_any(self):
+            length = int(self.headers.get("content-length") or 0)
+            body_in = self.rfile.read(length) if length else b""
+            body = json.dumps({
+                "path": self.path, "method": self.command, "body_bytes": len(body_in),
+                "headers": {k.lower(): v for k, v in self.headers.items()},
+                "all_headers": [[k.lower(), v] for k, v in self.headers.items()],
+            }).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_DELETE = handle_any
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+def proxy_v2_backend():
+    """Reads a PROXY v2 header, answers with its decoded fields as one JSON line, then echoes the stream."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    print(listener.getsockname()[1], flush=True)
+
+    def serve(conn):
+        with conn:
+            head = conn.recv(16, socket.MSG_WAITALL)
+            if len(head) < 16 or head[:12] != b"\r\n\r\n\x00\r\nQUIT\n":
+                conn.sendall(b'{"error":"no PROXY v2 signature"}\n')
+                return
+            ver_cmd, family, length = head[12], head[13], struct.unpack("!H", head[14:16])[0]
+            rest = conn.recv(length, socket.MSG_WAITALL)
+            info = {"version_command": ver_cmd, "family": family}
+            offset = 0
+            if family == 0x11:
+                info["source"] = "%s:%d" % (socket.inet_ntoa(rest[0:4]), struct.unpack("!H", rest[8:10])[0])
+                info["destination"] = "%s:%d" % (socket.inet_ntoa(rest[4:8]), struct.unpack("!H", rest[10:12])[0])
+                offset = 12
+            tlvs = {}
+            while offset + 3 <= len(rest):
+                kind, size = rest[offset], struct.unpack("!H", rest[offset + 1:offset + 3])[0]
+                value = rest[offset + 3:offset + 3 + size]
+                offset += 3 + size
+                if kind == 0x20:
+                    ssl_info = {"client": value[0], "verify": struct.unpack("!I", value[1:5])[0]}
+                    sub = 5
+                    while sub + 3 <= len(value):
+                        t, n = value[sub], struct.unpack("!H", value[sub + 1:sub + 3])[0]
+                        ssl_info["0x%02x" % t] = value[sub + 3:sub + 3 + n].decode(errors="replace")
+                        sub += 3 + n
+                    tlvs["ssl"] = ssl_info
+                elif kind == 0xE0:
+                    tlvs["client_cert_der_bytes"] = len(value)
+                else:
+                    tlvs["0x%02x" % kind] = value.decode(errors="replace")
+            info["tlvs"] = tlvs
+            conn.sendall((json.dumps(info) + "\n").encode())
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                conn.sendall(data)
+
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def tls_context(ca, cert=None, key=None):
+    context = ssl.create_default_context(cafile=ca)
+    context.check_hostname = False
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def load(port, ca, cert, key, seconds, out):
+    """Requests as fast as one connection allows for `seconds`, opening a new connection every 20 requests (so new
+    handshakes meet rotated credentials) and writing {"ok": n, "failed": n, "errors": [...]} to `out`."""
+    ok = failed = 0
+    errors = []
+    deadline = time.time() + float(seconds)
+    conn = None
+    count = 0
+    while time.time() < deadline:
+        try:
+            if conn is None or count % 20 == 0:
+                if conn:
+                    conn.close()
+                conn = http.client.HTTPSConnection("127.0.0.1", int(port), context=tls_context(ca, cert, key), timeout=5)
+            conn.request("GET", "/load/%d" % count)
+            response = conn.getresponse()
+            response.read()
+            if response.status == 200:
+                ok += 1
+            else:
+                failed += 1
+                errors.append("HTTP %d" % response.status)
+        except Exception as error:  # every failure counts; the proof is zero of them
+            failed += 1
+            errors.append(repr(error))
+            conn = None
+        count += 1
+    with open(out, "w") as handle:
+        json.dump({"ok": ok, "failed": failed, "errors": errors[:20]}, handle)
+
+
+def hold(port, ca, cert, key, out):
+    """Opens one mTLS keep-alive connection, makes a request, then waits until the proxy closes it; writes the
+    seconds from the first request to the close (or "open" after 20 s) to `out`. A line "ready" goes to stdout once
+    the first request succeeded."""
+    sock = socket.create_connection(("127.0.0.1", int(port)))
+    tls = tls_context(ca, cert, key).wrap_socket(sock)
+    tls.sendall(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = tls.recv(65536)
+    if b"200 OK" not in data:
+        with open(out, "w") as handle:
+            handle.write("first request failed: %r" % data[:200])
+        return
+    print("ready", flush=True)
+    tls.settimeout(20)
+    try:
+        while True:
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+    except (ssl.SSLError, OSError):
+        pass
+    except socket.timeout:
+        with open(out, "w") as handle:
+            handle.write("open")
+        return
+    with open(out, "w") as handle:
+        handle.write("%.3f" % time.time())
+
+
+if __name__ == "__main__":
+    command = sys.argv[1]
+    if command == "echo":
+        echo_backend()
+    elif command == "proxyv2":
+        proxy_v2_backend()
+    elif command == "load":
+        load(*sys.argv[2:8])
+    elif command == "hold":
+        hold(*sys.argv[2:7])
+    else:
+        sys.exit("unknown command " + command)

@@ -167,7 +167,12 @@ let package = Package(
         ),
         .testTarget(
             name: "MutualProxyTests",
-            dependencies: ["MutualProxy", "MutualPKI", "TestSupport", .product(name: "X509", package: "swift-certificates")]
+            dependencies: [
+                "MutualProxy", "MutualPKI", "TestSupport", .product(name: "X509", package: "swift-certificates"),
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .testTarget(
             name: "MutualCLITests",

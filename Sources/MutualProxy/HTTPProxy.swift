@@ -448,9 +448,9 @@ final class HTTPProxyHandler: ChannelInboundHandler {
 
     static func describe(_ error: any Error) -> String {
         if let error = error as? NIOConnectionError {
-            return error.connectionErrors.first.map { "\($0.error)" } ?? "\(error)"
+            return error.connectionErrors.first.map { describe($0.error) } ?? "\(error)"
         }
-        if let error = error as? IOError { return error.description }
+        if let error = error as? IOError { return String(cString: strerror(error.errnoCode)).lowercased() }
         if error is ChannelError { return "\(error)" }
         return String(describing: error)
     }

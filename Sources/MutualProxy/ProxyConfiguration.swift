@@ -182,6 +182,9 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
         guard text.utf8.count <= maximumFileSize else {
             throw PKIError(.malformedInput, "proxy configuration is larger than \(maximumFileSize) bytes")
         }
+        guard !text.allSatisfy({ $0.isWhitespace }) else {
+            throw PKIError(.malformedInput, "proxy configuration is empty: no listeners")
+        }
         var configuration: ProxyConfiguration
         do {
             configuration = try YAMLDecoder().decode(ProxyConfiguration.self, from: text)

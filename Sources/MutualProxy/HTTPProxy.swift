@@ -12,7 +12,7 @@ public final class UpstreamPools: Sendable {
     /// Idle connections kept per loop and upstream.
     let maximumIdle: Int
 
-    public init(maximumIdle: Int = 64) { self.maximumIdle = maximumIdle }
+    public init(maximumIdle: Int = 1024) { self.maximumIdle = maximumIdle }
 
     func pool(for loop: any EventLoop, upstream: UpstreamAddress) -> UpstreamPool {
         let key = "\(ObjectIdentifier(loop))|\(upstream.host)|\(upstream.port)"
@@ -57,7 +57,9 @@ final class UpstreamPool: @unchecked Sendable {
             .connectTimeout(.seconds(5))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHTTPClientHandlers()
+                    // Header values reaching the encoder were validated by the inbound parser or are our own
+                    // (base64 / percent-encoded); validating again costs a byte scan of every header per request.
+                    try channel.pipeline.syncOperations.addHTTPClientHandlers(enableOutboundHeaderValidation: false)
                     try channel.pipeline.syncOperations.addHandler(UpstreamResponseHandler())
                 }
             }
@@ -142,6 +144,8 @@ final class HTTPProxyHandler: ChannelInboundHandler {
 
     /// Hop-by-hop headers (RFC 9110 7.6.1) never forwarded in either direction.
     static let hopByHop: Set<String> = ["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authenticate", "proxy-authorization"]
+    /// Lengths of every header name the proxy treats specially: names of other lengths skip lower-casing entirely.
+    static let specialLengths: Set<Int> = Set((hopByHop.union(ForwardedIdentity.strippedHeaders).union(["x-forwarded-proto", "x-forwarded-for"])).map(\.utf8.count))
 
     let state: InboundState
     let connection: ConnectionIdentity
@@ -152,6 +156,8 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     private var latency: DurationHistogram
     /// Identity headers computed once per connection (the identity does not change within it).
     private var identityHeaders: [(String, String)]?
+    /// The connection's verified identity, read once after the handshake.
+    private lazy var peer: PeerIdentity? = connection.identity
 
     final class Exchange {
         let head: HTTPRequestHead
@@ -232,7 +238,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             if exchange.requestEnded { respondDirectly(context: context, exchange: exchange, status: .badRequest) }
             return
         }
-        let decision = state.policy.decide(method: head.method.rawValue, path: path, peer: connection.identity)
+        let decision = state.policy.decide(method: head.method.rawValue, path: path, peer: peer)
         switch decision {
         case .unauthenticated(let reason):
             exchange.reason = reason
@@ -258,16 +264,43 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     }
 
     /// Paths whose meaning a backend could read differently from the route prefix are refused rather than guessed.
+    /// One pass over the bytes (this runs for every request).
     static func pathProblem(_ path: String) -> String? {
-        guard path.hasPrefix("/") else { return "request target must be an absolute path (origin-form)" }
-        let lower = path.lowercased()
-        if lower.contains("%2e") || lower.contains("%2f") || lower.contains("%5c") || path.contains("\\") {
-            return "encoded '.', '/' or '\\' in the path is refused (ambiguous for routing)"
+        let bytes = path.utf8
+        guard bytes.first == UInt8(ascii: "/") else { return "request target must be an absolute path (origin-form)" }
+        var previous: UInt8 = 0
+        var segmentStart = true
+        var dots = 0
+        var index = bytes.startIndex
+        while index != bytes.endIndex {
+            let byte = bytes[index]
+            switch byte {
+            case UInt8(ascii: "/"):
+                if previous == UInt8(ascii: "/") { return "empty path segments ('//') are refused (ambiguous for routing)" }
+                if segmentStart && dots > 0 { return "dot segments in the path are refused (ambiguous for routing)" }
+                segmentStart = true
+                dots = 0
+            case UInt8(ascii: "."):
+                if segmentStart { dots += 1 }
+                if dots > 2 { segmentStart = false; dots = 0 }
+            case UInt8(ascii: "\\"):
+                return "encoded '.', '/' or '\\' in the path is refused (ambiguous for routing)"
+            case UInt8(ascii: "%"):
+                let a = bytes.index(after: index)
+                if a != bytes.endIndex, bytes.index(after: a) != bytes.endIndex {
+                    let hi = bytes[a], lo = bytes[bytes.index(after: a)] | 0x20
+                    if hi == UInt8(ascii: "2") && (lo == UInt8(ascii: "e") || lo == UInt8(ascii: "f")) || hi == UInt8(ascii: "5") && lo == UInt8(ascii: "c") {
+                        return "encoded '.', '/' or '\\' in the path is refused (ambiguous for routing)"
+                    }
+                }
+                segmentStart = false; dots = 0
+            default:
+                segmentStart = false; dots = 0
+            }
+            previous = byte
+            index = bytes.index(after: index)
         }
-        for segment in path.split(separator: "/", omittingEmptySubsequences: false) where segment == "." || segment == ".." {
-            return "dot segments in the path are refused (ambiguous for routing)"
-        }
-        if path.contains("//") { return "empty path segments ('//') are refused (ambiguous for routing)" }
+        if segmentStart && dots > 0 { return "dot segments in the path are refused (ambiguous for routing)" }
         return nil
     }
 
@@ -280,6 +313,10 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         headers.reserveCapacity(incoming.count + 4)
         var forwardedFor: String?
         for (name, value) in incoming {
+            guard Self.specialLengths.contains(name.utf8.count) || !named.isEmpty else {
+                headers.add(name: name, value: value)
+                continue
+            }
             let lower = name.lowercased()
             if Self.hopByHop.contains(lower) || named.contains(lower) || ForwardedIdentity.strippedHeaders.contains(lower) { continue }
             if lower == "x-forwarded-proto" { continue }
@@ -288,7 +325,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         }
         if identityHeaders == nil {
             var computed: [(String, String)] = []
-            if let peer = connection.identity {
+            if let peer {
                 if state.forwardXFCC, let xfcc = try? ForwardedIdentity.xfcc(peer, by: state.credentials.identity) {
                     computed.append(("x-forwarded-client-cert", xfcc))
                 }
@@ -354,6 +391,10 @@ final class HTTPProxyHandler: ChannelInboundHandler {
                 for token in value.split(separator: ",") { named.insert(token.trimmingCharacters(in: .whitespaces).lowercased()) }
             }
             for (name, value) in head.headers {
+                guard Self.specialLengths.contains(name.utf8.count) || !named.isEmpty else {
+                    response.headers.add(name: name, value: value)
+                    continue
+                }
                 let lower = name.lowercased()
                 if Self.hopByHop.contains(lower) || named.contains(lower) { continue }
                 response.headers.add(name: name, value: value)
@@ -431,7 +472,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             counter.increment()
         }
         guard runtime.accessLog.enabled else { return }
-        let peer = connection.identity
+        let peer = self.peer
         let decision: String
         switch status {
         case 400: decision = "bad_request"

@@ -27,6 +27,33 @@ public final class InboundState: Sendable {
     /// expiry and revocation. Session tickets are bound to this context, so the cache never outlives them.
     private let verifiedIdentities = Mutex<[String: PeerIdentity]>([:])
     static let verifiedIdentityLimit = 10_000
+    /// Intermediates clients send, parsed once and shared by every connection that presents the same DER (they are
+    /// the same few certificates for a whole fleet): saves parsing time and memory per connection.
+    private let parsedIntermediates = Mutex<[[UInt8]: Certificate]>([:])
+    static let parsedIntermediateLimit = 256
+
+    /// Parses a presented chain, reusing intermediates seen before.
+    func parse(presentedDER: [[UInt8]]) throws -> [Certificate] {
+        var result: [Certificate] = []
+        result.reserveCapacity(presentedDER.count)
+        for (index, der) in presentedDER.enumerated() {
+            if index == 0 {
+                result.append(try Certificate(derEncoded: der))
+                continue
+            }
+            if let cached = parsedIntermediates.withLock({ $0[der] }) {
+                result.append(cached)
+                continue
+            }
+            let certificate = try Certificate(derEncoded: der)
+            parsedIntermediates.withLock { cache in
+                if cache.count >= Self.parsedIntermediateLimit { cache.removeAll(keepingCapacity: true) }
+                cache[der] = certificate
+            }
+            result.append(certificate)
+        }
+        return result
+    }
 
     /// The key exchange groups offered, hybrid post-quantum first.
     public static let groups: [NIOTLSCurve] = [.x25519_MLKEM768, .x25519, .secp256r1, .secp384r1]

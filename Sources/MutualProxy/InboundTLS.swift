@@ -32,7 +32,7 @@ enum InboundPipeline {
         let ssl = NIOSSLServerHandler(context: state.sslContext, configuration: .init(), customVerificationCallbackWithMetadata: { presented, promise in
             let certificates: [Certificate]
             do {
-                certificates = try presented.map { try Certificate(derEncoded: try $0.toDERBytes()) }
+                certificates = try state.parse(presentedDER: presented.map { try $0.toDERBytes() })
             } catch {
                 connection.set(.failure(VerificationFailure(.malformed, "client certificate could not be parsed: \(error)")))
                 promise.succeed(.failed)
@@ -78,12 +78,13 @@ final class HandshakeObserver: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        runtime.metrics.openConnections(listener: state.name).increment()
+        let gauge = runtime.metrics.openConnections(listener: state.name)
+        gauge.increment()
+        context.channel.closeFuture.whenComplete { _ in gauge.decrement() }
         context.fireChannelActive()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        runtime.metrics.openConnections(listener: state.name).decrement()
         if !completed && !counted {
             // The peer went away mid-handshake; count it once with what we know.
             if let failure = connection.failure { fail(context: context, failure, close: false) }
@@ -113,6 +114,10 @@ final class HandshakeObserver: ChannelInboundHandler, RemovableChannelHandler {
             if let identity = connection.identity {
                 runtime.registry.register(context.channel, identity: identity)
             }
+            // Done: later reads no longer pass through this handler.
+            context.fireUserInboundEventTriggered(event)
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+            return
         }
         context.fireUserInboundEventTriggered(event)
     }

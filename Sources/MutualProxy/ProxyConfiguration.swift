@@ -17,6 +17,8 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
     public var watchInterval: Double?
     /// How long a graceful shutdown waits for open requests and connections before closing them.
     public var drainTimeout: Double?
+    /// Event-loop threads (default: one per CPU core). Each connection lives on one thread, with its upstream.
+    public var threads: Int?
 
     public struct Listener: Sendable, Codable, Equatable {
         public var name: String?
@@ -160,7 +162,7 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
     enum CodingKeys: String, CodingKey {
         case listeners, outbound, revocation
         case adminListen = "admin-listen", accessLog = "access-log", watchInterval = "watch-interval"
-        case drainTimeout = "drain-timeout"
+        case drainTimeout = "drain-timeout", threads
     }
 
     public init(from decoder: Decoder) throws {
@@ -172,6 +174,7 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
         accessLog = try c.decodeIfPresent(String.self, forKey: .accessLog)
         watchInterval = try c.decodeIfPresent(Double.self, forKey: .watchInterval)
         drainTimeout = try c.decodeIfPresent(Double.self, forKey: .drainTimeout)
+        threads = try c.decodeIfPresent(Int.self, forKey: .threads)
     }
 
     /// Largest configuration file accepted.
@@ -310,6 +313,9 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
         if let admin = adminListen { try claim(admin, "admin-listen") }
         if let interval = watchInterval, !(interval > 0 && interval <= 3600) {
             throw PKIError(.malformedInput, "watch-interval must be between 0 and 3600 seconds")
+        }
+        if let threads, !(1...256).contains(threads) {
+            throw PKIError(.malformedInput, "threads must be between 1 and 256")
         }
         if let drain = drainTimeout, !(drain >= 0 && drain <= 3600) {
             throw PKIError(.malformedInput, "drain-timeout must be between 0 and 3600 seconds")

@@ -24,12 +24,22 @@ public final class ProxyServer: Sendable {
     private let configurationStamp: Mutex<FileStamp?>
 
     /// Loads every listener's files; throws with the file and the reason when one cannot be used.
-    public init(configuration: ProxyConfiguration, configurationPath: String? = nil, logger: Logger, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) throws {
+    private let ownedGroup: MultiThreadedEventLoopGroup?
+
+    /// Runs on `group` when given, else on a group of its own with `threads` event loops (shut down by ``shutdown()``).
+    public init(configuration: ProxyConfiguration, configurationPath: String? = nil, logger: Logger, group: (any EventLoopGroup)? = nil) throws {
         try configuration.validate()
         self.configuration = Mutex(configuration)
         self.configurationPath = configurationPath
         self.configurationStamp = Mutex(configurationPath.flatMap(FileStamp.init(path:)))
-        self.group = group
+        if let group {
+            self.group = group
+            self.ownedGroup = nil
+        } else {
+            let owned = MultiThreadedEventLoopGroup(numberOfThreads: configuration.threads ?? System.coreCount)
+            self.group = owned
+            self.ownedGroup = owned
+        }
         let revocation = RevocationState(stalePolicy: configuration.revocation?.onStale ?? .deny)
         let runtime = ProxyRuntime(metrics: ProxyMetrics(), accessLog: try AccessLog(destination: configuration.accessLog), revocation: revocation, logger: logger)
         self.runtime = runtime
@@ -228,6 +238,7 @@ public final class ProxyServer: Sendable {
         pools.closeAll()
         await revocationSources?.shutdown()
         runtime.accessLog.flush()
+        try? await ownedGroup?.shutdownGracefully()
     }
 
     /// Runs until SIGTERM or SIGINT; SIGHUP reloads everything.

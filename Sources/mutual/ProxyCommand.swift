@@ -83,6 +83,9 @@ struct ProxyCommand: AsyncParsableCommand {
     @Option(help: "Access log: stdout (default), off, or a file path (JSON lines).")
     var accessLog: String?
 
+    @Option(help: "Event-loop threads (default: one per CPU core).")
+    var threads: Int?
+
     @Option(help: "Log level: trace|debug|info|notice|warning|error|critical.")
     var logLevel: String = "info"
 
@@ -130,6 +133,7 @@ struct ProxyCommand: AsyncParsableCommand {
         }
         configuration.adminListen = adminListen
         configuration.accessLog = accessLog
+        configuration.threads = threads
         return configuration
     }
 

@@ -96,11 +96,19 @@ def proxy_v2_backend():
 
 
 def tls_context(ca, cert=None, key=None):
-    context = ssl.create_default_context(cafile=ca)
-    context.check_hostname = False
-    if cert:
-        context.load_cert_chain(cert, key)
-    return context
+    # The files may be replaced (agent rotation) between reading the certificate and the key; a mismatched read is
+    # retried, as any client that reloads its credentials must.
+    for attempt in range(5):
+        try:
+            context = ssl.create_default_context(cafile=ca)
+            context.check_hostname = False
+            if cert:
+                context.load_cert_chain(cert, key)
+            return context
+        except (ssl.SSLError, OSError):
+            if attempt == 4:
+                raise
+            time.sleep(0.05)
 
 
 def load(port, ca, cert, key, seconds, out):

@@ -117,7 +117,7 @@ extension Authority {
             }
         }
         let lifetime = certificate.notValidAfter.timeIntervalSince(certificate.notValidBefore) - ca.policy.backdate.timeInterval
-        let validity = ValidityDuration(seconds: max(60, Int64(lifetime.rounded())))
+        let validity = ValidityDuration(seconds: max(1, Int64(lifetime.rounded())))
         let request = IssuanceRequest(
             profile: profile, publicKey: csr.request.publicKey, commonName: certificate.subject.lastCommonNameString, dnsNames: dns,
             ipAddresses: ips, uris: uris, validity: min(validity, ca.policy.maximumValidity)

@@ -9,6 +9,8 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
     public var listeners: [Listener]
     public var outbound: [Outbound]
     public var revocation: Revocation?
+    /// Sidecar: the proxy's own identity, managed in-process.
+    public var identity: Identity?
     /// `host:port` of the admin listener (`/metrics`, `/healthz`); nil: none.
     public var adminListen: String?
     /// `stdout` (default), `off`, or a file path to append JSON lines to.
@@ -67,6 +69,55 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
             case name, listen, mode, upstream, cert, key, allow, routes, forward
             case clientCA = "client-ca", clientCertificate = "client-certificate", maxDepth = "max-depth"
             case proxyProtocol = "proxy-protocol"
+        }
+
+        public init(from decoder: Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            name = try c.decodeIfPresent(String.self, forKey: .name)
+            listen = try c.decode(String.self, forKey: .listen)
+            mode = try c.decodeIfPresent(Mode.self, forKey: .mode)
+            upstream = try c.decode(String.self, forKey: .upstream)
+            // Empty when an identity: block provides them (checked in validate()).
+            cert = try c.decodeIfPresent(String.self, forKey: .cert) ?? ""
+            key = try c.decodeIfPresent(String.self, forKey: .key) ?? ""
+            clientCA = try c.decodeIfPresent(String.self, forKey: .clientCA) ?? ""
+            clientCertificate = try c.decodeIfPresent(ClientCertificateMode.self, forKey: .clientCertificate)
+            maxDepth = try c.decodeIfPresent(Int.self, forKey: .maxDepth)
+            allow = try c.decodeIfPresent([String].self, forKey: .allow)
+            routes = try c.decodeIfPresent([Route].self, forKey: .routes)
+            proxyProtocol = try c.decodeIfPresent(Bool.self, forKey: .proxyProtocol)
+            forward = try c.decodeIfPresent([String].self, forKey: .forward)
+        }
+    }
+
+    /// Sidecar mode: instead of cert/key files, the proxy enrolls and renews its own certificate in-process (the
+    /// agent's loop) and reloads it with no dropped connections. Listeners without cert/key/client-ca use the
+    /// delivered `chain.pem`, `key.pem` and `bundle.pem`.
+    public struct Identity: Sendable, Codable, Equatable {
+        public var authority: String
+        public var rootFingerprint: String
+        public var token: String?
+        public var identity: String
+        public var dns: [String]?
+        /// Where the delivered files live (default: `./mutual-identity` next to the configuration file).
+        public var outDir: String?
+        public var validity: String?
+        public var renewAt: Double?
+
+        enum CodingKeys: String, CodingKey {
+            case authority, token, identity, dns, validity
+            case rootFingerprint = "root-fingerprint", outDir = "out-dir", renewAt = "renew-at"
+        }
+
+        public init(authority: String, rootFingerprint: String, token: String?, identity: String, dns: [String]? = nil, outDir: String? = nil, validity: String? = nil, renewAt: Double? = nil) {
+            self.authority = authority
+            self.rootFingerprint = rootFingerprint
+            self.token = token
+            self.identity = identity
+            self.dns = dns
+            self.outDir = outDir
+            self.validity = validity
+            self.renewAt = renewAt
         }
     }
 
@@ -160,7 +211,7 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
     }
 
     enum CodingKeys: String, CodingKey {
-        case listeners, outbound, revocation
+        case listeners, outbound, revocation, identity
         case adminListen = "admin-listen", accessLog = "access-log", watchInterval = "watch-interval"
         case drainTimeout = "drain-timeout", threads
     }
@@ -170,6 +221,7 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
         listeners = try c.decodeIfPresent([Listener].self, forKey: .listeners) ?? []
         outbound = try c.decodeIfPresent([Outbound].self, forKey: .outbound) ?? []
         revocation = try c.decodeIfPresent(Revocation.self, forKey: .revocation)
+        identity = try c.decodeIfPresent(Identity.self, forKey: .identity)
         adminListen = try c.decodeIfPresent(String.self, forKey: .adminListen)
         accessLog = try c.decodeIfPresent(String.self, forKey: .accessLog)
         watchInterval = try c.decodeIfPresent(Double.self, forKey: .watchInterval)
@@ -197,6 +249,10 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
             throw PKIError(.malformedInput, "proxy configuration is not valid YAML: \(error)")
         }
         if let base = baseDirectory { configuration.resolvePaths(against: base) }
+        if let base = baseDirectory, let dir = configuration.identity?.outDir, !dir.hasPrefix("/") {
+            configuration.identity?.outDir = base.appendingPathComponent(dir).standardizedFileURL.path
+        }
+        configuration.fillFromIdentity(baseDirectory: baseDirectory)
         try configuration.validate()
         return configuration
     }
@@ -230,6 +286,24 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
         case .typeMismatch(_, let context), .valueNotFound(_, let context), .dataCorrupted(let context):
             return "\(path(context)): \(context.debugDescription)"
         @unknown default: return "\(error)"
+        }
+    }
+
+    /// The directory the sidecar identity is delivered into.
+    public var identityDirectory: String? {
+        identity.map { $0.outDir ?? FileManager.default.currentDirectoryPath + "/mutual-identity" }
+    }
+
+    /// Listeners without their own files use the sidecar identity's delivered files.
+    mutating func fillFromIdentity(baseDirectory: URL?) {
+        guard var identity else { return }
+        if identity.outDir == nil, let base = baseDirectory { identity.outDir = base.appendingPathComponent("mutual-identity").path }
+        self.identity = identity
+        guard let dir = identityDirectory else { return }
+        for index in listeners.indices {
+            if listeners[index].cert.isEmpty { listeners[index].cert = dir + "/chain.pem" }
+            if listeners[index].key.isEmpty { listeners[index].key = dir + "/key.pem" }
+            if listeners[index].clientCA.isEmpty { listeners[index].clientCA = dir + "/bundle.pem" }
         }
     }
 
@@ -268,6 +342,9 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
         for (index, listener) in listeners.enumerated() {
             let label = listener.name ?? "listeners[\(index)]"
             try claim(listener.listen, "\(label).listen")
+            for (value, key) in [(listener.cert, "cert"), (listener.key, "key"), (listener.clientCA, "client-ca")] where value.isEmpty {
+                throw PKIError(.malformedInput, "\(label): missing '\(key)' (give the file, or an 'identity:' block for a sidecar)")
+            }
             let mode = listener.mode ?? .http
             switch mode {
             case .http:

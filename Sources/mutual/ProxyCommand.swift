@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import MutualAgent
 import MutualPKI
 import MutualProxy
 
@@ -154,6 +155,31 @@ struct ProxyCommand: AsyncParsableCommand {
         }
         var logger = Logger(label: "mutual.proxy")
         logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+        // Sidecar: enroll (or pick up the delivered files) before the listeners load them.
+        var agentConfiguration: Agent.Configuration?
+        if let identity = configuration.identity, let dir = configuration.identityDirectory {
+            let built = try inputError {
+                try Agent.Configuration(
+                    authority: identity.authority, rootFingerprint: identity.rootFingerprint, token: identity.token,
+                    identity: identity.identity, dnsNames: identity.dns ?? [], outDir: dir,
+                    schedule: RenewalSchedule(fraction: identity.renewAt ?? 2.0 / 3.0),
+                    validity: try identity.validity.map { try ValidityDuration(parsing: $0) }
+                )
+            }
+            agentConfiguration = built
+            let bootstrap = Agent(configuration: built, logger: Logger(label: "mutual.proxy.identity"))
+            while true {
+                switch await bootstrap.step() {
+                case .enrolled, .renewed, .notDue: break
+                case .stopped(let reason): throw CommandFailure("identity: \(reason)")
+                case .failed(let reason, let retryAt):
+                    logger.warning("identity not ready; retrying", metadata: ["error": "\(reason)"])
+                    try await Task.sleep(for: .seconds(max(0.5, retryAt.timeIntervalSinceNow)))
+                    continue
+                }
+                break
+            }
+        }
         let server: ProxyServer
         do {
             server = try ProxyServer(configuration: configuration, configurationPath: config.map { URL(fileURLWithPath: $0).path }, logger: logger)
@@ -170,7 +196,19 @@ struct ProxyCommand: AsyncParsableCommand {
         for (name, address) in server.boundAddresses.sorted(by: { $0.key < $1.key }) {
             FileHandle.standardError.write(Data("mutual proxy: \(name) listening on \(address.display)\n".utf8))
         }
+        var identityTask: Task<Void, Never>?
+        if let agentConfiguration {
+            // Renewals reload the listeners at once (not at the next file check): new handshakes get the new
+            // certificate, established connections keep theirs.
+            let agent = Agent(configuration: agentConfiguration, logger: Logger(label: "mutual.proxy.identity"), onDelivered: {
+                await server.reload(force: false)
+            })
+            identityTask = Task {
+                do { try await agent.run() } catch { logger.error("identity renewal stopped: \(error)") }
+            }
+        }
         try await server.runUntilSignalled()
+        identityTask?.cancel()
     }
 }
 

@@ -1,16 +1,23 @@
 import ArgumentParser
 import Foundation
 import Logging
+import AsyncHTTPClient
+import HTTPTypes
+import Hummingbird
+import MutualAgent
 import MutualAuthority
 import MutualClient
 import MutualPKI
+import MutualProxy
 import MutualServer
+import NIOCore
+import NIOSSL
 import X509
 
 struct QuickstartCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "quickstart",
-        abstract: "A tour in one command: a throwaway authority on 127.0.0.1, a token, enrollment over the API, renewal over mTLS, revocation, inventory and audit."
+        abstract: "The whole story in one command: an authority, an app behind mutual proxy with an agent-managed identity, a client enrolling with a token and calling over mTLS, refusals, revocation, inventory and audit."
     )
 
     @Flag(help: "Keep the temporary directory instead of deleting it.")
@@ -39,53 +46,82 @@ struct QuickstartCommand: AsyncParsableCommand {
         let url = "https://127.0.0.1:\(port)"
         do {
             step("Authority listening on \(url) (its own server certificate, issued from the intermediate)")
-
-            let token = try await failing {
-                try await TokenService(store: authority.store).create(
-                    scopes: ["spiffe://quickstart.test/ns/demo/*"], profile: .workload, maxValidity: .hours(24), ttl: .minutes(10),
-                    uses: 1, owner: "quickstart", actor: "quickstart", caMaximum: authority.ca.policy.maximumValidity
-                )
+            let tokens = TokenService(store: authority.store)
+            func mint(_ scope: String, owner: String) async throws -> String {
+                try await failing {
+                    try await tokens.create(
+                        scopes: [scope], profile: .workload, maxValidity: .hours(1), ttl: .minutes(10), uses: 1, owner: owner,
+                        actor: "quickstart", caMaximum: authority.ca.policy.maximumValidity
+                    ).token
+                }
             }
-            step("Minted a 1-use token for spiffe://quickstart.test/ns/demo/* (only its hash is stored)")
 
-            let key = try KeyType.p256.generate()
-            let identity = "spiffe://quickstart.test/ns/demo/sa/api"
-            let csr = try CertificateSigningRequest(
-                version: .v1, subject: DistinguishedName(), privateKey: key,
-                attributes: try .init([.init(ExtensionRequest(extensions: try Certificate.Extensions { SubjectAlternativeNames([.uniformResourceIdentifier(identity)]) }))]),
-                signatureAlgorithm: .ecdsaWithSHA256
+            // 1. A tiny app that answers with the identity the proxy forwarded to it.
+            let app = try await EchoApp.start(logger: logger)
+            step("Started a tiny app on http://127.0.0.1:\(app.port) that prints the identity it is given")
+
+            // 2. The app's sidecar: mutual proxy with an agent-managed identity.
+            let appIdentity = "spiffe://quickstart.test/ns/demo/sa/app"
+            let appToken = try await mint(appIdentity, owner: "quickstart app")
+            let agentLogger = Logger(label: "mutual.quickstart.agent", factory: { _ in SwiftLogNoOpLogHandler() })
+            let appAgent = Agent(configuration: try Agent.Configuration(
+                authority: url, rootFingerprint: initResult.rootFingerprint, token: appToken, identity: appIdentity, outDir: dir + "/app-identity",
+                validity: .minutes(10)
+            ), logger: agentLogger)
+            guard case .enrolled(let appSerial) = await appAgent.step() else { throw CommandFailure("quickstart: the app's agent could not enroll") }
+            step("The app's agent generated a key locally and enrolled \(appIdentity) with a 1-use token (serial \(appSerial))")
+            let proxyConfiguration = ProxyConfiguration(
+                listeners: [.init(
+                    name: "app", listen: "127.0.0.1:0", upstream: "http://127.0.0.1:\(app.port)", cert: dir + "/app-identity/chain.pem",
+                    key: dir + "/app-identity/key.pem", clientCA: dir + "/app-identity/bundle.pem", allow: ["spiffe://quickstart.test/ns/demo/*"]
+                )],
+                revocation: .init(authority: url, authorityCA: state.rootCertificatePath), accessLog: "off", drainTimeout: 1
             )
-            let anonymous = try AuthorityClient(baseURL: url, trustRoots: [authority.ca.root])
-            let enrolled = try await anonymous.sign(csrPEM: try csr.serializeAsPEM().pemString, token: token.token)
-            step("Enrolled \(identity) over POST /v1/sign: serial \(enrolled.serial), until \(enrolled.notAfter)")
-            do {
-                _ = try await anonymous.sign(csrPEM: try csr.serializeAsPEM().pemString, token: token.token)
-                throw CommandFailure("quickstart: a used-up token was accepted")
-            } catch let error as AuthorityClientError {
-                step("Second use of the token refused: \(error.status) \(error.detail)")
+            let proxy = try ProxyServer(configuration: proxyConfiguration, logger: logger)
+            try await proxy.start()
+            let proxyPort = proxy.boundAddresses["app"]?.port ?? 0
+            let renewals = Task { try? await Agent(configuration: appAgent.configuration, logger: agentLogger, onDelivered: { await proxy.reload(force: false) }).run() }
+            defer { renewals.cancel() }
+            step("mutual proxy in front of the app on https://127.0.0.1:\(proxyPort): allow spiffe://quickstart.test/ns/demo/*, revocation events from the authority")
+
+            // 3. A client enrolls with its own scoped token and calls the app over mTLS.
+            let clientIdentity = "spiffe://quickstart.test/ns/demo/sa/client"
+            let clientAgent = Agent(configuration: try Agent.Configuration(
+                authority: url, rootFingerprint: initResult.rootFingerprint, token: try await mint(clientIdentity, owner: "quickstart client"),
+                identity: clientIdentity, outDir: dir + "/client-identity", validity: .minutes(10)
+            ), logger: agentLogger)
+            guard case .enrolled(let clientSerial) = await clientAgent.step() else { throw CommandFailure("quickstart: the client could not enroll") }
+            step("Client enrolled \(clientIdentity) (serial \(clientSerial)); its key never left \(dir)/client-identity")
+            let proxyURL = "https://127.0.0.1:\(proxyPort)/hello"
+            let answer = try await QuickstartCall.get(proxyURL, root: authority.ca.root, identityDir: dir + "/client-identity")
+            guard answer.status == 200 else { throw CommandFailure("quickstart: the client's call failed: \(answer)") }
+            step("Client -> proxy -> app: 200; the app saw: \(answer.body)")
+
+            // 4. Refusals: no certificate, and an identity the policy does not allow.
+            let anonymous = try await QuickstartCall.get(proxyURL, root: authority.ca.root, identityDir: nil)
+            step("Call without a client certificate: refused (\(anonymous.body))")
+            let intruderIdentity = "spiffe://quickstart.test/ns/other/sa/intruder"
+            let intruder = Agent(configuration: try Agent.Configuration(
+                authority: url, rootFingerprint: initResult.rootFingerprint, token: try await mint(intruderIdentity, owner: "quickstart intruder"),
+                identity: intruderIdentity, outDir: dir + "/intruder-identity", validity: .minutes(10)
+            ), logger: agentLogger)
+            _ = await intruder.step()
+            let denied = try await QuickstartCall.get(proxyURL, root: authority.ca.root, identityDir: dir + "/intruder-identity")
+            step("Call as \(intruderIdentity): \(denied.status) \(denied.body)")
+
+            // 5. Revoke the client: the proxy hears it from the event stream and refuses the next call.
+            let revokedAt = Date.now
+            _ = try await authority.revoke(serial: clientSerial, reason: .keyCompromise, actor: "quickstart")
+            var refused: QuickstartCall.Answer?
+            for _ in 0..<40 {
+                let next = try await QuickstartCall.get(proxyURL, root: authority.ca.root, identityDir: dir + "/client-identity")
+                if next.status != 200 { refused = next; break }
+                try await Task.sleep(for: .milliseconds(50))
             }
-            try await anonymous.shutdown()
-
-            let mtls = try AuthorityClient(baseURL: url, trustRoots: [authority.ca.root], identity: (enrolled.chain, key))
-            let newKey = try KeyType.p256.generate()
-            let renewCSR = try CertificateSigningRequest(version: .v1, subject: DistinguishedName(), privateKey: newKey, attributes: .init(), signatureAlgorithm: .ecdsaWithSHA256)
-            let renewed = try await mtls.renew(csrPEM: try renewCSR.serializeAsPEM().pemString)
-            step("Renewed over mTLS with a new key: serial \(renewed.serial), same identity, until \(renewed.notAfter)")
-
-            let verdict = await ChainVerifier(options: .init(
-                roots: [authority.ca.root], intermediates: [authority.ca.certificate], validationTime: .now, requiredEKU: .clientAuth
-            )).verify(renewed.certificate)
-            if case .rejected(let reason) = verdict { throw CommandFailure("quickstart: renewed certificate rejected: \(reason)") }
-            step("The renewed certificate verifies as a TLS client (chain, EKU clientAuth)")
-
-            try await mtls.revoke(serial: enrolled.serial, reason: "superseded")
-            do {
-                _ = try await mtls.renew(csrPEM: try renewCSR.serializeAsPEM().pemString)
-                throw CommandFailure("quickstart: a revoked certificate renewed")
-            } catch let error as AuthorityClientError {
-                step("Revoked the old certificate; it can no longer renew: \(error.status) \(error.detail)")
-            }
-            try await mtls.shutdown()
+            guard let refused else { throw CommandFailure("quickstart: the revoked client was still accepted after 2 s") }
+            step(String(format: "Revoked the client; %.0f ms later its next call was refused (%@)", Date.now.timeIntervalSince(revokedAt) * 1000, refused.body))
+            await proxy.shutdown()
+            try await app.stop()
 
             print("\nInventory:")
             for r in try await authority.store.certificates(.init(now: .now)) {
@@ -109,5 +145,66 @@ struct QuickstartCommand: AsyncParsableCommand {
         _ = try? await serverTask.value
         try await authority.close()
         print(String(format: "\nDone in %.1f s.%@", Date.now.timeIntervalSince(started), keep ? " Files kept in \(dir)" : ""))
+    }
+}
+
+/// The quickstart's app: answers every request with the identity the proxy forwarded (the URI in XFCC).
+struct EchoApp {
+    let port: Int
+    let task: Task<Void, any Error>
+
+    static func start(logger: Logger) async throws -> EchoApp {
+        let router = Router()
+        router.get("/**") { request, _ -> String in
+            let xfcc = request.headers[HTTPField.Name("x-forwarded-client-cert")!] ?? ""
+            let uri = xfcc.split(separator: ";").first { $0.hasPrefix("URI=") }.map { String($0.dropFirst(4)) } ?? "no identity"
+            return "hello \(uri)"
+        }
+        let (ports, continuation) = AsyncStream<Int>.makeStream()
+        let app = Application(
+            router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0), serverName: nil),
+            onServerRunning: { channel in continuation.yield(channel.localAddress?.port ?? 0) }, logger: logger
+        )
+        let task = Task { try await app.runService() }
+        var port = 0
+        for await p in ports { port = p; break }
+        return EchoApp(port: port, task: task)
+    }
+
+    func stop() async throws {
+        task.cancel()
+        _ = try? await task.value
+    }
+}
+
+/// One HTTPS GET as a client would make it, with the agent-delivered certificate (or none).
+enum QuickstartCall {
+    struct Answer: CustomStringConvertible {
+        var status: Int
+        var body: String
+        var description: String { "\(status) \(body)" }
+    }
+
+    static func get(_ url: String, root: Certificate, identityDir: String?) async throws -> Answer {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.trustRoots = .certificates([try NIOSSLCertificate(bytes: try root.derBytes, format: .der)])
+        tls.certificateVerification = .noHostnameVerification
+        if let identityDir, let current = try Delivery.read(outDir: identityDir) {
+            tls.certificateChain = try current.chain.map { .certificate(try NIOSSLCertificate(bytes: try $0.derBytes, format: .der)) }
+            tls.privateKey = .privateKey(try NIOSSLPrivateKey(bytes: Array(try KeyFile.pem(for: current.key, passphrase: nil).utf8), format: .pem))
+        }
+        var configuration = HTTPClient.Configuration(tlsConfiguration: tls)
+        configuration.connectionPool = .init(idleTimeout: .seconds(1), concurrentHTTP1ConnectionsPerHostSoftLimit: 1)
+        let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+        defer { Task { try? await client.shutdown() } }
+        do {
+            let response = try await client.execute(HTTPClientRequest(url: url), timeout: .seconds(5))
+            var body = try await response.body.collect(upTo: 64 * 1024)
+            return Answer(status: Int(response.status.code), body: (body.readString(length: body.readableBytes) ?? "").trimmingCharacters(in: .whitespacesAndNewlines))
+        } catch {
+            let text = "\(error)"
+            let reason = text.contains("CERTIFICATE_REQUIRED") || text.contains("certificate required") ? "TLS alert: certificate required" : "TLS handshake failed"
+            return Answer(status: 0, body: reason)
+        }
     }
 }

@@ -263,16 +263,18 @@ struct CLITests {
         #expect(result.stderr.contains("event #2"))
     }
 
-    @Test("quickstart runs the tour over the API and cleans up")
+    @Test("quickstart runs the whole story: sidecar proxy with an agent identity, client over mTLS, refusals, revocation, audit")
     func quickstart() async throws {
         let cli = CLI()
         defer { cli.cleanup() }
         let started = Date.now
         let result = try await cli.run(["quickstart"])
         #expect(result.status == 0, "\(result.output)")
-        #expect(result.stdout.contains("Enrolled spiffe://quickstart.test/ns/demo/sa/api over POST /v1/sign"))
-        #expect(result.stdout.contains("Renewed over mTLS"))
-        #expect(result.stdout.contains("can no longer renew: 403"))
+        #expect(result.stdout.contains("the app saw: hello spiffe://quickstart.test/ns/demo/sa/client"))
+        #expect(result.stdout.contains("Call without a client certificate: refused"))
+        #expect(result.stdout.contains("Call as spiffe://quickstart.test/ns/other/sa/intruder: 403"))
+        #expect(result.stdout.contains("later its next call was refused"))
+        #expect(result.stdout.contains("revoked  spiffe://quickstart.test/ns/demo/sa/client"))
         #expect(result.stdout.contains("audit trail intact"))
         #expect(Date.now.timeIntervalSince(started) < 30)
     }

@@ -1,0 +1,352 @@
+import AsyncHTTPClient
+import Crypto
+import Foundation
+import Logging
+import MutualClient
+import MutualPKI
+import NIOCore
+import NIOSSL
+import Synchronization
+import X509
+
+/// `mutual agent`: keeps a private key that never leaves the host and a certificate that is always fresh.
+/// First enrollment uses a token (`/v1/sign`); every renewal goes over mTLS with the current certificate and a new
+/// key (`/v1/renew`); after an expiry (host offline) it tries `/v1/renew-expired`. Files are delivered atomically
+/// (``Delivery``) and then the reload hook runs.
+public final class Agent: Sendable {
+    public struct Configuration: Sendable {
+        public var authority: String
+        public var rootFingerprint: String
+        public var token: String?
+        /// A SPIFFE ID / URI (URI SAN) or a DNS name.
+        public var identity: String
+        public var dnsNames: [String]
+        public var outDir: String
+        public var keyType: KeyType
+        public var schedule: RenewalSchedule
+        public var validity: ValidityDuration?
+        public var profile: String?
+        public var hook: ReloadHook
+
+        public init(
+            authority: String, rootFingerprint: String, token: String?, identity: String, dnsNames: [String] = [], outDir: String,
+            keyType: KeyType = .p256, schedule: RenewalSchedule = .init(), validity: ValidityDuration? = nil, profile: String? = nil,
+            hook: ReloadHook = .init()
+        ) throws {
+            self.authority = authority.hasSuffix("/") ? String(authority.dropLast()) : authority
+            guard let url = URL(string: self.authority), url.scheme == "https", url.host != nil else {
+                throw AgentError(.usage, "--authority must be an https:// URL, got '\(authority)'")
+            }
+            self.rootFingerprint = try normalizedFingerprint(rootFingerprint)
+            self.token = token
+            if identity.contains("://") {
+                if identity.hasPrefix("spiffe://") { _ = try Names.SPIFFEID(parsing: identity) } else { _ = try Names.validatedURI(identity) }
+            } else {
+                _ = try Names.normalizedDNSName(identity, allowWildcard: false)
+            }
+            self.identity = identity
+            self.dnsNames = try dnsNames.map { try Names.normalizedDNSName($0, allowWildcard: false) }
+            self.outDir = outDir
+            self.keyType = keyType
+            guard schedule.fraction > 0 && schedule.fraction < 1 else { throw AgentError(.usage, "--renew-at must be between 0 and 1 (e.g. 2/3)") }
+            self.schedule = schedule
+            self.validity = validity
+            self.profile = profile
+            self.hook = hook
+        }
+    }
+
+    public enum Outcome: Sendable, Equatable {
+        case enrolled(serial: String)
+        case renewed(serial: String)
+        case notDue(until: Date)
+        case failed(reason: String, retryAt: Date)
+        case stopped(reason: String)
+    }
+
+    public let configuration: Configuration
+    let clock: any AgentClock
+    let logger: Logger
+    let random: @Sendable () -> Double
+    private let status: Mutex<AgentStatus>
+    /// Called after each delivery (the sidecar proxy reloads from it).
+    let onDelivered: (@Sendable () async -> Void)?
+
+    public init(configuration: Configuration, clock: any AgentClock = SystemClock(), logger: Logger,
+                random: @escaping @Sendable () -> Double = { Double.random(in: -1...1) }, onDelivered: (@Sendable () async -> Void)? = nil) {
+        self.configuration = configuration
+        self.clock = clock
+        self.logger = logger
+        self.random = random
+        self.onDelivered = onDelivered
+        var initial = AgentStatus(identity: configuration.identity, authority: configuration.authority, state: "starting", consecutiveFailures: 0, renewals: 0)
+        if let previous = AgentStatus.read(outDir: configuration.outDir), previous.identity == configuration.identity {
+            initial = previous
+        }
+        self.status = Mutex(initial)
+    }
+
+    public var currentStatus: AgentStatus { status.withLock { $0 } }
+
+    /// Runs until cancelled, or throws ``AgentError`` when renewal can no longer succeed without a person.
+    public func run() async throws {
+        while !Task.isCancelled {
+            switch await step() {
+            case .stopped(let reason):
+                throw AgentError(.fatal, reason)
+            case .notDue(let until):
+                try await clock.sleep(until: until)
+            case .failed(_, let retryAt):
+                try await clock.sleep(until: retryAt)
+            case .enrolled, .renewed:
+                continue
+            }
+        }
+    }
+
+    /// One decision: enroll, renew, or say when to come back.
+    public func step() async -> Outcome {
+        let now = clock.now
+        let current: Delivery.Current?
+        do {
+            current = try Delivery.read(outDir: configuration.outDir)
+        } catch {
+            return stop("the delivered files in \(configuration.outDir) are unreadable (\(error)); remove them and enroll again with a new token")
+        }
+        guard let current else { return await enroll(now: now) }
+        let leaf = current.leaf
+        let lifetime = leaf.notValidAfter.timeIntervalSince(leaf.notValidBefore)
+        if status.withLock({ $0.state }) == "stopped", status.withLock({ $0.serial }) == leaf.serialHex {
+            return .stopped(reason: status.withLock { $0.lastError ?? "stopped" })
+        }
+        let renewAt = status.withLock { status -> Date in
+            if status.serial == leaf.serialHex, let renewAt = status.renewAt { return renewAt }
+            let at = configuration.schedule.renewalTime(notBefore: leaf.notValidBefore, notAfter: leaf.notValidAfter, unit: random())
+            status.serial = leaf.serialHex
+            status.notAfter = leaf.notValidAfter
+            status.renewAt = at
+            if status.state == "starting" { status.state = "ok" }
+            return at
+        }
+        if now < renewAt && status.withLock({ $0.consecutiveFailures == 0 }) {
+            writeStatus()
+            return .notDue(until: renewAt)
+        }
+        if now < leaf.notValidAfter {
+            return await attempt(now: now, lifetime: lifetime, what: "renewal") {
+                let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: current.roots, identity: (current.chain, current.key), timeout: .seconds(15))
+                defer { Task { try? await client.shutdown() } }
+                let key = try self.configuration.keyType.generate()
+                let enrollment = try await client.renew(csrPEM: try self.csrPEM(key: key))
+                let roots = (try? await client.roots()) ?? current.roots
+                return (enrollment, key, roots)
+            }
+        }
+        logger.warning("certificate expired; trying renew-expired", metadata: ["serial": "\(leaf.serialHex)", "not_after": "\(leaf.notValidAfter)"])
+        return await attempt(now: now, lifetime: lifetime, what: "renewal after expiry") {
+            let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: current.roots, timeout: .seconds(15))
+            defer { Task { try? await client.shutdown() } }
+            let key = try self.configuration.keyType.generate()
+            let csr = try self.csr(key: key)
+            let enrollment = try await client.renewExpired(certificate: leaf, oldKey: current.key, csr: csr, now: self.clock.now)
+            return (enrollment, key, current.roots)
+        }
+    }
+
+    private func enroll(now: Date) async -> Outcome {
+        guard let token = configuration.token else {
+            return stop("no certificate in \(configuration.outDir) and no --token to enroll with")
+        }
+        return await attempt(now: now, lifetime: 600, what: "enrollment") {
+            let roots = try await self.bootstrapRoots()
+            let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: roots, timeout: .seconds(15))
+            defer { Task { try? await client.shutdown() } }
+            let key = try self.configuration.keyType.generate()
+            let enrollment = try await client.sign(csrPEM: try self.csrPEM(key: key), token: token, profile: self.configuration.profile, validity: self.configuration.validity?.description)
+            return (enrollment, key, roots)
+        }
+    }
+
+    /// Runs one enrollment/renewal, delivers, and turns errors into the next step: retry with backoff, or stop.
+    private func attempt(now: Date, lifetime: TimeInterval, what: String,
+                         _ body: @escaping @Sendable () async throws -> (Enrollment, Certificate.PrivateKey, [Certificate])) async -> Outcome {
+        status.withLock { $0.lastAttempt = now }
+        do {
+            let (enrollment, key, roots) = try await body()
+            noteSkew(enrollment.serverDate)
+            try Delivery.deliver(outDir: configuration.outDir, key: key, chain: enrollment.chain, roots: roots)
+            let leaf = enrollment.certificate
+            // Authorities backdate notBefore (clock skew allowance); the lifetime we schedule on starts when we got it.
+            let start = min(max(leaf.notValidBefore, clock.now), leaf.notValidAfter)
+            let renewAt = configuration.schedule.renewalTime(notBefore: start, notAfter: leaf.notValidAfter, unit: random())
+            let first = status.withLock { status -> Bool in
+                let first = status.serial == nil
+                if !first { status.renewals += 1 }
+                status.state = "ok"
+                status.serial = enrollment.serial
+                status.notAfter = enrollment.notAfter
+                status.renewAt = renewAt
+                status.lastSuccess = clock.now
+                status.lastError = nil
+                status.consecutiveFailures = 0
+                return first
+            }
+            writeStatus()
+            logger.info("\(what): certificate delivered", metadata: [
+                "serial": "\(enrollment.serial)", "not_after": "\(enrollment.notAfter)", "renew_at": "\(renewAt)", "out_dir": "\(configuration.outDir)",
+            ])
+            await configuration.hook.run(logger: logger)
+            await onDelivered?()
+            return first && what == "enrollment" ? .enrolled(serial: enrollment.serial) : .renewed(serial: enrollment.serial)
+        } catch {
+            let (kind, reason) = classify(error, what: what)
+            if let serverDate = (error as? AuthorityClientError)?.serverDate { noteSkew(serverDate) }
+            if kind == .fatal { return stop(reason) }
+            let attempt = status.withLock { status -> Int in
+                status.consecutiveFailures += 1
+                status.state = "retrying"
+                status.lastError = reason
+                return status.consecutiveFailures
+            }
+            let delay = configuration.schedule.backoff(attempt: attempt, lifetime: lifetime, unit: abs(random()))
+            let retryAt = clock.now.addingTimeInterval(delay)
+            writeStatus()
+            let left = status.withLock { $0.notAfter }.map { $0.timeIntervalSince(clock.now) }
+            logger.warning("\(what) failed; keeping the current certificate and retrying", metadata: [
+                "error": "\(reason)", "retry_in_s": "\(String(format: "%.1f", delay))", "attempt": "\(attempt)",
+                "expires_in_s": "\(left.map { String(Int($0)) } ?? "-")",
+            ])
+            return .failed(reason: reason, retryAt: retryAt)
+        }
+    }
+
+    private func stop(_ reason: String) -> Outcome {
+        status.withLock { status in
+            status.state = "stopped"
+            status.lastError = reason
+        }
+        writeStatus()
+        logger.error("stopped: \(reason)")
+        return .stopped(reason: reason)
+    }
+
+    func classify(_ error: any Error, what: String) -> (AgentError.Kind, String) {
+        switch error {
+        case let error as AgentError:
+            return (error.kind, error.message)
+        case let error as AuthorityClientError:
+            if error.status == 0 || error.status >= 500 || error.status == 429 {
+                return (.transient, "authority unreachable or failing: \(error.detail)")
+            }
+            if error.detail.contains("is revoked") {
+                return (.fatal, "the certificate was revoked (\(error.detail)); renewal stopped — enroll again with a new token once the cause is fixed")
+            }
+            if what == "renewal after expiry" {
+                return (.fatal, "the certificate expired and the authority refused to renew it: \(error.detail); a new token is needed")
+            }
+            return (.fatal, "the authority refused the \(what) (\(error.status) \(error.type)): \(error.detail)")
+        default:
+            let text = String(describing: error)
+            return (.transient, "\(what) failed: \(text)")
+        }
+    }
+
+    private func noteSkew(_ serverDate: Date?) {
+        guard let serverDate else { return }
+        let skew = serverDate.timeIntervalSince(clock.now)
+        status.withLock { $0.clockSkewSeconds = (skew * 10).rounded() / 10 }
+        if abs(skew) > 60 {
+            logger.warning("clock skew: the authority's clock differs from ours", metadata: ["skew_s": "\(Int(skew))"])
+        }
+    }
+
+    private func writeStatus() { currentStatus.write(outDir: configuration.outDir) }
+
+    func csr(key: Certificate.PrivateKey) throws -> CertificateSigningRequest {
+        var names: [GeneralName] = []
+        if configuration.identity.contains("://") {
+            names.append(.uniformResourceIdentifier(configuration.identity))
+        } else {
+            names.append(.dnsName(configuration.identity))
+        }
+        for dns in configuration.dnsNames where dns != configuration.identity { names.append(.dnsName(dns)) }
+        let extensions = try Certificate.Extensions { SubjectAlternativeNames(names) }
+        return try CertificateSigningRequest(
+            version: .v1, subject: DistinguishedName(), privateKey: key,
+            attributes: try .init([.init(ExtensionRequest(extensions: extensions))]), signatureAlgorithm: key.preferredSignatureAlgorithm
+        )
+    }
+
+    func csrPEM(key: Certificate.PrivateKey) throws -> String { try csr(key: key).serializeAsPEM().pemString }
+
+    /// Trust in the authority from the pinned root fingerprint, not from first use: `/roots.pem` is fetched without
+    /// verifying the TLS connection (there is nothing to verify against yet), and only a root whose SHA-256 equals
+    /// the pin is kept; every later connection verifies against it.
+    func bootstrapRoots() async throws -> [Certificate] {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.certificateVerification = .none
+        var configuration = HTTPClient.Configuration(tlsConfiguration: tls)
+        configuration.timeout = .init(connect: .seconds(10), read: .seconds(15))
+        let http = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+        defer { Task { try? await http.shutdown() } }
+        let bytes: [UInt8]
+        do {
+            let response = try await http.execute(HTTPClientRequest(url: self.configuration.authority + "/roots.pem"), timeout: .seconds(15))
+            guard response.status == .ok else {
+                throw AgentError(.transient, "GET \(self.configuration.authority)/roots.pem: HTTP \(response.status.code)")
+            }
+            var body = try await response.body.collect(upTo: 1 << 20)
+            bytes = body.readBytes(length: body.readableBytes) ?? []
+        } catch let error as AgentError {
+            throw error
+        } catch {
+            throw AgentError(.transient, "authority unreachable: \(error)")
+        }
+        let roots = try PEMBundle.certificates(fromBytes: bytes, what: "roots.pem")
+        var seen: [String] = []
+        for root in roots {
+            let fingerprint = SHA256.hash(data: try root.derBytes).hexString
+            if fingerprint == self.configuration.rootFingerprint { return [root] }
+            seen.append(fingerprint)
+        }
+        throw AgentError(.fatal, "the authority's roots do not match --root-fingerprint \(self.configuration.rootFingerprint) (it offered \(seen.joined(separator: ", "))); refusing to trust it")
+    }
+}
+
+/// What to run after a delivery: a command (`--exec`) and/or a signal to a process (`--signal HUP --pid-file F`).
+public struct ReloadHook: Sendable {
+    public var exec: String?
+    public var signal: Int32?
+    public var pidFile: String?
+
+    public init(exec: String? = nil, signal: Int32? = nil, pidFile: String? = nil) {
+        self.exec = exec
+        self.signal = signal
+        self.pidFile = pidFile
+    }
+
+    func run(logger: Logger) async {
+        if let exec {
+            let status: Int32 = await withCheckedContinuation { continuation in
+                let process = Process()
+                process.executableURL = URL(fileURLWithPath: "/bin/sh")
+                process.arguments = ["-c", exec]
+                process.terminationHandler = { continuation.resume(returning: $0.terminationStatus) }
+                do { try process.run() } catch { continuation.resume(returning: -1) }
+            }
+            if status == 0 {
+                logger.info("reload hook ran", metadata: ["exec": "\(exec)"])
+            } else {
+                logger.error("reload hook failed", metadata: ["exec": "\(exec)", "status": "\(status)"])
+            }
+        }
+        if let signal, let pidFile {
+            let text = (try? String(contentsOfFile: pidFile, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+            if let text, let pid = pid_t(text), pid > 0, kill(pid, signal) == 0 {
+                logger.info("signalled", metadata: ["pid": "\(pid)", "signal": "\(signal)"])
+            } else {
+                logger.error("could not signal the process in the pid file", metadata: ["pid_file": "\(pidFile)"])
+            }
+        }
+    }
+}

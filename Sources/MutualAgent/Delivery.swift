@@ -1,0 +1,121 @@
+import Foundation
+import MutualPKI
+import X509
+
+/// The files the agent delivers, and how: each version is written whole into its own directory
+/// (`.gen-<serial>/key.pem, cert.pem, chain.pem, bundle.pem`, every file fsynced, then the directory), and published
+/// by renaming one symlink, `current`, onto it. The files users point at (`key.pem`, `cert.pem`, `chain.pem`,
+/// `bundle.pem`) are symlinks through `current`. The rename is the only commit point: a crash before it leaves the
+/// old pair, after it the new pair — never a half-written file or a key next to the wrong certificate.
+public enum Delivery {
+    public static let files = ["key.pem", "cert.pem", "chain.pem", "bundle.pem"]
+
+    /// Test hook: `MUTUAL_AGENT_CRASH_POINT` = `after-key`, `after-files` or `before-publish` makes the agent kill
+    /// itself with SIGKILL at that point of a delivery (the crash test uses it).
+    public static var crashPoint: String? { ProcessInfo.processInfo.environment["MUTUAL_AGENT_CRASH_POINT"] }
+
+    static func crash(at point: String) {
+        if crashPoint == point { kill(getpid(), SIGKILL) }
+    }
+
+    public struct Current: Sendable {
+        public var key: Certificate.PrivateKey
+        public var chain: [Certificate]
+        public var roots: [Certificate]
+        public var leaf: Certificate { chain[0] }
+    }
+
+    /// The delivered credentials, or nil when there are none yet. Throws when they are unreadable or do not match.
+    public static func read(outDir: String) throws -> Current? {
+        let keyPath = outDir + "/key.pem"
+        guard FileManager.default.fileExists(atPath: keyPath) else { return nil }
+        let keyText = String(decoding: try AtomicFile.read(keyPath, limit: 1 << 20, what: "key"), as: UTF8.self)
+        let key = try KeyFile.load(pem: keyText, passphrase: { nil })
+        let chain = try PEMBundle.certificates(fromBytes: try AtomicFile.read(outDir + "/chain.pem", limit: 1 << 20, what: "chain"), what: "chain.pem")
+        let roots = try PEMBundle.certificates(fromBytes: try AtomicFile.read(outDir + "/bundle.pem", limit: 1 << 20, what: "bundle"), what: "bundle.pem")
+        guard key.publicKey == chain[0].publicKey else {
+            throw AgentError(.fatal, "\(outDir): key.pem does not match cert.pem")
+        }
+        return Current(key: key, chain: chain, roots: roots)
+    }
+
+    /// Writes a new version and publishes it; keeps the previous version's directory, removes older ones.
+    public static func deliver(outDir: String, key: Certificate.PrivateKey, chain: [Certificate], roots: [Certificate]) throws {
+        try FileManager.default.createDirectory(atPath: outDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        let name = ".gen-\(chain[0].serialHex)"
+        let directory = outDir + "/" + name
+        try? FileManager.default.removeItem(atPath: directory)
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: false, attributes: [.posixPermissions: 0o755])
+        try AtomicFile.write(try KeyFile.pem(for: key, passphrase: nil), to: directory + "/key.pem", mode: 0o600)
+        crash(at: "after-key")
+        try AtomicFile.write(try PEMBundle.pem([chain[0]]), to: directory + "/cert.pem")
+        try AtomicFile.write(try PEMBundle.pem(chain), to: directory + "/chain.pem")
+        try AtomicFile.write(try PEMBundle.pem(roots), to: directory + "/bundle.pem")
+        AtomicFile.syncDirectory(directory)
+        crash(at: "after-files")
+
+        let previous = (try? FileManager.default.destinationOfSymbolicLink(atPath: outDir + "/current"))
+        let temporary = outDir + "/.current.tmp"
+        try? FileManager.default.removeItem(atPath: temporary)
+        try FileManager.default.createSymbolicLink(atPath: temporary, withDestinationPath: name)
+        crash(at: "before-publish")
+        guard rename(temporary, outDir + "/current") == 0 else {
+            throw AgentError(.fatal, "cannot publish \(directory): \(String(cString: strerror(errno)))")
+        }
+        for file in files where (try? FileManager.default.destinationOfSymbolicLink(atPath: outDir + "/" + file)) != "current/" + file {
+            let link = outDir + "/." + file + ".tmp"
+            try? FileManager.default.removeItem(atPath: link)
+            try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: "current/" + file)
+            guard rename(link, outDir + "/" + file) == 0 else {
+                throw AgentError(.fatal, "cannot link \(outDir)/\(file): \(String(cString: strerror(errno)))")
+            }
+        }
+        AtomicFile.syncDirectory(outDir)
+        // Old versions: keep the one just replaced (a reader may still be opening it), remove the rest.
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: outDir)) ?? []
+        for entry in entries where entry.hasPrefix(".gen-") && entry != name && entry != previous {
+            try? FileManager.default.removeItem(atPath: outDir + "/" + entry)
+        }
+    }
+}
+
+/// What `mutual agent status` shows, written atomically after every attempt.
+public struct AgentStatus: Codable, Sendable, Equatable {
+    public var identity: String
+    public var authority: String
+    /// `ok`, `retrying` (failing, still serving the current certificate) or `stopped` (needs a person).
+    public var state: String
+    public var serial: String?
+    public var notAfter: Date?
+    public var renewAt: Date?
+    public var lastSuccess: Date?
+    public var lastAttempt: Date?
+    public var lastError: String?
+    public var consecutiveFailures: Int
+    /// The authority's Date header minus local time, seconds, at the last answer.
+    public var clockSkewSeconds: Double?
+    public var renewals: Int
+
+    enum CodingKeys: String, CodingKey {
+        case identity, authority, state, serial, renewals
+        case notAfter = "not_after", renewAt = "renew_at", lastSuccess = "last_success", lastAttempt = "last_attempt"
+        case lastError = "last_error", consecutiveFailures = "consecutive_failures", clockSkewSeconds = "clock_skew_seconds"
+    }
+
+    public static func path(outDir: String) -> String { outDir + "/status.json" }
+
+    public static func read(outDir: String) -> AgentStatus? {
+        guard let data = FileManager.default.contents(atPath: path(outDir: outDir)) else { return nil }
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        return try? decoder.decode(AgentStatus.self, from: data)
+    }
+
+    func write(outDir: String) {
+        let encoder = JSONEncoder()
+        encoder.dateEncodingStrategy = .iso8601
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        guard let data = try? encoder.encode(self) else { return }
+        try? AtomicFile.write(Array(data) + [0x0A], to: Self.path(outDir: outDir))
+    }
+}

@@ -137,6 +137,7 @@ def load(port, ca, cert, key, seconds, out):
             failed += 1
             errors.append(repr(error))
             conn = None
+            time.sleep(0.01)
         count += 1
     with open(out, "w") as handle:
         json.dump({"ok": ok, "failed": failed, "errors": errors[:20]}, handle)

@@ -309,6 +309,7 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
 
     mutating func resolvePaths(against base: URL) {
         func resolve(_ path: String) -> String {
+            if path.isEmpty { return path }  // filled from the identity: block later
             if path.hasPrefix("/") || path.hasPrefix("http://") || path.hasPrefix("https://") { return path }
             return base.appendingPathComponent(path).standardizedFileURL.path
         }

@@ -166,6 +166,15 @@ c=$(code $(as web) "https://localhost:$G/admin/users"); [ "$c" = 200 ] && ok "me
 c=$(code --path-as-is "https://localhost:$G/healthz/../admin"); [ "$c" = 400 ] && ok "dot segments in the path: 400 (no route confusion)" || bad "dot segments got $c"
 c=$(code --path-as-is "https://localhost:$G/healthz/%2e%2e/admin"); [ "$c" = 400 ] && ok "encoded dot segments: 400" || bad "encoded dots got $c"
 
+# Policy reload: the allow list changes in the file; a broken file keeps the current policy.
+sed 's#allow: \["spiffe://example.org/ns/web/\*", "dns:\*.partner.example"\]#allow: ["spiffe://example.org/ns/batch/*"]#' "$T/gateway.yaml" > "$T/gateway.tmp" && mv "$T/gateway.tmp" "$T/gateway.yaml"
+sleep 1.5
+c1=$(code $(as other) "https://localhost:$G/api"); c2=$(code $(as web) "https://localhost:$G/api")
+[ "$c1" = 200 ] && [ "$c2" = 403 ] && ok "policy reloaded from the edited YAML: batch now allowed, web now denied" || bad "policy reload: other=$c1 web=$c2 $(grep -i reload "$T/gw.err" | tail -2)"
+echo "listeners: [ {broken" > "$T/gateway.tmp" && mv "$T/gateway.tmp" "$T/gateway.yaml"; sleep 1.5
+c1=$(code $(as other) "https://localhost:$G/api")
+[ "$c1" = 200 ] && grep -q "configuration reload failed; keeping the current configuration" "$T/gw.err" && ok "a broken configuration file is refused; the running policy stays" || bad "broken config reload: $c1"
+
 # tcp mode with PROXY v2.
 python3 - "$TCP" "$ROOT_PEM" "$T/web/chain.pem" "$T/web/key.pem" <<'PY' && ok "tcp mode: PROXY v2 header carries source, SSL TLV (verified, version, client cert) and the identity; stream relayed" || bad "tcp/PROXY v2 failed"
 import json, socket, ssl, sys

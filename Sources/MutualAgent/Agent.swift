@@ -27,6 +27,8 @@ public final class Agent: Sendable {
         public var validity: ValidityDuration?
         public var profile: String?
         public var hook: ReloadHook
+        /// Deadline of one call to the authority, connection attempts included.
+        public var requestTimeout: Duration = .seconds(15)
 
         public init(
             authority: String, rootFingerprint: String, token: String?, identity: String, dnsNames: [String] = [], outDir: String,
@@ -134,7 +136,7 @@ public final class Agent: Sendable {
         }
         if now < leaf.notValidAfter {
             return await attempt(now: now, lifetime: lifetime, what: "renewal") {
-                let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: current.roots, identity: (current.chain, current.key), timeout: .seconds(15))
+                let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: current.roots, identity: (current.chain, current.key), timeout: self.configuration.requestTimeout)
                 defer { Task { try? await client.shutdown() } }
                 let key = try self.configuration.keyType.generate()
                 let enrollment = try await client.renew(csrPEM: try self.csrPEM(key: key))
@@ -144,7 +146,7 @@ public final class Agent: Sendable {
         }
         logger.warning("certificate expired; trying renew-expired", metadata: ["serial": "\(leaf.serialHex)", "not_after": "\(leaf.notValidAfter)"])
         return await attempt(now: now, lifetime: lifetime, what: "renewal after expiry") {
-            let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: current.roots, timeout: .seconds(15))
+            let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: current.roots, timeout: self.configuration.requestTimeout)
             defer { Task { try? await client.shutdown() } }
             let key = try self.configuration.keyType.generate()
             let csr = try self.csr(key: key)
@@ -159,7 +161,7 @@ public final class Agent: Sendable {
         }
         return await attempt(now: now, lifetime: 600, what: "enrollment") {
             let roots = try await self.bootstrapRoots()
-            let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: roots, timeout: .seconds(15))
+            let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: roots, timeout: self.configuration.requestTimeout)
             defer { Task { try? await client.shutdown() } }
             let key = try self.configuration.keyType.generate()
             let enrollment = try await client.sign(csrPEM: try self.csrPEM(key: key), token: token, profile: self.configuration.profile, validity: self.configuration.validity?.description)
@@ -291,7 +293,7 @@ public final class Agent: Sendable {
         defer { Task { try? await http.shutdown() } }
         let bytes: [UInt8]
         do {
-            let response = try await http.execute(HTTPClientRequest(url: self.configuration.authority + "/roots.pem"), timeout: .seconds(15))
+            let response = try await http.execute(HTTPClientRequest(url: self.configuration.authority + "/roots.pem"), timeout: .seconds(Int64(self.configuration.requestTimeout.components.seconds)))
             guard response.status == .ok else {
                 throw AgentError(.transient, "GET \(self.configuration.authority)/roots.pem: HTTP \(response.status.code)")
             }

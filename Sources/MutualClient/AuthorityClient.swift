@@ -35,6 +35,8 @@ public struct Enrollment: Sendable {
 public final class AuthorityClient: Sendable {
     let http: HTTPClient
     public let baseURL: String
+    /// Deadline of one request, connection attempts included (a refused connection is retried until then).
+    let requestTimeout: Duration
 
     /// - Parameters:
     ///   - trustRoots: the roots the authority's server certificate must chain to (never the system store).
@@ -53,6 +55,7 @@ public final class AuthorityClient: Sendable {
         configuration.timeout = .init(connect: .seconds(min(seconds, 10)), read: .seconds(seconds))
         self.http = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
         self.baseURL = baseURL.hasSuffix("/") ? String(baseURL.dropLast()) : baseURL
+        self.requestTimeout = timeout
     }
 
     public func shutdown() async throws {
@@ -121,7 +124,7 @@ public final class AuthorityClient: Sendable {
         if let bearer { request.headers.add(name: "Authorization", value: "Bearer \(bearer)") }
         let response: HTTPClientResponse
         do {
-            response = try await http.execute(request, timeout: .seconds(30))
+            response = try await http.execute(request, timeout: .seconds(Int64(requestTimeout.components.seconds)))
         } catch {
             throw AuthorityClientError(status: 0, type: "transport", detail: "\(error)", serverDate: nil)
         }

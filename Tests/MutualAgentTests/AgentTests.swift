@@ -1,7 +1,7 @@
 import Foundation
 import Logging
 @testable import MutualAgent
-import MutualClient
+@testable import MutualClient
 import MutualPKI
 import Synchronization
 import Testing
@@ -86,10 +86,11 @@ struct AgentDecisionTests {
 
     static func agent(dir: String, clock: ManualClock, token: String? = nil) throws -> Agent {
         // Port 1 on 127.0.0.1: nothing listens, so every call is a real transport failure.
-        let configuration = try Agent.Configuration(
+        var configuration = try Agent.Configuration(
             authority: "https://127.0.0.1:1", rootFingerprint: fingerprint, token: token,
             identity: "spiffe://example.org/ns/web/sa/api", outDir: dir + "/out"
         )
+        configuration.requestTimeout = .seconds(1)
         return Agent(configuration: configuration, clock: clock, logger: Logger(label: "test"), random: { 0 })
     }
 
@@ -100,7 +101,8 @@ struct AgentDecisionTests {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let clock = ManualClock(start.addingTimeInterval(10))
         let agent = try Self.agent(dir: dir, clock: clock)
-        #expect(await agent.step() == .notDue(until: start.addingTimeInterval(2000)))
+        // Certificates carry whole seconds: the schedule starts at the certificate's notBefore.
+        #expect(await agent.step() == .notDue(until: leaf.notValidBefore.addingTimeInterval(2000)))
         #expect(agent.currentStatus.serial == leaf.serialHex && agent.currentStatus.state == "ok")
     }
 

@@ -324,7 +324,7 @@ http {
     ssl_client_certificate $T/nginx/clients.pem;
     ssl_verify_client on;
     ssl_verify_depth 3;
-    location / { return 200 "nginx mTLS server saw client \$ssl_client_s_dn verify=\$ssl_client_verify\n"; }
+    location / { return 200 "nginx mTLS server saw client \$ssl_client_s_dn verify=\$ssl_client_verify conn=\$connection\n"; }
   }
 }
 NGX
@@ -339,6 +339,13 @@ NGX
   OP=$(port_of outp outbound)
   out=$(curl -s "http://127.0.0.1:$OP/")
   echo "$out" | grep -q "verify=SUCCESS" && ok "outbound: plaintext in, mTLS to nginx (ssl_verify_client on) with the proxy's certificate" || bad "outbound to nginx: '$out' $(tail -3 "$T/outp.err")"
+  start_proxy outh --outbound --mode http --listen 127.0.0.1:0 --upstream "https://localhost:$NS" --cert "$T/web/chain.pem" --key "$T/web/key.pem" \
+    --server-ca "$ROOT_PEM" --expect dns:localhost --access-log off --threads 1
+  OH=$(port_of outh outbound)
+  curl -s "http://127.0.0.1:$OH/a" > "$T/oh1"; curl -s "http://127.0.0.1:$OH/b" > "$T/oh2"
+  c1=$(sed -n 's/.*conn=\([0-9]*\).*/\1/p' "$T/oh1"); c2=$(sed -n 's/.*conn=\([0-9]*\).*/\1/p' "$T/oh2")
+  grep -q "verify=SUCCESS" "$T/oh1" && [ -n "$c1" ] && [ "$c1" = "$c2" ] \
+    && ok "outbound http: two separate local requests reuse one pooled mTLS connection to nginx (connection $c1)" || bad "outbound http pooling: '$(cat "$T/oh1")' '$(cat "$T/oh2")'"
   start_proxy outbad --outbound --listen 127.0.0.1:0 --upstream "127.0.0.1:$NS" --cert "$T/web/chain.pem" --key "$T/web/key.pem" \
     --server-ca "$ROOT_PEM" --expect spiffe://example.org/ns/db/sa/pg
   out=$(curl -s "http://127.0.0.1:$(port_of outbad outbound)/"); sleep 0.3

@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOTLS
 import Prometheus
 import Synchronization
 
@@ -14,11 +15,14 @@ public final class UpstreamPools: Sendable {
 
     public init(maximumIdle: Int = 1024) { self.maximumIdle = maximumIdle }
 
-    func pool(for loop: any EventLoop, upstream: UpstreamAddress) -> UpstreamPool {
-        let key = "\(ObjectIdentifier(loop))|\(upstream.host)|\(upstream.port)"
+    func pool(for loop: any EventLoop, front: any HTTPFront) -> UpstreamPool {
+        let upstream = front.upstream
+        // mTLS upstreams get a pool per credential state: a reload starts fresh connections with the new certificate.
+        let tlsKey = front.upstreamTLS.map { "\(ObjectIdentifier($0))" } ?? "plain"
+        let key = "\(ObjectIdentifier(loop))|\(upstream.host)|\(upstream.port)|\(tlsKey)"
         return pools.withLock { pools in
             if let pool = pools[key] { return pool }
-            let pool = UpstreamPool(loop: loop, host: upstream.host, port: upstream.port, maximumIdle: maximumIdle)
+            let pool = UpstreamPool(loop: loop, host: upstream.host, port: upstream.port, maximumIdle: maximumIdle, tls: front.upstreamTLS)
             pools[key] = pool
             return pool
         }
@@ -38,13 +42,16 @@ final class UpstreamPool: @unchecked Sendable {
     let host: String
     let port: Int
     let maximumIdle: Int
+    /// For outbound http listeners: connections are mTLS with these credentials and verified against them.
+    let tls: OutboundState?
     private var idle: [UpstreamConnection] = []
 
-    init(loop: any EventLoop, host: String, port: Int, maximumIdle: Int) {
+    init(loop: any EventLoop, host: String, port: Int, maximumIdle: Int, tls: OutboundState? = nil) {
         self.loop = loop
         self.host = host
         self.port = port
         self.maximumIdle = maximumIdle
+        self.tls = tls
     }
 
     func acquire(_ completion: @escaping (Result<UpstreamConnection, any Error>) -> Void) {
@@ -52,11 +59,17 @@ final class UpstreamPool: @unchecked Sendable {
         while let connection = idle.popLast() {
             if connection.channel.isActive && !connection.closed { return completion(.success(connection)) }
         }
+        let tls = self.tls
+        let failure = FailureBox()
         let bootstrap = ClientBootstrap(group: loop)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .connectTimeout(.seconds(5))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let tls {
+                        try channel.pipeline.syncOperations.addHandler(try tls.clientHandler(failure: failure))
+                        try channel.pipeline.syncOperations.addHandler(HandshakeWaiter(promise: channel.eventLoop.makePromise()))
+                    }
                     // Header values reaching the encoder were validated by the inbound parser or are our own
                     // (base64 / percent-encoded); validating again costs a byte scan of every header per request.
                     try channel.pipeline.syncOperations.addHTTPClientHandlers(enableOutboundHeaderValidation: false)
@@ -68,7 +81,18 @@ final class UpstreamPool: @unchecked Sendable {
             case .success(let channel):
                 do {
                     let handler = try channel.pipeline.syncOperations.handler(type: UpstreamResponseHandler.self)
-                    completion(.success(UpstreamConnection(channel: channel, handler: handler)))
+                    let connection = UpstreamConnection(channel: channel, handler: handler)
+                    guard tls != nil else { return completion(.success(connection)) }
+                    // mTLS: hand the connection out only once the upstream is verified (chain and expected identity).
+                    let waiter = try channel.pipeline.syncOperations.handler(type: HandshakeWaiter.self)
+                    waiter.promise.futureResult.assumeIsolated().whenComplete { outcome in
+                        switch outcome {
+                        case .success: completion(.success(connection))
+                        case .failure(let error):
+                            channel.close(promise: nil)
+                            completion(.failure(failure.withLock { $0 }.map { ProxyError($0.reason) as any Error } ?? error))
+                        }
+                    }
                 } catch {
                     channel.close(promise: nil)
                     completion(.failure(error))
@@ -147,8 +171,8 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     /// Lengths of every header name the proxy treats specially: names of other lengths skip lower-casing entirely.
     static let specialLengths: Set<Int> = Set((hopByHop.union(ForwardedIdentity.strippedHeaders).union(["x-forwarded-proto", "x-forwarded-for"])).map(\.utf8.count))
 
-    let state: InboundState
-    let connection: ConnectionIdentity
+    let state: any HTTPFront
+    let connection: ConnectionIdentity?
     let runtime: ProxyRuntime
     let pools: UpstreamPools
     private var exchange: Exchange?
@@ -157,7 +181,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     /// Identity headers computed once per connection (the identity does not change within it).
     private var identityHeaders: [(String, String)]?
     /// The connection's verified identity, read once after the handshake.
-    private lazy var peer: PeerIdentity? = connection.identity
+    private lazy var peer: PeerIdentity? = connection?.identity
 
     final class Exchange {
         let head: HTTPRequestHead
@@ -183,7 +207,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         }
     }
 
-    init(state: InboundState, connection: ConnectionIdentity, runtime: ProxyRuntime, pools: UpstreamPools) {
+    init(state: any HTTPFront, connection: ConnectionIdentity?, runtime: ProxyRuntime, pools: UpstreamPools) {
         self.state = state
         self.connection = connection
         self.runtime = runtime
@@ -194,7 +218,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     private var loopPool: UpstreamPool?
 
     func handlerAdded(context: ChannelHandlerContext) {
-        loopPool = pools.pool(for: context.eventLoop, upstream: state.upstream)
+        loopPool = pools.pool(for: context.eventLoop, front: state)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -326,7 +350,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         if identityHeaders == nil {
             var computed: [(String, String)] = []
             if let peer {
-                if state.forwardXFCC, let xfcc = try? ForwardedIdentity.xfcc(peer, by: state.credentials.identity) {
+                if state.forwardXFCC, let xfcc = try? ForwardedIdentity.xfcc(peer, by: state.proxyIdentity) {
                     computed.append(("x-forwarded-client-cert", xfcc))
                 }
                 if state.forwardRFC9440 {
@@ -337,6 +361,10 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             identityHeaders = computed
         }
         for (name, value) in identityHeaders ?? [] { headers.add(name: name, value: value) }
+        guard state.addsForwardingHeaders else {
+            if let forwardedFor { headers.add(name: "x-forwarded-for", value: forwardedFor) }
+            return headers
+        }
         headers.add(name: "x-forwarded-proto", value: "https")
         if let ip = context.channel.remoteAddress?.ipAddress {
             headers.add(name: "x-forwarded-for", value: forwardedFor.map { "\($0), \(ip)" } ?? ip)
@@ -494,5 +522,51 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         if let error = error as? IOError { return String(cString: strerror(error.errnoCode)).lowercased() }
         if error is ChannelError { return "\(error)" }
         return String(describing: error)
+    }
+}
+
+/// What the HTTP front end needs from its listener: inbound listeners (TLS from clients, plain HTTP upstream) and
+/// outbound http listeners (plain HTTP from the local app, pooled mTLS upstream) both provide it.
+protocol HTTPFront: AnyObject, Sendable {
+    var name: String { get }
+    var policy: RoutePolicy { get }
+    var upstream: UpstreamAddress { get }
+    var forwardXFCC: Bool { get }
+    var forwardRFC9440: Bool { get }
+    /// `By=` in XFCC.
+    var proxyIdentity: String? { get }
+    /// `x-forwarded-proto: https` and the client address in `x-forwarded-for`.
+    var addsForwardingHeaders: Bool { get }
+    var upstreamTLS: OutboundState? { get }
+}
+
+extension InboundState: HTTPFront {
+    var proxyIdentity: String? { credentials.identity }
+    var addsForwardingHeaders: Bool { true }
+    var upstreamTLS: OutboundState? { nil }
+}
+
+/// Fulfils its promise when the TLS handshake completes, fails it when the connection errs or closes first.
+final class HandshakeWaiter: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = NIOAny
+    let promise: EventLoopPromise<Void>
+    init(promise: EventLoopPromise<Void>) { self.promise = promise }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case TLSUserEvent.handshakeCompleted = event {
+            promise.succeed(())
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        promise.fail(error)
+        context.fireErrorCaught(error)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        promise.fail(ChannelError.eof)
+        context.fireChannelInactive()
     }
 }

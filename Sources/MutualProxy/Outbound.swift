@@ -18,6 +18,8 @@ public final class OutboundState: Sendable {
     public let sslContext: NIOSSLContext
     public let serverName: String?
     let stamps: [String: FileStamp?]
+    /// Outbound http: the local application is trusted; every request goes upstream.
+    let policy = RoutePolicy(routes: [.init(pathPrefix: "/", allow: [], allowWithoutCertificate: true)])
 
     public init(name: String, configuration: ProxyConfiguration.Outbound) throws {
         self.name = name
@@ -44,6 +46,29 @@ public final class OutboundState: Sendable {
         } catch {
             throw ProxyError("\(name): cannot build the TLS client context: \(error)")
         }
+    }
+
+    /// A TLS client handler presenting our certificate and verifying the upstream; a refusal's reason lands in
+    /// `failure`.
+    func clientHandler(failure: FailureBox) throws -> NIOSSLClientHandler {
+        try NIOSSLClientHandler(context: sslContext, serverHostname: serverName, customVerificationCallbackWithMetadata: { presented, promise in
+            let certificates: [Certificate]
+            do {
+                certificates = try presented.map { try Certificate(derEncoded: try $0.toDERBytes()) }
+            } catch {
+                failure.withLock { $0 = VerificationFailure(.malformed, "upstream certificate unreadable: \(error)") }
+                promise.succeed(.failed)
+                return
+            }
+            Task {
+                switch await self.verifyUpstream(presented: certificates) {
+                case .success: promise.succeed(.certificateVerified(VerificationMetadata(nil)))
+                case .failure(let reason):
+                    failure.withLock { $0 = reason }
+                    promise.succeed(.failed)
+                }
+            }
+        })
     }
 
     func reloaded(configuration: ProxyConfiguration.Outbound? = nil, force: Bool) throws -> OutboundState? {
@@ -81,6 +106,14 @@ public final class OutboundState: Sendable {
     }
 }
 
+extension OutboundState: HTTPFront {
+    var forwardXFCC: Bool { false }
+    var forwardRFC9440: Bool { false }
+    var proxyIdentity: String? { credentials.identity }
+    var addsForwardingHeaders: Bool { false }
+    var upstreamTLS: OutboundState? { self }
+}
+
 public final class OutboundSlot: Sendable {
     private let state: Mutex<OutboundState>
     public init(_ state: OutboundState) { self.state = Mutex(state) }
@@ -114,25 +147,7 @@ final class OutboundHandler: ChannelInboundHandler {
             .connectTimeout(.seconds(5))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    let ssl = try NIOSSLClientHandler(context: state.sslContext, serverHostname: state.serverName, customVerificationCallbackWithMetadata: { presented, promise in
-                        let certificates: [Certificate]
-                        do {
-                            certificates = try presented.map { try Certificate(derEncoded: try $0.toDERBytes()) }
-                        } catch {
-                            failure.withLock { $0 = VerificationFailure(.malformed, "upstream certificate unreadable: \(error)") }
-                            promise.succeed(.failed)
-                            return
-                        }
-                        Task {
-                            let result = await state.verifyUpstream(presented: certificates)
-                            switch result {
-                            case .success: promise.succeed(.certificateVerified(VerificationMetadata(nil)))
-                            case .failure(let reason):
-                                failure.withLock { $0 = reason }
-                                promise.succeed(.failed)
-                            }
-                        }
-                    })
+                    let ssl = try state.clientHandler(failure: failure)
                     try channel.pipeline.syncOperations.addHandler(ssl)
                 }
             }

@@ -151,8 +151,12 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
         public var expect: [String]
         /// SNI to send; defaults to the upstream host when it is a DNS name.
         public var serverName: String?
+        /// `tcp` (default): each local connection is carried over its own mTLS connection. `http`: HTTP/1.1 from the
+        /// local app, forwarded over a pool of keep-alive mTLS connections.
+        public var mode: Mode?
 
-        public init(name: String? = nil, listen: String, upstream: String, cert: String, key: String, serverCA: String, expect: [String], serverName: String? = nil) {
+        public init(name: String? = nil, listen: String, upstream: String, cert: String, key: String, serverCA: String, expect: [String], serverName: String? = nil, mode: Mode? = nil) {
+            self.mode = mode
             self.name = name
             self.listen = listen
             self.upstream = upstream
@@ -164,7 +168,7 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
         }
 
         enum CodingKeys: String, CodingKey {
-            case name, listen, upstream, cert, key, expect
+            case name, listen, upstream, cert, key, expect, mode
             case serverCA = "server-ca", serverName = "server-name"
         }
     }

@@ -87,8 +87,14 @@ public final class ProxyServer: Sendable {
         for slot in outbound {
             let state = slot.current
             let address = try SocketAddressSpec(parsing: state.configuration.listen, what: "\(state.name).listen")
-            let channel = try await bind(address: address, name: state.name, autoRead: false) { [runtime] channel in
-                try channel.pipeline.syncOperations.addHandler(OutboundHandler(state: slot.current, runtime: runtime))
+            let http = state.configuration.mode == .http
+            let channel = try await bind(address: address, name: state.name, autoRead: http) { [runtime, pools] channel in
+                if http {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                    try channel.pipeline.syncOperations.addHandler(HTTPProxyHandler(state: slot.current, connection: nil, runtime: runtime, pools: pools))
+                } else {
+                    try channel.pipeline.syncOperations.addHandler(OutboundHandler(state: slot.current, runtime: runtime))
+                }
             }
             register(server: channel, name: state.name)
             runtime.logger.info("listening (outbound)", metadata: ["listener": "\(state.name)", "address": "\(channel.localAddress?.display ?? "?")", "upstream": "\(state.configuration.upstream)"])

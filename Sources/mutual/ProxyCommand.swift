@@ -30,7 +30,7 @@ struct ProxyCommand: AsyncParsableCommand {
     @Option(help: "Where to forward: http://HOST:PORT (http mode), HOST:PORT (tcp mode), https://HOST:PORT or HOST:PORT (outbound).")
     var upstream: String?
 
-    @Option(help: "Inbound mode: http (default) or tcp.")
+    @Option(help: "http (default inbound) or tcp (default outbound): outbound http pools keep-alive mTLS connections.")
     var mode: String?
 
     @Option(help: "Certificate chain file (leaf first) the proxy presents.")
@@ -99,9 +99,16 @@ struct ProxyCommand: AsyncParsableCommand {
         let listen = try require(listen, "--listen")
         let upstream = try require(upstream, "--upstream")
         if outbound {
+            var outboundMode: ProxyConfiguration.Mode?
+            if let mode {
+                guard let parsed = ProxyConfiguration.Mode(rawValue: mode) else {
+                    throw CommandFailure("invalid --mode '\(mode)': expected http or tcp", exitCode: 2)
+                }
+                outboundMode = parsed
+            }
             configuration.outbound = [.init(
                 name: "outbound", listen: listen, upstream: upstream, cert: try require(cert, "--cert"), key: try require(key, "--key"),
-                serverCA: try require(serverCA, "--server-ca"), expect: expect
+                serverCA: try require(serverCA, "--server-ca"), expect: expect, mode: outboundMode
             )]
         } else {
             guard let parsedMode = ProxyConfiguration.Mode(rawValue: mode ?? "http") else {

@@ -74,6 +74,10 @@ PY
 fp=$(openssl x509 -in "$T/web/cert.pem" -outform DER | sha256sum | cut -d' ' -f1)
 grep -q "Hash=$fp" "$T/body" && ok "XFCC Hash is the SHA-256 of the client certificate's DER" || bad "XFCC hash mismatch"
 
+v=$(curl -s --http2 -o "$T/body" -o "$T/body2" -w '%{http_version} %{http_code} %{num_connects};' --cacert "$ROOT_PEM" $(as web) "https://localhost:$P/h2/x" "https://localhost:$P/h2/y")
+[ "$v" = "2 200 1;2 200 0;" ] && grep -q 'URI=spiffe://example.org/ns/web/sa/api' "$T/body" && ok "HTTP/2 from the client (ALPN h2): two streams on one connection, identity forwarded upstream over HTTP/1.1" || bad "http2: '$v' $(head -c 300 "$T/body")"
+v=$(curl -s --http2 -o "$T/body" -w '%{http_version} %{http_code}' --cacert "$ROOT_PEM" $(as other) "https://localhost:$P/h2/x")
+[ "$v" = "2 403" ] && ok "HTTP/2: a disallowed identity gets 403 on its stream" || bad "http2 deny: '$v'"
 c=$(code $(as other) "https://localhost:$P/api")
 [ "$c" = 403 ] && grep -q 'ns/batch/sa/job is not allowed' "$T/body" && ok "disallowed identity: 403 naming the identity and the allow list" || bad "disallowed got $c $(cat "$T/body")"
 c=$(code "https://localhost:$P/api"); [ "$c" = 000 ] && ok "no client certificate: handshake refused" || bad "no cert got $c"

@@ -82,7 +82,7 @@ public final class InboundState: Sendable {
         tls.certificateVerification = requireCertificate ? .noHostnameVerification : .optionalVerification
         tls.trustRoots = .certificates(try clientRoots.map { try NIOSSLCertificate(bytes: try $0.derBytes, format: .der) })
         tls.sendCANameList = true
-        tls.applicationProtocols = configuration.mode == .tcp ? [] : ["http/1.1"]
+        tls.applicationProtocols = configuration.mode == .tcp ? [] : configuration.http2 == false ? ["http/1.1"] : ["h2", "http/1.1"]
         do {
             self.sslContext = try NIOSSLContext(configuration: tls)
         } catch {

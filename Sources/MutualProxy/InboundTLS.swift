@@ -2,6 +2,8 @@ import Foundation
 import Logging
 import MutualPKI
 import NIOCore
+import NIOHTTP1
+import NIOHTTP2
 import NIOSSL
 import NIOTLS
 import X509
@@ -52,8 +54,29 @@ enum InboundPipeline {
         try sync.addHandler(HandshakeObserver(state: state, connection: connection, runtime: runtime))
         switch state.configuration.mode ?? .http {
         case .http:
-            try sync.configureHTTPServerPipeline(withErrorHandling: true)
-            try sync.addHandler(HTTPProxyHandler(state: state, connection: connection, runtime: runtime, pools: pools))
+            guard state.configuration.http2 != false else {
+                try sync.configureHTTPServerPipeline(withErrorHandling: true)
+                try sync.addHandler(HTTPProxyHandler(state: state, connection: connection, runtime: runtime, pools: pools))
+                return
+            }
+            // ALPN decides after the handshake: h2 gets one proxy handler per stream (each stream is an HTTP/1-style
+            // exchange over the same verified identity), http/1.1 (or no ALPN) the HTTP/1.1 pipeline.
+            _ = channel.configureHTTP2SecureUpgrade(
+                h2ChannelConfigurator: { channel in
+                    channel.configureHTTP2Pipeline(mode: .server) { stream in
+                        stream.eventLoop.makeCompletedFuture {
+                            try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
+                            try stream.pipeline.syncOperations.addHandler(HTTPProxyHandler(state: state, connection: connection, runtime: runtime, pools: pools))
+                        }
+                    }.map { _ in () }
+                },
+                http1ChannelConfigurator: { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                        try channel.pipeline.syncOperations.addHandler(HTTPProxyHandler(state: state, connection: connection, runtime: runtime, pools: pools))
+                    }
+                }
+            )
         case .tcp:
             try sync.addHandler(TCPInboundHandler(state: state, connection: connection, runtime: runtime))
         }

@@ -44,6 +44,8 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
         public var proxyProtocol: Bool?
         /// Identity headers for the upstream: any of `xfcc`, `rfc9440` (default both); `[]` forwards none.
         public var forward: [String]?
+        /// http mode: offer HTTP/2 to clients through ALPN (default true); upstream stays HTTP/1.1.
+        public var http2: Bool?
 
         public init(
             name: String? = nil, listen: String, mode: Mode? = nil, upstream: String, cert: String, key: String,
@@ -66,7 +68,7 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
         }
 
         enum CodingKeys: String, CodingKey {
-            case name, listen, mode, upstream, cert, key, allow, routes, forward
+            case name, listen, mode, upstream, cert, key, allow, routes, forward, http2
             case clientCA = "client-ca", clientCertificate = "client-certificate", maxDepth = "max-depth"
             case proxyProtocol = "proxy-protocol"
         }
@@ -87,6 +89,7 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
             routes = try c.decodeIfPresent([Route].self, forKey: .routes)
             proxyProtocol = try c.decodeIfPresent(Bool.self, forKey: .proxyProtocol)
             forward = try c.decodeIfPresent([String].self, forKey: .forward)
+            http2 = try c.decodeIfPresent(Bool.self, forKey: .http2)
         }
     }
 

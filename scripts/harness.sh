@@ -2,7 +2,8 @@
 # "ok / FAIL" counters behind the closing "N passed, N failed" line.
 T=$(mktemp -d)
 PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$T"; }
+# Children first (a PID may be a subshell running a function), then the process itself.
+cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && { pkill -TERM -P "$p" 2>/dev/null; kill "$p" 2>/dev/null; }; done; wait 2>/dev/null; rm -rf "$T"; }
 trap cleanup EXIT
 trap "exit 130" INT TERM PIPE
 pass=0; fail=0

@@ -97,7 +97,7 @@ for _ in $(seq 100); do grep -q "front listening on" "$T/sidecar.err" && break; 
 SP=$(grep "front listening on" "$T/sidecar.err" | sed 's/.*://')
 [ -n "$SP" ] && [ -e "$T/sidecar-identity/key.pem" ] && ok "sidecar proxy enrolled its own identity in-process and listens on $SP" || bad "sidecar: $(tail -5 "$T/sidecar.err")"
 KT=$(token 'spiffe://example.org/ns/web/*' 30s 1)
-agent --token "$KT" --identity spiffe://example.org/ns/web/sa/client --out-dir "$T/client" --validity 30s > "$T/client-agent.log" 2>&1 & CLIENT_AGENT=$!; PIDS+=($CLIENT_AGENT)
+"$MUTUAL" agent --authority "$A" --root-fingerprint "$FP" --token "$KT" --identity spiffe://example.org/ns/web/sa/client --out-dir "$T/client" --validity 30s > "$T/client-agent.log" 2>&1 & CLIENT_AGENT=$!; PIDS+=($CLIENT_AGENT)
 for _ in $(seq 100); do [ -e "$T/client/key.pem" ] && break; sleep 0.1; done
 python3 "$HELP" load "$SP" "$T/client/bundle.pem" "$T/client/chain.pem" "$T/client/key.pem" "$SECONDS_TOTAL" "$T/story.json" & LOAD=$!; PIDS+=($LOAD)
 

@@ -213,7 +213,7 @@ assert data == b"", data
 PY
 
 # ---------------------------------------------------------------- revocation from a CRL file
-M serve --state-dir "$S" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 > "$T/serve.log" 2>&1 & PIDS+=($!); SERVE_PID=$!
+"$MUTUAL" serve --state-dir "$S" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 > "$T/serve.log" 2>&1 & SERVE_PID=$!; PIDS+=($SERVE_PID)
 for _ in $(seq 100); do grep -q "CRL and OCSP on" "$T/serve.log" && break; sleep 0.1; done
 HTTP=$(grep -o 'http://127.0.0.1:[0-9]*' "$T/serve.log" | head -1); HTTPS=$(grep -o 'https://127.0.0.1:[0-9]*' "$T/serve.log" | head -1)
 fetch_crls() { curl -s --cacert "$ROOT_PEM" "$HTTPS/crls.pem" -o "$T/crls.tmp" && mv "$T/crls.tmp" "$T/crls.pem"; }

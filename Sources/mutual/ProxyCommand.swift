@@ -152,9 +152,9 @@ struct ProxyCommand: AsyncParsableCommand {
             if flagsGiven {
                 throw CommandFailure("--config cannot be combined with listener flags; put them in \(config)", exitCode: 2)
             }
-            configuration = try inputError { try ProxyConfiguration.load(path: config) }
+            configuration = try inputFailure { try ProxyConfiguration.load(path: config) }
         } else {
-            configuration = try inputError {
+            configuration = try inputFailure {
                 let flags = try configurationFromFlags()
                 try flags.validate()
                 return flags
@@ -165,7 +165,7 @@ struct ProxyCommand: AsyncParsableCommand {
         // Sidecar: enroll (or pick up the delivered files) before the listeners load them.
         var agentConfiguration: Agent.Configuration?
         if let identity = configuration.identity, let dir = configuration.identityDirectory {
-            let built = try inputError {
+            let built = try inputFailure {
                 try Agent.Configuration(
                     authority: identity.authority, rootFingerprint: identity.rootFingerprint, token: identity.token,
                     identity: identity.identity, dnsNames: identity.dns ?? [], outDir: dir,
@@ -219,15 +219,3 @@ struct ProxyCommand: AsyncParsableCommand {
     }
 }
 
-/// Everything wrong with a configuration (flags or file) is an input error: exit 2 with the reason.
-private func inputError<T>(_ body: () throws -> T) throws -> T {
-    do {
-        return try body()
-    } catch let failure as CommandFailure {
-        throw failure
-    } catch let error as PKIError {
-        throw CommandFailure(error.reason, exitCode: 2)
-    } catch {
-        throw CommandFailure("\(error)", exitCode: 2)
-    }
-}

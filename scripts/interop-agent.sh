@@ -44,6 +44,10 @@ agent --token "$TOK" --identity spiffe://example.org/ns/web/sa/x --out-dir "$T/x
 agent --identity spiffe://example.org/ns/web/sa/x --out-dir "$T/x" --once > "$T/out" 2>&1
 [ $? = 1 ] && grep -q "no --token" "$T/out" && ok "no certificate and no token: a clear message" || bad "no token: $(cat "$T/out")"
 
+mkdir -p "$T/garbage"; head -c 5000 /dev/urandom > "$T/garbage/status.json"
+M agent status --out-dir "$T/nowhere" > "$T/out" 2>&1; rc1=$?
+M agent status --out-dir "$T/garbage" > "$T/out2" 2>&1; rc2=$?
+[ $rc1 = 1 ] && [ $rc2 = 1 ] && grep -q "no agent status" "$T/out" && grep -q "no agent status" "$T/out2" && ok "agent status on a missing or garbage directory: exit 1 with a clear message" || bad "status bad dir: $rc1 $rc2 $(cat "$T/out" "$T/out2")"
 agent --token "$TOK" --identity spiffe://example.org/ns/web/sa/first --out-dir "$T/first" --root-fingerprint "$OSSL_FP" --once > "$T/out" 2>&1
 grep -q "^enrolled: serial" "$T/out" && ok "enrolled with the token; the pin accepted in openssl's colon form" || bad "enroll: $(cat "$T/out")"
 [ "$(stat -L -c %a "$T/first/key.pem")" = 600 ] && ok "key.pem is mode 0600" || bad "key mode $(stat -L -c %a "$T/first/key.pem")"

@@ -171,13 +171,14 @@ final class OutboundHandler: ChannelInboundHandler {
             upstream.close(promise: nil)
             return
         }
-        let (inbound, outbound) = GlueHandler.pair()
         let name = state.name
         let runtime = self.runtime
         let started = self.started
         let remote = context.channel.remoteAddress?.display
         let target = "\(state.upstream.host):\(state.upstream.port)"
-        inbound.onClose = { bytesIn, bytesOut in
+        let first = buffered
+        buffered = []
+        GlueHandler.join(context, replacing: self, upstream: upstream, first: first) { bytesIn, bytesOut in
             let refused = failure.withLock { $0 }
             if let refused {
                 runtime.metrics.handshake(listener: name, failure: refused.kind)
@@ -188,19 +189,6 @@ final class OutboundHandler: ChannelInboundHandler {
                 decision: refused == nil ? "allow" : "refused", reason: refused?.reason ?? "connection closed",
                 status: refused == nil ? 200 : 502, bytesIn: bytesIn, bytesOut: bytesOut, latency: ContinuousClock.now - started, peer: remote
             ))
-        }
-        do {
-            try upstream.pipeline.syncOperations.addHandler(outbound)
-            for buffer in buffered { upstream.write(buffer, promise: nil) }
-            upstream.flush()
-            buffered = []
-            try context.pipeline.syncOperations.addHandler(inbound, position: .after(self))
-            let channel = context.channel
-            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
-            channel.read()
-        } catch {
-            upstream.close(promise: nil)
-            context.close(promise: nil)
         }
     }
 

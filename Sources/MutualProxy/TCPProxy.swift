@@ -82,6 +82,28 @@ final class GlueHandler: ChannelDuplexHandler, RemovableChannelHandler {
     func read(context: ChannelHandlerContext) {
         if partner?.partnerWritable ?? false { context.read() } else { pendingRead = true }
     }
+
+    /// Replaces `handler` (at `context`, which buffered the bytes read so far) by a glued pair with `upstream`:
+    /// `first` goes upstream before anything else, `onClose` reports the byte counts when the connection ends.
+    static func join(
+        _ context: ChannelHandlerContext, replacing handler: any ChannelHandler, upstream: any Channel, first: [ByteBuffer],
+        onClose: @escaping (Int, Int) -> Void
+    ) {
+        let (inbound, outbound) = pair()
+        inbound.onClose = onClose
+        do {
+            try upstream.pipeline.syncOperations.addHandler(outbound)
+            for buffer in first { upstream.write(buffer, promise: nil) }
+            upstream.flush()
+            try context.pipeline.syncOperations.addHandler(inbound, position: .after(handler))
+            let channel = context.channel
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+            channel.read()  // listeners that start with autoRead off begin reading now
+        } catch {
+            upstream.close(promise: nil)
+            context.close(promise: nil)
+        }
+    }
 }
 
 /// tcp mode: after the handshake, checks the identity against the listener's allow list, connects to the upstream
@@ -155,30 +177,19 @@ final class TCPInboundHandler: ChannelInboundHandler, RemovableChannelHandler {
                 upstream.close(promise: nil)
                 return
             }
-            let (inbound, outbound) = GlueHandler.pair()
             let name = state.name
             let started = self.started
             let runtime = self.runtime
             let remote = context.channel.remoteAddress?.display
-            inbound.onClose = { bytesIn, bytesOut in
+            let first = (header.map { [$0] } ?? []) + buffered
+            buffered = []
+            GlueHandler.join(context, replacing: self, upstream: upstream, first: first) { bytesIn, bytesOut in
                 runtime.metrics.requestCounter(listener: name, route: "tcp", status: 200).increment()
                 runtime.accessLog.record(.init(
                     listener: name, client: peer?.displayName, serial: peer?.serial, method: nil, path: nil, route: "tcp",
                     decision: "allow", reason: "connection closed", status: 200, bytesIn: bytesIn, bytesOut: bytesOut,
                     latency: ContinuousClock.now - started, peer: remote
                 ))
-            }
-            do {
-                try upstream.pipeline.syncOperations.addHandler(outbound)
-                if let header { upstream.write(header, promise: nil) }
-                for buffer in buffered { upstream.write(buffer, promise: nil) }
-                upstream.flush()
-                buffered = []
-                try context.pipeline.syncOperations.addHandler(inbound, position: .after(self))
-                context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
-            } catch {
-                upstream.close(promise: nil)
-                context.close(promise: nil)
             }
         }
     }

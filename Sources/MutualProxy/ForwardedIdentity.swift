@@ -38,10 +38,35 @@ public enum ForwardedIdentity {
         return try rest.map { ":\(Data(try $0.derBytes).base64EncodedString()):" }.joined(separator: ", ")
     }
 
-    /// Percent-encoding as Envoy applies it to PEM in XFCC (everything but unreserved characters).
+    /// Percent-encoding as Envoy applies it to PEM in XFCC: every byte but the unreserved ASCII characters
+    /// (`A–Z a–z 0–9 - . _ ~`) becomes `%XX`. A byte loop: Foundation's `addingPercentEncoding` cost about 40 µs for
+    /// one certificate and its chain, which made it the most expensive step of an HTTP/2 stream.
     static func urlEncode(_ text: String) -> String {
-        var allowed = CharacterSet.alphanumerics
-        allowed.insert(charactersIn: "-._~")
-        return text.addingPercentEncoding(withAllowedCharacters: allowed) ?? ""
+        let hex: [UInt8] = Array("0123456789ABCDEF".utf8)
+        var out: [UInt8] = []
+        out.reserveCapacity(text.utf8.count * 5 / 4)
+        for byte in text.utf8 {
+            switch byte {
+            case UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
+                UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"):
+                out.append(byte)
+            default:
+                out.append(UInt8(ascii: "%"))
+                out.append(hex[Int(byte >> 4)])
+                out.append(hex[Int(byte & 0x0F)])
+            }
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// The identity headers one listener adds for `peer`, in order: XFCC, then RFC 9440's pair, as configured.
+    static func headers(for peer: PeerIdentity, by: String?, xfcc: Bool, rfc9440: Bool) -> [(String, String)] {
+        var computed: [(String, String)] = []
+        if xfcc, let value = try? Self.xfcc(peer, by: by) { computed.append(("x-forwarded-client-cert", value)) }
+        if rfc9440 {
+            if let cert = try? clientCert(peer) { computed.append(("client-cert", cert)) }
+            if let chain = try? clientCertChain(peer) { computed.append(("client-cert-chain", chain)) }
+        }
+        return computed
     }
 }

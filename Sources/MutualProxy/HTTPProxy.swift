@@ -178,7 +178,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     private var exchange: Exchange?
     private var counters: [String: Counter] = [:]
     private var latency: DurationHistogram
-    /// Identity headers computed once per connection (the identity does not change within it).
+    /// Identity headers, looked up once per connection or stream (the identity does not change within it).
     private var identityHeaders: [(String, String)]?
     /// The connection's verified identity, read once after the handshake.
     private lazy var peer: PeerIdentity? = connection?.identity
@@ -202,7 +202,8 @@ final class HTTPProxyHandler: ChannelInboundHandler {
 
         init(head: HTTPRequestHead, reason: String) {
             self.head = head
-            self.keepAlive = head.isKeepAlive
+            // An HTTP/2 stream (version 2.0 from the stream codec) ends with its stream; the connection stays.
+            self.keepAlive = head.version.major >= 2 || head.isKeepAlive
             self.reason = reason
         }
     }
@@ -348,17 +349,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             headers.add(name: name, value: value)
         }
         if identityHeaders == nil {
-            var computed: [(String, String)] = []
-            if let peer {
-                if state.forwardXFCC, let xfcc = try? ForwardedIdentity.xfcc(peer, by: state.proxyIdentity) {
-                    computed.append(("x-forwarded-client-cert", xfcc))
-                }
-                if state.forwardRFC9440 {
-                    if let cert = try? ForwardedIdentity.clientCert(peer) { computed.append(("client-cert", cert)) }
-                    if let chain = try? ForwardedIdentity.clientCertChain(peer) { computed.append(("client-cert-chain", chain)) }
-                }
-            }
-            identityHeaders = computed
+            identityHeaders = peer.map { state.identityHeaders(for: $0) } ?? []
         }
         for (name, value) in identityHeaders ?? [] { headers.add(name: name, value: value) }
         guard state.addsForwardingHeaders else {
@@ -538,6 +529,8 @@ protocol HTTPFront: AnyObject, Sendable {
     /// `x-forwarded-proto: https` and the client address in `x-forwarded-for`.
     var addsForwardingHeaders: Bool { get }
     var upstreamTLS: OutboundState? { get }
+    /// The identity headers added for a verified client (none when the front forwards none).
+    func identityHeaders(for peer: PeerIdentity) -> [(String, String)]
 }
 
 extension InboundState: HTTPFront {

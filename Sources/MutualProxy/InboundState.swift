@@ -31,6 +31,22 @@ public final class InboundState: Sendable {
     /// the same few certificates for a whole fleet): saves parsing time and memory per connection.
     private let parsedIntermediates = Mutex<[[UInt8]: Certificate]>([:])
     static let parsedIntermediateLimit = 256
+    /// Identity headers by leaf fingerprint: computed once per client certificate, not once per connection or per
+    /// HTTP/2 stream (XFCC with the PEM chain and RFC 9440's base64 are several KiB of encoding). They depend only on
+    /// the certificate and on this state's identity and `forward` setting, so they live exactly as long as it does.
+    private let identityHeaderCache = Mutex<[String: [(String, String)]]>([:])
+    static let identityHeaderLimit = 4096
+
+    func identityHeaders(for peer: PeerIdentity) -> [(String, String)] {
+        guard forwardXFCC || forwardRFC9440 else { return [] }
+        if let cached = identityHeaderCache.withLock({ $0[peer.fingerprint] }) { return cached }
+        let computed = ForwardedIdentity.headers(for: peer, by: credentials.identity, xfcc: forwardXFCC, rfc9440: forwardRFC9440)
+        identityHeaderCache.withLock {
+            if $0.count >= Self.identityHeaderLimit { $0.removeAll(keepingCapacity: true) }
+            $0[peer.fingerprint] = computed
+        }
+        return computed
+    }
 
     /// Parses a presented chain, reusing intermediates seen before.
     func parse(presentedDER: [[UInt8]]) throws -> [Certificate] {

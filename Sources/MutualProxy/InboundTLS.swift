@@ -65,10 +65,13 @@ enum InboundPipeline {
                 h2ChannelConfigurator: { channel in
                     channel.configureHTTP2Pipeline(mode: .server) { stream in
                         stream.eventLoop.makeCompletedFuture {
+                            try stream.pipeline.syncOperations.addHandler(EndStreamCoalescer())
                             try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
                             try stream.pipeline.syncOperations.addHandler(HTTPProxyHandler(state: state, connection: connection, runtime: runtime, pools: pools))
                         }
-                    }.map { _ in () }
+                    }.flatMapThrowing { _ in
+                        try channel.pipeline.syncOperations.addHandler(HTTP2ConnectionErrorLogger(listener: state.name, logger: runtime.logger))
+                    }
                 },
                 http1ChannelConfigurator: { channel in
                     channel.eventLoop.makeCompletedFuture {
@@ -80,6 +83,92 @@ enum InboundPipeline {
         case .tcp:
             try sync.addHandler(TCPInboundHandler(state: state, connection: connection, runtime: runtime))
         }
+    }
+}
+
+/// Puts END_STREAM on a response's last HEADERS or DATA frame instead of sending it in a separate empty DATA frame
+/// (what NIO's HTTP/1-to-HTTP/2 codec does for `.end`). Clients such as curl consider a response done once its
+/// content-length is in, and reset a stream whose END_STREAM arrives in a later TLS record; enough of those resets
+/// trip NIOHTTP2's flood protection (GOAWAY ENHANCE_YOUR_CALM) and fail every stream of the connection. nginx and
+/// HAProxy also end a response on its last DATA frame. The frame before the end is held until the next write or
+/// flush, so streamed bodies still go out at each flush.
+final class EndStreamCoalescer: ChannelOutboundHandler, RemovableChannelHandler {
+    typealias OutboundIn = HTTP2Frame.FramePayload
+    typealias OutboundOut = HTTP2Frame.FramePayload
+
+    private var held: (HTTP2Frame.FramePayload, EventLoopPromise<Void>?)?
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let payload = unwrapOutboundIn(data)
+        if case .data(let end) = payload, end.endStream, case .byteBuffer(let bytes) = end.data, bytes.readableBytes == 0,
+           let (previous, previousPromise) = held {
+            held = nil
+            var merged = previous
+            switch merged {
+            case .headers(var headers):
+                headers.endStream = true
+                merged = .headers(headers)
+            case .data(var body):
+                body.endStream = true
+                merged = .data(body)
+            default:
+                break
+            }
+            var combined: EventLoopPromise<Void>?
+            if previousPromise != nil || promise != nil {
+                let both = context.eventLoop.makePromise(of: Void.self)
+                both.futureResult.cascade(to: previousPromise)
+                both.futureResult.cascade(to: promise)
+                combined = both
+            }
+            context.write(wrapOutboundOut(merged), promise: combined)
+            return
+        }
+        releaseHeld(context: context)
+        switch payload {
+        case .headers(let headers) where !headers.endStream:
+            held = (payload, promise)
+        case .data(let body) where !body.endStream:
+            held = (payload, promise)
+        default:
+            context.write(data, promise: promise)
+        }
+    }
+
+    func flush(context: ChannelHandlerContext) {
+        releaseHeld(context: context)
+        context.flush()
+    }
+
+    func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
+        releaseHeld(context: context)
+        context.close(mode: mode, promise: promise)
+    }
+
+    private func releaseHeld(context: ChannelHandlerContext) {
+        guard let (payload, promise) = held else { return }
+        held = nil
+        context.write(wrapOutboundOut(payload), promise: promise)
+    }
+}
+
+/// Logs why an HTTP/2 connection was torn down (protocol errors, NIOHTTP2's flood protections) with the peer address,
+/// so a client seeing GOAWAY has a matching line on the proxy's side.
+final class HTTP2ConnectionErrorLogger: ChannelInboundHandler {
+    typealias InboundIn = NIOAny
+    let listener: String
+    let logger: Logger
+
+    init(listener: String, logger: Logger) {
+        self.listener = listener
+        self.logger = logger
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        logger.notice("HTTP/2 connection error", metadata: [
+            "listener": "\(listener)", "peer": "\(context.channel.remoteAddress?.display ?? "?")", "error": "\(error)",
+        ])
+        context.fireErrorCaught(error)
     }
 }
 

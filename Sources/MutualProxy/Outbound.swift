@@ -112,6 +112,7 @@ extension OutboundState: HTTPFront {
     var proxyIdentity: String? { credentials.identity }
     var addsForwardingHeaders: Bool { false }
     var upstreamTLS: OutboundState? { self }
+    func identityHeaders(for peer: PeerIdentity) -> [(String, String)] { [] }
 }
 
 public final class OutboundSlot: Sendable {

@@ -14,7 +14,7 @@ import X509
 
 struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "bench", abstract: "Benchmarks of this machine's Mutual.", subcommands: [BenchIssue.self, BenchCAServer.self, BenchCRL.self, BenchRevokeEvent.self]
+        commandName: "bench", abstract: "Benchmarks of this machine's Mutual.", subcommands: [BenchIssue.self, BenchCAServer.self, BenchCRL.self, BenchRevokeEvent.self, BenchTLSFloor.self]
     )
 }
 
@@ -142,6 +142,7 @@ struct BenchCAServer: AsyncParsableCommand {
     @Option(help: "HOST:PORT to listen on.") var listen = "127.0.0.1:9888"
 
     func run() async throws {
+        GlobalExecutor.adoptEventLoops()
         let (host, port) = try await failing { try AuthorityServer.Configuration.parseListen(listen) }
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("mutual-bench-ca-\(UUID().uuidString.prefix(8))").path
         defer { try? FileManager.default.removeItem(atPath: dir) }

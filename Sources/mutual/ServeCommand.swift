@@ -41,6 +41,7 @@ struct ServeCommand: AsyncParsableCommand {
     var logLevel: String = "info"
 
     func run() async throws {
+        GlobalExecutor.adoptEventLoops()
         let (host, port) = try await failing { try AuthorityServer.Configuration.parseListen(listen) }
         let http = httpListen == "off" ? nil : try await failing { try AuthorityServer.Configuration.parseListen(httpListen) }
         if let httpPublicURL {

@@ -298,3 +298,51 @@ struct ProxySocketTests {
         await fixture.server.shutdown()
     }
 }
+
+@Suite("Identity header encoding")
+struct IdentityHeaderEncodingTests {
+    static let unreserved = Set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~".utf8)
+
+    @Test("XFCC percent-encoding leaves only RFC 3986 unreserved bytes, escapes the rest as %XX, and round-trips")
+    func percentEncoding() throws {
+        var ascii = ""
+        for byte in UInt8(0)...UInt8(0x7F) { ascii.unicodeScalars.append(UnicodeScalar(byte)) }
+        let text = ascii + "ä€\u{1F512}"
+        let encoded = ForwardedIdentity.urlEncode(text)
+        #expect(encoded.removingPercentEncoding == text)
+        let bytes = Array(encoded.utf8)
+        var index = 0
+        var escapes = 0
+        while index < bytes.count {
+            if bytes[index] == UInt8(ascii: "%") {
+                let hex = Set("0123456789ABCDEF".utf8)
+                #expect(index + 2 < bytes.count && hex.contains(bytes[index + 1]) && hex.contains(bytes[index + 2]))
+                index += 3
+                escapes += 1
+            } else {
+                #expect(Self.unreserved.contains(bytes[index]), "byte \(bytes[index]) left unescaped")
+                index += 1
+            }
+        }
+        #expect(escapes == text.utf8.count - text.utf8.filter { Self.unreserved.contains($0) }.count)
+        // For ASCII it is exactly what Foundation produces with the same allowed set.
+        let allowed = CharacterSet(charactersIn: "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+        #expect(ForwardedIdentity.urlEncode(ascii) == ascii.addingPercentEncoding(withAllowedCharacters: allowed))
+        #expect(ForwardedIdentity.urlEncode("-----BEGIN CERTIFICATE-----\nMIIB+/=\n") == "-----BEGIN%20CERTIFICATE-----%0AMIIB%2B%2F%3D%0A")
+        #expect(ForwardedIdentity.urlEncode("") == "")
+    }
+
+    @Test("the headers a listener adds follow its forward setting: XFCC, then Client-Cert and Client-Cert-Chain")
+    func headerSelection() throws {
+        let ca = try TestPKI.issuingCA()
+        let key = try KeyType.p256.generate()
+        let issued = try ca.issue(.init(profile: .workload, publicKey: key.publicKey, uris: ["spiffe://example.org/ns/web/sa/a"]), now: TestPKI.now)
+        let peer = try PeerIdentity(validatedChain: [issued, ca.certificate])
+        let all = ForwardedIdentity.headers(for: peer, by: "spiffe://example.org/ns/proxy", xfcc: true, rfc9440: true)
+        #expect(all.map(\.0) == ["x-forwarded-client-cert", "client-cert", "client-cert-chain"])
+        #expect(all[0].1.hasPrefix("By=spiffe://example.org/ns/proxy;Hash=\(peer.fingerprint);Cert=\"-----BEGIN%20CERTIFICATE-----%0A"))
+        #expect(ForwardedIdentity.headers(for: peer, by: nil, xfcc: false, rfc9440: true).map(\.0) == ["client-cert", "client-cert-chain"])
+        #expect(ForwardedIdentity.headers(for: peer, by: nil, xfcc: true, rfc9440: false).map(\.0) == ["x-forwarded-client-cert"])
+        #expect(ForwardedIdentity.headers(for: peer, by: nil, xfcc: false, rfc9440: false).isEmpty)
+    }
+}

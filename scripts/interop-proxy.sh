@@ -78,6 +78,14 @@ v=$(curl -s --http2 -o "$T/body" -o "$T/body2" -w '%{http_version} %{http_code} 
 [ "$v" = "2 200 1;2 200 0;" ] && grep -q 'URI=spiffe://example.org/ns/web/sa/api' "$T/body" && ok "HTTP/2 from the client (ALPN h2): two streams on one connection, identity forwarded upstream over HTTP/1.1" || bad "http2: '$v' $(head -c 300 "$T/body")"
 v=$(curl -s --http2 -o "$T/body" -w '%{http_version} %{http_code}' --cacert "$ROOT_PEM" $(as other) "https://localhost:$P/h2/x")
 [ "$v" = "2 403" ] && ok "HTTP/2: a disallowed identity gets 403 on its stream" || bad "http2 deny: '$v'"
+# Many streams at once (curl -Z multiplexes them over one HTTP/2 connection): every one answered, none reset. Each
+# response must end on its last frame; a separate END_STREAM frame made curl reset streams until NIOHTTP2 sent GOAWAY.
+curl -s -Z --parallel-max 50 --http2 --cacert "$ROOT_PEM" $(as web) -o /dev/null -w '%{http_version} %{http_code}\n' \
+  "https://localhost:$P/h2/p?[1-2000]" > "$T/par" 2>/dev/null
+n=$(grep -c '^2 200$' "$T/par")
+[ "$n" = 2000 ] && ! grep -q "HTTP/2 connection error" "$T/main.err" \
+  && ok "HTTP/2 under load: 2,000 requests multiplexed by curl -Z, all 200, no connection error logged" \
+  || bad "h2 parallel: $n of 2000 ok: $(sort "$T/par" | uniq -c | tr '\n' ' ') $(grep 'HTTP/2 connection error' "$T/main.err" | head -2)"
 c=$(code $(as other) "https://localhost:$P/api")
 [ "$c" = 403 ] && grep -q 'ns/batch/sa/job is not allowed' "$T/body" && ok "disallowed identity: 403 naming the identity and the allow list" || bad "disallowed got $c $(cat "$T/body")"
 c=$(code "https://localhost:$P/api"); [ "$c" = 000 ] && ok "no client certificate: handshake refused" || bad "no cert got $c"

@@ -165,6 +165,11 @@ final class HTTP2ConnectionErrorLogger: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // A client closing TCP without close_notify is how most clients end; not worth a line.
+        if let ssl = error as? NIOSSLError, case .uncleanShutdown = ssl {
+            context.fireErrorCaught(error)
+            return
+        }
         logger.notice("HTTP/2 connection error", metadata: [
             "listener": "\(listener)", "peer": "\(context.channel.remoteAddress?.display ?? "?")", "error": "\(error)",
         ])

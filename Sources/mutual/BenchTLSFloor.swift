@@ -23,15 +23,21 @@ struct BenchTLSFloor: AsyncParsableCommand {
 
     func run() async throws {
         let address = try await failing { try SocketAddressSpec(parsing: listen, what: "--listen") }
-        let context = try await failing {
-            var tls = TLSConfiguration.makeServerConfiguration(
-                certificateChain: try NIOSSLCertificate.fromPEMFile(cert).map { .certificate($0) },
-                privateKey: .privateKey(try NIOSSLPrivateKey(file: key, format: .pem))
-            )
-            tls.certificateVerification = .noHostnameVerification
-            tls.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(clientCa))
-            return try NIOSSLContext(configuration: tls)
+        func load<T>(_ flag: String, _ path: String, _ body: () throws -> T) throws -> T {
+            do { return try body() } catch { throw CommandFailure("cannot load \(flag) \(path): \(error)", exitCode: 2) }
         }
+        func certificates(_ flag: String, _ path: String) throws -> [NIOSSLCertificate] {
+            let found = try load(flag, path) { try NIOSSLCertificate.fromPEMFile(path) }
+            guard !found.isEmpty else { throw CommandFailure("\(flag) \(path) holds no PEM certificate", exitCode: 2) }
+            return found
+        }
+        let chain = try certificates("--cert", cert)
+        let privateKey = try load("--key", key) { try NIOSSLPrivateKey(file: key, format: .pem) }
+        let roots = try certificates("--client-ca", clientCa)
+        var tls = TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(privateKey))
+        tls.certificateVerification = .noHostnameVerification
+        tls.trustRoots = .certificates(roots)
+        let context = try await failing { try NIOSSLContext(configuration: tls) }
         let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)

@@ -92,6 +92,24 @@ struct CLITests {
         }
     }
 
+    @Test("bench tls-floor refuses missing or garbage files and a bad --listen with exit 2, naming the flag")
+    func tlsFloorBadInput() async throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        let garbage = cli.home + "/garbage.pem"
+        try FileManager.default.createDirectory(atPath: cli.home, withIntermediateDirectories: true)
+        try "garbage".write(toFile: garbage, atomically: true, encoding: .utf8)
+        for (arguments, flag) in [
+            (["--cert", cli.home + "/missing.pem", "--key", garbage, "--client-ca", garbage], "--cert"),
+            (["--cert", garbage, "--key", garbage, "--client-ca", garbage], "--cert"),
+            (["--listen", "nonsense", "--cert", garbage, "--key", garbage, "--client-ca", garbage], "--listen"),
+        ] {
+            let result = try await cli.run(["bench", "tls-floor"] + arguments)
+            #expect(result.status == 2, "\(arguments): \(result.status) \(result.output)")
+            #expect(result.stderr.contains(flag), "\(result.stderr)")
+        }
+    }
+
     @Test("bad input to sign and issue: one-line error, non-zero exit, nothing recorded")
     func badInputChangesNothing() async throws {
         let cli = CLI()

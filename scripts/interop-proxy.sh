@@ -86,6 +86,18 @@ n=$(grep -c '^2 200$' "$T/par")
 [ "$n" = 2000 ] && ! grep -q "HTTP/2 connection error" "$T/main.err" \
   && ok "HTTP/2 under load: 2,000 requests multiplexed by curl -Z, all 200, no connection error logged" \
   || bad "h2 parallel: $n of 2000 ok: $(sort "$T/par" | uniq -c | tr '\n' ' ') $(grep 'HTTP/2 connection error' "$T/main.err" | head -2)"
+# A large response to a slow client is relayed as it arrives, with back-pressure on the upstream: 32 MiB read at
+# 16 MiB/s over HTTP/1.1 and over HTTP/2; the proxy's peak RSS (VmHWM, reset first) must not grow by the body's size.
+for proto in --http1.1 --http2; do
+  echo 5 > /proc/$main_PID/clear_refs 2>/dev/null
+  rss0=$(awk '/^VmRSS/{print $2}' /proc/$main_PID/status)
+  v=$(curl -s $proto --limit-rate 16M --max-time 30 --cacert "$ROOT_PEM" $(as web) -o "$T/big" -w '%{http_code} %{size_download}' "https://localhost:$P/api/big/33554432")
+  hwm=$(awk '/^VmHWM/{print $2}' /proc/$main_PID/status)
+  grown=$(( (hwm - rss0) / 1024 ))
+  [ "$v" = "200 33554432" ] && [ "$grown" -lt 12 ] \
+    && ok "large response ($proto, slow client): 32 MiB relayed, peak RSS grew ${grown} MiB (streamed with back-pressure)" \
+    || bad "large response ($proto): '$v', peak RSS grew ${grown} MiB"
+done
 c=$(code $(as other) "https://localhost:$P/api")
 [ "$c" = 403 ] && grep -q 'ns/batch/sa/job is not allowed' "$T/body" && ok "disallowed identity: 403 naming the identity and the allow list" || bad "disallowed got $c $(cat "$T/body")"
 c=$(code "https://localhost:$P/api"); [ "$c" = 000 ] && ok "no client certificate: handshake refused" || bad "no cert got $c"

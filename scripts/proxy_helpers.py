@@ -22,6 +22,18 @@ def echo_backend():
         def handle_any(self):
             length = int(self.headers.get("content-length") or 0)
             body_in = self.rfile.read(length) if length else b""
+            if "/big/" in self.path:
+                # A large body, written as fast as the socket takes it: N bytes in 64 KiB chunks.
+                size = int(self.path.rsplit("/", 1)[1])
+                self.send_response(200)
+                self.send_header("content-type", "application/octet-stream")
+                self.send_header("content-length", str(size))
+                self.end_headers()
+                chunk = b"x" * 65536
+                while size > 0:
+                    self.wfile.write(chunk[:size])
+                    size -= len(chunk)
+                return
             body = json.dumps({
                 "path": self.path, "method": self.command, "body_bytes": len(body_in),
                 "headers": {k.lower(): v for k, v in self.headers.items()},

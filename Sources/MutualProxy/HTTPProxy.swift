@@ -128,6 +128,12 @@ final class UpstreamConnection {
         self.channel = channel
         self.handler = handler
     }
+
+    /// Stops or resumes reading the upstream (back-pressure from a client that reads slower than the upstream
+    /// sends). The connection lives on the client's event loop, so the option is set synchronously.
+    func setReading(_ reading: Bool) {
+        try? channel.syncOptions?.setOption(ChannelOptions.autoRead, value: reading)
+    }
 }
 
 /// Hands upstream response parts to whichever downstream request currently owns the connection.
@@ -136,6 +142,8 @@ final class UpstreamResponseHandler: ChannelInboundHandler {
 
     enum Event {
         case part(HTTPClientResponsePart)
+        /// The end of one read from the upstream socket: time to flush what was relayed.
+        case readComplete
         case closed
     }
 
@@ -144,6 +152,11 @@ final class UpstreamResponseHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         sink?(.part(unwrapInboundIn(data)))
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        sink?(.readComplete)
+        context.fireChannelReadComplete()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -240,6 +253,12 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             }
             send(.end(trailers), exchange: exchange, flush: true)
         }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        // The client caught up: read the upstream again.
+        if context.channel.isWritable, let upstream = exchange?.upstream { upstream.setReading(true) }
+        context.fireChannelWritabilityChanged()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -423,6 +442,12 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         case .part(.body(let buffer)):
             exchange.bytesOut += buffer.readableBytes
             context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+        case .readComplete:
+            // Relay a large response as it arrives instead of holding it until its end, and stop reading the
+            // upstream while the client is not taking it (its channel, or its HTTP/2 stream window, is full).
+            guard exchange.responseStarted, !exchange.responseEnded else { return }
+            context.flush()
+            if !context.channel.isWritable, let upstream = exchange.upstream { upstream.setReading(false) }
         case .part(.end(let trailers)):
             exchange.responseEnded = true
             let keepAlive = exchange.keepAlive

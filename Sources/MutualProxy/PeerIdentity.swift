@@ -5,7 +5,9 @@ import X509
 
 /// The identity of a client whose certificate chain the proxy has verified. Only the verifier path creates one from a
 /// validated chain; policy and identity forwarding read it.
-public struct PeerIdentity: Sendable, Hashable {
+/// A class: the proxy reads it on every request of a connection (policy, headers, access log), and copying a struct
+/// of a parsed certificate and a dozen strings cost a retain and release per field each time.
+public final class PeerIdentity: Sendable, Hashable {
     public let leaf: Certificate
     public let chain: [Certificate]
     /// The one `spiffe://` URI SAN, if the certificate is a SPIFFE X.509-SVID.
@@ -47,6 +49,13 @@ public struct PeerIdentity: Sendable, Hashable {
         self.serial = leaf.serialHex
         self.fingerprint = SHA256.hash(data: try leaf.derBytes).hexString
     }
+
+    /// Two identities are the same when they carry the same certificate chain.
+    public static func == (lhs: PeerIdentity, rhs: PeerIdentity) -> Bool {
+        lhs === rhs || (lhs.fingerprint == rhs.fingerprint && lhs.chain == rhs.chain)
+    }
+
+    public func hash(into hasher: inout Hasher) { hasher.combine(fingerprint) }
 
     /// The name logs and errors show: the SPIFFE ID, else the first URI or DNS SAN, else `CN=…`.
     public var displayName: String {

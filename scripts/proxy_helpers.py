@@ -21,7 +21,15 @@ def echo_backend():
 
         def handle_any(self):
             length = int(self.headers.get("content-length") or 0)
-            body_in = self.rfile.read(length) if length else b""
+            if "/slow-upload" in self.path:
+                # A slow consumer: reads the request body at about 16 MiB/s, 64 KiB at a time.
+                got = 0
+                while got < length:
+                    got += len(self.rfile.read(min(65536, length - got)))
+                    time.sleep(0.004)
+                body_in = b"\0" * got
+            else:
+                body_in = self.rfile.read(length) if length else b""
             if "/big/" in self.path:
                 # A large body, written as fast as the socket takes it: N bytes in 64 KiB chunks.
                 size = int(self.path.rsplit("/", 1)[1])

@@ -144,6 +144,8 @@ final class UpstreamResponseHandler: ChannelInboundHandler {
         case part(HTTPClientResponsePart)
         /// The end of one read from the upstream socket: time to flush what was relayed.
         case readComplete
+        /// The upstream connection can take more of a request body again.
+        case writable
         case closed
     }
 
@@ -157,6 +159,11 @@ final class UpstreamResponseHandler: ChannelInboundHandler {
     func channelReadComplete(context: ChannelHandlerContext) {
         sink?(.readComplete)
         context.fireChannelReadComplete()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { sink?(.writable) }
+        context.fireChannelWritabilityChanged()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -205,6 +212,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         var rejectStatus: HTTPResponseStatus?
         var upstream: UpstreamConnection?
         var pending: [HTTPClientRequestPart] = []
+        var pendingBytes = 0
         var requestEnded = false
         var responseStarted = false
         var responseEnded = false
@@ -230,6 +238,39 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     }
 
     private var loopPool: UpstreamPool?
+    /// True while the client's reads are paused because the upstream is not taking the request body.
+    private var clientPaused = false
+    /// Request bytes held while the upstream connection is being set up before the client is paused.
+    static let maximumPendingBytes = 1 << 20
+
+    private func pauseClient(_ context: ChannelHandlerContext) {
+        guard !clientPaused else { return }
+        clientPaused = true
+        try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: false)
+    }
+
+    private func resumeClient(_ context: ChannelHandlerContext) {
+        guard clientPaused else { return }
+        clientPaused = false
+        try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: true)
+        // A socket channel reads again by itself when autoRead is turned back on; an HTTP/2 stream channel does
+        // not (and its peer is waiting for the window update that reading brings), so ask for the read.
+        context.read()
+    }
+
+    /// Streams a request body: what one read from the client brought goes to the upstream now, and the client is
+    /// not read while the upstream cannot take more (or, before it is connected, once a megabyte is waiting).
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if let exchange, !exchange.requestEnded, exchange.rejectStatus == nil {
+            if let upstream = exchange.upstream {
+                upstream.channel.flush()
+                if !upstream.channel.isWritable { pauseClient(context) }
+            } else if exchange.pendingBytes > Self.maximumPendingBytes {
+                pauseClient(context)
+            }
+        }
+        context.fireChannelReadComplete()
+    }
 
     func handlerAdded(context: ChannelHandlerContext) {
         loopPool = pools.pool(for: context.eventLoop, front: state)
@@ -389,6 +430,9 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         }
         switch result {
         case .failure(let error):
+            resumeClient(context)
+            exchange.pending = []
+            exchange.pendingBytes = 0
             exchange.rejectStatus = .badGateway
             exchange.reason = "upstream \(state.upstream.host):\(state.upstream.port) unreachable: \(Self.describe(error))"
             runtime.logger.warning("upstream unreachable", metadata: ["listener": "\(state.name)", "error": "\(exchange.reason)"])
@@ -402,8 +446,10 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             }
             let parts = exchange.pending
             exchange.pending = []
+            exchange.pendingBytes = 0
             for part in parts { upstream.channel.write(part, promise: nil) }
             upstream.channel.flush()
+            if upstream.channel.isWritable { resumeClient(context) }
         }
     }
 
@@ -411,6 +457,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         if let upstream = exchange.upstream {
             if flush { upstream.channel.writeAndFlush(part, promise: nil) } else { upstream.channel.write(part, promise: nil) }
         } else {
+            if case .body(.byteBuffer(let bytes)) = part { exchange.pendingBytes += bytes.readableBytes }
             exchange.pending.append(part)
         }
     }
@@ -442,6 +489,8 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         case .part(.body(let buffer)):
             exchange.bytesOut += buffer.readableBytes
             context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+        case .writable:
+            resumeClient(context)
         case .readComplete:
             // Relay a large response as it arrives instead of holding it until its end, and stop reading the
             // upstream while the client is not taking it (its channel, or its HTTP/2 stream window, is full).
@@ -450,6 +499,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             if !context.channel.isWritable, let upstream = exchange.upstream { upstream.setReading(false) }
         case .part(.end(let trailers)):
             exchange.responseEnded = true
+            resumeClient(context)  // an early answer (say 413) ends the exchange while the body is still coming
             let keepAlive = exchange.keepAlive
             if let upstream = exchange.upstream {
                 if exchange.upstreamReusable && exchange.requestEnded { loopPool?.release(upstream) } else {
@@ -464,6 +514,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             }
         case .closed:
             if exchange.responseEnded { return }
+            resumeClient(context)
             if exchange.responseStarted {
                 // Truncated response: the client must not take it as complete.
                 self.exchange = nil

@@ -3,6 +3,8 @@ import MutualPKI
 @testable import MutualProxy
 import NIOCore
 import NIOHTTP1
+import NIOHTTP2
+import NIOEmbedded
 import NIOPosix
 import NIOSSL
 import Testing
@@ -344,5 +346,48 @@ struct IdentityHeaderEncodingTests {
         #expect(ForwardedIdentity.headers(for: peer, by: nil, xfcc: false, rfc9440: true).map(\.0) == ["client-cert", "client-cert-chain"])
         #expect(ForwardedIdentity.headers(for: peer, by: nil, xfcc: true, rfc9440: false).map(\.0) == ["x-forwarded-client-cert"])
         #expect(ForwardedIdentity.headers(for: peer, by: nil, xfcc: false, rfc9440: false).isEmpty)
+    }
+}
+
+@Suite("HTTP/2 response framing")
+struct EndStreamCoalescerTests {
+    /// Writes `payloads` through the coalescer on an embedded channel (flushing after the last one) and returns the
+    /// frames that reach the network side, as (kind, payload bytes, END_STREAM).
+    static func frames(_ payloads: [HTTP2Frame.FramePayload], flushEach: Bool = false) throws -> [(String, Int, Bool)] {
+        let channel = EmbeddedChannel(handler: EndStreamCoalescer())
+        for payload in payloads {
+            if flushEach { try channel.writeAndFlush(payload).wait() } else { channel.write(payload, promise: nil) }
+        }
+        channel.flush()
+        var out: [(String, Int, Bool)] = []
+        while let frame = try channel.readOutbound(as: HTTP2Frame.FramePayload.self) {
+            switch frame {
+            case .headers(let headers): out.append(("headers", 0, headers.endStream))
+            case .data(let data):
+                guard case .byteBuffer(let bytes) = data.data else { throw PKIError(.malformedInput, "unexpected file region") }
+                out.append(("data", bytes.readableBytes, data.endStream))
+            default: out.append(("other", 0, false))
+            }
+        }
+        _ = try channel.finish()
+        return out
+    }
+
+    static let head = HTTP2Frame.FramePayload.headers(.init(headers: [":status": "200"]))
+    static func data(_ count: Int, end: Bool = false) -> HTTP2Frame.FramePayload {
+        .data(.init(data: .byteBuffer(ByteBuffer(repeating: 0x61, count: count)), endStream: end))
+    }
+
+    @Test("END_STREAM rides on the last DATA or HEADERS frame instead of an empty DATA frame of its own")
+    func coalescing() throws {
+        let body = try Self.frames([Self.head, Self.data(2), Self.data(0, end: true)])
+        #expect(body.map(\.0) == ["headers", "data"] && body.map(\.1) == [0, 2] && body.map(\.2) == [false, true])
+        let empty = try Self.frames([Self.head, Self.data(0, end: true)])
+        #expect(empty.count == 1 && empty[0].0 == "headers" && empty[0].2, "a response without a body ends on its HEADERS")
+        let trailers = try Self.frames([Self.head, Self.data(5), .headers(.init(headers: ["grpc-status": "0"], endStream: true))])
+        #expect(trailers.map(\.0) == ["headers", "data", "headers"] && trailers.map(\.2) == [false, false, true])
+        let streamed = try Self.frames([Self.head, Self.data(3), Self.data(4), Self.data(0, end: true)], flushEach: true)
+        #expect(streamed.map(\.1) == [0, 3, 4, 0] && streamed.last?.2 == true,
+                "a flush sends what is held, so a streamed body is not delayed; an END_STREAM after a flush goes alone")
     }
 }

@@ -42,7 +42,11 @@ final class RevocationSources: Sendable {
             http = nil
         }
         if configuration.authority != nil {
-            var client = HTTPClient.Configuration(tlsConfiguration: tls)
+            // The event stream is closed by us mid-response (at shutdown); the authority keeps streaming instead of
+            // answering our close_notify, so do not wait swift-nio-ssl's default 5 s for it.
+            var streamTLS = tls
+            streamTLS.shutdownTimeout = .milliseconds(200)
+            var client = HTTPClient.Configuration(tlsConfiguration: streamTLS)
             // The authority sends a keep-alive comment at least every 15 s; silence longer than this is a dead stream.
             client.timeout = .init(connect: .seconds(5), read: .seconds(45))
             events = HTTPClient(eventLoopGroupProvider: .singleton, configuration: client)

@@ -195,6 +195,10 @@ enum QuickstartCall {
         }
         var configuration = HTTPClient.Configuration(tlsConfiguration: tls)
         configuration.connectionPool = .init(idleTimeout: .seconds(1), concurrentHTTP1ConnectionsPerHostSoftLimit: 1)
+        // Over TLS 1.3 the proxy refuses a client certificate after the client has finished its side of the
+        // handshake; AsyncHTTPClient (negotiating h2) takes the alert as a failed connection attempt and, by default,
+        // retries with back-off until the request's deadline. Show the refusal as curl does: at once.
+        configuration.connectionPool.retryConnectionEstablishment = false
         let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
         defer { Task { try? await client.shutdown() } }
         do {

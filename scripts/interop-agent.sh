@@ -59,17 +59,19 @@ agent --identity spiffe://example.org/ns/web/sa/first --out-dir "$T/first" --onc
 grep -q "not due" "$T/out" && ok "--once when not due: nothing to do, says when" || bad "once not due: $(cat "$T/out")"
 
 # ---------------------------------------------------------------- crash in the middle of a delivery
-CT=$(token 'spiffe://example.org/ns/web/*' 4s 1)
-agent --token "$CT" --identity spiffe://example.org/ns/web/sa/crash --out-dir "$T/crash" --validity 4s --once >/dev/null 2>&1
+# 9 s certificates: due at 6 s; renewing at 6.5 s leaves 2.5 s before notAfter (whole seconds in X.509) so the
+# crashing runs renew over mTLS while the certificate is still valid.
+CT=$(token 'spiffe://example.org/ns/web/*' 9s 1)
+agent --token "$CT" --identity spiffe://example.org/ns/web/sa/crash --out-dir "$T/crash" --validity 9s --once >/dev/null 2>&1
 old=$(openssl x509 -in "$T/crash/cert.pem" -noout -serial)
-sleep 3.5   # past 2/3 of the lifetime: the next run renews
+sleep 6.5   # past 2/3 of the lifetime: the next run renews
 for point in after-key after-files before-publish; do
   MUTUAL_AGENT_CRASH_POINT=$point "$MUTUAL" agent --authority "$A" --root-fingerprint "$FP" --identity spiffe://example.org/ns/web/sa/crash --out-dir "$T/crash" --once >/dev/null 2>&1
   rc=$?
   [ $rc = 137 ] && pair_matches "$T/crash" && [ "$(openssl x509 -in "$T/crash/cert.pem" -noout -serial)" = "$old" ] \
     && ok "SIGKILL at $point: exit 137, the old key/cert pair is intact and matching" || bad "crash at $point: rc=$rc, serial $(openssl x509 -in "$T/crash/cert.pem" -noout -serial) vs $old"
 done
-sleep 1
+sleep 3.5   # now past notAfter: the next run must use renew-expired
 agent --identity spiffe://example.org/ns/web/sa/crash --out-dir "$T/crash" --once > "$T/out" 2>&1
 grep -q "renewed" "$T/out" && pair_matches "$T/crash" && [ "$(openssl x509 -in "$T/crash/cert.pem" -noout -serial)" != "$old" ] \
   && ok "after the crashes, the next run renews (expired: renew-expired with proof of possession) and the new pair matches" || bad "after crash: $(cat "$T/out")"

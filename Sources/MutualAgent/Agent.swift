@@ -135,13 +135,17 @@ public final class Agent: Sendable {
             return .notDue(until: renewAt)
         }
         if now < leaf.notValidAfter {
-            return await attempt(now: now, lifetime: lifetime, what: "renewal") {
+            let outcome = await attempt(now: now, lifetime: lifetime, what: "renewal") {
                 let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: current.roots, identity: (current.chain, current.key), timeout: self.configuration.requestTimeout)
                 defer { Task { try? await client.shutdown() } }
                 let key = try self.configuration.keyType.generate()
                 let enrollment = try await client.renew(csrPEM: try self.csrPEM(key: key))
                 let roots = (try? await client.roots()) ?? current.roots
                 return (enrollment, key, roots)
+            }
+            // Refused because it expired meanwhile: go on to renew-expired now rather than after a back-off.
+            guard case .failed = outcome, clock.now >= leaf.notValidAfter || status.withLock({ $0.lastError?.contains("expired during the renewal") == true }) else {
+                return outcome
             }
         }
         logger.warning("certificate expired; trying renew-expired", metadata: ["serial": "\(leaf.serialHex)", "not_after": "\(leaf.notValidAfter)"])
@@ -242,6 +246,11 @@ public final class Agent: Sendable {
             }
             if error.detail.contains("is revoked") {
                 return (.fatal, "the certificate was revoked (\(error.detail)); renewal stopped — enroll again with a new token once the cause is fixed")
+            }
+            if what == "renewal", error.detail.contains(" expired at ") {
+                // It expired between our check and the authority's (a late wake-up, a slow network, clock skew):
+                // not a reason to stop; the next attempt uses renew-expired.
+                return (.transient, "the certificate expired during the renewal (\(error.detail)); trying renew-expired")
             }
             if what == "renewal after expiry" {
                 return (.fatal, "the certificate expired and the authority refused to renew it: \(error.detail); a new token is needed")

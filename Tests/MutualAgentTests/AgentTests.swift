@@ -157,6 +157,10 @@ struct AgentDecisionTests {
         #expect(agent.classify(AuthorityClientError(status: 0, type: "transport", detail: "refused", serverDate: nil), what: "renewal").0 == .transient)
         #expect(agent.classify(AuthorityClientError(status: 503, type: "x", detail: "db down", serverDate: nil), what: "renewal").0 == .transient)
         #expect(agent.classify(AuthorityClientError(status: 401, type: "x", detail: "token used up", serverDate: nil), what: "enrollment").0 == .fatal)
+        // Expired between the agent's check and the authority's: not fatal, renew-expired comes next.
+        let lapsed = AuthorityClientError(status: 403, type: "urn:mutual:problem:certificate-refused", detail: "the client certificate ab expired at 2026-11-23T09:32:37.000Z", serverDate: nil)
+        #expect(agent.classify(lapsed, what: "renewal").0 == .transient)
+        #expect(agent.classify(lapsed, what: "renewal after expiry").0 == .fatal, "refused after expiry too: a new token is needed")
     }
 
     @Test("no files and no token: stopped with a clear message; unreadable files are not silently replaced")

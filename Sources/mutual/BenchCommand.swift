@@ -139,7 +139,19 @@ struct BenchCAServer: AsyncParsableCommand {
         abstract: "Bench only: a throwaway CA answering POST /sign (PEM CSR in, PEM certificate out) over plain HTTP."
     )
 
+    /// What each request does; the partial modes take the full path apart, to see where its CPU goes.
+    enum Stage: String, ExpressibleByArgument, CaseIterable {
+        /// CSR check, profile, signing, inventory + audit commit (fsynced) before answering: what `serve` does.
+        case full
+        /// CSR check, profile and signing, answered without recording anything (cfssl's work, for comparison).
+        case sign
+        /// Reads the body and answers a fixed PEM block: the HTTP server alone.
+        case http
+    }
+
     @Option(help: "HOST:PORT to listen on.") var listen = "127.0.0.1:9888"
+    @Option(help: "What each request does: full (default), sign (no inventory write: not durable), http (no signing).")
+    var stage: Stage = .full
 
     func run() async throws {
         GlobalExecutor.adoptEventLoops()
@@ -151,13 +163,24 @@ struct BenchCAServer: AsyncParsableCommand {
             try await Authority.initialize(state: state, name: "Bench CA", keyType: .p256, constraints: .init(), passphrase: nil, actor: "bench")
         }
         let authority = try await failing { try await Authority.open(state: state) }
+        let fixed = try authority.ca.certificate.issuedDER
+        let stage = self.stage
         let router = Router()
         router.post("/sign") { request, context -> Response in
             let body = try await request.body.collect(upTo: PEMBundle.maximumInputSize)
             do {
-                let issued = try await authority.sign(csr: Array(body.readableBytesView), profile: .client, validity: .hours(24), owner: "bench", requester: "bench")
+                let der: [UInt8]
+                switch stage {
+                case .full:
+                    der = try await authority.sign(csr: Array(body.readableBytesView), profile: .client, validity: .hours(24), owner: "bench", requester: "bench").record.der
+                case .sign:
+                    let csr = try CSRDecoder.decode(Array(body.readableBytesView))
+                    der = try authority.ca.issue(try IssuanceRequest(verifiedCSR: csr, profile: .client, validity: .hours(24)), now: .now).issuedDER
+                case .http:
+                    der = fixed
+                }
                 return Response(status: .ok, headers: [.contentType: "application/x-pem-file"],
-                                body: .init(byteBuffer: ByteBuffer(string: PEMCodec.encode(issued.record.der, label: "CERTIFICATE"))))
+                                body: .init(byteBuffer: ByteBuffer(string: PEMCodec.encode(der, label: "CERTIFICATE"))))
             } catch {
                 return Response(status: .badRequest, body: .init(byteBuffer: ByteBuffer(string: "\(error)\n")))
             }
@@ -165,7 +188,7 @@ struct BenchCAServer: AsyncParsableCommand {
         var logger = Logger(label: "mutual.bench")
         logger.logLevel = .warning
         let app = Application(router: router, configuration: .init(address: .hostname(host, port: port)), logger: logger)
-        print("mutual bench ca-server: http://\(host):\(port)/sign (throwaway CA in \(dir))")
+        print("mutual bench ca-server: http://\(host):\(port)/sign, stage \(stage.rawValue) (throwaway CA in \(dir))")
         try await app.runService()
         try await authority.close()
     }

@@ -110,6 +110,22 @@ struct CLITests {
         }
     }
 
+    @Test("bench ca-server refuses an unknown --stage and a bad --listen with exit 2 before starting")
+    func caServerBadInput() async throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        for (arguments, expected) in [
+            (["--stage", "everything"], "'full', 'sign' or 'http'"),
+            (["--stage", ""], "--stage"),
+            (["--listen", "nonsense"], "invalid listen address 'nonsense'"),
+            (["--listen", "127.0.0.1:99999"], "invalid listen address"),
+        ] {
+            let result = try await cli.run(["bench", "ca-server"] + arguments)
+            #expect(result.status == 2, "\(arguments): \(result.status) \(result.output)")
+            #expect(result.stderr.contains(expected), "\(arguments): \(result.stderr)")
+        }
+    }
+
     @Test("bad input to sign and issue: one-line error, non-zero exit, nothing recorded")
     func badInputChangesNothing() async throws {
         let cli = CLI()

@@ -135,7 +135,7 @@ public final class Agent: Sendable {
             return .notDue(until: renewAt)
         }
         if now < leaf.notValidAfter {
-            let outcome = await attempt(now: now, lifetime: lifetime, what: "renewal") {
+            let (outcome, verdict) = await attemptClassified(now: now, lifetime: lifetime, what: "renewal") {
                 let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: current.roots, identity: (current.chain, current.key), timeout: self.configuration.requestTimeout)
                 defer { Task { try? await client.shutdown() } }
                 let key = try self.configuration.keyType.generate()
@@ -144,7 +144,7 @@ public final class Agent: Sendable {
                 return (enrollment, key, roots)
             }
             // Refused because it expired meanwhile: go on to renew-expired now rather than after a back-off.
-            guard case .failed = outcome, clock.now >= leaf.notValidAfter || status.withLock({ $0.lastError?.contains("expired during the renewal") == true }) else {
+            guard case .failed = outcome, clock.now >= leaf.notValidAfter || verdict?.expiredMeanwhile == true else {
                 return outcome
             }
         }
@@ -176,6 +176,14 @@ public final class Agent: Sendable {
     /// Runs one enrollment/renewal, delivers, and turns errors into the next step: retry with backoff, or stop.
     private func attempt(now: Date, lifetime: TimeInterval, what: String,
                          _ body: @escaping @Sendable () async throws -> (Enrollment, Certificate.PrivateKey, [Certificate])) async -> Outcome {
+        await attemptClassified(now: now, lifetime: lifetime, what: what, body).outcome
+    }
+
+    /// ``attempt(now:lifetime:what:_:)``, also returning how a failure was classified (nil when it succeeded).
+    private func attemptClassified(now: Date, lifetime: TimeInterval, what: String,
+                                   _ body: @escaping @Sendable () async throws -> (Enrollment, Certificate.PrivateKey, [Certificate])) async
+        -> (outcome: Outcome, verdict: Verdict?)
+    {
         status.withLock { $0.lastAttempt = now }
         do {
             let (enrollment, key, roots) = try await body()
@@ -203,11 +211,12 @@ public final class Agent: Sendable {
             ])
             await configuration.hook.run(logger: logger)
             await onDelivered?()
-            return first && what == "enrollment" ? .enrolled(serial: enrollment.serial) : .renewed(serial: enrollment.serial)
+            return (first && what == "enrollment" ? .enrolled(serial: enrollment.serial) : .renewed(serial: enrollment.serial), nil)
         } catch {
-            let (kind, reason) = classify(error, what: what)
+            let verdict = classify(error, what: what)
+            let reason = verdict.reason
             if let serverDate = (error as? AuthorityClientError)?.serverDate { noteSkew(serverDate) }
-            if kind == .fatal { return stop(reason) }
+            if verdict.kind == .fatal { return (stop(reason), verdict) }
             let attempt = status.withLock { status -> Int in
                 status.consecutiveFailures += 1
                 status.state = "retrying"
@@ -222,7 +231,7 @@ public final class Agent: Sendable {
                 "error": "\(reason)", "retry_in_s": "\(String(format: "%.1f", delay))", "attempt": "\(attempt)",
                 "expires_in_s": "\(left.map { String(Int($0)) } ?? "-")",
             ])
-            return .failed(reason: reason, retryAt: retryAt)
+            return (.failed(reason: reason, retryAt: retryAt), verdict)
         }
     }
 
@@ -236,29 +245,37 @@ public final class Agent: Sendable {
         return .stopped(reason: reason)
     }
 
-    func classify(_ error: any Error, what: String) -> (AgentError.Kind, String) {
+    /// How a failed attempt is taken: retried, or the agent stops. `expiredMeanwhile`: a renewal refused because the
+    /// certificate expired between the agent's check and the authority's; the same step goes on to renew-expired.
+    struct Verdict: Equatable {
+        var kind: AgentError.Kind
+        var reason: String
+        var expiredMeanwhile = false
+    }
+
+    func classify(_ error: any Error, what: String) -> Verdict {
         switch error {
         case let error as AgentError:
-            return (error.kind, error.message)
+            return Verdict(kind: error.kind, reason: error.message)
         case let error as AuthorityClientError:
             if error.status == 0 || error.status >= 500 || error.status == 429 {
-                return (.transient, "authority unreachable or failing: \(error.detail)")
+                return Verdict(kind: .transient, reason: "authority unreachable or failing: \(error.detail)")
             }
             if error.detail.contains("is revoked") {
-                return (.fatal, "the certificate was revoked (\(error.detail)); renewal stopped — enroll again with a new token once the cause is fixed")
+                return Verdict(kind: .fatal, reason: "the certificate was revoked (\(error.detail)); renewal stopped — enroll again with a new token once the cause is fixed")
             }
             if what == "renewal", error.detail.contains(" expired at ") {
                 // It expired between our check and the authority's (a late wake-up, a slow network, clock skew):
-                // not a reason to stop; the next attempt uses renew-expired.
-                return (.transient, "the certificate expired during the renewal (\(error.detail)); trying renew-expired")
+                // not a reason to stop; renew-expired comes next.
+                return Verdict(kind: .transient, reason: "the certificate expired during the renewal (\(error.detail)); trying renew-expired", expiredMeanwhile: true)
             }
             if what == "renewal after expiry" {
-                return (.fatal, "the certificate expired and the authority refused to renew it: \(error.detail); a new token is needed")
+                return Verdict(kind: .fatal, reason: "the certificate expired and the authority refused to renew it: \(error.detail); a new token is needed")
             }
-            return (.fatal, "the authority refused the \(what) (\(error.status) \(error.type)): \(error.detail)")
+            return Verdict(kind: .fatal, reason: "the authority refused the \(what) (\(error.status) \(error.type)): \(error.detail)")
         default:
             let text = String(describing: error)
-            return (.transient, "\(what) failed: \(text)")
+            return Verdict(kind: .transient, reason: "\(what) failed: \(text)")
         }
     }
 

@@ -143,8 +143,8 @@ struct AgentDecisionTests {
             return
         }
         let refusal = AuthorityClientError(status: 403, type: "urn:mutual:problem:forbidden", detail: "renewal of expired certificates is disabled", serverDate: nil)
-        let (kind, message) = agent.classify(refusal, what: "renewal after expiry")
-        #expect(kind == .fatal && message.contains("a new token is needed"))
+        let verdict = agent.classify(refusal, what: "renewal after expiry")
+        #expect(verdict.kind == .fatal && verdict.reason.contains("a new token is needed") && !verdict.expiredMeanwhile)
     }
 
     @Test("a revoked certificate stops renewal; transport errors and 5xx are retried; other refusals stop")
@@ -152,15 +152,18 @@ struct AgentDecisionTests {
         let clock = ManualClock(Date())
         let agent = try Self.agent(dir: TestPKI.temporaryDirectory("agent"), clock: clock)
         let revoked = AuthorityClientError(status: 403, type: "urn:mutual:problem:certificate-refused", detail: "the client certificate ab is revoked (keyCompromise)", serverDate: nil)
-        #expect(agent.classify(revoked, what: "renewal").0 == .fatal)
-        #expect(agent.classify(revoked, what: "renewal").1.contains("revoked"))
-        #expect(agent.classify(AuthorityClientError(status: 0, type: "transport", detail: "refused", serverDate: nil), what: "renewal").0 == .transient)
-        #expect(agent.classify(AuthorityClientError(status: 503, type: "x", detail: "db down", serverDate: nil), what: "renewal").0 == .transient)
-        #expect(agent.classify(AuthorityClientError(status: 401, type: "x", detail: "token used up", serverDate: nil), what: "enrollment").0 == .fatal)
+        #expect(agent.classify(revoked, what: "renewal").kind == .fatal)
+        #expect(agent.classify(revoked, what: "renewal").reason.contains("revoked"))
+        #expect(!agent.classify(revoked, what: "renewal").expiredMeanwhile)
+        #expect(agent.classify(AuthorityClientError(status: 0, type: "transport", detail: "refused", serverDate: nil), what: "renewal").kind == .transient)
+        #expect(agent.classify(AuthorityClientError(status: 503, type: "x", detail: "db down", serverDate: nil), what: "renewal").kind == .transient)
+        #expect(agent.classify(AuthorityClientError(status: 401, type: "x", detail: "token used up", serverDate: nil), what: "enrollment").kind == .fatal)
         // Expired between the agent's check and the authority's: not fatal, renew-expired comes next.
         let lapsed = AuthorityClientError(status: 403, type: "urn:mutual:problem:certificate-refused", detail: "the client certificate ab expired at 2026-11-23T09:32:37.000Z", serverDate: nil)
-        #expect(agent.classify(lapsed, what: "renewal").0 == .transient)
-        #expect(agent.classify(lapsed, what: "renewal after expiry").0 == .fatal, "refused after expiry too: a new token is needed")
+        let verdict = agent.classify(lapsed, what: "renewal")
+        #expect(verdict.kind == .transient && verdict.expiredMeanwhile && verdict.reason.contains("trying renew-expired"))
+        #expect(agent.classify(lapsed, what: "renewal after expiry").kind == .fatal, "refused after expiry too: a new token is needed")
+        #expect(!agent.classify(lapsed, what: "renewal after expiry").expiredMeanwhile)
     }
 
     @Test("no files and no token: stopped with a clear message; unreadable files are not silently replaced")

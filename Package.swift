@@ -178,7 +178,7 @@ let package = Package(
         .testTarget(
             name: "MutualServerTests",
             dependencies: [
-                "MutualServer", "MutualClient", "MutualAuthority", "MutualPKI", "MutualStore", "TestSupport",
+                "MutualServer", "MutualClient", "MutualAuthority", "MutualPKI", "MutualStore", "MutualAgent", "TestSupport",
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),

@@ -249,8 +249,8 @@ public final class Agent: Sendable {
     /// certificate expired between the agent's check and the authority's; the same step goes on to renew-expired.
     struct Verdict: Equatable {
         var kind: AgentError.Kind
-        var reason: String
         var expiredMeanwhile = false
+        var reason: String
     }
 
     func classify(_ error: any Error, what: String) -> Verdict {
@@ -258,6 +258,14 @@ public final class Agent: Sendable {
         case let error as AgentError:
             return Verdict(kind: error.kind, reason: error.message)
         case let error as AuthorityClientError:
+            if what == "renewal", error.status == 0, error.detail.uppercased().contains("CERTIFICATE_EXPIRED") {
+                // The authority's TLS layer refused our certificate with a "certificate expired" alert while our clock
+                // still has it valid: the clocks differ. Renew-expired now instead of retrying until ours catches up.
+                return Verdict(
+                    kind: .transient, expiredMeanwhile: true,
+                    reason: "the authority refused the certificate as expired at the TLS handshake while this host's clock still has it valid (\(error.detail)); trying renew-expired"
+                )
+            }
             if error.status == 0 || error.status >= 500 || error.status == 429 {
                 return Verdict(kind: .transient, reason: "authority unreachable or failing: \(error.detail)")
             }
@@ -267,7 +275,7 @@ public final class Agent: Sendable {
             if what == "renewal", error.detail.contains(" expired at ") {
                 // It expired between our check and the authority's (a late wake-up, a slow network, clock skew):
                 // not a reason to stop; renew-expired comes next.
-                return Verdict(kind: .transient, reason: "the certificate expired during the renewal (\(error.detail)); trying renew-expired", expiredMeanwhile: true)
+                return Verdict(kind: .transient, expiredMeanwhile: true, reason: "the certificate expired during the renewal (\(error.detail)); trying renew-expired")
             }
             if what == "renewal after expiry" {
                 return Verdict(kind: .fatal, reason: "the certificate expired and the authority refused to renew it: \(error.detail); a new token is needed")

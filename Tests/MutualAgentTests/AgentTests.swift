@@ -164,6 +164,10 @@ struct AgentDecisionTests {
         #expect(verdict.kind == .transient && verdict.expiredMeanwhile && verdict.reason.contains("trying renew-expired"))
         #expect(agent.classify(lapsed, what: "renewal after expiry").kind == .fatal, "refused after expiry too: a new token is needed")
         #expect(!agent.classify(lapsed, what: "renewal after expiry").expiredMeanwhile)
+        // The authority's TLS layer said "certificate expired" while our clock has it valid: renew-expired at once.
+        let alert = AuthorityClientError(status: 0, type: "transport", detail: "handshakeFailed(sslError([Error: 268436501 error:10000415:SSL routines:OPENSSL_internal:SSLV3_ALERT_CERTIFICATE_EXPIRED]))", serverDate: nil)
+        #expect(agent.classify(alert, what: "renewal").expiredMeanwhile && agent.classify(alert, what: "renewal").kind == .transient)
+        #expect(!agent.classify(alert, what: "enrollment").expiredMeanwhile, "only a renewal presents the certificate")
     }
 
     @Test("no files and no token: stopped with a clear message; unreadable files are not silently replaced")

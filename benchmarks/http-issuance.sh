@@ -18,6 +18,9 @@ WHO=${WHO:-"cfssl mutual-full mutual-sign mutual-http"}
 for f in "$PY" "$L/sign_load.py" "$L/gen_csrs.py" "$D/cfssl-ca.pem" "$D/cfssl-config.json"; do
   [ -e "$f" ] || { echo "missing $f: run STAGES=\"install certs ca\" bash ../shared/bench/peers.sh first" >&2; exit 2; }
 done
+for who in $WHO; do
+  case $who in cfssl|mutual-full|mutual-sign|mutual-http) ;; *) echo "unknown server '$who' in WHO (cfssl, mutual-full, mutual-sign, mutual-http)" >&2; exit 2 ;; esac
+done
 T=$(mktemp -d); PID=""
 cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$T"; }
 trap cleanup EXIT INT TERM
@@ -35,7 +38,6 @@ for rep in $(seq "$REPS"); do
              path=/api/v1/cfssl/sign; mode=cfssl ;;
       mutual-*) taskset -c 0 "$MUTUAL" bench ca-server --listen "127.0.0.1:$PORT" --stage "${who#mutual-}" > "$T/server.log" 2>&1 &
              path=/sign; mode=raw ;;
-      *) echo "unknown server $who" >&2; exit 2 ;;
     esac
     PID=$!
     for _ in $(seq 100); do (echo > "/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done

@@ -37,47 +37,113 @@ public struct ChainVerifier: Sendable {
         }
     }
 
+    /// Why a chain was refused, as a code a program can branch on (the reason text is for people).
+    public enum RejectionCode: String, Sendable, Equatable {
+        /// No path leads from the leaf to a trusted root.
+        case unknownIssuer = "unknown_issuer"
+        /// A certificate on the best path is past its notAfter.
+        case expired
+        /// A certificate on the best path is before its notBefore.
+        case notYetValid = "not_yet_valid"
+        /// A certificate on the path is listed in a CRL.
+        case revoked
+        /// The intermediates sent would take more work than the search budget allows (a lattice, or too many).
+        case chainTooComplex = "chain_too_complex"
+        /// Verification was cancelled (the peer went away).
+        case cancelled
+        /// A CRL given to the verifier is unusable.
+        case unusableCRL = "unusable_crl"
+        /// Any other RFC 5280, EKU, name or depth rule.
+        case invalid
+    }
+
     /// The verdict: a chain leaf-first up to the root, or the reasons every candidate chain failed.
     public enum Outcome: Sendable {
         case accepted(chain: [Certificate])
-        case rejected(reason: String)
+        case rejected(reason: String, code: RejectionCode)
     }
 
+    /// Intermediates searched when no `maxDepth` is given.
+    public static let defaultSearchDepth = 8
+
     public var options: Options
+    var budget = PathSearch.Budget()
 
     public init(options: Options) { self.options = options }
 
     public func verify(_ leaf: Certificate) async -> Outcome {
         let crlIssues = options.crls.isEmpty ? [] : Self.preflightCRLs(options.crls)
         if let problem = crlIssues.first {
-            return .rejected(reason: problem)
+            return .rejected(reason: problem, code: .unusableCRL)
         }
-        var verifier = Verifier(rootCertificates: CertificateStore(options.roots)) {
-            // Cheap structural checks (and the name-constraint work budget) run before the RFC 5280 policy.
-            StrictProfilePolicy(requiredEKU: options.requiredEKU, validationTime: options.validationTime)
-            RFC5280Policy(validationTime: options.validationTime)
-            ExtendedKeyUsagePolicy(required: options.requiredEKU)
-            PeerNamePolicy(peerName: options.peerName)
-            MaxDepthPolicy(maxDepth: options.maxDepth)
-            RevocationPolicy(crls: options.crls, validationTime: options.validationTime)
+        // Candidate paths first, within a budget; then the RFC 5280 verifier on each one (a linear chain).
+        var search = PathSearch(
+            roots: options.roots, intermediates: Self.bounded(options.intermediates),
+            maxDepth: options.maxDepth ?? Self.defaultSearchDepth, budget: budget
+        )
+        var candidates: [[Certificate]]
+        switch search.run(leaf: leaf) {
+        case .cancelled:
+            return .rejected(reason: "verification cancelled", code: .cancelled)
+        case .exhausted(let why):
+            return .rejected(reason: why, code: .chainTooComplex)
+        case .candidates(let found):
+            candidates = found
         }
-        let result = await verifier.validate(leaf: leaf, intermediates: CertificateStore(Self.bounded(options.intermediates)))
-        switch result {
-        case .validCertificate(let chain):
-            return .accepted(chain: Array(chain))
-        case .couldNotValidate(let failures):
-            if failures.isEmpty {
-                if leaf.hasUnhandledCriticalExtension(for: verifier.policy.verifyingCriticalExtensions) {
-                    return .rejected(reason: "the certificate has a critical extension this verifier does not understand")
+        // No candidate at all: one run with no intermediates gives the verifier's own diagnosis (unknown issuer,
+        // leaf in the root store, unhandled critical extension).
+        if candidates.isEmpty { candidates = [[]] }
+        var reasons: [String] = []
+        var code: RejectionCode = .unknownIssuer
+        for intermediates in candidates {
+            if Task.isCancelled { return .rejected(reason: "verification cancelled", code: .cancelled) }
+            var verifier = Verifier(rootCertificates: CertificateStore(options.roots)) {
+                // Cheap structural checks (and the name-constraint work budget) run before the RFC 5280 policy.
+                StrictProfilePolicy(requiredEKU: options.requiredEKU, validationTime: options.validationTime)
+                RFC5280Policy(validationTime: options.validationTime)
+                ExtendedKeyUsagePolicy(required: options.requiredEKU)
+                PeerNamePolicy(peerName: options.peerName)
+                MaxDepthPolicy(maxDepth: options.maxDepth)
+                RevocationPolicy(crls: options.crls, validationTime: options.validationTime)
+            }
+            let result = await verifier.validate(leaf: leaf, intermediates: CertificateStore(intermediates))
+            switch result {
+            case .validCertificate(let chain):
+                return .accepted(chain: Array(chain))
+            case .couldNotValidate(let failures):
+                if failures.isEmpty {
+                    if leaf.hasUnhandledCriticalExtension(for: verifier.policy.verifyingCriticalExtensions) {
+                        return .rejected(reason: "the certificate has a critical extension this verifier does not understand", code: .invalid)
+                    }
+                    continue
                 }
-                return .rejected(reason: "no chain to a trusted root was found (unknown issuer \(leaf.issuer))")
+                for failure in failures {
+                    let text = failure.policyFailureReason.description
+                    if !reasons.contains(text) { reasons.append(text) }
+                    if code == .unknownIssuer { code = Self.code(for: Array(failure.chain), at: options.validationTime, crls: options.crls) }
+                }
             }
-            var seen: [String] = []
-            for failure in failures where !seen.contains(failure.policyFailureReason.description) {
-                seen.append(failure.policyFailureReason.description)
-            }
-            return .rejected(reason: seen.joined(separator: "; "))
         }
+        if reasons.isEmpty && search.prunedByDepth, let depth = options.maxDepth {
+            return .rejected(reason: "no chain to a trusted root within the maximum depth of \(depth) intermediates", code: .invalid)
+        }
+        if reasons.isEmpty {
+            return .rejected(reason: "no chain to a trusted root was found (unknown issuer \(leaf.issuer))", code: .unknownIssuer)
+        }
+        return .rejected(reason: reasons.joined(separator: "; "), code: code)
+    }
+
+    /// The code of a failed candidate chain, from its data (never from the verifier's message text).
+    static func code(for chain: [Certificate], at time: Date, crls: [RevocationList]) -> RejectionCode {
+        if chain.contains(where: { time > $0.notValidAfter }) { return .expired }
+        if chain.contains(where: { time < $0.notValidBefore }) { return .notYetValid }
+        for index in chain.indices.dropLast() {
+            let issuer = chain[index + 1]
+            for crl in crls where crl.issuer == issuer.subject && crl.entry(for: chain[index].serialNumber) != nil {
+                return .revoked
+            }
+        }
+        return .invalid
     }
 
     /// Path building is a depth-first search over candidate issuers; a peer that sends a hundred intermediates with

@@ -188,8 +188,8 @@ final class HTTPProxyHandler: ChannelInboundHandler {
 
     /// Hop-by-hop headers (RFC 9110 7.6.1) never forwarded in either direction.
     static let hopByHop: Set<String> = ["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authenticate", "proxy-authorization"]
-    /// Lengths of every header name the proxy treats specially: names of other lengths skip lower-casing entirely.
-    static let specialLengths: Set<Int> = Set((hopByHop.union(ForwardedIdentity.strippedHeaders).union(["x-forwarded-proto", "x-forwarded-for"])).map(\.utf8.count))
+    /// Lengths of the hop-by-hop names: response header names of other lengths skip lower-casing entirely.
+    static let specialLengths: Set<Int> = Set(hopByHop.map(\.utf8.count))
 
     let state: any HTTPFront
     let connection: ConnectionIdentity?
@@ -209,6 +209,11 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         let keepAlive: Bool
         var route: String?
         var reason: String
+        /// The refusal's stable code, when the proxy answers itself.
+        var code: String?
+        var closeAfter = false
+        /// The normalized target sent upstream.
+        var target: RequestTarget?
         var rejectStatus: HTTPResponseStatus?
         var upstream: UpstreamConnection?
         var pending: [HTTPClientRequestPart] = []
@@ -314,31 +319,40 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     }
 
     private func begin(context: ChannelHandlerContext, head: HTTPRequestHead) {
-        let path = head.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? head.uri
         let exchange = Exchange(head: head, reason: "")
         self.exchange = exchange
-        if let problem = Self.pathProblem(path) {
-            exchange.reason = problem
-            exchange.rejectStatus = .badRequest
-            if exchange.requestEnded { respondDirectly(context: context, exchange: exchange, status: .badRequest) }
+        let target: RequestTarget
+        switch RequestChecks.check(head: head, peer: peer, limits: state.limits, now: runtime.now()) {
+        case .failure(let refusal):
+            refuse(exchange, refusal)
+            if exchange.requestEnded { respondDirectly(context: context, exchange: exchange, status: refusal.status) }
             return
+        case .success(let normalized):
+            target = normalized
         }
-        let decision = state.policy.decide(method: head.method.rawValue, path: path, peer: peer)
+        exchange.target = target
+        let decision = state.policy.decide(method: head.method.rawValue, path: target.routingKey, peer: peer)
         switch decision {
         case .unauthenticated(let reason):
-            exchange.reason = reason
-            exchange.rejectStatus = .unauthorized
+            refuse(exchange, Refusal(status: .unauthorized, code: "client_certificate_required", reason: reason))
             return
         case .deny(let reason):
-            exchange.reason = reason
-            exchange.rejectStatus = .forbidden
+            refuse(exchange, Refusal(status: .forbidden, code: "forbidden", reason: reason))
             return
         case .allow(let route, let by):
             exchange.route = route
             exchange.reason = "allowed by \(by)"
         }
-        var upstreamHead = HTTPRequestHead(version: .http1_1, method: head.method, uri: head.uri)
-        upstreamHead.headers = forwardedHeaders(head.headers, context: context)
+        let forwarded: HTTPHeaders
+        switch forwardedHeaders(head.headers, context: context) {
+        case .success(let headers): forwarded = headers
+        case .failure(let refusal):
+            exchange.route = nil
+            refuse(exchange, refusal)
+            return
+        }
+        var upstreamHead = HTTPRequestHead(version: .http1_1, method: head.method, uri: target.forwarded)
+        upstreamHead.headers = forwarded
         exchange.pending.append(.head(upstreamHead))
         guard let pool = loopPool else { return }
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
@@ -348,79 +362,59 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         }
     }
 
-    /// Paths whose meaning a backend could read differently from the route prefix are refused rather than guessed.
-    /// One pass over the bytes (this runs for every request).
-    static func pathProblem(_ path: String) -> String? {
-        let bytes = path.utf8
-        guard bytes.first == UInt8(ascii: "/") else { return "request target must be an absolute path (origin-form)" }
-        var previous: UInt8 = 0
-        var segmentStart = true
-        var dots = 0
-        var index = bytes.startIndex
-        while index != bytes.endIndex {
-            let byte = bytes[index]
-            switch byte {
-            case UInt8(ascii: "/"):
-                if previous == UInt8(ascii: "/") { return "empty path segments ('//') are refused (ambiguous for routing)" }
-                if segmentStart && dots > 0 { return "dot segments in the path are refused (ambiguous for routing)" }
-                segmentStart = true
-                dots = 0
-            case UInt8(ascii: "."):
-                if segmentStart { dots += 1 }
-                if dots > 2 { segmentStart = false; dots = 0 }
-            case UInt8(ascii: "\\"):
-                return "encoded '.', '/' or '\\' in the path is refused (ambiguous for routing)"
-            case UInt8(ascii: "%"):
-                let a = bytes.index(after: index)
-                if a != bytes.endIndex, bytes.index(after: a) != bytes.endIndex {
-                    let hi = bytes[a], lo = bytes[bytes.index(after: a)] | 0x20
-                    if hi == UInt8(ascii: "2") && (lo == UInt8(ascii: "e") || lo == UInt8(ascii: "f")) || hi == UInt8(ascii: "5") && lo == UInt8(ascii: "c") {
-                        return "encoded '.', '/' or '\\' in the path is refused (ambiguous for routing)"
-                    }
-                }
-                segmentStart = false; dots = 0
-            default:
-                segmentStart = false; dots = 0
-            }
-            previous = byte
-            index = bytes.index(after: index)
-        }
-        if segmentStart && dots > 0 { return "dot segments in the path are refused (ambiguous for routing)" }
-        return nil
+    /// Marks the exchange as answered by the proxy; the answer goes out once the request has been read.
+    private func refuse(_ exchange: Exchange, _ refusal: Refusal) {
+        exchange.reason = refusal.reason
+        exchange.code = refusal.code
+        exchange.rejectStatus = refusal.status
+        exchange.closeAfter = refusal.closeConnection
     }
 
-    private func forwardedHeaders(_ incoming: HTTPHeaders, context: ChannelHandlerContext) -> HTTPHeaders {
+    /// The headers sent upstream: hop-by-hop headers and those `Connection` names removed; every client copy of a
+    /// header the proxy owns removed, in any spelling a backend could read as it (case, `_` for `-`); the listener's
+    /// strip list applied; then the verified identity and the forwarding headers added.
+    private func forwardedHeaders(_ incoming: HTTPHeaders, context: ChannelHandlerContext) -> Result<HTTPHeaders, Refusal> {
         var named = Set<String>()
         for value in incoming["connection"] {
-            for token in value.split(separator: ",") { named.insert(token.trimmingCharacters(in: .whitespaces).lowercased()) }
+            for token in value.split(separator: ",") { named.insert(HeaderNames.canonical(token.trimmingCharacters(in: .whitespaces))) }
         }
         var headers = HTTPHeaders()
         headers.reserveCapacity(incoming.count + 4)
         var forwardedFor: String?
+        let strip = state.stripMatcher
         for (name, value) in incoming {
-            guard Self.specialLengths.contains(name.utf8.count) || !named.isEmpty else {
-                headers.add(name: name, value: value)
+            let canonical = HeaderNames.canonical(name)
+            if Self.hopByHop.contains(canonical) || named.contains(canonical) { continue }
+            if ForwardedIdentity.ownedHeaders.contains(canonical) {
+                // Only the exact spelling of x-forwarded-for is kept (extended below); look-alikes are forgeries.
+                if canonical == "x-forwarded-for" && !name.utf8.contains(UInt8(ascii: "_")) {
+                    forwardedFor = (forwardedFor.map { $0 + ", " } ?? "") + value
+                }
                 continue
             }
-            let lower = name.lowercased()
-            if Self.hopByHop.contains(lower) || named.contains(lower) || ForwardedIdentity.strippedHeaders.contains(lower) { continue }
-            if lower == "x-forwarded-proto" { continue }
-            if lower == "x-forwarded-for" { forwardedFor = (forwardedFor.map { $0 + ", " } ?? "") + value; continue }
+            if strip.matches(canonical: canonical) { continue }
             headers.add(name: name, value: value)
         }
-        if identityHeaders == nil {
-            identityHeaders = peer.map { state.identityHeaders(for: $0) } ?? []
+        if identityHeaders == nil, let peer {
+            switch state.identityHeaders(for: peer) {
+            case .success(let computed): identityHeaders = computed
+            case .failure(let problem):
+                return .failure(Refusal(
+                    status: .forbidden, code: "identity_unrepresentable",
+                    reason: "the client certificate's \(problem.field) contains characters that cannot be forwarded in a header; refusing rather than altering it"
+                ))
+            }
         }
         for (name, value) in identityHeaders ?? [] { headers.add(name: name, value: value) }
         guard state.addsForwardingHeaders else {
             if let forwardedFor { headers.add(name: "x-forwarded-for", value: forwardedFor) }
-            return headers
+            return .success(headers)
         }
         headers.add(name: "x-forwarded-proto", value: "https")
         if let ip = context.channel.remoteAddress?.ipAddress {
             headers.add(name: "x-forwarded-for", value: forwardedFor.map { "\($0), \(ip)" } ?? ip)
         }
-        return headers
+        return .success(headers)
     }
 
     private func upstreamReady(context: ChannelHandlerContext, exchange: Exchange, result: Result<UpstreamConnection, any Error>) {
@@ -533,25 +527,24 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     private func respondDirectly(context: ChannelHandlerContext, exchange: Exchange, status: HTTPResponseStatus) {
         guard self.exchange === exchange else { return }
         self.exchange = nil
-        let code: String
-        switch status.code {
-        case 400: code = "bad_request"
-        case 401: code = "client_certificate_required"
-        case 403: code = "forbidden"
-        default: code = "bad_gateway"
-        }
+        let code = exchange.code ?? "bad_gateway"
+        exchange.code = code
         let body = "{\"error\":\"\(code)\",\"reason\":\(AccessLog.quote(exchange.reason))}\n"
         var head = HTTPResponseHead(version: exchange.head.version, status: status)
         head.headers.add(name: "content-type", value: "application/json")
         head.headers.add(name: "content-length", value: String(body.utf8.count))
-        if !exchange.keepAlive { head.headers.add(name: "connection", value: "close") }
+        let isHTTP2 = exchange.head.version.major >= 2
+        if (!exchange.keepAlive || exchange.closeAfter) && !isHTTP2 { head.headers.add(name: "connection", value: "close") }
         context.write(wrapOutboundOut(.head(head)), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
         exchange.bytesOut = body.utf8.count
         finish(exchange: exchange, status: Int(status.code), reason: exchange.reason)
-        let keepAlive = exchange.keepAlive
+        let keepAlive = exchange.keepAlive && !exchange.closeAfter
+        let closeParent = exchange.closeAfter && isHTTP2
         context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
             if !keepAlive { context.close(promise: nil) }
+            // An HTTP/2 stream's refusal that ends the connection (an expired certificate) closes its parent.
+            if closeParent { context.channel.parent?.close(promise: nil) }
         }
     }
 
@@ -570,7 +563,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         let peer = self.peer
         let decision: String
         switch status {
-        case 400: decision = "bad_request"
+        case 400, 405, 431: decision = "bad_request"
         case 401: decision = "unauthenticated"
         case 403: decision = "deny"
         default: decision = exchange.route == nil ? "error" : "allow"
@@ -578,7 +571,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         runtime.accessLog.record(.init(
             listener: state.name, client: peer?.displayName, serial: peer?.serial, method: exchange.head.method.rawValue,
             path: exchange.head.uri, route: exchange.route, decision: decision, reason: reason, status: status,
-            bytesIn: exchange.bytesIn, bytesOut: exchange.bytesOut, latency: elapsed, peer: nil
+            bytesIn: exchange.bytesIn, bytesOut: exchange.bytesOut, latency: elapsed, peer: nil, code: exchange.code
         ))
     }
 
@@ -605,8 +598,12 @@ protocol HTTPFront: AnyObject, Sendable {
     /// `x-forwarded-proto: https` and the client address in `x-forwarded-for`.
     var addsForwardingHeaders: Bool { get }
     var upstreamTLS: OutboundState? { get }
-    /// The identity headers added for a verified client (none when the front forwards none).
-    func identityHeaders(for peer: PeerIdentity) -> [(String, String)]
+    /// The identity headers added for a verified client (none when the front forwards none), or why the identity
+    /// cannot be forwarded.
+    func identityHeaders(for peer: PeerIdentity) -> Result<[(String, String)], ForwardedIdentity.Unrepresentable>
+    var limits: ProxyLimits { get }
+    /// Client headers removed besides the owned ones.
+    var stripMatcher: HeaderNames.Matcher { get }
 }
 
 extension InboundState: HTTPFront {

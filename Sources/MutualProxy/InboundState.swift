@@ -34,13 +34,19 @@ public final class InboundState: Sendable {
     /// Identity headers by leaf fingerprint: computed once per client certificate, not once per connection or per
     /// HTTP/2 stream (XFCC with the PEM chain and RFC 9440's base64 are several KiB of encoding). They depend only on
     /// the certificate and on this state's identity and `forward` setting, so they live exactly as long as it does.
-    private let identityHeaderCache = Mutex<[String: [(String, String)]]>([:])
+    private let identityHeaderCache = Mutex<[String: Result<[(String, String)], ForwardedIdentity.Unrepresentable>]>([:])
     static let identityHeaderLimit = 4096
+    /// Limits and timeouts of this listener.
+    public let limits: ProxyLimits
+    /// Client headers removed before forwarding, besides the ones the proxy owns.
+    let stripMatcher: HeaderNames.Matcher
 
-    func identityHeaders(for peer: PeerIdentity) -> [(String, String)] {
-        guard forwardXFCC || forwardRFC9440 else { return [] }
+    func identityHeaders(for peer: PeerIdentity) -> Result<[(String, String)], ForwardedIdentity.Unrepresentable> {
+        guard forwardXFCC || forwardRFC9440 else { return .success([]) }
         if let cached = identityHeaderCache.withLock({ $0[peer.fingerprint] }) { return cached }
-        let computed = ForwardedIdentity.headers(for: peer, by: credentials.identity, xfcc: forwardXFCC, rfc9440: forwardRFC9440)
+        let computed = Result {
+            try ForwardedIdentity.headers(for: peer, by: credentials.identity, xfcc: forwardXFCC, rfc9440: forwardRFC9440)
+        }.mapError { $0 as? ForwardedIdentity.Unrepresentable ?? .init(field: "Cert") }
         identityHeaderCache.withLock {
             if $0.count >= Self.identityHeaderLimit { $0.removeAll(keepingCapacity: true) }
             $0[peer.fingerprint] = computed
@@ -87,6 +93,8 @@ public final class InboundState: Sendable {
         self.forwardXFCC = forward.contains("xfcc")
         self.forwardRFC9440 = forward.contains("rfc9440")
         self.stamps = FileStamp.stamps([configuration.cert, configuration.key, configuration.clientCA])
+        self.limits = configuration.limits
+        self.stripMatcher = HeaderNames.Matcher(patterns: configuration.stripHeaders ?? ForwardedIdentity.defaultStrippedHeaders)
 
         var tls = TLSConfiguration.makeServerConfiguration(
             certificateChain: credentials.nioChain.map { .certificate($0) }, privateKey: .privateKey(credentials.nioKey)
@@ -120,6 +128,10 @@ public final class InboundState: Sendable {
         guard let leaf = presented.first else {
             return .failure(.init(.noCertificate, "no client certificate presented"))
         }
+        // Refused before any path building: a chain longer than the leaf, max-depth intermediates and a root.
+        if presented.count > maxDepth + 2 {
+            return .failure(.init(.chainTooComplex, "the client sent \(presented.count) certificates; with max-depth \(maxDepth) at most \(maxDepth + 2) are considered (leaf, intermediates, root)"))
+        }
         if now > leaf.notValidAfter {
             return .failure(.init(.expired, "client certificate expired \(leaf.notValidAfter.relativeDescription(from: now)) (notAfter \(leaf.notValidAfter), serial \(leaf.serialHex))"))
         }
@@ -135,10 +147,8 @@ public final class InboundState: Sendable {
             requiredEKU: .clientAuth, maxDepth: maxDepth
         ))
         switch await verifier.verify(leaf) {
-        case .rejected(let reason):
-            let kind: HandshakeFailure = reason.contains("no chain to a trusted root") ? .unknownCA
-                : reason.contains("expired") ? .expired : .invalidChain
-            return .failure(.init(kind, "client certificate rejected: \(reason)"))
+        case .rejected(let reason, let code):
+            return .failure(.init(HandshakeFailure(code), "client certificate rejected: \(reason)"))
         case .accepted(let chain):
             if let (kind, reason) = revocation.check(chain: chain, now: now) {
                 return .failure(.init(kind, reason))
@@ -205,6 +215,11 @@ final class ConnectionIdentity: Sendable {
         }
     }
     func setResumed(_ identity: PeerIdentity) { value.withLock { $0.0 = identity } }
+
+    /// The running chain verification, cancelled when the connection closes first (its work is no longer wanted).
+    private let verification = Mutex<Task<Void, Never>?>(nil)
+    func track(_ task: Task<Void, Never>) { verification.withLock { $0 = task } }
+    func cancelVerification() { verification.withLock { $0?.cancel() } }
 }
 
 /// Open connections by certificate serial, so a revocation closes the ones it concerns.

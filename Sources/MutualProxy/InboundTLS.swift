@@ -15,13 +15,23 @@ public final class ProxyRuntime: Sendable {
     public let revocation: RevocationState
     public let registry: ConnectionRegistry
     public let logger: Logger
+    /// Wall-clock time for certificate validity decisions; tests inject a fixed or moving clock.
+    public let now: @Sendable () -> Date
 
-    public init(metrics: ProxyMetrics, accessLog: AccessLog, revocation: RevocationState, registry: ConnectionRegistry = ConnectionRegistry(), logger: Logger) {
+    /// `logger`'s handler is wrapped so that control characters in any message or metadata value (client-supplied
+    /// paths, header values inside error descriptions) are escaped and cannot forge log lines.
+    public init(
+        metrics: ProxyMetrics, accessLog: AccessLog, revocation: RevocationState, registry: ConnectionRegistry = ConnectionRegistry(),
+        logger: Logger, now: @escaping @Sendable () -> Date = { Date() }
+    ) {
         self.metrics = metrics
         self.accessLog = accessLog
         self.revocation = revocation
         self.registry = registry
+        var logger = logger
+        if !(logger.handler is EscapingLogHandler) { logger.handler = EscapingLogHandler(wrapping: logger.handler) }
         self.logger = logger
+        self.now = now
     }
 }
 
@@ -40,14 +50,14 @@ enum InboundPipeline {
                 promise.succeed(.failed)
                 return
             }
-            Task {
+            connection.track(Task {
                 let result = await state.verify(presented: certificates, revocation: revocation)
                 connection.set(result)
                 switch result {
                 case .success: promise.succeed(.certificateVerified(VerificationMetadata(nil)))
                 case .failure: promise.succeed(.failed)
                 }
-            }
+            })
         })
         let sync = channel.pipeline.syncOperations
         try sync.addHandler(ssl)
@@ -202,6 +212,7 @@ final class HandshakeObserver: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        connection.cancelVerification()
         if !completed && !counted {
             // The peer went away mid-handshake; count it once with what we know.
             if let failure = connection.failure { fail(context: context, failure, close: false) }

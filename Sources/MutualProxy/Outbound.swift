@@ -88,8 +88,8 @@ public final class OutboundState: Sendable {
             roots: serverRoots, intermediates: Array(presented.dropFirst()), validationTime: now, requiredEKU: .serverAuth, maxDepth: 3
         ))
         switch await verifier.verify(leaf) {
-        case .rejected(let reason):
-            return .failure(.init(reason.contains("no chain to a trusted root") ? .unknownCA : .invalidChain, "upstream certificate rejected: \(reason)"))
+        case .rejected(let reason, let code):
+            return .failure(.init(HandshakeFailure(code), "upstream certificate rejected: \(reason)"))
         case .accepted(let chain):
             guard let identity = try? PeerIdentity(validatedChain: chain) else {
                 return .failure(.init(.malformed, "upstream certificate unreadable"))
@@ -112,7 +112,10 @@ extension OutboundState: HTTPFront {
     var proxyIdentity: String? { credentials.identity }
     var addsForwardingHeaders: Bool { false }
     var upstreamTLS: OutboundState? { self }
-    func identityHeaders(for peer: PeerIdentity) -> [(String, String)] { [] }
+    func identityHeaders(for peer: PeerIdentity) -> Result<[(String, String)], ForwardedIdentity.Unrepresentable> { .success([]) }
+    var limits: ProxyLimits { ProxyLimits() }
+    /// The local application is trusted: only the owned headers are removed.
+    var stripMatcher: HeaderNames.Matcher { HeaderNames.Matcher(patterns: []) }
 }
 
 public final class OutboundSlot: Sendable {

@@ -19,6 +19,8 @@ public final class PeerIdentity: Sendable, Hashable {
     public let serial: String
     /// SHA-256 of the leaf's DER, lowercase hex (Envoy's XFCC `Hash`).
     public let fingerprint: String
+    /// The earliest notAfter in the chain: the identity is not valid past it, even on an open connection.
+    public let validUntil: Date
 
     /// `chain` is leaf first, as validated (trust anchor excluded or included: both work).
     public init(validatedChain chain: [Certificate]) throws {
@@ -48,6 +50,7 @@ public final class PeerIdentity: Sendable, Hashable {
         self.organizationalUnits = units
         self.serial = leaf.serialHex
         self.fingerprint = SHA256.hash(data: try leaf.derBytes).hexString
+        self.validUntil = chain.map(\.notValidAfter).min() ?? leaf.notValidAfter
     }
 
     /// Two identities are the same when they carry the same certificate chain.

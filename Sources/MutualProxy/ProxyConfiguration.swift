@@ -46,6 +46,16 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
         public var forward: [String]?
         /// http mode: offer HTTP/2 to clients through ALPN (default true); upstream stays HTTP/1.1.
         public var http2: Bool?
+        /// Limits and timeouts (``ProxyLimits`` has the defaults); nil keeps the default.
+        public var handshakeTimeout: Double?
+        public var requestHeadTimeout: Double?
+        public var idleTimeout: Double?
+        public var maxConnections: Int?
+        public var maxHeaderCount: Int?
+        public var maxHeaderBytes: Int?
+        /// Client headers removed before forwarding, besides the ones the proxy owns (always removed): names, or
+        /// prefixes ending in `*`, compared after lower-casing and `_` → `-`. nil: ``ForwardedIdentity/defaultStrippedHeaders``.
+        public var stripHeaders: [String]?
 
         public init(
             name: String? = nil, listen: String, mode: Mode? = nil, upstream: String, cert: String, key: String,
@@ -71,6 +81,9 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
             case name, listen, mode, upstream, cert, key, allow, routes, forward, http2
             case clientCA = "client-ca", clientCertificate = "client-certificate", maxDepth = "max-depth"
             case proxyProtocol = "proxy-protocol"
+            case handshakeTimeout = "handshake-timeout", requestHeadTimeout = "request-head-timeout"
+            case idleTimeout = "idle-timeout", maxConnections = "max-connections", maxHeaderCount = "max-header-count"
+            case maxHeaderBytes = "max-header-bytes", stripHeaders = "strip-headers"
         }
 
         public init(from decoder: Decoder) throws {
@@ -90,6 +103,13 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
             proxyProtocol = try c.decodeIfPresent(Bool.self, forKey: .proxyProtocol)
             forward = try c.decodeIfPresent([String].self, forKey: .forward)
             http2 = try c.decodeIfPresent(Bool.self, forKey: .http2)
+            handshakeTimeout = try c.decodeIfPresent(Double.self, forKey: .handshakeTimeout)
+            requestHeadTimeout = try c.decodeIfPresent(Double.self, forKey: .requestHeadTimeout)
+            idleTimeout = try c.decodeIfPresent(Double.self, forKey: .idleTimeout)
+            maxConnections = try c.decodeIfPresent(Int.self, forKey: .maxConnections)
+            maxHeaderCount = try c.decodeIfPresent(Int.self, forKey: .maxHeaderCount)
+            maxHeaderBytes = try c.decodeIfPresent(Int.self, forKey: .maxHeaderBytes)
+            stripHeaders = try c.decodeIfPresent([String].self, forKey: .stripHeaders)
         }
     }
 
@@ -377,6 +397,10 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
             }
             if let depth = listener.maxDepth, !(0...8).contains(depth) {
                 throw PKIError(.malformedInput, "\(label).max-depth must be between 0 and 8")
+            }
+            if let problem = listener.limitProblems(label: label).first { throw PKIError(.malformedInput, problem) }
+            for pattern in listener.stripHeaders ?? [] where !HeaderNames.isValidPattern(pattern) {
+                throw PKIError(.malformedInput, "\(label).strip-headers: '\(pattern.prefix(80))' is not a header name or a prefix ending in '*'")
             }
             for header in listener.forward ?? [] where !["xfcc", "rfc9440"].contains(header) {
                 throw PKIError(.malformedInput, "\(label).forward: unknown '\(header)' (expected xfcc, rfc9440)")

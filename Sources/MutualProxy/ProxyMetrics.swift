@@ -1,4 +1,5 @@
 import Foundation
+import MutualPKI
 import Prometheus
 import Synchronization
 
@@ -17,6 +18,24 @@ public enum HandshakeFailure: String, Sendable, CaseIterable {
     case malformed
     case tls
     case upstreamIdentity = "upstream_identity"
+    /// The presented chain is longer than the listener's depth allows, or path building ran out of budget.
+    case chainTooComplex = "chain_too_complex"
+    /// The TLS handshake did not finish within the handshake timeout.
+    case handshakeTimeout = "handshake_timeout"
+
+    /// The handshake failure for a verifier's rejection code.
+    init(_ code: ChainVerifier.RejectionCode) {
+        switch code {
+        case .unknownIssuer: self = .unknownCA
+        case .expired: self = .expired
+        case .notYetValid: self = .notYetValid
+        case .revoked: self = .revoked
+        case .chainTooComplex: self = .chainTooComplex
+        case .cancelled: self = .tls
+        case .unusableCRL: self = .revocationUnavailable
+        case .invalid: self = .invalidChain
+        }
+    }
 }
 
 /// The proxy's Prometheus metrics, served on the admin listener.
@@ -149,6 +168,8 @@ public final class AccessLog: Sendable {
         public var bytesOut: Int
         public var latency: Duration
         public var peer: String?
+        /// The refusal's stable code (`too_many_headers`, `dot_segment`, `forbidden`, …); nil when forwarded.
+        public var code: String? = nil
     }
 
     public func record(_ entry: Entry) {
@@ -161,6 +182,7 @@ public final class AccessLog: Sendable {
         let ms = Double(entry.latency.components.seconds) * 1000 + Double(entry.latency.components.attoseconds) / 1e15
         line += ",\"status\":\(entry.status),\"bytes_in\":\(entry.bytesIn),\"bytes_out\":\(entry.bytesOut),\"latency_ms\":\(String(format: "%.3f", ms))"
         if let peer = entry.peer { line += ",\"peer\":\(Self.quote(peer))" }
+        if let code = entry.code { line += ",\"code\":\(Self.quote(code))" }
         line += "}\n"
         let full = buffer.withLock { buffer -> Bool in
             buffer.append(contentsOf: line.utf8)

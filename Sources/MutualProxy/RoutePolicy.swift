@@ -11,18 +11,22 @@ public struct RoutePolicy: Sendable {
         public var allow: [Principal]
         /// An open route (e.g. `/healthz`): anyone may call it, with or without a certificate; `allow` is ignored.
         public var allowWithoutCertificate: Bool
+        /// `pathPrefix` as request paths are compared: ASCII lower-case (see ``RequestTarget``).
+        let matchPrefix: String
 
         public init(pathPrefix: String, methods: Set<String> = [], allow: [Principal], allowWithoutCertificate: Bool = false) {
             self.pathPrefix = pathPrefix
+            self.matchPrefix = RequestTarget.routingForm(ofPrefix: pathPrefix)
             self.methods = Set(methods.map { $0.uppercased() })
             self.allow = allow
             self.allowWithoutCertificate = allowWithoutCertificate
         }
 
+        /// `path` is a routing key (``RequestTarget/routingKey``): lower-case, without `;parameters`.
         func applies(method: String, path: String) -> Bool {
             guard methods.isEmpty || methods.contains(method.uppercased()) else { return false }
-            if pathPrefix == "/" { return true }
-            return path == pathPrefix || path.hasPrefix(pathPrefix.hasSuffix("/") ? pathPrefix : pathPrefix + "/")
+            if matchPrefix == "/" { return true }
+            return path == matchPrefix || path.hasPrefix(matchPrefix.hasSuffix("/") ? matchPrefix : matchPrefix + "/")
         }
     }
 
@@ -39,6 +43,8 @@ public struct RoutePolicy: Sendable {
 
     public init(routes: [Route]) { self.routes = routes }
 
+    /// Decides on a request; `path` is the target's routing key (``RequestTarget/routingKey``), so letter case and
+    /// `;parameters` cannot route a request around the rules of a prefix.
     public func decide(method: String, path: String, peer: PeerIdentity?) -> Decision {
         guard let route = routes.first(where: { $0.applies(method: method, path: path) }) else {
             return .deny(reason: "no route allows \(method) \(path) (default deny)")

@@ -63,6 +63,42 @@ public enum TestPKI {
         )
     }
 
+    /// A hostile "lattice" of CA certificates, as an attacker would send it in a handshake: `subjects` CA names, each
+    /// with `perSubject` certificates, every one signed by the same key and issued by another name of the lattice, so
+    /// every (certificate, issuer) pair has a valid signature and the paths are all permutations of the names. No root
+    /// anyone trusts is involved. The leaf (clientAuth, issued by the first name) carries `leafKey`.
+    public static func lattice(
+        subjects: Int, perSubject: Int, leafKey: Certificate.PrivateKey, now: Date = now
+    ) throws -> (leaf: Certificate, intermediates: [Certificate]) {
+        let key = try KeyType.p256.generate()
+        let names = try (0..<subjects).map { index in try DistinguishedName { CommonName("Lattice CA \(index)") } }
+        var ca = Certificate.Extensions()
+        try ca.append(Certificate.Extension(BasicConstraints.isCertificateAuthority(maxPathLength: nil), critical: true))
+        try ca.append(Certificate.Extension(KeyUsage(keyCertSign: true, cRLSign: true), critical: true))
+        var intermediates: [Certificate] = []
+        for copy in 0..<perSubject {
+            for (index, subject) in names.enumerated() {
+                let issuer = names[(index + 1 + copy) % subjects == index ? (index + 1) % subjects : (index + 1 + copy) % subjects]
+                intermediates.append(try Certificate(
+                    version: .v3, serialNumber: IssuingCA.randomSerialNumber(), publicKey: key.publicKey,
+                    notValidBefore: now.addingTimeInterval(-3600), notValidAfter: now.addingTimeInterval(86_400),
+                    issuer: issuer, subject: subject, signatureAlgorithm: key.preferredSignatureAlgorithm,
+                    extensions: ca, issuerPrivateKey: key
+                ))
+            }
+        }
+        var leafExtensions = Certificate.Extensions()
+        try leafExtensions.append(Certificate.Extension(ExtendedKeyUsage([.clientAuth]), critical: false))
+        try leafExtensions.append(Certificate.Extension(SubjectAlternativeNames([.uniformResourceIdentifier("spiffe://lattice.test/x")]), critical: false))
+        let leaf = try Certificate(
+            version: .v3, serialNumber: IssuingCA.randomSerialNumber(), publicKey: leafKey.publicKey,
+            notValidBefore: now.addingTimeInterval(-3600), notValidAfter: now.addingTimeInterval(86_400),
+            issuer: names[0], subject: try DistinguishedName { CommonName("lattice leaf") },
+            signatureAlgorithm: key.preferredSignatureAlgorithm, extensions: leafExtensions, issuerPrivateKey: key
+        )
+        return (leaf, intermediates)
+    }
+
     /// A temporary directory removed by the caller (tests use `defer`).
     public static func temporaryDirectory(_ label: String = "test") -> String {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("mutual-\(label)-\(UUID().uuidString.prefix(8))").path

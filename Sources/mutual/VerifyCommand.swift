@@ -121,7 +121,7 @@ struct VerifyCommand: AsyncParsableCommand {
             for (index, certificate) in chain.enumerated() {
                 print("  \(index): \(certificate.subject)  (until \(certificate.notValidAfter))")
             }
-        case .rejected(let reason):
+        case .rejected(let reason, _):
             print("REJECTED: \(reason)")
             throw ExitCode(1)
         }

@@ -1,5 +1,5 @@
 import Foundation
-import MutualPKI
+@testable import MutualPKI
 import SwiftASN1
 import Testing
 import TestSupport
@@ -22,7 +22,7 @@ struct VerifierTests {
     }
 
     func reason(_ outcome: ChainVerifier.Outcome) -> String? {
-        if case .rejected(let reason) = outcome { return reason }
+        if case .rejected(let reason, _) = outcome { return reason }
         return nil
     }
 
@@ -86,6 +86,71 @@ struct VerifierTests {
         let leaf = try ca.issue(.init(profile: .client, publicKey: key.publicKey, commonName: "c"), now: TestPKI.now)
         #expect(reason(await verify(leaf, maxDepth: 1)) == nil)
         #expect(reason(await verify(leaf, maxDepth: 0))?.contains("maximum depth") == true)
+    }
+
+    @Test("a lattice of intermediates sharing one key is refused within a bounded amount of work")
+    func latticeIsBounded() async throws {
+        // 8 names x 4 certificates, all signed by one key: every pair verifies, paths are permutations of the names.
+        // Unbounded, swift-certificates' path builder verifies signatures along every one (seconds of CPU).
+        let (leaf, lattice) = try TestPKI.lattice(subjects: 8, perSubject: 4, leafKey: key)
+        for depth in [3, 8] {
+            var search = PathSearch(roots: [ca.root], intermediates: ChainVerifier.bounded(lattice), maxDepth: depth)
+            let start = ThreadCPU.now()
+            let result = search.run(leaf: leaf)
+            let cpu = ThreadCPU.now() - start
+            let budget = PathSearch.Budget()
+            #expect(search.signatureChecks <= budget.maximumSignatureChecks, "depth \(depth)")
+            #expect(search.expansions <= budget.maximumExpansions, "depth \(depth)")
+            #expect(cpu < 0.5, "the search used \(cpu) s of CPU")
+            if case .candidates(let found) = result { #expect(found.isEmpty) }
+        }
+        // Through the verifier: refused with the code, whatever the depth asked for.
+        for depth in [nil, 3] as [Int?] {
+            let outcome = await ChainVerifier(options: .init(roots: [ca.root], intermediates: lattice, validationTime: TestPKI.now,
+                                                             requiredEKU: .clientAuth, maxDepth: depth)).verify(leaf)
+            guard case .rejected(_, let code) = outcome else { Issue.record("lattice accepted"); continue }
+            #expect(code == .chainTooComplex || code == .unknownIssuer)
+        }
+        // The default search depth with the whole lattice exhausts the budget: that is the chain_too_complex refusal.
+        let outcome = await ChainVerifier(options: .init(roots: [ca.root], intermediates: lattice, validationTime: TestPKI.now)).verify(leaf)
+        if case .rejected(_, let code) = outcome { #expect(code == .chainTooComplex) } else { Issue.record("lattice accepted") }
+    }
+
+    @Test("a good chain still verifies when decoys are sent with it, and the search stops when cancelled")
+    func goodChainAmongDecoys() async throws {
+        let leaf = try ca.issue(.init(profile: .client, publicKey: key.publicKey, commonName: "c"), now: TestPKI.now)
+        let (_, lattice) = try TestPKI.lattice(subjects: 3, perSubject: 2, leafKey: key)
+        let outcome = await ChainVerifier(options: .init(roots: [ca.root], intermediates: lattice + [ca.certificate],
+                                                         validationTime: TestPKI.now, requiredEKU: .clientAuth, maxDepth: 3)).verify(leaf)
+        guard case .accepted(let chain) = outcome else { Issue.record("good chain refused: \(outcome)"); return }
+        #expect(chain.count == 3)
+
+        let (latticeLeaf, big) = try TestPKI.lattice(subjects: 8, perSubject: 4, leafKey: key)
+        let task = Task {
+            withUnsafeCurrentTask { $0?.cancel() }
+            return await ChainVerifier(options: .init(roots: [ca.root], intermediates: big, validationTime: TestPKI.now)).verify(latticeLeaf)
+        }
+        if case .rejected(_, let code) = await task.value { #expect(code == .cancelled) } else { Issue.record("accepted") }
+    }
+
+    @Test("rejections carry codes derived from the chain, not from the message")
+    func rejectionCodes() async throws {
+        let leaf = try ca.issue(.init(profile: .client, publicKey: key.publicKey, commonName: "c", validity: .hours(1)), now: TestPKI.now)
+        func code(_ outcome: ChainVerifier.Outcome) -> ChainVerifier.RejectionCode? {
+            if case .rejected(_, let code) = outcome { return code }
+            return nil
+        }
+        #expect(code(await verify(leaf, at: TestPKI.now.addingTimeInterval(7200))) == .expired)
+        #expect(code(await verify(leaf, at: TestPKI.now.addingTimeInterval(-3600))) == .notYetValid)
+        #expect(code(await verify(leaf, eku: .serverAuth)) == .invalid)
+        let other = try TestPKI.issuingCA()
+        let stranger = try other.issue(.init(profile: .client, publicKey: key.publicKey, commonName: "c"), now: TestPKI.now)
+        #expect(code(await verify(stranger)) == .unknownIssuer)
+        let builder = RevocationListBuilder(issuer: ca.certificate, issuerKey: ca.privateKey)
+        let crl = try RevocationList(derEncoded: builder.build(
+            number: 7, thisUpdate: TestPKI.now.addingTimeInterval(-60), nextUpdate: TestPKI.now.addingTimeInterval(3600),
+            entries: [.init(serialNumber: leaf.serialNumber, revocationDate: TestPKI.now.addingTimeInterval(-30), reason: .keyCompromise)]))
+        #expect(code(await verify(leaf, crls: [crl])) == .revoked)
     }
 
     @Test("a CA certificate presented as a peer certificate is refused")
@@ -161,5 +226,14 @@ struct PrimitivesTests {
         #expect(mode == 0o600)
         #expect(throws: PKIError.self) { try AtomicFile.read(dir + "/f", limit: 2, what: "file") }
         #expect(throws: PKIError.self) { try AtomicFile.read(dir + "/missing", what: "file") }
+    }
+}
+
+/// CPU time of the calling thread (synchronous code only), in seconds.
+enum ThreadCPU {
+    static func now() -> Double {
+        var spec = timespec()
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &spec)
+        return Double(spec.tv_sec) + Double(spec.tv_nsec) / 1e9
     }
 }

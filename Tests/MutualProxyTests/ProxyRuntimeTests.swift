@@ -106,11 +106,15 @@ struct ProxyConfigurationTests {
 
     @Test("request paths that could route differently at the backend are refused")
     func pathProblems() {
-        for path in ["/api/v1/items", "/a/.hidden", "/a/...", "/a/b.c/d", "/", "/%41", "/x%2"] {
-            #expect(HTTPProxyHandler.pathProblem(path) == nil, "\(path)")
+        func refused(_ path: String) -> Bool {
+            if case .failure = RequestTarget.parse(path) { return true }
+            return false
         }
-        for path in ["/a/../admin", "/a/./b", "/a/..", "/.", "/a/%2E%2E/b", "/a/%2e%2e/admin", "/a%2Fb", "/a//b", "http://evil/", "*", "/a\\b", "/a/%5c"] {
-            #expect(HTTPProxyHandler.pathProblem(path) != nil, "\(path)")
+        for path in ["/api/v1/items", "/a/.hidden", "/a/...", "/a/b.c/d", "/", "/%41"] {
+            #expect(!refused(path), "\(path)")
+        }
+        for path in ["/a/../admin", "/a/./b", "/a/..", "/.", "/a/%2E%2E/b", "/a/%2e%2e/admin", "/a%2Fb", "/a//b", "http://evil/", "*", "/a\\b", "/a/%5c", "/x%2"] {
+            #expect(refused(path), "\(path)")
         }
     }
 }
@@ -340,12 +344,12 @@ struct IdentityHeaderEncodingTests {
         let key = try KeyType.p256.generate()
         let issued = try ca.issue(.init(profile: .workload, publicKey: key.publicKey, uris: ["spiffe://example.org/ns/web/sa/a"]), now: TestPKI.now)
         let peer = try PeerIdentity(validatedChain: [issued, ca.certificate])
-        let all = ForwardedIdentity.headers(for: peer, by: "spiffe://example.org/ns/proxy", xfcc: true, rfc9440: true)
+        let all = try ForwardedIdentity.headers(for: peer, by: "spiffe://example.org/ns/proxy", xfcc: true, rfc9440: true)
         #expect(all.map(\.0) == ["x-forwarded-client-cert", "client-cert", "client-cert-chain"])
         #expect(all[0].1.hasPrefix("By=spiffe://example.org/ns/proxy;Hash=\(peer.fingerprint);Cert=\"-----BEGIN%20CERTIFICATE-----%0A"))
-        #expect(ForwardedIdentity.headers(for: peer, by: nil, xfcc: false, rfc9440: true).map(\.0) == ["client-cert", "client-cert-chain"])
-        #expect(ForwardedIdentity.headers(for: peer, by: nil, xfcc: true, rfc9440: false).map(\.0) == ["x-forwarded-client-cert"])
-        #expect(ForwardedIdentity.headers(for: peer, by: nil, xfcc: false, rfc9440: false).isEmpty)
+        #expect(try ForwardedIdentity.headers(for: peer, by: nil, xfcc: false, rfc9440: true).map(\.0) == ["client-cert", "client-cert-chain"])
+        #expect(try ForwardedIdentity.headers(for: peer, by: nil, xfcc: true, rfc9440: false).map(\.0) == ["x-forwarded-client-cert"])
+        #expect(try ForwardedIdentity.headers(for: peer, by: nil, xfcc: false, rfc9440: false).isEmpty)
     }
 }
 

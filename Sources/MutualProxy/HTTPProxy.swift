@@ -370,31 +370,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         exchange.closeAfter = refusal.closeConnection
     }
 
-    /// The headers sent upstream: hop-by-hop headers and those `Connection` names removed; every client copy of a
-    /// header the proxy owns removed, in any spelling a backend could read as it (case, `_` for `-`); the listener's
-    /// strip list applied; then the verified identity and the forwarding headers added.
     private func forwardedHeaders(_ incoming: HTTPHeaders, context: ChannelHandlerContext) -> Result<HTTPHeaders, Refusal> {
-        var named = Set<String>()
-        for value in incoming["connection"] {
-            for token in value.split(separator: ",") { named.insert(HeaderNames.canonical(token.trimmingCharacters(in: .whitespaces))) }
-        }
-        var headers = HTTPHeaders()
-        headers.reserveCapacity(incoming.count + 4)
-        var forwardedFor: String?
-        let strip = state.stripMatcher
-        for (name, value) in incoming {
-            let canonical = HeaderNames.canonical(name)
-            if Self.hopByHop.contains(canonical) || named.contains(canonical) { continue }
-            if ForwardedIdentity.ownedHeaders.contains(canonical) {
-                // Only the exact spelling of x-forwarded-for is kept (extended below); look-alikes are forgeries.
-                if canonical == "x-forwarded-for" && !name.utf8.contains(UInt8(ascii: "_")) {
-                    forwardedFor = (forwardedFor.map { $0 + ", " } ?? "") + value
-                }
-                continue
-            }
-            if strip.matches(canonical: canonical) { continue }
-            headers.add(name: name, value: value)
-        }
         if identityHeaders == nil, let peer {
             switch state.identityHeaders(for: peer) {
             case .success(let computed): identityHeaders = computed
@@ -405,16 +381,48 @@ final class HTTPProxyHandler: ChannelInboundHandler {
                 ))
             }
         }
-        for (name, value) in identityHeaders ?? [] { headers.add(name: name, value: value) }
-        guard state.addsForwardingHeaders else {
+        return .success(Self.forwardHeaders(
+            incoming, strip: state.stripMatcher, identity: identityHeaders ?? [], addsForwardingHeaders: state.addsForwardingHeaders,
+            clientAddress: context.channel.remoteAddress?.ipAddress
+        ))
+    }
+
+    /// The headers sent upstream: hop-by-hop headers and those `Connection` names removed; every client copy of a
+    /// header the proxy owns removed, in any spelling a backend could read as it (case, `_` for `-`); the listener's
+    /// strip list applied; then the verified identity and the forwarding headers added. Pure, for tests.
+    static func forwardHeaders(
+        _ incoming: HTTPHeaders, strip: HeaderNames.Matcher, identity: [(String, String)], addsForwardingHeaders: Bool, clientAddress: String?
+    ) -> HTTPHeaders {
+        var named = Set<String>()
+        for value in incoming["connection"] {
+            for token in value.split(separator: ",") { named.insert(HeaderNames.canonical(token.trimmingCharacters(in: .whitespaces))) }
+        }
+        var headers = HTTPHeaders()
+        headers.reserveCapacity(incoming.count + 4)
+        var forwardedFor: String?
+        for (name, value) in incoming {
+            let canonical = HeaderNames.canonical(name)
+            if hopByHop.contains(canonical) || named.contains(canonical) { continue }
+            if ForwardedIdentity.ownedHeaders.contains(canonical) {
+                // Only the exact spelling of x-forwarded-for is kept (extended below); look-alikes are forgeries.
+                if canonical == "x-forwarded-for" && !name.utf8.contains(UInt8(ascii: "_")) {
+                    forwardedFor = (forwardedFor.map { $0 + ", " } ?? "") + value
+                }
+                continue
+            }
+            if strip.matches(canonical: canonical) { continue }
+            headers.add(name: name, value: value)
+        }
+        for (name, value) in identity { headers.add(name: name, value: value) }
+        guard addsForwardingHeaders else {
             if let forwardedFor { headers.add(name: "x-forwarded-for", value: forwardedFor) }
-            return .success(headers)
+            return headers
         }
         headers.add(name: "x-forwarded-proto", value: "https")
-        if let ip = context.channel.remoteAddress?.ipAddress {
-            headers.add(name: "x-forwarded-for", value: forwardedFor.map { "\($0), \(ip)" } ?? ip)
+        if let clientAddress {
+            headers.add(name: "x-forwarded-for", value: forwardedFor.map { "\($0), \(clientAddress)" } ?? clientAddress)
         }
-        return .success(headers)
+        return headers
     }
 
     private func upstreamReady(context: ChannelHandlerContext, exchange: Exchange, result: Result<UpstreamConnection, any Error>) {

@@ -6,7 +6,7 @@
 ///
 /// - percent-escapes of unreserved characters (`A–Z a–z 0–9 - . _ ~`) are decoded once (RFC 3986 6.2.2.2) and the
 ///   remaining escapes get upper-case hex (6.2.2.1); that form is what the upstream receives;
-/// - what cannot be normalized unambiguously is refused: escapes of `/`, `\`, `%` (double encoding), control
+/// - what cannot be normalized unambiguously is refused: escapes of `/`, `\`, `#`, `?`, `;`, `%` (double encoding), control
 ///   characters and NUL, malformed escapes, escapes that decode to invalid UTF-8, raw `\`, `#`, control or non-ASCII
 ///   bytes, dot segments and empty segments (also once `;parameters` are removed);
 /// - routes are matched on ``routingKey``: the path with each segment's `;parameters` removed and ASCII letters
@@ -73,6 +73,10 @@ struct RequestTarget: Equatable, Sendable {
             switch value {
             case UInt8(ascii: "/"), UInt8(ascii: "\\"):
                 return .failure(.init(code: "encoded_separator", reason: "encoded '/' or '\\' in the path is refused (ambiguous for routing)"))
+            case UInt8(ascii: "#"), UInt8(ascii: "?"), UInt8(ascii: ";"):
+                // A backend that decodes before splitting off the query, fragment or ;parameters would cut the path
+                // there: `/admin%23x` and `/admin%3Bx` are `/admin` to it.
+                return .failure(.init(code: "encoded_delimiter", reason: "encoded '#', '?' or ';' in the path is refused (ambiguous for routing)"))
             case UInt8(ascii: "%"):
                 return .failure(.init(code: "double_encoding", reason: "an encoded '%' in the path is refused (double encoding is ambiguous for routing)"))
             case 0x00..<0x20, 0x7F:

@@ -277,8 +277,15 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         context.fireChannelReadComplete()
     }
 
+    /// The HTTP/1.1 connection's timers (absent on HTTP/2 streams and outbound listeners).
+    private var timers: (HTTP1ConnectionGuard, ChannelHandlerContext)?
+
     func handlerAdded(context: ChannelHandlerContext) {
         loopPool = pools.pool(for: context.eventLoop, front: state)
+        if let guardContext = try? context.pipeline.syncOperations.context(handlerType: HTTP1ConnectionGuard.self),
+           let handler = guardContext.handler as? HTTP1ConnectionGuard {
+            timers = (handler, guardContext)
+        }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -321,6 +328,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     private func begin(context: ChannelHandlerContext, head: HTTPRequestHead) {
         let exchange = Exchange(head: head, reason: "")
         self.exchange = exchange
+        if let (timers, timerContext) = timers { timers.headComplete(context: timerContext) }
         let target: RequestTarget
         switch RequestChecks.check(head: head, peer: peer, limits: state.limits, now: runtime.now()) {
         case .failure(let refusal):
@@ -364,6 +372,8 @@ final class HTTPProxyHandler: ChannelInboundHandler {
 
     /// Marks the exchange as answered by the proxy; the answer goes out once the request has been read.
     private func refuse(_ exchange: Exchange, _ refusal: Refusal) {
+        runtime.metrics.requestRefused(listener: state.name, code: refusal.code)
+        if refusal.code == "certificate_expired" { runtime.metrics.connectionClosed(listener: state.name, reason: "certificate_expired") }
         exchange.reason = refusal.reason
         exchange.code = refusal.code
         exchange.rejectStatus = refusal.status
@@ -557,6 +567,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     }
 
     private func finish(exchange: Exchange, status: Int, reason: String) {
+        if let (timers, timerContext) = timers { timers.exchangeFinished(context: timerContext) }
         let elapsed = ContinuousClock.now - exchange.started
         latency.record(elapsed)
         let key = "\(status)|\(exchange.route ?? "none")"

@@ -15,6 +15,9 @@ public final class InboundState: Sendable {
     public let credentials: LoadedCredentials
     public let clientRoots: [Certificate]
     public let sslContext: NIOSSLContext
+    /// The same TLS settings with X25519MLKEM768 as the only group, for clients that offer it (see
+    /// ``GroupPreferenceHandler``).
+    let hybridOnlyContext: NIOSSLContext
     public let policy: RoutePolicy
     public let upstream: UpstreamAddress
     public let requireCertificate: Bool
@@ -80,6 +83,20 @@ public final class InboundState: Sendable {
     /// The key exchange groups offered, hybrid post-quantum first.
     public static let groups: [NIOTLSCurve] = [.x25519_MLKEM768, .x25519, .secp256r1, .secp384r1]
 
+    /// Signature algorithms accepted in a client's CertificateVerify (and used in our own handshake signatures): every
+    /// key type Mutual issues (Ed25519 included, which BoringSSL leaves out by default), no SHA-1.
+    public static let signatureAlgorithms: [SignatureAlgorithm] = [
+        .ed25519, .ecdsaSecp256R1Sha256, .ecdsaSecp384R1Sha384, .ecdsaSecp521R1Sha512,
+        .rsaPssRsaeSha256, .rsaPssRsaeSha384, .rsaPssRsaeSha512, .rsaPkcs1Sha256, .rsaPkcs1Sha384, .rsaPkcs1Sha512,
+    ]
+
+    /// TLS 1.2 suites: ECDHE key exchange with AEAD only (no static RSA, no CBC, no SHA-1 MACs). TLS 1.3 suites are all
+    /// AEAD and not configurable in BoringSSL.
+    public static let tls12CipherSuites = [
+        "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    ].joined(separator: ":")
+
     public init(name: String, configuration: ProxyConfiguration.Listener, policy: RoutePolicy) throws {
         self.name = name
         self.configuration = configuration
@@ -101,6 +118,9 @@ public final class InboundState: Sendable {
         )
         tls.minimumTLSVersion = .tlsv12
         tls.curves = Self.groups
+        tls.cipherSuites = Self.tls12CipherSuites
+        tls.verifySignatureAlgorithms = Self.signatureAlgorithms
+        tls.signingSignatureAlgorithms = Self.signatureAlgorithms
         // The custom verification callback replaces BoringSSL's chain checks; the mode still decides whether a
         // certificate is requested and whether its absence fails the handshake.
         tls.certificateVerification = requireCertificate ? .noHostnameVerification : .optionalVerification
@@ -109,6 +129,9 @@ public final class InboundState: Sendable {
         tls.applicationProtocols = configuration.mode == .tcp ? [] : configuration.http2 == false ? ["http/1.1"] : ["h2", "http/1.1"]
         do {
             self.sslContext = try NIOSSLContext(configuration: tls)
+            var hybrid = tls
+            hybrid.curves = [.x25519_MLKEM768]
+            self.hybridOnlyContext = try NIOSSLContext(configuration: hybrid)
         } catch {
             throw ProxyError("\(name): cannot build the TLS context: \(error)")
         }
@@ -194,6 +217,8 @@ public struct VerificationFailure: Error, Sendable {
 /// The live state of a listener; swapped atomically by reloads.
 public final class InboundSlot: Sendable {
     private let state: Mutex<InboundState>
+    /// The listener's open connections; it outlives reloads of the state.
+    let limiter = ConnectionLimiter()
     public init(_ state: InboundState) { self.state = Mutex(state) }
     public var current: InboundState { state.withLock { $0 } }
     func replace(_ new: InboundState) { state.withLock { $0 = new } }
@@ -232,9 +257,17 @@ public final class ConnectionRegistry: Sendable {
 
     public init() {}
 
-    func register(_ channel: any Channel, identity: PeerIdentity) {
+    /// Registers an established connection; it is closed when its chain's earliest notAfter passes (`onExpiry`
+    /// runs first), so an open connection never outlives its certificate, in tcp mode as in http mode.
+    func register(_ channel: any Channel, identity: PeerIdentity, now: Date = Date(), onExpiry: (@Sendable () -> Void)? = nil) {
         entries.withLock { $0[ObjectIdentifier(channel)] = Entry(channel: channel, chain: identity.chain) }
+        let remaining = max(0, identity.validUntil.timeIntervalSince(now))
+        let expiry = channel.eventLoop.scheduleTask(in: .nanoseconds(Int64(min(remaining, 400 * 86_400) * 1e9))) {
+            onExpiry?()
+            channel.close(promise: nil)
+        }
         channel.closeFuture.whenComplete { [weak self] _ in
+            expiry.cancel()
             self?.entries.withLock { _ = $0.removeValue(forKey: ObjectIdentifier(channel)) }
         }
     }

@@ -41,7 +41,7 @@ enum InboundPipeline {
         let state = slot.current
         let connection = ConnectionIdentity()
         let revocation = runtime.revocation
-        let ssl = NIOSSLServerHandler(context: state.sslContext, configuration: .init(), customVerificationCallbackWithMetadata: { presented, promise in
+        let verify: NIOSSLCustomVerificationCallbackWithMetadata = { presented, promise in
             let certificates: [Certificate]
             do {
                 certificates = try state.parse(presentedDER: presented.map { try $0.toDERBytes() })
@@ -58,40 +58,143 @@ enum InboundPipeline {
                 case .failure: promise.succeed(.failed)
                 }
             })
-        })
+        }
         let sync = channel.pipeline.syncOperations
-        try sync.addHandler(ssl)
-        try sync.addHandler(HandshakeObserver(state: state, connection: connection, runtime: runtime))
+        // The TLS handler goes in once the ClientHello says which context enforces our group preference.
+        let groups = GroupPreferenceHandler(hybridOnly: state.hybridOnlyContext, full: state.sslContext) { sslContext, context in
+            let ssl = NIOSSLServerHandler(context: sslContext, configuration: .init(), customVerificationCallbackWithMetadata: verify)
+            try context.pipeline.syncOperations.addHandler(ssl, position: .after(context.handler))
+        }
+        try sync.addHandler(groups)
+        try sync.addHandler(HandshakeObserver(state: state, connection: connection, runtime: runtime, limiter: slot.limiter))
         switch state.configuration.mode ?? .http {
         case .http:
             guard state.configuration.http2 != false else {
-                try sync.configureHTTPServerPipeline(withErrorHandling: true)
-                try sync.addHandler(HTTPProxyHandler(state: state, connection: connection, runtime: runtime, pools: pools))
+                try configureHTTP1(channel.pipeline.syncOperations, state: state, connection: connection, runtime: runtime, pools: pools)
                 return
             }
             // ALPN decides after the handshake: h2 gets one proxy handler per stream (each stream is an HTTP/1-style
             // exchange over the same verified identity), http/1.1 (or no ALPN) the HTTP/1.1 pipeline.
             _ = channel.configureHTTP2SecureUpgrade(
                 h2ChannelConfigurator: { channel in
-                    channel.configureHTTP2Pipeline(mode: .server) { stream in
+                    channel.configureHTTP2Pipeline(mode: .server, initialLocalSettings: http2Settings) { stream in
                         stream.eventLoop.makeCompletedFuture {
-                            try stream.pipeline.syncOperations.addHandler(EndStreamCoalescer())
-                            try stream.pipeline.syncOperations.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
-                            try stream.pipeline.syncOperations.addHandler(HTTPProxyHandler(state: state, connection: connection, runtime: runtime, pools: pools))
+                            let sync = stream.pipeline.syncOperations
+                            try sync.addHandler(HTTP2RequestGuard { code, status in
+                                runtime.metrics.requestRefused(listener: state.name, code: code)
+                                runtime.accessLog.record(.init(
+                                    listener: state.name, client: connection.identity?.displayName, serial: connection.identity?.serial,
+                                    method: nil, path: nil, route: nil, decision: "bad_request", reason: "refused before forwarding",
+                                    status: status, bytesIn: 0, bytesOut: 0, latency: .zero, peer: nil, code: code
+                                ))
+                            })
+                            try sync.addHandler(EndStreamCoalescer())
+                            try sync.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
+                            try sync.addHandler(HTTPProxyHandler(state: state, connection: connection, runtime: runtime, pools: pools))
                         }
                     }.flatMapThrowing { _ in
-                        try channel.pipeline.syncOperations.addHandler(HTTP2ConnectionErrorLogger(listener: state.name, logger: runtime.logger))
+                        let sync = channel.pipeline.syncOperations
+                        try sync.addHandler(HTTP2ConnectionErrorLogger(listener: state.name, logger: runtime.logger))
+                        try sync.addHandler(HTTP2IdleGuard(idleTimeout: state.limits.idleTimeout) { context in
+                            runtime.metrics.connectionClosed(listener: state.name, reason: "idle_timeout")
+                            _ = context
+                        })
                     }
                 },
                 http1ChannelConfigurator: { channel in
                     channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
-                        try channel.pipeline.syncOperations.addHandler(HTTPProxyHandler(state: state, connection: connection, runtime: runtime, pools: pools))
+                        try configureHTTP1(channel.pipeline.syncOperations, state: state, connection: connection, runtime: runtime, pools: pools)
                     }
                 }
             )
         case .tcp:
             try sync.addHandler(TCPInboundHandler(state: state, connection: connection, runtime: runtime))
+        }
+    }
+
+    /// HTTP/2 settings: NIO's defaults, with a header list size well above `max-header-bytes` so that an oversized
+    /// request reaches the proxy and gets 431 instead of a connection error (1 MiB bounds the memory it may take).
+    static let http2Settings: [HTTP2Setting] = [
+        HTTP2Setting(parameter: .maxConcurrentStreams, value: 100),
+        HTTP2Setting(parameter: .maxHeaderListSize, value: 1 << 20),
+    ]
+
+    /// The HTTP/1.1 pipeline: connection timers, NIO's codec with the listener's header limits, parse errors answered
+    /// with their code, then the proxy handler.
+    static func configureHTTP1(
+        _ sync: ChannelPipeline.SynchronousOperations, state: InboundState, connection: ConnectionIdentity, runtime: ProxyRuntime,
+        pools: UpstreamPools
+    ) throws {
+        let limits = state.limits
+        try sync.addHandler(HTTP1ConnectionGuard(limits: limits) { reason, context in
+            runtime.metrics.connectionClosed(listener: state.name, reason: reason)
+            runtime.logger.debug("connection closed", metadata: [
+                "listener": "\(state.name)", "reason": "\(reason)", "peer": "\(context.channel.remoteAddress?.display ?? "?")",
+            ])
+        })
+        var decoderLimits = NIOHTTPDecoderLimitConfiguration()
+        decoderLimits.maxHeaderFieldCount = limits.maxHeaderCount
+        decoderLimits.maxHeaderListSize = limits.maxHeaderBytes
+        decoderLimits.maxHeaderFieldSize = limits.maxHeaderBytes
+        try sync.configureHTTPServerPipeline(
+            withErrorHandling: false, withOutboundHeaderValidation: true, withEncoderConfiguration: .init(),
+            withDecoderLimitConfiguration: decoderLimits
+        )
+        try sync.addHandler(HTTP1ErrorResponder { code, status in
+            runtime.metrics.requestRefused(listener: state.name, code: code)
+            runtime.accessLog.record(.init(
+                listener: state.name, client: connection.identity?.displayName, serial: connection.identity?.serial, method: nil,
+                path: nil, route: nil, decision: "bad_request", reason: "the request could not be parsed within the limits",
+                status: status, bytesIn: 0, bytesOut: 0, latency: .zero, peer: nil, code: code
+            ))
+        })
+        try sync.addHandler(HTTPProxyHandler(state: state, connection: connection, runtime: runtime, pools: pools))
+    }
+}
+
+/// Closes an HTTP/2 connection that has had no open stream for `idleTimeout` seconds (NIOHTTP2 reports streams
+/// opening and closing as user events on the connection channel).
+final class HTTP2IdleGuard: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = NIOAny
+    private let idleTimeout: TimeAmount
+    private let onTimeout: (ChannelHandlerContext) -> Void
+    private var open = 0
+    private var scheduled: Scheduled<Void>?
+
+    init(idleTimeout: Double, onTimeout: @escaping (ChannelHandlerContext) -> Void) {
+        self.idleTimeout = HTTP1TimerState.amount(idleTimeout)
+        self.onTimeout = onTimeout
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) { arm(context) }
+
+    func handlerRemoved(context: ChannelHandlerContext) { scheduled?.cancel() }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        scheduled?.cancel()
+        context.fireChannelInactive()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is NIOHTTP2StreamCreatedEvent {
+            open += 1
+            scheduled?.cancel()
+            scheduled = nil
+        } else if event is StreamClosedEvent {
+            open = max(0, open - 1)
+            if open == 0 { arm(context) }
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    private func arm(_ context: ChannelHandlerContext) {
+        scheduled?.cancel()
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        scheduled = context.eventLoop.scheduleTask(in: idleTimeout) {
+            let (handler, context) = loopBound.value
+            guard handler.open == 0 else { return }
+            handler.onTimeout(context)
+            context.close(promise: nil)
         }
     }
 }
@@ -184,6 +287,9 @@ final class HTTP2ConnectionErrorLogger: ChannelInboundHandler {
             "listener": "\(listener)", "peer": "\(context.channel.remoteAddress?.display ?? "?")", "error": "\(error)",
         ])
         context.fireErrorCaught(error)
+        // NIOHTTP2 has sent GOAWAY for a connection error (a bad preface, a flood): the connection is over, so it is
+        // closed here rather than left open for the client to end.
+        context.close(promise: nil)
     }
 }
 
@@ -195,23 +301,61 @@ final class HandshakeObserver: ChannelInboundHandler, RemovableChannelHandler {
     let state: InboundState
     let connection: ConnectionIdentity
     let runtime: ProxyRuntime
+    let limiter: ConnectionLimiter?
     private var completed = false
     private var counted = false
+    private var timeout: Scheduled<Void>?
 
-    init(state: InboundState, connection: ConnectionIdentity, runtime: ProxyRuntime) {
+    init(state: InboundState, connection: ConnectionIdentity, runtime: ProxyRuntime, limiter: ConnectionLimiter? = nil) {
         self.state = state
         self.connection = connection
         self.runtime = runtime
+        self.limiter = limiter
     }
 
     func channelActive(context: ChannelHandlerContext) {
         let gauge = runtime.metrics.openConnections(listener: state.name)
         gauge.increment()
-        context.channel.closeFuture.whenComplete { _ in gauge.decrement() }
+        let id = ObjectIdentifier(context.channel)
+        let limiter = self.limiter
+        context.channel.closeFuture.whenComplete { _ in
+            gauge.decrement()
+            limiter?.closed(id)
+        }
+        if let limiter {
+            let (admission, displaced) = limiter.admit(id, channel: context.channel, limit: state.limits.maxConnections)
+            switch admission {
+            case .admitted:
+                break
+            case .admittedDisplacing:
+                runtime.metrics.connectionClosed(listener: state.name, reason: "displaced")
+                displaced?.close(promise: nil)
+            case .refused:
+                runtime.metrics.connectionClosed(listener: state.name, reason: "max_connections")
+                if limiter.shouldWarn(now: Date()) {
+                    runtime.logger.warning("connection limit reached; refusing new connections", metadata: [
+                        "listener": "\(state.name)", "reason": "max_connections", "max_connections": "\(state.limits.maxConnections)",
+                    ])
+                }
+                counted = true
+                context.close(promise: nil)
+                return
+            }
+        }
+        // The handshake (with our verification) must finish in time; a silent socket is closed.
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        let seconds = state.limits.handshakeTimeout
+        timeout = context.eventLoop.scheduleTask(in: HTTP1TimerState.amount(seconds)) {
+            let (handler, context) = loopBound.value
+            guard !handler.completed else { return }
+            handler.connection.cancelVerification()
+            handler.fail(context: context, VerificationFailure(.handshakeTimeout, "no completed TLS handshake within \(seconds) s"), close: true)
+        }
         context.fireChannelActive()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        timeout?.cancel()
         connection.cancelVerification()
         if !completed && !counted {
             // The peer went away mid-handshake; count it once with what we know.
@@ -238,9 +382,17 @@ final class HandshakeObserver: ChannelInboundHandler, RemovableChannelHandler {
                 }
             }
             counted = true
+            timeout?.cancel()
+            limiter?.established(ObjectIdentifier(context.channel))
             runtime.metrics.handshake(listener: state.name, failure: nil)
             if let identity = connection.identity {
-                runtime.registry.register(context.channel, identity: identity)
+                let (runtime, name) = (runtime, state.name)
+                runtime.registry.register(context.channel, identity: identity, now: runtime.now()) {
+                    runtime.metrics.connectionClosed(listener: name, reason: "certificate_expired")
+                    runtime.logger.notice("connection closed: client certificate expired", metadata: [
+                        "listener": "\(name)", "reason": "certificate_expired", "serial": "\(identity.serial)",
+                    ])
+                }
             }
             // Done: later reads no longer pass through this handler.
             context.fireUserInboundEventTriggered(event)

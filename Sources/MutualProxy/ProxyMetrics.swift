@@ -88,6 +88,18 @@ public final class ProxyMetrics: Sendable {
         }
     }
 
+    /// Connections the proxy closed or turned away on its own: `max_connections` (refused at accept),
+    /// `displaced` (a pre-handshake connection closed for a new one at the limit), `handshake_timeout`,
+    /// `request_head_timeout`, `idle_timeout`, `certificate_expired`.
+    func connectionClosed(listener: String, reason: String) {
+        counter("mutual_proxy_connections_closed_total", [("listener", listener), ("reason", reason)]).increment()
+    }
+
+    /// Requests the proxy answered itself, by code (`dot_segment`, `too_many_headers`, `duplicate_host`, …).
+    func requestRefused(listener: String, code: String) {
+        counter("mutual_proxy_requests_refused_total", [("listener", listener), ("code", code)]).increment()
+    }
+
     func openConnections(listener: String) -> Gauge { gauge("mutual_proxy_open_connections", [("listener", listener)]) }
 
     func reload(success: Bool, listener: String) {

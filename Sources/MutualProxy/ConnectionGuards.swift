@@ -1,0 +1,259 @@
+import Foundation
+import NIOCore
+import NIOHPACK
+import NIOHTTP1
+import NIOHTTP2
+
+/// Time limits of one HTTP/1.1 connection, as a value: events in, the deadline to arm out. Tested without a channel.
+///
+/// - `idle`: no request in flight; the connection may wait `idleTimeout` for the next request's first byte.
+/// - `receivingHead`: bytes of a request head have arrived; the whole head must be in within `requestHeadTimeout`.
+/// - `busy`: a request is being handled (body streaming, upstream answering); no limit here.
+struct HTTP1TimerState: Equatable {
+    enum Phase: Equatable { case idle, receivingHead, busy }
+    enum Deadline: Equatable {
+        case none
+        case idle(TimeAmount)
+        case head(TimeAmount)
+    }
+
+    private(set) var phase: Phase = .idle
+    let limits: ProxyLimits
+
+    init(limits: ProxyLimits) { self.limits = limits }
+
+    /// The deadline when the connection is ready for its first request.
+    var initial: Deadline { .idle(Self.amount(limits.idleTimeout)) }
+
+    /// Bytes arrived from the client; returns a new deadline when the phase changes, nil when it stays.
+    mutating func bytesArrived() -> Deadline? {
+        guard phase == .idle else { return nil }
+        phase = .receivingHead
+        return .head(Self.amount(limits.requestHeadTimeout))
+    }
+
+    mutating func headComplete() -> Deadline? {
+        guard phase != .busy else { return nil }
+        phase = .busy
+        return Deadline.none
+    }
+
+    mutating func exchangeFinished() -> Deadline? {
+        guard phase == .busy else { return nil }
+        phase = .idle
+        return .idle(Self.amount(limits.idleTimeout))
+    }
+
+    static func amount(_ seconds: Double) -> TimeAmount { .nanoseconds(Int64(seconds * 1e9)) }
+}
+
+/// Enforces ``HTTP1TimerState`` on a channel (it sits between TLS and the HTTP decoder, seeing raw bytes), and answers
+/// parse errors itself: a head over the header limits gets 431, any other malformed request 400, each with a short
+/// JSON body and its code, then the connection closes.
+final class HTTP1ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private var timer: HTTP1TimerState
+    private var scheduled: Scheduled<Void>?
+    private let onTimeout: (String, ChannelHandlerContext) -> Void
+
+    /// `onTimeout` gets the reason (`idle_timeout`, `request_head_timeout`) before the connection is closed.
+    init(limits: ProxyLimits, onTimeout: @escaping (String, ChannelHandlerContext) -> Void) {
+        self.timer = HTTP1TimerState(limits: limits)
+        self.onTimeout = onTimeout
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { arm(timer.initial, context: context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        arm(timer.initial, context: context)
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        scheduled?.cancel()
+        scheduled = nil
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if let deadline = timer.bytesArrived() { arm(deadline, context: context) }
+        context.fireChannelRead(data)
+    }
+
+    /// Called by the proxy handler on the same event loop.
+    func headComplete(context: ChannelHandlerContext) {
+        if let deadline = timer.headComplete() { arm(deadline, context: context) }
+    }
+
+    func exchangeFinished(context: ChannelHandlerContext) {
+        if let deadline = timer.exchangeFinished() { arm(deadline, context: context) }
+    }
+
+    private func arm(_ deadline: HTTP1TimerState.Deadline, context: ChannelHandlerContext) {
+        scheduled?.cancel()
+        scheduled = nil
+        let (amount, reason): (TimeAmount, String)
+        switch deadline {
+        case .none: return
+        case .idle(let value): (amount, reason) = (value, "idle_timeout")
+        case .head(let value): (amount, reason) = (value, "request_head_timeout")
+        }
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        scheduled = context.eventLoop.scheduleTask(in: amount) {
+            let (handler, context) = loopBound.value
+            handler.scheduled = nil
+            handler.onTimeout(reason, context)
+            context.close(promise: nil)
+        }
+    }
+}
+
+/// Answers HTTP/1.1 parse errors (NIO's decoder throws them) with a status and a code instead of NIO's bare 400:
+/// header limits → 431 `headers_too_large`, anything else → 400 `malformed_request`. Sits after the pipelining
+/// handler, where NIO's own error handler would be; closes the connection after the answer.
+final class HTTP1ErrorResponder: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private var responseInFlight = false
+    private var answered = false
+    let onRefusal: (String, Int) -> Void
+
+    init(onRefusal: @escaping (String, Int) -> Void) { self.onRefusal = onRefusal }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        guard let parse = error as? HTTPParserError else {
+            context.fireErrorCaught(error)
+            return
+        }
+        guard !answered else { return }
+        answered = true
+        // Mid-response there is no way to answer; the connection just ends.
+        guard !responseInFlight else {
+            context.close(promise: nil)
+            return
+        }
+        let (status, code, reason): (HTTPResponseStatus, String, String) = parse == .headerOverflow
+            ? (.requestHeaderFieldsTooLarge, "headers_too_large", "the request's header fields exceed the listener's limits")
+            : (.badRequest, "malformed_request", "the request is not valid HTTP/1.1 (\(parse))")
+        onRefusal(code, Int(status.code))
+        let body = "{\"error\":\"\(code)\",\"reason\":\(AccessLog.quote(reason))}\n"
+        var head = HTTPResponseHead(version: .http1_1, status: status)
+        head.headers.add(name: "content-type", value: "application/json")
+        head.headers.add(name: "content-length", value: String(body.utf8.count))
+        head.headers.add(name: "connection", value: "close")
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        switch unwrapOutboundIn(data) {
+        case .head: responseInFlight = true
+        case .end: responseInFlight = false
+        case .body: break
+        }
+        context.write(data, promise: promise)
+    }
+}
+
+/// The first look at an HTTP/2 request stream, before NIO's HTTP/2-to-HTTP/1 codec: what the codec would mishandle
+/// gets an explicit answer here.
+///
+/// - `CONNECT` (which has no `:path`; the codec fails the stream without a response) → 405 `connect_not_supported`;
+/// - a `host` field beside `:authority` (the codec would let `host` win) → removed when it names the same
+///   authority, 400 `conflicting_host` when it does not; several `host` fields → 400 `duplicate_host`;
+/// - no `:authority` but one `host` → the host becomes `:authority`;
+/// - a missing `:method`, `:scheme`, `:path` or authority → 400 `malformed_request`.
+final class HTTP2RequestGuard: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTP2Frame.FramePayload
+    typealias InboundOut = HTTP2Frame.FramePayload
+    typealias OutboundIn = HTTP2Frame.FramePayload
+    typealias OutboundOut = HTTP2Frame.FramePayload
+
+    private var refused = false
+    private var sawHeaders = false
+    let onRefusal: (String, Int) -> Void
+
+    init(onRefusal: @escaping (String, Int) -> Void) { self.onRefusal = onRefusal }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if refused { return }
+        guard !sawHeaders, case .headers(var frame) = unwrapInboundIn(data) else {
+            context.fireChannelRead(data)
+            return
+        }
+        sawHeaders = true
+        switch Self.examine(frame.headers) {
+        case .forward(let headers):
+            frame.headers = headers
+            context.fireChannelRead(wrapInboundOut(.headers(frame)))
+        case .refuse(let status, let code, let reason):
+            refused = true
+            onRefusal(code, status)
+            let body = "{\"error\":\"\(code)\",\"reason\":\(AccessLog.quote(reason))}\n"
+            let headers = HPACKHeaders([
+                (":status", String(status)), ("content-type", "application/json"), ("content-length", String(body.utf8.count)),
+            ])
+            context.write(wrapOutboundOut(.headers(.init(headers: headers))), promise: nil)
+            context.writeAndFlush(wrapOutboundOut(.data(.init(data: .byteBuffer(ByteBuffer(string: body)), endStream: true))), promise: nil)
+        }
+    }
+
+    enum Verdict: Equatable {
+        case forward(HPACKHeaders)
+        case refuse(status: Int, code: String, reason: String)
+    }
+
+    /// The decision on a request's header block; pure, for tests.
+    static func examine(_ headers: HPACKHeaders) -> Verdict {
+        let methods = headers[":method"]
+        guard methods.count == 1 else {
+            return .refuse(status: 400, code: "malformed_request", reason: "an HTTP/2 request needs exactly one :method")
+        }
+        if methods[0] == "CONNECT" {
+            return .refuse(status: 405, code: "connect_not_supported", reason: "CONNECT is not proxied")
+        }
+        let hosts = headers["host"]
+        let authorities = headers[":authority"]
+        if hosts.count > 1 || authorities.count > 1 {
+            return .refuse(status: 400, code: "duplicate_host", reason: "the request carries more than one host or :authority")
+        }
+        var result = headers
+        if let host = hosts.first {
+            if let authority = authorities.first {
+                guard authority.lowercased() == host.lowercased() else {
+                    return .refuse(status: 400, code: "conflicting_host", reason: "the host field (\(host.prefix(100))) differs from :authority (\(authority.prefix(100))) (RFC 9113 8.3.1)")
+                }
+                result.remove(name: "host")
+            } else {
+                // RFC 9113 8.3.1: a request without :authority may carry Host; the codec wants :authority.
+                var rebuilt = HPACKHeaders()
+                var placed = false
+                for (name, value, indexing) in headers where name != "host" {
+                    if !placed && !name.hasPrefix(":") {
+                        rebuilt.add(name: ":authority", value: host)
+                        placed = true
+                    }
+                    rebuilt.add(name: name, value: value, indexing: indexing)
+                }
+                if !placed { rebuilt.add(name: ":authority", value: host) }
+                result = rebuilt
+            }
+        } else if authorities.isEmpty {
+            return .refuse(status: 400, code: "malformed_request", reason: "an HTTP/2 request needs :authority or host")
+        }
+        guard result[":scheme"].count == 1, result[":path"].count == 1 else {
+            return .refuse(status: 400, code: "malformed_request", reason: "an HTTP/2 request needs exactly one :scheme and :path")
+        }
+        return .forward(result)
+    }
+}

@@ -87,6 +87,27 @@ struct ProxyCommand: AsyncParsableCommand {
     @Option(help: "Event-loop threads (default: one per CPU core).")
     var threads: Int?
 
+    @Option(help: "Inbound: seconds for a TLS handshake, verification included (default 10).")
+    var handshakeTimeout: Double?
+
+    @Option(help: "Inbound http: seconds from the first byte of an HTTP/1.1 request head to its end (default 10).")
+    var requestHeadTimeout: Double?
+
+    @Option(help: "Inbound http: seconds a connection may wait with no request in flight (default 60).")
+    var idleTimeout: Double?
+
+    @Option(help: "Inbound: open connections per listener (default 10000); at the limit pre-handshake sockets are displaced.")
+    var maxConnections: Int?
+
+    @Option(help: "Inbound http: header fields per request; more get 431 (default 100).")
+    var maxHeaderCount: Int?
+
+    @Option(help: "Inbound http: bytes of header names and values per request; more get 431 (default 32768).")
+    var maxHeaderBytes: Int?
+
+    @Option(name: .customLong("strip-header"), help: "Inbound http: client header to remove before forwarding (repeatable; NAME or PREFIX*); replaces the default list. The proxy's own headers are always removed.")
+    var stripHeaders: [String] = []
+
     @Option(help: "Log level: trace|debug|info|notice|warning|error|critical.")
     var logLevel: String = "info"
 
@@ -123,11 +144,19 @@ struct ProxyCommand: AsyncParsableCommand {
                 certMode = parsed
             }
             let routes = openPaths.isEmpty ? nil : openPaths.map { ProxyConfiguration.Route(path: $0, open: true) }
-            configuration.listeners = [.init(
+            var listener = ProxyConfiguration.Listener(
                 name: "inbound", listen: listen, mode: parsedMode, upstream: upstream, cert: try require(cert, "--cert"),
                 key: try require(key, "--key"), clientCA: try require(clientCA, "--client-ca"), clientCertificate: certMode,
                 maxDepth: maxDepth, allow: allow.isEmpty ? nil : allow, routes: routes, proxyProtocol: proxyProtocol ? true : nil
-            )]
+            )
+            listener.handshakeTimeout = handshakeTimeout
+            listener.requestHeadTimeout = requestHeadTimeout
+            listener.idleTimeout = idleTimeout
+            listener.maxConnections = maxConnections
+            listener.maxHeaderCount = maxHeaderCount
+            listener.maxHeaderBytes = maxHeaderBytes
+            listener.stripHeaders = stripHeaders.isEmpty ? nil : stripHeaders
+            configuration.listeners = [listener]
         }
         if !crl.isEmpty || authority != nil {
             var stale: ProxyConfiguration.StalePolicy?
@@ -149,6 +178,8 @@ struct ProxyCommand: AsyncParsableCommand {
         let configuration: ProxyConfiguration
         if let config {
             let flagsGiven = listen != nil || upstream != nil || cert != nil || key != nil || clientCA != nil || !allow.isEmpty || outbound
+                || handshakeTimeout != nil || requestHeadTimeout != nil || idleTimeout != nil || maxConnections != nil
+                || maxHeaderCount != nil || maxHeaderBytes != nil || !stripHeaders.isEmpty
             if flagsGiven {
                 throw CommandFailure("--config cannot be combined with listener flags; put them in \(config)", exitCode: 2)
             }
@@ -160,7 +191,8 @@ struct ProxyCommand: AsyncParsableCommand {
                 return flags
             }
         }
-        var logger = Logger(label: "mutual.proxy")
+        // Control characters in anything a client sent (paths, header values in error descriptions) are escaped.
+        var logger = Logger(label: "mutual.proxy", factory: { EscapingLogHandler(wrapping: StreamLogHandler.standardError(label: $0)) })
         logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
         // Sidecar: enroll (or pick up the delivered files) before the listeners load them.
         var agentConfiguration: Agent.Configuration?

@@ -249,4 +249,32 @@ struct GatewayHardeningTests {
         }
         #expect(EscapingLogHandler.escape("plain") == "plain")
     }
+
+    @Test("limits and strip-headers in YAML: parsed, defaulted, and bad values refused with the key named")
+    func limitsConfiguration() throws {
+        let listener = "listeners:\n  - listen: 127.0.0.1:1\n    cert: /c\n    key: /k\n    client-ca: /ca\n    upstream: http://x:2\n    allow: [spiffe://a.b/c]\n"
+        let parsed = try ProxyConfiguration.parse(yaml: listener + "    handshake-timeout: 3\n    idle-timeout: 15.5\n    max-connections: 50\n    max-header-count: 20\n    max-header-bytes: 4096\n    request-head-timeout: 2\n    strip-headers: [x-internal-*, X_Legacy_User]\n")
+        let limits = parsed.listeners[0].limits
+        #expect(limits.handshakeTimeout == 3 && limits.idleTimeout == 15.5 && limits.maxConnections == 50)
+        #expect(limits.maxHeaderCount == 20 && limits.maxHeaderBytes == 4096 && limits.requestHeadTimeout == 2)
+        #expect(parsed.listeners[0].stripHeaders == ["x-internal-*", "X_Legacy_User"])
+        #expect(try ProxyConfiguration.parse(yaml: listener).listeners[0].limits == ProxyLimits())
+        func reason(_ extra: String) -> String {
+            do {
+                _ = try ProxyConfiguration.parse(yaml: listener + extra)
+                return "accepted"
+            } catch {
+                return "\(error)"
+            }
+        }
+        #expect(reason("    handshake-timeout: 0\n").contains("handshake-timeout"))
+        #expect(reason("    idle-timeout: -1\n").contains("idle-timeout"))
+        #expect(reason("    request-head-timeout: 1e9\n").contains("request-head-timeout"))
+        #expect(reason("    max-connections: 0\n").contains("max-connections"))
+        #expect(reason("    max-header-count: 100000\n").contains("max-header-count"))
+        #expect(reason("    max-header-bytes: abc\n").contains("max-header-bytes"))
+        #expect(reason("    strip-headers: ['a b']\n").contains("strip-headers"))
+        #expect(reason("    strip-headers: ['*']\n").contains("strip-headers"))
+        #expect(ProxyLimits.table.count == 6)
+    }
 }

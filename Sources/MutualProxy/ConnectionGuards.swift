@@ -82,8 +82,35 @@ final class HTTP1ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler 
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if let drainUntil {
+            // The answer is out; what the client still sends is read and dropped so that closing does not reset the
+            // connection (a reset can destroy the answer before the client reads it).
+            armDrain(context: context, hardDeadline: drainUntil)
+            return
+        }
         if let deadline = timer.bytesArrived() { arm(deadline, context: context) }
         context.fireChannelRead(data)
+    }
+
+    /// When draining: the time the connection is closed at the latest.
+    private var drainUntil: NIODeadline?
+    static let drainQuiet = TimeAmount.milliseconds(300)
+    static let drainLimit = TimeAmount.seconds(3)
+
+    /// Closes the connection after its final answer, like nginx's lingering close: input is read and dropped until
+    /// the client has been quiet for 300 ms (at most 3 s), then the connection closes.
+    func closeAfterDraining(context: ChannelHandlerContext) {
+        guard drainUntil == nil else { return }
+        let until = NIODeadline.now() + Self.drainLimit
+        drainUntil = until
+        armDrain(context: context, hardDeadline: until)
+    }
+
+    private func armDrain(context: ChannelHandlerContext, hardDeadline: NIODeadline) {
+        scheduled?.cancel()
+        let at = min(NIODeadline.now() + Self.drainQuiet, hardDeadline)
+        let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        scheduled = context.eventLoop.scheduleTask(deadline: at) { loopBound.value.close(promise: nil) }
     }
 
     /// Called by the proxy handler on the same event loop.
@@ -95,7 +122,18 @@ final class HTTP1ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler 
         if let deadline = timer.exchangeFinished() { arm(deadline, context: context) }
     }
 
+    /// Closes a connection after a final answer: through the guard's drain when the pipeline has one, else at once.
+    static func closeAfterAnswer(_ context: ChannelHandlerContext) {
+        if let guardContext = try? context.pipeline.syncOperations.context(handlerType: HTTP1ConnectionGuard.self),
+           let handler = guardContext.handler as? HTTP1ConnectionGuard {
+            handler.closeAfterDraining(context: guardContext)
+        } else {
+            context.close(promise: nil)
+        }
+    }
+
     private func arm(_ deadline: HTTP1TimerState.Deadline, context: ChannelHandlerContext) {
+        guard drainUntil == nil else { return }
         scheduled?.cancel()
         scheduled = nil
         let (amount, reason): (TimeAmount, String)
@@ -152,7 +190,9 @@ final class HTTP1ErrorResponder: ChannelDuplexHandler, RemovableChannelHandler {
         head.headers.add(name: "connection", value: "close")
         context.write(wrapOutboundOut(.head(head)), promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
-        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+            HTTP1ConnectionGuard.closeAfterAnswer(context)
+        }
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {

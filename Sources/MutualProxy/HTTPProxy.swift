@@ -560,9 +560,10 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         let keepAlive = exchange.keepAlive && !exchange.closeAfter
         let closeParent = exchange.closeAfter && isHTTP2
         context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
-            if !keepAlive { context.close(promise: nil) }
             // An HTTP/2 stream's refusal that ends the connection (an expired certificate) closes its parent.
             if closeParent { context.channel.parent?.close(promise: nil) }
+            guard !keepAlive else { return }
+            if isHTTP2 { context.close(promise: nil) } else { HTTP1ConnectionGuard.closeAfterAnswer(context) }
         }
     }
 

@@ -77,27 +77,29 @@ enum InboundPipeline {
             // exchange over the same verified identity), http/1.1 (or no ALPN) the HTTP/1.1 pipeline.
             _ = channel.configureHTTP2SecureUpgrade(
                 h2ChannelConfigurator: { channel in
-                    channel.configureHTTP2Pipeline(mode: .server, initialLocalSettings: http2Settings) { stream in
-                        stream.eventLoop.makeCompletedFuture {
-                            let sync = stream.pipeline.syncOperations
-                            try sync.addHandler(HTTP2RequestGuard { code, status in
-                                runtime.metrics.requestRefused(listener: state.name, code: code)
-                                runtime.accessLog.record(.init(
-                                    listener: state.name, client: connection.identity?.displayName, serial: connection.identity?.serial,
-                                    method: nil, path: nil, route: nil, decision: "bad_request", reason: "refused before forwarding",
-                                    status: status, bytesIn: 0, bytesOut: 0, latency: .zero, peer: nil, code: code
-                                ))
-                            })
-                            try sync.addHandler(EndStreamCoalescer())
-                            try sync.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
-                            try sync.addHandler(HTTPProxyHandler(state: state, connection: connection, runtime: runtime, pools: pools))
-                        }
-                    }.flatMapThrowing { _ in
+                    channel.eventLoop.makeCompletedFuture {
                         let sync = channel.pipeline.syncOperations
+                        _ = try sync.configureHTTP2Pipeline(
+                            mode: .server, connectionConfiguration: http2Connection, streamConfiguration: .init()
+                        ) { stream in
+                            stream.eventLoop.makeCompletedFuture {
+                                let sync = stream.pipeline.syncOperations
+                                try sync.addHandler(HTTP2RequestGuard { code, status in
+                                    runtime.metrics.requestRefused(listener: state.name, code: code)
+                                    runtime.accessLog.record(.init(
+                                        listener: state.name, client: connection.identity?.displayName, serial: connection.identity?.serial,
+                                        method: nil, path: nil, route: nil, decision: "bad_request", reason: "refused before forwarding",
+                                        status: status, bytesIn: 0, bytesOut: 0, latency: .zero, peer: nil, code: code
+                                    ))
+                                })
+                                try sync.addHandler(EndStreamCoalescer())
+                                try sync.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
+                                try sync.addHandler(HTTPProxyHandler(state: state, connection: connection, runtime: runtime, pools: pools))
+                            }
+                        }
                         try sync.addHandler(HTTP2ConnectionErrorLogger(listener: state.name, logger: runtime.logger))
-                        try sync.addHandler(HTTP2IdleGuard(idleTimeout: state.limits.idleTimeout) { context in
+                        try sync.addHandler(HTTP2IdleGuard(idleTimeout: state.limits.idleTimeout) { _ in
                             runtime.metrics.connectionClosed(listener: state.name, reason: "idle_timeout")
-                            _ = context
                         })
                     }
                 },
@@ -112,12 +114,20 @@ enum InboundPipeline {
         }
     }
 
-    /// HTTP/2 settings: NIO's defaults, with a header list size well above `max-header-bytes` so that an oversized
-    /// request reaches the proxy and gets 431 instead of a connection error (1 MiB bounds the memory it may take).
-    static let http2Settings: [HTTP2Setting] = [
-        HTTP2Setting(parameter: .maxConcurrentStreams, value: 100),
-        HTTP2Setting(parameter: .maxHeaderListSize, value: 1 << 20),
-    ]
+    /// HTTP/2 connection settings: NIO's defaults, with a header list size well above `max-header-bytes` and enough
+    /// CONTINUATION frames to carry it, so that an oversized request reaches the proxy and gets 431 on its stream
+    /// instead of a connection error (1 MiB bounds the memory one header block may take). NIOHTTP2 applies the larger
+    /// size once the client acknowledges our SETTINGS; a first request sent before that is held to NIOHTTP2's 16 KiB
+    /// and a larger block ends the connection with GOAWAY.
+    static let http2Connection: NIOHTTP2Handler.ConnectionConfiguration = {
+        var configuration = NIOHTTP2Handler.ConnectionConfiguration()
+        configuration.initialSettings = [
+            HTTP2Setting(parameter: .maxConcurrentStreams, value: 100),
+            HTTP2Setting(parameter: .maxHeaderListSize, value: 1 << 20),
+        ]
+        configuration.maximumSequentialContinuationFrames = 80
+        return configuration
+    }()
 
     /// The HTTP/1.1 pipeline: connection timers, NIO's codec with the listener's header limits, parse errors answered
     /// with their code, then the proxy handler.

@@ -10,14 +10,24 @@ public struct ProxyLimits: Sendable, Equatable {
     /// Seconds an HTTP connection may sit with no request in flight (HTTP/1.1 keep-alive, HTTP/2 with no stream).
     public var idleTimeout: Double = 60
     /// Open connections per listener. At the limit a new connection first displaces the oldest one that has not
-    /// finished its handshake; if there is none, the new connection is closed.
-    public var maxConnections: Int = 10_000
+    /// finished its handshake; if there is none, the new connection is closed. The default fits the process's file
+    /// descriptor limit (each proxied connection may hold two): (soft RLIMIT_NOFILE − 64) / 2, at most 10,000.
+    public var maxConnections: Int = ProxyLimits.descriptorBoundedConnections()
     /// Header fields in one request (HTTP/1.1 and HTTP/2); more get 431.
     public var maxHeaderCount: Int = 100
     /// Bytes of header names and values in one request; more get 431.
     public var maxHeaderBytes: Int = 32 * 1024
 
     public init() {}
+
+    /// (soft RLIMIT_NOFILE − 64) / 2, between 16 and 10,000: so the limit is reached before accept() fails for lack of
+    /// descriptors, and displacing silent sockets can still make room for good clients.
+    public static func descriptorBoundedConnections() -> Int {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return 10_000 }
+        let soft = UInt64(limit.rlim_cur)
+        return Int(min(10_000, max(16, (Int64(clamping: min(soft, 1 << 40)) - 64) / 2)))
+    }
 
     /// The table of names, flags, YAML keys and defaults, as printed in the documentation.
     public static let table: [(name: String, flag: String, key: String, value: String)] = {
@@ -26,7 +36,7 @@ public struct ProxyLimits: Sendable, Equatable {
             ("handshake timeout", "--handshake-timeout", "handshake-timeout", "\(d.handshakeTimeout) s"),
             ("request head timeout", "--request-head-timeout", "request-head-timeout", "\(d.requestHeadTimeout) s"),
             ("idle timeout", "--idle-timeout", "idle-timeout", "\(d.idleTimeout) s"),
-            ("maximum connections", "--max-connections", "max-connections", "\(d.maxConnections)"),
+            ("maximum connections", "--max-connections", "max-connections", "(RLIMIT_NOFILE − 64) / 2, at most 10000"),
             ("maximum header count", "--max-header-count", "max-header-count", "\(d.maxHeaderCount)"),
             ("maximum header bytes", "--max-header-bytes", "max-header-bytes", "\(d.maxHeaderBytes)"),
         ]

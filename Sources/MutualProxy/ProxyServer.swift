@@ -82,6 +82,7 @@ public final class ProxyServer: Sendable {
             runtime.logger.info("listening", metadata: [
                 "listener": "\(state.name)", "address": "\(channel.localAddress?.display ?? "?")",
                 "mode": "\((state.configuration.mode ?? .http).rawValue)", "upstream": "\(state.configuration.upstream)",
+                "max_connections": "\(state.limits.maxConnections)", "handshake_timeout": "\(state.limits.handshakeTimeout)",
             ])
         }
         for slot in outbound {

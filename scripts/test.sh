@@ -27,10 +27,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
   [ "$created_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
 fi
-if [ ! -x "$VENV/bin/lint_pkix_cert" ] || [ ! -x "$VENV/bin/openapi-spec-validator" ]; then
-  log "installing pkilint and openapi-spec-validator into $VENV (pip)"
+if [ ! -x "$VENV/bin/lint_pkix_cert" ] || [ ! -x "$VENV/bin/openapi-spec-validator" ] || ! "$VENV/bin/python3" -c 'import h2' 2>/dev/null; then
+  log "installing pkilint, openapi-spec-validator and h2 into $VENV (pip)"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check pkilint cryptography openapi-spec-validator
+  "$VENV/bin/pip" install -q --disable-pip-version-check pkilint cryptography openapi-spec-validator h2
 fi
 
 # ---- a throwaway PostgreSQL cluster (127.0.0.1, free port, unprivileged user), removed on exit
@@ -59,6 +59,8 @@ log "interop: revocation (openssl ocsp/crl, pkilint, python cryptography, nginx 
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-revocation.sh" || status=1
 log "interop: mutual proxy (curl, openssl s_client, nginx, PROXY v2, revocation, rotation under load)"
 MUTUAL="$ROOT/.build/debug/mutual" bash "$ROOT/scripts/interop-proxy.sh" || status=1
+log "interop: gateway attacks (path spellings, hostile SANs, header forgery, limits, siege at ulimit -n 256, TLS settings)"
+MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-gateway.sh" || status=1
 log "agent: enrollment, renewal, crash safety, revocation, and a sidecar proxy rotating under load for ${AGENT_SECONDS:-180}s"
 MUTUAL="$ROOT/.build/debug/mutual" AGENT_SECONDS="${AGENT_SECONDS:-180}" bash "$ROOT/scripts/interop-agent.sh" || status=1
 log "replicas: two authorities on one PostgreSQL under load, with revocations, a SIGKILL and a database restart"

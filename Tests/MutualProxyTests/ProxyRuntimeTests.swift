@@ -222,37 +222,6 @@ struct ProxyRevocationTests {
 
 @Suite("Proxy over real sockets", .serialized)
 struct ProxySocketTests {
-    struct Fixture {
-        let directory: String
-        let server: ProxyServer
-        let port: Int
-        let root: Certificate
-        let client: (chain: [Certificate], key: Certificate.PrivateKey)
-    }
-
-    static func start() async throws -> Fixture {
-        let ca = try TestPKI.issuingCA(now: Date())
-        let directory = TestPKI.temporaryDirectory("proxy")
-        let serverKey = try KeyType.p256.generate()
-        let serverCert = try ca.issue(.init(profile: .server, publicKey: serverKey.publicKey, dnsNames: ["localhost"], ipAddresses: ["127.0.0.1"]), now: Date())
-        let clientKey = try KeyType.p256.generate()
-        let clientCert = try ca.issue(.init(profile: .workload, publicKey: clientKey.publicKey, uris: ["spiffe://example.org/ns/web/sa/api"]), now: Date())
-        try PEMBundle.pem([serverCert, ca.certificate]).write(toFile: directory + "/server.pem", atomically: true, encoding: .utf8)
-        try KeyFile.pem(for: serverKey, passphrase: nil).write(toFile: directory + "/server.key", atomically: true, encoding: .utf8)
-        try PEMBundle.pem([ca.root]).write(toFile: directory + "/roots.pem", atomically: true, encoding: .utf8)
-        // The upstream is a closed port: an allowed request gets 502 from the proxy, a denied one 403 — either way the
-        // status proves the handshake and the identity check happened.
-        let configuration = ProxyConfiguration(
-            listeners: [.init(name: "inbound", listen: "127.0.0.1:0", upstream: "http://127.0.0.1:1", cert: directory + "/server.pem",
-                              key: directory + "/server.key", clientCA: directory + "/roots.pem", allow: ["spiffe://example.org/ns/web/*"])],
-            accessLog: "off", drainTimeout: 0
-        )
-        let server = try ProxyServer(configuration: configuration, logger: .init(label: "test"))
-        try await server.start()
-        let port = try #require(server.boundAddresses["inbound"]?.port)
-        return Fixture(directory: directory, server: server, port: port, root: ca.root, client: ([clientCert, ca.certificate], clientKey))
-    }
-
     final class StatusCatcher: ChannelInboundHandler, Sendable {
         typealias InboundIn = HTTPClientResponsePart
         let promise: EventLoopPromise<Int>
@@ -294,14 +263,13 @@ struct ProxySocketTests {
 
     @Test("a client offering only X25519MLKEM768 completes the handshake and is authorized; classical groups still work")
     func hybridKeyExchange() async throws {
-        let fixture = try await Self.start()
-        defer { try? FileManager.default.removeItem(atPath: fixture.directory) }
-        let hybrid = try await Self.request(port: fixture.port, root: fixture.root, client: fixture.client, groups: [.x25519_MLKEM768])
-        #expect(hybrid == 502, "handshake, client verification and policy passed; the upstream is closed")
-        let classical = try await Self.request(port: fixture.port, root: fixture.root, client: fixture.client, groups: [.secp256r1])
-        #expect(classical == 502)
+        let fixture = try await GatewaySocketTests.start()
+        let hybrid = try await Self.request(port: fixture.port, root: fixture.ca.root, client: fixture.good, groups: [.x25519_MLKEM768])
+        #expect(hybrid == 200, "handshake, client verification and policy passed")
+        let classical = try await Self.request(port: fixture.port, root: fixture.ca.root, client: fixture.good, groups: [.secp256r1])
+        #expect(classical == 200)
         #expect(InboundState.groups.first == .x25519_MLKEM768, "the hybrid group is offered first")
-        await fixture.server.shutdown()
+        await fixture.stop()
     }
 }
 

@@ -457,6 +457,9 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
             guard route.path.hasPrefix("/") else {
                 throw PKIError(.malformedInput, "\(label).routes[\(index)].path must start with '/'")
             }
+            if case .failure(let refusal) = RequestTarget.parse(route.path), route.path != "/" {
+                throw PKIError(.malformedInput, "\(label).routes[\(index)].path '\(route.path.prefix(100))' can never match a request: \(refusal.reason)")
+            }
             let open = route.open ?? false
             let allow = try (route.allow ?? []).map(Principal.init(parsing:))
             if !open && allow.isEmpty {

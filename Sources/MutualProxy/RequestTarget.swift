@@ -120,9 +120,12 @@ struct RequestTarget: Equatable, Sendable {
         ))
     }
 
-    /// The routing form of a configured route prefix (lower-case, as request paths are compared).
+    /// The routing form of a configured route prefix, as request paths are compared: normalized like a request
+    /// (so `/%61dmin` in a configuration means `/admin`) and lower-cased. A prefix that does not parse is only
+    /// lower-cased (configuration validation reports it).
     static func routingForm(ofPrefix prefix: String) -> String {
-        String(decoding: prefix.utf8.map { $0 >= UInt8(ascii: "A") && $0 <= UInt8(ascii: "Z") ? $0 | 0x20 : $0 }, as: UTF8.self)
+        if case .success(let target) = parse(prefix) { return target.routingKey }
+        return String(decoding: prefix.utf8.map { $0 >= UInt8(ascii: "A") && $0 <= UInt8(ascii: "Z") ? $0 | 0x20 : $0 }, as: UTF8.self)
     }
 
     private static let upperHex: [UInt8] = Array("0123456789ABCDEF".utf8)

@@ -276,5 +276,9 @@ struct GatewayHardeningTests {
         #expect(reason("    strip-headers: ['a b']\n").contains("strip-headers"))
         #expect(reason("    strip-headers: ['*']\n").contains("strip-headers"))
         #expect(ProxyLimits.table.count == 6)
+        #expect(reason("    routes: [{path: '/a/../b', allow: [spiffe://a.b/c]}]\n").contains("can never match"))
+        // Route prefixes are normalized like requests: an encoded or upper-case prefix still guards its path.
+        let policy = RoutePolicy(routes: [.init(pathPrefix: "/%41DMIN", allow: [])])
+        #expect(policy.routes[0].applies(method: "GET", path: "/admin/x"))
     }
 }

@@ -339,6 +339,11 @@ final class HandshakeObserver: ChannelInboundHandler, RemovableChannelHandler {
                 break
             case .admittedDisplacing:
                 runtime.metrics.connectionClosed(listener: state.name, reason: "displaced")
+                if limiter.shouldWarn(now: Date()) {
+                    runtime.logger.warning("connection limit reached; closing the oldest connection still in its handshake", metadata: [
+                        "listener": "\(state.name)", "reason": "max_connections", "max_connections": "\(state.limits.maxConnections)",
+                    ])
+                }
                 displaced?.close(promise: nil)
             case .refused:
                 runtime.metrics.connectionClosed(listener: state.name, reason: "max_connections")

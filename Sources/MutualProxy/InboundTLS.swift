@@ -162,53 +162,6 @@ enum InboundPipeline {
     }
 }
 
-/// Closes an HTTP/2 connection that has had no open stream for `idleTimeout` seconds (NIOHTTP2 reports streams
-/// opening and closing as user events on the connection channel).
-final class HTTP2IdleGuard: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = NIOAny
-    private let idleTimeout: TimeAmount
-    private let onTimeout: (ChannelHandlerContext) -> Void
-    private var open = 0
-    private var scheduled: Scheduled<Void>?
-
-    init(idleTimeout: Double, onTimeout: @escaping (ChannelHandlerContext) -> Void) {
-        self.idleTimeout = HTTP1TimerState.amount(idleTimeout)
-        self.onTimeout = onTimeout
-    }
-
-    func handlerAdded(context: ChannelHandlerContext) { arm(context) }
-
-    func handlerRemoved(context: ChannelHandlerContext) { scheduled?.cancel() }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        scheduled?.cancel()
-        context.fireChannelInactive()
-    }
-
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if event is NIOHTTP2StreamCreatedEvent {
-            open += 1
-            scheduled?.cancel()
-            scheduled = nil
-        } else if event is StreamClosedEvent {
-            open = max(0, open - 1)
-            if open == 0 { arm(context) }
-        }
-        context.fireUserInboundEventTriggered(event)
-    }
-
-    private func arm(_ context: ChannelHandlerContext) {
-        scheduled?.cancel()
-        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        scheduled = context.eventLoop.scheduleTask(in: idleTimeout) {
-            let (handler, context) = loopBound.value
-            guard handler.open == 0 else { return }
-            handler.onTimeout(context)
-            context.close(promise: nil)
-        }
-    }
-}
-
 /// Puts END_STREAM on a response's last HEADERS or DATA frame instead of sending it in a separate empty DATA frame
 /// (what NIO's HTTP/1-to-HTTP/2 codec does for `.end`). Clients such as curl consider a response done once its
 /// content-length is in, and reset a stream whose END_STREAM arrives in a later TLS record; enough of those resets

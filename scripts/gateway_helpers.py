@@ -250,6 +250,36 @@ def h2_checks(port, ca, cert, key):
     print("count", exchange(base + [("x-h%d" % i, "v") for i in range(200)]))
 
 
+def h2_idle(port, ca, cert, key, limit):
+    """One HTTP/2 request, then silence: prints how many seconds passed until the proxy ended the connection (GOAWAY
+    or close), or "open" after `limit` seconds."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    raw = socket.create_connection(("127.0.0.1", int(port)), timeout=float(limit))
+    tls = tls_context(ca, cert, key, alpn=["h2"]).wrap_socket(raw, server_hostname="localhost")
+    conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", "localhost"), (":path", "/idle")], end_stream=True)
+    tls.sendall(conn.data_to_send())
+    start, done = None, False
+    deadline = time.time() + float(limit)
+    while time.time() < deadline:
+        try:
+            data = tls.recv(65536)
+        except (ssl.SSLError, OSError):
+            break
+        if not data:
+            break
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.StreamEnded):
+                start, done = time.time(), True
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                deadline = 0
+        tls.sendall(conn.data_to_send())
+    print("%.1f" % (time.time() - start) if done and time.time() < start + float(limit) else "open")
+
+
 def bad_preface(port, ca, cert, key):
     """ALPN h2 then garbage instead of the connection preface: expects GOAWAY and then the connection closed."""
     raw = socket.create_connection(("127.0.0.1", int(port)), timeout=5)
@@ -307,6 +337,8 @@ if __name__ == "__main__":
         siege(*args)
     elif command == "h2":
         h2_checks(*args)
+    elif command == "h2idle":
+        h2_idle(*args)
     elif command == "preface":
         bad_preface(*args)
     elif command == "expiring":

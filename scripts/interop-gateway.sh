@@ -141,6 +141,8 @@ if "$PY" -c 'import h2' 2>/dev/null; then
   grep -q '^headers 431$' "$T/h2.out" && ok "python h2: 10,000 headers (after the SETTINGS exchange) get 431 on the stream" || bad "h2 headers: $(grep headers "$T/h2.out")"
   grep -q '^count 431$' "$T/h2.out" && ok "python h2: 200 headers get 431 on the stream" || bad "h2 count: $(grep count "$T/h2.out")"
   grep -Eq '^crlf (400|reset|goaway)' "$T/h2.out" && ok "python h2: a header value with CR/LF is refused ($(grep crlf "$T/h2.out"))" || bad "h2 crlf: $(grep crlf "$T/h2.out")"
+  r=$("$PY" "$HELP" h2idle "$P" "$ROOT" "$T/web/chain.pem" "$T/web/key.pem" 10)
+  case "$r" in 4.*|5.*|6.*) ok "an HTTP/2 connection with no open stream is ended after the 5 s idle timeout (${r} s)";; *) bad "HTTP/2 idle: $r";; esac
   r=$("$PY" "$HELP" preface "$P" "$ROOT" "$T/web/chain.pem" "$T/web/key.pem")
   [ "$r" = "goaway closed" ] && ok "a bad HTTP/2 preface gets GOAWAY and the connection is closed" || bad "bad preface: $r"
 else

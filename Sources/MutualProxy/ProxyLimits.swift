@@ -20,6 +20,23 @@ public struct ProxyLimits: Sendable, Equatable {
 
     public init() {}
 
+    /// Raises the soft RLIMIT_NOFILE to the hard limit (at most 1,048,576), as Go's runtime and nginx's
+    /// `worker_rlimit_nofile` do: the common soft default of 1,024 would otherwise cap a gateway at a few hundred
+    /// connections. Returns the soft limit in force afterwards. Process-wide: the `mutual proxy` command calls it once
+    /// at start, before any listener computes its default.
+    @discardableResult
+    public static func raiseDescriptorLimit() -> UInt64 {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return 0 }
+        let target = min(UInt64(limit.rlim_max), 1 << 20)
+        if UInt64(limit.rlim_cur) < target {
+            limit.rlim_cur = rlim_t(target)
+            _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+            _ = getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+        }
+        return UInt64(limit.rlim_cur)
+    }
+
     /// (soft RLIMIT_NOFILE − 64) / 2, between 16 and 10,000: so the limit is reached before accept() fails for lack of
     /// descriptors, and displacing silent sockets can still make room for good clients.
     public static func descriptorBoundedConnections() -> Int {

@@ -175,6 +175,8 @@ struct ProxyCommand: AsyncParsableCommand {
     }
 
     func run() async throws {
+        // Before any listener computes its default max-connections from the descriptor limit.
+        ProxyLimits.raiseDescriptorLimit()
         let configuration: ProxyConfiguration
         if let config {
             let flagsGiven = listen != nil || upstream != nil || cert != nil || key != nil || clientCA != nil || !allow.isEmpty || outbound

@@ -7,22 +7,22 @@ import X509
 /// depth is only known when a root is reached, there is no work budget, and it cannot be cancelled. A peer that sends
 /// a lattice of intermediates sharing one key (several per subject, several subjects; no valid certificate needed)
 /// makes it verify signatures along every permutation: seconds of CPU per handshake. This search walks the same
-/// graph but:
+/// graph by names alone (no signature is checked here; the `Verifier` checks them on the paths handed to it) but:
 ///
 /// - never extends a path beyond `maxDepth` intermediates (self-issued ones not counted, as RFC 5280 6.1.4 (l));
-/// - checks each (certificate, issuer) signature at most once, and at most ``Budget/maximumSignatureChecks`` in all;
 /// - expands at most ``Budget/maximumExpansions`` partial paths;
+/// - hands at most ``Budget/maximumCandidates`` paths on, issuers whose subject key identifier matches the child's
+///   authority key identifier first (the `Verifier`'s own preference);
 /// - stops when its task is cancelled (the connection that asked went away).
 ///
 /// Each path it finds ends at a certificate whose issuer names a root; the caller hands exactly that path's
-/// intermediates to the `Verifier`, which then does the RFC 5280 work on one linear chain.
+/// intermediates to the `Verifier`, which then does the RFC 5280 work (signatures included) on one linear chain.
 ///
-/// Cost: at most `maximumSignatureChecks` signature verifications (about 60 µs each for P-256) plus name
-/// comparisons; no allocation beyond the paths kept.
+/// Cost: name comparisons only, at most `maximumExpansions` of them per issuer list; the signature work that follows
+/// is at most `maximumCandidates × (maxDepth + 2)` verifications, and for an ordinary chain exactly the ones the
+/// `Verifier` would do anyway.
 struct PathSearch {
     struct Budget: Sendable, Equatable {
-        /// Signature verifications along candidate edges, per search.
-        var maximumSignatureChecks = 64
         /// Partial paths taken off the stack and expanded, per search.
         var maximumExpansions = 256
         /// Candidate paths handed to the verifier, per search; the first that validates wins.
@@ -45,7 +45,6 @@ struct PathSearch {
     let budget: Budget
 
     /// Work done by the last `run`: tests assert the bound on it.
-    private(set) var signatureChecks = 0
     private(set) var expansions = 0
     /// True when an issuer was left out because the path would exceed `maxDepth`.
     private(set) var prunedByDepth = false
@@ -64,14 +63,11 @@ struct PathSearch {
     }
 
     mutating func run(leaf: Certificate) -> Result {
-        signatureChecks = 0
         expansions = 0
         prunedByDepth = false
         let rootSubjects = Set(roots.map(\.subject))
         var bySubject: [DistinguishedName: [Int]] = [:]
         for (index, certificate) in intermediates.enumerated() { bySubject[certificate.subject, default: []].append(index) }
-        // Signature results by (child, issuer); -1 is the leaf.
-        var verified: [Int: [Int: Bool]] = [:]
         var found: [[Certificate]] = []
         var stack = [Partial(path: [], tip: leaf, counted: 0)]
         let pathLimit = maxDepth * 2 + 2  // self-issued certificates are not counted, but paths stay finite
@@ -86,31 +82,26 @@ struct PathSearch {
                 if found.count >= budget.maximumCandidates { break }
             }
             guard partial.path.count < pathLimit, let parents = bySubject[partial.tip.issuer] else { continue }
-            let child = partial.path.last ?? -1
-            var next: [Partial] = []
+            let authorityKey = (try? partial.tip.extensions.authorityKeyIdentifier)?.keyIdentifier
+            var preferred: [Partial] = []
+            var others: [Partial] = []
             for parent in parents where !Self.inPath(intermediates[parent], partial, intermediates, leaf) {
                 let candidate = intermediates[parent]
-                let selfIssued = candidate.subject == candidate.issuer
-                let counted = partial.counted + (selfIssued ? 0 : 1)
+                let counted = partial.counted + (candidate.subject == candidate.issuer ? 0 : 1)
                 if counted > maxDepth {
                     prunedByDepth = true
                     continue
                 }
-                let valid: Bool
-                if let known = verified[child]?[parent] {
-                    valid = known
+                let next = Partial(path: partial.path + [parent], tip: candidate, counted: counted)
+                let subjectKey = (try? candidate.extensions.subjectKeyIdentifier)?.keyIdentifier
+                if let authorityKey, let subjectKey, authorityKey != subjectKey {
+                    others.append(next)
                 } else {
-                    if signatureChecks >= budget.maximumSignatureChecks {
-                        return .exhausted("path building stopped after \(budget.maximumSignatureChecks) signature checks (the chain sent is too complex)")
-                    }
-                    signatureChecks += 1
-                    valid = candidate.publicKey.isValidSignature(partial.tip.signature, for: partial.tip)
-                    verified[child, default: [:]][parent] = valid
+                    preferred.append(next)
                 }
-                if valid { next.append(Partial(path: partial.path + [parent], tip: candidate, counted: counted)) }
             }
-            // Depth-first, trying the issuers in the order the peer sent them.
-            stack.append(contentsOf: next.reversed())
+            // Depth-first; matching key identifiers first, then in the order the peer sent them.
+            stack.append(contentsOf: (preferred + others).reversed())
         }
         return .candidates(found)
     }

@@ -212,8 +212,6 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         /// The refusal's stable code, when the proxy answers itself.
         var code: String?
         var closeAfter = false
-        /// The normalized target sent upstream.
-        var target: RequestTarget?
         var rejectStatus: HTTPResponseStatus?
         var upstream: UpstreamConnection?
         var pending: [HTTPClientRequestPart] = []
@@ -338,7 +336,6 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         case .success(let normalized):
             target = normalized
         }
-        exchange.target = target
         let decision = state.policy.decide(method: head.method.rawValue, path: target.routingKey, peer: peer)
         switch decision {
         case .unauthenticated(let reason):

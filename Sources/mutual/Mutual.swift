@@ -1,4 +1,6 @@
 import ArgumentParser
+import MutualProxy
+import Logging
 import Foundation
 import MutualAuthority
 import MutualPKI
@@ -24,6 +26,9 @@ struct Mutual: AsyncParsableCommand {
 
     /// Usage and input errors exit 2 (as `verify` documents for scripts); failures exit 1.
     static func main() async {
+        // Every log line of every role escapes control characters, so nothing a client sends (a path, a header value
+        // inside an error description) can forge a line.
+        LoggingSystem.bootstrap { EscapingLogHandler(wrapping: StreamLogHandler.standardError(label: $0)) }
         do {
             var command = try parseAsRoot()
             if var asyncCommand = command as? any AsyncParsableCommand {

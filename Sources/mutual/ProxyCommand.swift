@@ -193,8 +193,7 @@ struct ProxyCommand: AsyncParsableCommand {
                 return flags
             }
         }
-        // Control characters in anything a client sent (paths, header values in error descriptions) are escaped.
-        var logger = Logger(label: "mutual.proxy", factory: { EscapingLogHandler(wrapping: StreamLogHandler.standardError(label: $0)) })
+        var logger = Logger(label: "mutual.proxy")
         logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
         // Sidecar: enroll (or pick up the delivered files) before the listeners load them.
         var agentConfiguration: Agent.Configuration?

@@ -16,19 +16,26 @@ import X509
 /// Issue #13, in memory: timers, limits and the HTTP/2 guard, each on an embedded channel with time advanced by hand.
 @Suite("Gateway hardening: connection limits and timers (in memory)")
 struct ConnectionGuardTests {
-    @Test("HTTP/1.1 timer: idle → head → busy → idle, one deadline per phase")
+    @Test("HTTP/1.1 timer: idle → head → busy → idle; each phase's limit from when it began")
     func timerStateMachine() {
         var limits = ProxyLimits()
         limits.idleTimeout = 60
         limits.requestHeadTimeout = 10
-        var timer = HTTP1TimerState(limits: limits)
-        #expect(timer.initial == .idle(.seconds(60)))
-        #expect(timer.bytesArrived() == .head(.seconds(10)))
-        #expect(timer.bytesArrived() == nil, "more head bytes do not extend the deadline (slowloris)")
-        #expect(timer.headComplete() == HTTP1TimerState.Deadline.none)
-        #expect(timer.bytesArrived() == nil, "body bytes while busy arm nothing")
-        #expect(timer.exchangeFinished() == .idle(.seconds(60)))
-        #expect(timer.phase == .idle)
+        let t0 = NIODeadline.uptimeNanoseconds(0)
+        var timer = HTTP1TimerState(limits: limits, now: t0)
+        #expect(timer.checkInterval == .milliseconds(2500))
+        #expect(timer.expired(now: t0 + .seconds(59)) == nil)
+        #expect(timer.expired(now: t0 + .seconds(60)) == "idle_timeout")
+        timer.bytesArrived(now: t0 + .seconds(5))
+        timer.bytesArrived(now: t0 + .seconds(12))
+        #expect(timer.expired(now: t0 + .seconds(14)) == nil)
+        #expect(timer.expired(now: t0 + .seconds(15)) == "request_head_timeout", "more head bytes do not extend the deadline (slowloris)")
+        timer.headComplete()
+        #expect(timer.expired(now: t0 + .seconds(3600)) == nil, "no limit while the exchange runs")
+        timer.bytesArrived(now: t0 + .seconds(3600))
+        #expect(timer.phase == .busy, "body bytes while busy change nothing")
+        timer.exchangeFinished(now: t0 + .seconds(4000))
+        #expect(timer.phase == .idle && timer.expired(now: t0 + .seconds(4059)) == nil && timer.expired(now: t0 + .seconds(4060)) == "idle_timeout")
     }
 
     @Test("a silent keep-alive connection and a slowly sent request head are closed at their deadlines")
@@ -42,7 +49,7 @@ struct ConnectionGuardTests {
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
         channel.embeddedEventLoop.advanceTime(by: .seconds(29))
         #expect(channel.isActive)
-        channel.embeddedEventLoop.advanceTime(by: .seconds(2))
+        channel.embeddedEventLoop.advanceTime(by: .seconds(2))  // checked every 1.25 s: closed at 30 s
         #expect(!channel.isActive && reasons == ["idle_timeout"])
 
         let slow = EmbeddedChannel()

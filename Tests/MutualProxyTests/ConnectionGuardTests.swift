@@ -158,4 +158,24 @@ struct ConnectionGuardTests {
         #expect(ClientHelloGroups.parse([22, 3, 1, 0, 4, 1, 0, 0, 99]) == .notAClientHello, "hello length beyond the record")
         #expect(ClientHelloGroups.parse([22, 3, 1, 0, 5, 1, 0, 0, 1, 3]) == .notAClientHello, "garbage body")
     }
+
+    @Test("a connection does not keep its finished verification task (it held ~40 KiB per idle connection)")
+    func verificationTaskReleased() async {
+        let connection = ConnectionIdentity()
+        let gate = AsyncStream<Void>.makeStream()
+        let task = Task {
+            for await _ in gate.stream { break }
+        }
+        connection.track(task)
+        #expect(connection.holdsVerificationTask, "kept while it runs, so a closing connection can cancel it")
+        gate.continuation.yield()
+        await task.value
+        connection.set(.failure(VerificationFailure(.unknownCA, "x")))
+        #expect(!connection.holdsVerificationTask)
+        // A task that finished before it was tracked is not kept either.
+        let late = ConnectionIdentity()
+        late.set(.failure(VerificationFailure(.unknownCA, "x")))
+        late.track(Task {})
+        #expect(!late.holdsVerificationTask)
+    }
 }

@@ -9,7 +9,9 @@
 #  - reload: broken PEM and a key that does not match keep the old state; rotation of the server certificate and the
 #    client-CA bundle under steady load: zero failed requests;
 #  - tcp mode with a PROXY v2 header; outbound mode to nginx with ssl_verify_client; nginx as the backend;
-#  - YAML config, bad input exits 2 with a reason, /metrics, SIGHUP, SIGTERM drain.
+#  - YAML config, bad input exits 2 with a reason, /metrics, SIGHUP, SIGTERM drain;
+#  - then scripts/interop-gateway.sh: the attacks of issue #13 (path spellings, hostile SANs, forged identity headers,
+#    header limits, HTTP/2 framing, TLS settings, a siege at a low descriptor limit, expiry on open connections).
 # Prints "N passed, N failed"; stops every process it started.
 set -uo pipefail
 : "${MUTUAL:?}"
@@ -412,6 +414,13 @@ badrun "missing CRL file" "cannot read CRL" --listen 127.0.0.1:0 --upstream http
 # ---------------------------------------------------------------- graceful stop
 kill -TERM "$main_PID"; for _ in $(seq 100); do kill -0 "$main_PID" 2>/dev/null || break; sleep 0.1; done
 if kill -0 "$main_PID" 2>/dev/null; then bad "SIGTERM did not stop the proxy"; else wait "$main_PID"; rc=$?; [ $rc = 0 ] && ok "SIGTERM: drained and exited 0" || bad "SIGTERM exit $rc"; fi
+
+# ---------------------------------------------------------------- the proxy as an attacker tries it (issue #13)
+# Its own processes and directory; its checks count here too.
+if bash "$(dirname "$0")/interop-gateway.sh" > "$T/gateway.out" 2>&1; then :; fi
+cat "$T/gateway.out"
+pass=$((pass + $(grep -c '^ok ' "$T/gateway.out"))); fail=$((fail + $(grep -c '^FAIL ' "$T/gateway.out")))
+grep -q '^gateway interop: [0-9]* passed' "$T/gateway.out" || bad "interop-gateway.sh did not finish: $(tail -3 "$T/gateway.out")"
 
 echo "proxy interop: $pass passed, $fail failed"
 [ "$fail" = 0 ]

@@ -202,7 +202,7 @@ def h2_checks(port, ca, cert, key):
     import h2.connection
     import h2.events
 
-    def exchange(headers, validate=True, warmup=None):
+    def exchange(headers, validate=True, warmup=None, then=None):
         """Sends `headers` as one request; with `warmup`, first a request whose answer is awaited (by then the
         SETTINGS exchange is done) on the same connection. Returns the status, or how the stream/connection ended."""
         raw = socket.create_connection(("127.0.0.1", int(port)), timeout=5)
@@ -238,6 +238,8 @@ def h2_checks(port, ca, cert, key):
             run(1, warmup)
             stream = 3
         result = run(stream, headers)
+        if then:
+            result += " then " + run(stream + 2, then)
         tls.close()
         return result
 
@@ -246,7 +248,7 @@ def h2_checks(port, ca, cert, key):
     print("connect", exchange([(":method", "CONNECT"), (":authority", "internal.admin:443")], validate=False))
     print("host", exchange(base + [("host", "admin.internal")], validate=False))
     print("crlf", exchange(base + [("x-evil", "a\r\nnotice mutual.proxy: forged line")], validate=False))
-    print("headers", exchange(base + [("x-h%d" % i, "v") for i in range(10000)], warmup=base))
+    print("headers", exchange(base + [("x-h%d" % i, "v") for i in range(10000)], warmup=base, then=base))
     print("count", exchange(base + [("x-h%d" % i, "v") for i in range(200)]))
 
 

@@ -212,6 +212,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         /// The refusal's stable code, when the proxy answers itself.
         var code: String?
         var closeAfter = false
+        var closeHTTP2Connection = false
         var rejectStatus: HTTPResponseStatus?
         var upstream: UpstreamConnection?
         var pending: [HTTPClientRequestPart] = []
@@ -370,11 +371,12 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     /// Marks the exchange as answered by the proxy; the answer goes out once the request has been read.
     private func refuse(_ exchange: Exchange, _ refusal: Refusal) {
         runtime.metrics.requestRefused(listener: state.name, code: refusal.code)
-        if refusal.code == "certificate_expired" { runtime.metrics.connectionClosed(listener: state.name, reason: "certificate_expired") }
+        if refusal.closesHTTP2Connection { runtime.metrics.connectionClosed(listener: state.name, reason: refusal.code) }
         exchange.reason = refusal.reason
         exchange.code = refusal.code
         exchange.rejectStatus = refusal.status
         exchange.closeAfter = refusal.closeConnection
+        exchange.closeHTTP2Connection = refusal.closesHTTP2Connection
     }
 
     private func forwardedHeaders(_ incoming: HTTPHeaders, context: ChannelHandlerContext) -> Result<HTTPHeaders, Refusal> {
@@ -554,8 +556,10 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
         exchange.bytesOut = body.utf8.count
         finish(exchange: exchange, status: Int(status.code), reason: exchange.reason)
-        let keepAlive = exchange.keepAlive && !exchange.closeAfter
-        let closeParent = exchange.closeAfter && isHTTP2
+        // On HTTP/2 a refusal ends its stream; only one about the connection itself (an expired certificate) ends
+        // the connection.
+        let keepAlive = exchange.keepAlive && !(exchange.closeAfter && !isHTTP2)
+        let closeParent = exchange.closeHTTP2Connection && isHTTP2
         context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
             // An HTTP/2 stream's refusal that ends the connection (an expired certificate) closes its parent.
             if closeParent { context.channel.parent?.close(promise: nil) }

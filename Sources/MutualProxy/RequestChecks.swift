@@ -8,8 +8,10 @@ struct Refusal: Error, Equatable, Sendable {
     var code: String
     var reason: String
     /// Close the connection after the answer (the client cannot be trusted to frame the next request, or its
-    /// certificate is no longer valid).
+    /// certificate is no longer valid). On HTTP/2 only the stream ends, unless `closesHTTP2Connection`.
     var closeConnection: Bool = false
+    /// Also close an HTTP/2 connection (and its other streams): the connection itself is no longer acceptable.
+    var closesHTTP2Connection: Bool = false
 }
 
 /// The checks every request head passes before policy, in order: the connection's certificate is still valid, the
@@ -22,7 +24,7 @@ enum RequestChecks {
             return .failure(Refusal(
                 status: .unauthorized, code: "certificate_expired",
                 reason: "the client certificate chain expired \(peer.validUntil.relativeDescription(from: now)) (notAfter \(peer.validUntil)); reconnect with a current certificate",
-                closeConnection: true
+                closeConnection: true, closesHTTP2Connection: true
             ))
         }
         if head.headers.count > limits.maxHeaderCount {

@@ -187,7 +187,7 @@ read -r good failed < "$T/siege.out"
   || bad "under siege the good client got $good ok, $failed failed"
 d=$(metric mutual_proxy_connections_closed_total 'reason="displaced"'); h=$(metric mutual_proxy_connections_closed_total 'reason="request_head_timeout"')
 [ "${d%.*}" -gt 0 ] && [ "${h%.*}" -gt 0 ] && ok "metrics: $d silent sockets displaced, $h slow heads closed at the head timeout" || bad "siege metrics: displaced=$d head_timeout=$h"
-grep 'connection limit reached' "$T/proxy.err" | grep -q 'max_connections=96' && ok "reaching max-connections (96 at 256 descriptors) is logged once per 10 s: $(grep -c 'connection limit reached' "$T/proxy.err") line(s)" || bad "no log line for the connection limit"
+grep 'reason=max_connections' "$T/proxy.err" | grep -q 'max_connections=96' && ok "reaching max-connections (96 at 256 descriptors) is logged (reason=max_connections) once per 10 s: $(grep -c 'reason=max_connections' "$T/proxy.err") line(s)" || bad "no log line for the connection limit"
 kill -0 "$PROXY_PID" 2>/dev/null && ok "the proxy survived the siege" || bad "the proxy died under siege: $(tail -5 "$T/proxy.err")"
 
 # ---------------------------------------------------------------- a certificate that expires on an open connection

@@ -68,28 +68,31 @@ public final class ProxyServer: Sendable {
         inbound.first { $0.current.name == name }?.current
     }
 
-    /// Binds all listeners and starts the background work (file watching, CRL refresh, revocation events).
+    /// Binds all listeners and starts the background work (file watching, CRL refresh, revocation events). Every
+    /// address is bound before any is announced: when one cannot be bound, this throws a ``ProxyError`` naming the
+    /// key and flag of that address, and nothing has been said to listen (``shutdown()`` closes what was bound).
     public func start() async throws {
         let configuration = self.configuration.withLock { $0 }
         if let sources = revocationSources { try await sources.loadAll(initial: true) }
+        var announcements: [(String, Logger.Metadata)] = []
         for slot in inbound {
             let state = slot.current
             let address = try SocketAddressSpec(parsing: state.configuration.listen, what: "\(state.name).listen")
-            let channel = try await bind(address: address, name: state.name) { [runtime, pools] channel in
+            let channel = try await bind(address: address, name: state.name, what: "\(state.name).listen (--listen)") { [runtime, pools] channel in
                 try InboundPipeline.configure(channel, slot: slot, runtime: runtime, pools: pools)
             }
             register(server: channel, name: state.name)
-            runtime.logger.info("listening", metadata: [
+            announcements.append(("listening", [
                 "listener": "\(state.name)", "address": "\(channel.localAddress?.display ?? "?")",
                 "mode": "\((state.configuration.mode ?? .http).rawValue)", "upstream": "\(state.configuration.upstream)",
                 "max_connections": "\(state.limits.maxConnections)", "handshake_timeout": "\(state.limits.handshakeTimeout)",
-            ])
+            ]))
         }
         for slot in outbound {
             let state = slot.current
             let address = try SocketAddressSpec(parsing: state.configuration.listen, what: "\(state.name).listen")
             let http = state.configuration.mode == .http
-            let channel = try await bind(address: address, name: state.name, autoRead: http) { [runtime, pools] channel in
+            let channel = try await bind(address: address, name: state.name, what: "\(state.name).listen (--listen)", autoRead: http) { [runtime, pools] channel in
                 if http {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                     try channel.pipeline.syncOperations.addHandler(HTTPProxyHandler(state: slot.current, connection: nil, runtime: runtime, pools: pools))
@@ -98,22 +101,28 @@ public final class ProxyServer: Sendable {
                 }
             }
             register(server: channel, name: state.name)
-            runtime.logger.info("listening (outbound)", metadata: ["listener": "\(state.name)", "address": "\(channel.localAddress?.display ?? "?")", "upstream": "\(state.configuration.upstream)"])
+            announcements.append(("listening (outbound)", ["listener": "\(state.name)", "address": "\(channel.localAddress?.display ?? "?")", "upstream": "\(state.configuration.upstream)"]))
         }
         if let admin = configuration.adminListen {
             let address = try SocketAddressSpec(parsing: admin, what: "admin-listen")
             let metrics = runtime.metrics
-            let channel = try await ServerBootstrap(group: group)
-                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-                .childChannelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.configureHTTPServerPipeline()
-                        try channel.pipeline.syncOperations.addHandler(AdminHandler(metrics: metrics))
+            let channel: any Channel
+            do {
+                channel = try await ServerBootstrap(group: group)
+                    .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                    .childChannelInitializer { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            try channel.pipeline.syncOperations.configureHTTPServerPipeline()
+                            try channel.pipeline.syncOperations.addHandler(AdminHandler(metrics: metrics))
+                        }
                     }
-                }
-                .bind(host: address.host, port: address.port).get()
+                    .bind(host: address.host, port: address.port).get()
+            } catch {
+                throw ProxyError("admin-listen (--admin-listen) \(address): cannot listen: \(HTTPProxyHandler.describe(error))")
+            }
             register(server: channel, name: "admin")
         }
+        for (message, metadata) in announcements { runtime.logger.info("\(message)", metadata: metadata) }
         let interval = configuration.watchInterval ?? 1
         var started: [Task<Void, Never>] = []
         started.append(Task { [weak self] in
@@ -130,7 +139,7 @@ public final class ProxyServer: Sendable {
         tasks.withLock { $0.append(contentsOf: started) }
     }
 
-    private func bind(address: SocketAddressSpec, name: String, autoRead: Bool = true, configure: @escaping @Sendable (any Channel) throws -> Void) async throws -> any Channel {
+    private func bind(address: SocketAddressSpec, name: String, what: String, autoRead: Bool = true, configure: @escaping @Sendable (any Channel) throws -> Void) async throws -> any Channel {
         let children = self.children
         do {
             return try await ServerBootstrap(group: group)
@@ -144,7 +153,7 @@ public final class ProxyServer: Sendable {
                 }
                 .bind(host: address.host, port: address.port).get()
         } catch {
-            throw ProxyError("\(name): cannot listen on \(address): \(error)")
+            throw ProxyError("\(what) \(address): cannot listen: \(HTTPProxyHandler.describe(error))")
         }
     }
 

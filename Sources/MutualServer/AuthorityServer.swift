@@ -5,6 +5,7 @@ import Logging
 import MutualAuthority
 import MutualPKI
 import NIOCore
+import NIOPosix
 import NIOSSL
 import Prometheus
 import ServiceLifecycle
@@ -102,7 +103,14 @@ public struct AuthorityServer: Sendable {
         onListening: @escaping @Sendable (Int) async -> Void = { _ in },
         onHTTPListening: @escaping @Sendable (Int) async -> Void = { _ in }
     ) async throws {
+        // Every address is bound once before anything starts or is announced: a busy port is an input error that names
+        // its flag, not a half-started server that says "listening" and then hangs.
+        try await Self.checkAvailable(host: configuration.host, port: configuration.port, flag: "--listen")
+        if let http = configuration.httpListen {
+            try await Self.checkAvailable(host: http.host, port: http.port, flag: "--http-listen")
+        }
         var plainPort: Task<Int, Never>?
+        var plainPorts: AsyncStream<Int>.Continuation?
         var dns: [String] = []
         var ips: [String] = []
         for host in [configuration.host, configuration.publicURL?.host].compactMap({ $0 }) {
@@ -144,6 +152,7 @@ public struct AuthorityServer: Sendable {
             plainRouter.add(middleware: ProblemMiddleware())
             revocation.registerSignedObjects(on: plainRouter)
             let (httpPorts, httpContinuation) = AsyncStream<Int>.makeStream()
+            plainPorts = httpContinuation
             let plain = Application(
                 router: plainRouter,
                 server: .http1(configuration: .init(idleTimeout: .seconds(30))),
@@ -189,10 +198,14 @@ public struct AuthorityServer: Sendable {
         groupConfiguration.maximumCancellationDuration = .seconds(5)
         let group = ServiceGroup(configuration: groupConfiguration)
         await shutdown?.attach(group)
-        try await withThrowingTaskGroup(of: Void.self) { tasks in
-            tasks.addTask { try await group.run() }
-            if let bound = plainPort, let http = configuration.httpListen {
-                let port = await bound.value
+        try await withThrowingTaskGroup(of: Void.self) { [plainPorts] tasks in
+            tasks.addTask {
+                // Whatever ends the group (a listener that failed to start included) also ends the wait for the
+                // plain listener's port below.
+                defer { plainPorts?.finish() }
+                try await group.run()
+            }
+            if let bound = plainPort, let http = configuration.httpListen, case let port = await bound.value, port > 0 {
                 let url = configuration.httpPublicURL ?? "http://\(http.host.contains(":") ? "[\(http.host)]" : http.host):\(port)"
                 try await authority.setHTTPPublicURL(url, actor: "mutual-serve")
                 await onHTTPListening(port)
@@ -200,5 +213,33 @@ public struct AuthorityServer: Sendable {
             try await tasks.next()
             tasks.cancelAll()
         }
+    }
+
+    /// Binds `host:port` once and releases it; throws ``ListenError`` naming `flag` when it cannot be bound (busy, not
+    /// an address of this host, no permission). Port 0 always succeeds.
+    static func checkAvailable(host: String, port: Int, flag: String) async throws {
+        guard port != 0 else { return }
+        do {
+            let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .bind(host: host, port: port).get()
+            try await channel.close()
+        } catch {
+            throw ListenError(flag: flag, address: "\(host.contains(":") ? "[\(host)]" : host):\(port)", reason: ListenError.describe(error))
+        }
+    }
+}
+
+/// A listener that cannot be bound: the flag, the address and why. The server has not started anything.
+public struct ListenError: Error, CustomStringConvertible, Sendable {
+    public var flag: String
+    public var address: String
+    public var reason: String
+
+    public var description: String { "\(flag) \(address): cannot listen: \(reason)" }
+
+    static func describe(_ error: any Error) -> String {
+        if let io = error as? IOError { return String(cString: strerror(io.errnoCode)).lowercased() }
+        return "\(error)"
     }
 }

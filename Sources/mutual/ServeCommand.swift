@@ -78,6 +78,9 @@ struct ServeCommand: AsyncParsableCommand {
             Task { try? await authority.close(); signal.yield() }
             Task { try? await Task.sleep(for: .seconds(5)); signal.yield() }
             for await _ in finished { break }
+        } catch let error as ListenError {
+            try? await authority.close()
+            throw CommandFailure("\(error)", exitCode: 2)
         } catch {
             try? await authority.close()
             throw CommandFailure("serve stopped: \(error)")

@@ -60,7 +60,12 @@ struct CLI {
         process.standardError = errHandle
         process.standardInput = FileHandle.nullDevice
         try process.run()
+        // A command that hangs (a daemon that never exits) is ended after two minutes so the suite reports it
+        // instead of waiting for ever; it then exits with SIGTERM's status, which no test expects.
+        let watchdog = DispatchWorkItem { if process.isRunning { process.terminate() } }
+        DispatchQueue.global().asyncAfter(deadline: .now() + 120, execute: watchdog)
         process.waitUntilExit()
+        watchdog.cancel()
         try outHandle.close()
         try errHandle.close()
         defer {
@@ -79,4 +84,28 @@ struct CLI {
         let events = (try JSONSerialization.jsonObject(with: Data(audit.stdout.utf8)) as? [Any])?.count ?? -1
         return (certificates, events)
     }
+}
+
+/// A TCP port on 127.0.0.1 held open (listening) by this process, for "address already in use" tests.
+final class BusyPort {
+    let port: Int
+    private let descriptor: Int32
+
+    init() throws {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) } }
+        guard fd >= 0, bound == 0, listen(fd, 1) == 0 else { throw CocoaError(.fileWriteUnknown) }
+        withUnsafeMutablePointer(to: &address) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { _ = getsockname(fd, $0, &length) }
+        }
+        descriptor = fd
+        port = Int(UInt16(bigEndian: address.sin_port))
+    }
+
+    deinit { close(descriptor) }
 }

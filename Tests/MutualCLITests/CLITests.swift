@@ -110,6 +110,37 @@ struct CLITests {
         }
     }
 
+    @Test("serve and proxy on a busy port: exit 2 naming the flag and the address, before saying they listen")
+    func busyPorts() async throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        let busy = try BusyPort()
+        let address = "127.0.0.1:\(busy.port)"
+        #expect(try await cli.run(["init"]).status == 0)
+        for (arguments, flag) in [
+            (["--listen", address, "--http-listen", "127.0.0.1:0"], "--listen"),
+            (["--listen", "127.0.0.1:0", "--http-listen", address], "--http-listen"),
+        ] {
+            let result = try await cli.run(["serve"] + arguments)
+            #expect(result.status == 2, "\(arguments): \(result.status) \(result.output)")
+            #expect(result.stderr.contains(flag + " " + address), "\(result.stderr)")
+            #expect(!result.stdout.contains("listening"), "\(result.stdout)")
+        }
+        let out = cli.home + "/proxy"
+        #expect(try await cli.run(["issue", "--out-dir", out, "--profile", "server", "--dns", "localhost"]).status == 0)
+        let files = ["--cert", out + "/chain.pem", "--key", out + "/key.pem", "--client-ca", cli.home + "/state/ca/root.pem",
+                     "--allow", "spiffe://example.org/x", "--upstream", "http://127.0.0.1:1"]
+        for (arguments, flag) in [
+            (["--listen", address], "--listen"),
+            (["--listen", "127.0.0.1:0", "--admin-listen", address], "--admin-listen"),
+        ] {
+            let result = try await cli.run(["proxy"] + arguments + files)
+            #expect(result.status == 2, "\(arguments): \(result.status) \(result.output)")
+            #expect(result.stderr.contains(flag) && result.stderr.contains(address), "\(result.stderr)")
+            #expect(!result.stderr.contains("listening"), "\(result.stderr)")
+        }
+    }
+
     @Test("bench ca-server refuses an unknown --stage and a bad --listen with exit 2 before starting")
     func caServerBadInput() async throws {
         let cli = CLI()

@@ -48,6 +48,7 @@ listeners:
     client-ca: $ROOT
     request-head-timeout: 2
     idle-timeout: 5
+    forward: [xfcc, rfc9440, identity]
     routes:
       - path: /admin
         allow: ["spiffe://example.org/ns/ops/*"]
@@ -109,15 +110,17 @@ for who in hostile1 hostile2; do
 done
 
 # ---------------------------------------------------------------- identity headers from the client
-curl -s -o /dev/null --cacert "$ROOT" $(as web) -H 'X_Forwarded_Client_Cert: By=forged' -H 'Client_Cert: :AAAA:' -H 'X-Client-DN: CN=root' \
+curl -s -o /dev/null --cacert "$ROOT" $(as web) -H 'X_Client_Identity: spiffe://example.org/ns/ops/sa/admin' -H 'x-client-identity: spiffe://example.org/ns/ops/sa/admin' -H 'X_Forwarded_Client_Cert: By=forged' -H 'Client_Cert: :AAAA:' -H 'X-Client-DN: CN=root' \
   -H 'X-SSL-Client-Verify: SUCCESS' -H 'X_SSL_Client_S_DN: CN=root' -H 'X-Client-Cert: forged' "https://localhost:$P/api/headers"
-"$PY" - "$T/backend.log" <<'PY' && ok "look-alike (X_Forwarded_Client_Cert, Client_Cert) and third-party identity headers (X-Client-DN, X-SSL-Client-*) never reach the backend" || bad "client identity headers reached the backend: $(tail -1 "$T/backend.log" | head -c 400)"
+"$PY" - "$T/backend.log" <<'PY' && ok "look-alike (X_Forwarded_Client_Cert, Client_Cert, X_Client_Identity) and third-party identity headers (X-Client-DN, X-SSL-Client-*) never reach the backend; x-client-identity carries the verified SPIFFE ID" || bad "client identity headers reached the backend: $(tail -1 "$T/backend.log" | head -c 400)"
 import json, sys
 names = [k.replace("_", "-") for k, _ in json.loads(open(sys.argv[1]).read().splitlines()[-1])["headers"]]
 headers = json.loads(open(sys.argv[1]).read().splitlines()[-1])["headers"]
 for bad in ("x-client-dn", "x-ssl-client-verify", "x-ssl-client-s-dn", "x-client-cert"):
     assert bad not in names, bad
 assert names.count("x-forwarded-client-cert") == 1 and names.count("client-cert") == 1, names
+identity = [v for k, v in headers if k.replace("_", "-") == "x-client-identity"]
+assert identity == ["spiffe://example.org/ns/web/sa/api"], identity
 assert all(v != ":AAAA:" and not v.startswith("By=forged") for _, v in headers), headers
 PY
 

@@ -6,7 +6,10 @@ import X509
 /// removes every incoming copy (``strippedHeaders``) before adding its own.
 public enum ForwardedIdentity {
     /// Lower-case names of the headers the proxy owns.
-    public static let strippedHeaders: Set<String> = ["x-forwarded-client-cert", "client-cert", "client-cert-chain"]
+    public static let strippedHeaders: Set<String> = ["x-forwarded-client-cert", "client-cert", "client-cert-chain", identityHeader]
+
+    /// The simple identity header (`forward: [identity]`): the verified principal in allow-list notation.
+    public static let identityHeader = "x-client-identity"
 
     /// Headers the proxy sets or extends itself; a client's look-alike spelling of one (`X_Forwarded_For`) is removed
     /// too, since CGI/WSGI backends read `_` and `-` alike.

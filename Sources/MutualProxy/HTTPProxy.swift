@@ -359,6 +359,18 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         }
         var upstreamHead = HTTPRequestHead(version: .http1_1, method: head.method, uri: target.forwarded)
         upstreamHead.headers = forwarded
+        if state.forwardIdentity, let peer, let route = exchange.route, let name = state.policy.identity(of: peer, route: route) {
+            // A name with a control character cannot be carried in a header: refused, as for XFCC.
+            guard !name.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) else {
+                exchange.route = nil
+                refuse(exchange, Refusal(
+                    status: .forbidden, code: "identity_unrepresentable",
+                    reason: "the client's identity contains characters that cannot be forwarded in a header"
+                ))
+                return
+            }
+            upstreamHead.headers.add(name: ForwardedIdentity.identityHeader, value: name)
+        }
         exchange.pending.append(.head(upstreamHead))
         guard let pool = loopPool else { return }
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
@@ -614,6 +626,7 @@ protocol HTTPFront: AnyObject, Sendable {
     var upstream: UpstreamAddress { get }
     var forwardXFCC: Bool { get }
     var forwardRFC9440: Bool { get }
+    var forwardIdentity: Bool { get }
     /// `By=` in XFCC.
     var proxyIdentity: String? { get }
     /// `x-forwarded-proto: https` and the client address in `x-forwarded-for`.

@@ -24,6 +24,8 @@ public final class InboundState: Sendable {
     public let maxDepth: Int
     public let forwardXFCC: Bool
     public let forwardRFC9440: Bool
+    /// `x-client-identity: <principal>` (opt-in with `forward: [..., identity]`).
+    public let forwardIdentity: Bool
     let stamps: [String: FileStamp?]
     /// Identities verified by full handshakes on this TLS context, by leaf fingerprint. A resumed session (which
     /// skips certificate verification) is only accepted when its certificate is found here, then re-checked for
@@ -109,6 +111,7 @@ public final class InboundState: Sendable {
         let forward = configuration.forward ?? ["xfcc", "rfc9440"]
         self.forwardXFCC = forward.contains("xfcc")
         self.forwardRFC9440 = forward.contains("rfc9440")
+        self.forwardIdentity = forward.contains("identity")
         self.stamps = FileStamp.stamps([configuration.cert, configuration.key, configuration.clientCA])
         self.limits = configuration.limits
         self.stripMatcher = HeaderNames.Matcher(patterns: configuration.stripHeaders ?? ForwardedIdentity.defaultStrippedHeaders)

@@ -108,6 +108,7 @@ public final class OutboundState: Sendable {
 
 extension OutboundState: HTTPFront {
     var forwardXFCC: Bool { false }
+    var forwardIdentity: Bool { false }
     var forwardRFC9440: Bool { false }
     var proxyIdentity: String? { credentials.identity }
     var addsForwardingHeaders: Bool { false }

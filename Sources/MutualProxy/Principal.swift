@@ -72,6 +72,21 @@ public enum Principal: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
+    /// The name of `peer` this principal matched, written as a principal (`spiffe://…`, `uri:…`, `dns:…`, `cn:…`,
+    /// `ou:…`), or nil when it does not match. What the `x-client-identity` header carries.
+    public func matchedName(_ peer: PeerIdentity) -> String? {
+        guard matches(peer) else { return nil }
+        switch self {
+        case .spiffeID, .spiffePrefix: return peer.spiffeID
+        case .uri(let uri): return "uri:" + uri
+        case .dns(let name): return "dns:" + name
+        case .dnsWildcard(let base):
+            return peer.dnsNames.first { $0.hasSuffix("." + base) && !$0.dropLast(base.count + 1).contains(".") }.map { "dns:" + $0 }
+        case .commonName(let cn): return "cn:" + cn
+        case .organizationalUnit(let ou): return "ou:" + ou
+        }
+    }
+
     public var description: String {
         switch self {
         case .spiffeID(let id): return id

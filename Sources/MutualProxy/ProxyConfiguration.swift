@@ -42,7 +42,8 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
         public var routes: [Route]?
         /// tcp mode: send a PROXY protocol v2 header with the verified client certificate to the upstream.
         public var proxyProtocol: Bool?
-        /// Identity headers for the upstream: any of `xfcc`, `rfc9440` (default both); `[]` forwards none.
+        /// Identity headers for the upstream: any of `xfcc`, `rfc9440` (default both), `identity` (`x-client-identity`,
+        /// the verified principal); `[]` forwards none.
         public var forward: [String]?
         /// http mode: offer HTTP/2 to clients through ALPN (default true); upstream stays HTTP/1.1.
         public var http2: Bool?
@@ -402,8 +403,8 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
             for pattern in listener.stripHeaders ?? [] where !HeaderNames.isValidPattern(pattern) {
                 throw PKIError(.malformedInput, "\(label).strip-headers: '\(pattern.prefix(80))' is not a header name or a prefix ending in '*'")
             }
-            for header in listener.forward ?? [] where !["xfcc", "rfc9440"].contains(header) {
-                throw PKIError(.malformedInput, "\(label).forward: unknown '\(header)' (expected xfcc, rfc9440)")
+            for header in listener.forward ?? [] where !["xfcc", "rfc9440", "identity"].contains(header) {
+                throw PKIError(.malformedInput, "\(label).forward: unknown '\(header)' (expected xfcc, rfc9440, identity)")
             }
             _ = try policy(for: listener, label: label)
         }

@@ -60,4 +60,16 @@ public struct RoutePolicy: Sendable {
         }
         return .deny(reason: "\(peer.displayName) is not allowed on route \(route.pathPrefix) (allowed: \(route.allow.map(\.description).joined(separator: ", ")))")
     }
+
+    /// The verified principal of `peer` on an allowed route, for the `x-client-identity` header: the name the route's
+    /// first matching rule matched (a SPIFFE ID, `uri:…`, `dns:…`, `cn:…`, `ou:…`); on an open route, or when no rule
+    /// names it, the SPIFFE ID, else the first URI or DNS SAN in the same notation.
+    public func identity(of peer: PeerIdentity, route: String) -> String? {
+        if let rule = routes.first(where: { $0.pathPrefix == route }), !rule.allowWithoutCertificate {
+            for principal in rule.allow {
+                if let name = principal.matchedName(peer) { return name }
+            }
+        }
+        return peer.spiffeID ?? peer.uris.first.map { "uri:" + $0 } ?? peer.dnsNames.first.map { "dns:" + $0 }
+    }
 }

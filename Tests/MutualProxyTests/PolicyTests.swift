@@ -79,12 +79,31 @@ struct PolicyTests {
         let der = try #require(Data(base64Encoded: String(clientCert.dropFirst().dropLast())))
         #expect(Array(der) == (try web.leaf.derBytes))
         #expect(try ForwardedIdentity.clientCertChain(web)?.split(separator: ",").count == 1)
-        #expect(ForwardedIdentity.strippedHeaders == ["x-forwarded-client-cert", "client-cert", "client-cert-chain"])
+        #expect(ForwardedIdentity.strippedHeaders == ["x-forwarded-client-cert", "client-cert", "client-cert-chain", "x-client-identity"])
 
         // A subject with quotes is escaped inside the quoted field.
         let tricky = try peer(.init(profile: .client, publicKey: try KeyType.p256.generate().publicKey, commonName: "a\"b"))
         let escaped = tricky.leaf.subject.description.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
         #expect(try ForwardedIdentity.xfcc(tricky, by: nil).hasSuffix("Subject=\"\(escaped)\""))
         #expect(escaped.contains("\\\""), "the quote inside the subject is escaped")
+    }
+
+    @Test("x-client-identity: the name the route's rule matched, in allow-list notation; open routes give the SPIFFE ID or first SAN")
+    func identityHeaderValue() throws {
+        let policy = RoutePolicy(routes: [
+            .init(pathPrefix: "/healthz", allow: [], allowWithoutCertificate: true),
+            .init(pathPrefix: "/partner", allow: [try Principal(parsing: "dns:*.partner.example"), try Principal(parsing: "cn:legacy")]),
+            .init(pathPrefix: "/", allow: [try Principal(parsing: "spiffe://example.org/ns/web/*")]),
+        ])
+        let web = try workload("spiffe://example.org/ns/web/sa/frontend")
+        #expect(policy.identity(of: web, route: "/") == "spiffe://example.org/ns/web/sa/frontend")
+        #expect(policy.identity(of: web, route: "/healthz") == "spiffe://example.org/ns/web/sa/frontend")
+        let partner = try peer(.init(profile: .server, publicKey: try KeyType.p256.generate().publicKey, commonName: "www.example.org",
+                                     dnsNames: ["www.example.org", "api.partner.example"]))
+        #expect(policy.identity(of: partner, route: "/partner") == "dns:api.partner.example", "the SAN the rule matched, not the first")
+        #expect(policy.identity(of: partner, route: "/healthz") == "dns:www.example.org")
+        let legacy = try peer(.init(profile: .client, publicKey: try KeyType.p256.generate().publicKey, commonName: "legacy"))
+        #expect(policy.identity(of: legacy, route: "/partner") == "cn:legacy")
+        #expect(try Principal(parsing: "dns:*.partner.example").matchedName(web) == nil)
     }
 }

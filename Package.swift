@@ -174,6 +174,7 @@ let package = Package(
             dependencies: [
                 "MutualAuthority", "MutualPKI", "MutualStore", "TestSupport",
                 .product(name: "X509", package: "swift-certificates"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
                 .product(name: "SQLiteKit", package: "sqlite-kit"),
             ]
         ),

@@ -135,13 +135,23 @@ public final class Agent: Sendable {
             return .notDue(until: renewAt)
         }
         if now < leaf.notValidAfter {
+            let method = RenewalMethod(for: leaf)
             let (outcome, verdict) = await attemptClassified(now: now, lifetime: lifetime, what: "renewal") {
-                let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: current.roots, identity: (current.chain, current.key), timeout: self.configuration.requestTimeout)
-                defer { Task { try? await client.shutdown() } }
                 let key = try self.configuration.keyType.generate()
-                let enrollment = try await client.renew(csrPEM: try self.csrPEM(key: key))
-                let roots = (try? await client.roots()) ?? current.roots
-                return (enrollment, key, roots)
+                switch method {
+                case .mtls:
+                    let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: current.roots, identity: (current.chain, current.key), timeout: self.configuration.requestTimeout)
+                    defer { Task { try? await client.shutdown() } }
+                    let enrollment = try await client.renew(csrPEM: try self.csrPEM(key: key))
+                    return (enrollment, key, (try? await client.roots()) ?? current.roots)
+                case .proof:
+                    // A certificate without clientAuth cannot be a TLS client: the authority's TLS would refuse it. It
+                    // renews over server-authenticated TLS with a proof of possession of its current key instead.
+                    let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: current.roots, timeout: self.configuration.requestTimeout)
+                    defer { Task { try? await client.shutdown() } }
+                    let enrollment = try await client.renewByProof(certificate: leaf, key: current.key, csr: try self.csr(key: key), now: self.clock.now)
+                    return (enrollment, key, (try? await client.roots()) ?? current.roots)
+                }
             }
             // Refused because it expired meanwhile: go on to renew-expired now rather than after a back-off.
             guard case .failed = outcome, clock.now >= leaf.notValidAfter || verdict?.expiredMeanwhile == true else {
@@ -169,6 +179,7 @@ public final class Agent: Sendable {
             defer { Task { try? await client.shutdown() } }
             let key = try self.configuration.keyType.generate()
             let enrollment = try await client.sign(csrPEM: try self.csrPEM(key: key), token: token, profile: self.configuration.profile, validity: self.configuration.validity?.description)
+            try Self.checkRenewable(enrollment)
             return (enrollment, key, roots)
         }
     }
@@ -235,6 +246,16 @@ public final class Agent: Sendable {
         }
     }
 
+    /// Refuses, before anything is delivered, a certificate this agent could not renew: one that cannot be a TLS
+    /// client from an authority that does not offer renewal by proof of possession. Delivering it would start a
+    /// countdown to an outage.
+    static func checkRenewable(_ enrollment: Enrollment) throws {
+        let method = RenewalMethod(for: enrollment.certificate)
+        guard method == .mtls || enrollment.renewal == RenewalMethod.proof.rawValue else {
+            throw AgentError(.fatal, "the issued certificate \(enrollment.serial) has no clientAuth usage and the authority does not offer renewal by proof of possession (it answered renewal=\(enrollment.renewal ?? "none")): the agent could not renew it; upgrade the authority or enroll with a profile that includes clientAuth (workload, client)")
+        }
+    }
+
     private func stop(_ reason: String) -> Outcome {
         status.withLock { status in
             status.state = "stopped"
@@ -265,6 +286,11 @@ public final class Agent: Sendable {
                     kind: .transient, expiredMeanwhile: true,
                     reason: "the authority refused the certificate as expired at the TLS handshake while this host's clock still has it valid (\(error.detail)); trying renew-expired"
                 )
+            }
+            if error.status == 0, error.detail.uppercased().contains("UNSUPPORTED_CERTIFICATE") {
+                // BoringSSL's reason code for the alert the authority sent: our certificate's key usages do not allow
+                // TLS client authentication. Retrying changes nothing, but the certificate is still valid: say so.
+                return Verdict(kind: .transient, reason: "the authority's TLS refused this certificate as a client certificate (alert unsupported_certificate: its extended key usage does not include clientAuth) — \(error.detail)")
             }
             if error.status == 0 || error.status >= 500 || error.status == 429 {
                 return Verdict(kind: .transient, reason: "authority unreachable or failing: \(error.detail)")
@@ -384,5 +410,20 @@ public struct ReloadHook: Sendable {
                 logger.error("could not signal the process in the pid file", metadata: ["pid_file": "\(pidFile)"])
             }
         }
+    }
+}
+
+/// How the agent renews a certificate: over mTLS when it may be a TLS client, else with a proof of possession of its
+/// key (the authority's `/v1/renew` accepts both).
+enum RenewalMethod: String, Sendable {
+    case mtls
+    case proof
+
+    init(for certificate: Certificate) {
+        guard let eku = try? certificate.extensions.extendedKeyUsage else {
+            self = .mtls
+            return
+        }
+        self = eku.contains(.clientAuth) || eku.contains(.any) ? .mtls : .proof
     }
 }

@@ -50,6 +50,18 @@ extension Authority {
         return IssuedCertificate(certificate: certificate, chain: [certificate, ca.certificate], record: record)
     }
 
+    /// How a certificate renews: over mTLS when it may be a TLS client (clientAuth EKU, or no EKU restriction),
+    /// otherwise with a proof of possession of its key over server-authenticated TLS.
+    public enum RenewalMethod: String, Sendable {
+        case mtls
+        case proof
+    }
+
+    public static func renewalMethod(for certificate: Certificate) -> RenewalMethod {
+        guard let eku = try? certificate.extensions.extendedKeyUsage else { return .mtls }
+        return eku.contains(.clientAuth) || eku.contains(.any) ? .mtls : .proof
+    }
+
     static func tokenID(_ bearer: String) -> String? {
         guard bearer.hasPrefix(TokenService.prefix) else { return nil }
         let id = bearer.dropFirst(TokenService.prefix.count).prefix(16)
@@ -91,10 +103,12 @@ extension Authority {
     /// contributes its (new) public key. Same lifetime as the current certificate.
     public func renew(current certificate: Certificate, csr bytes: [UInt8], now: Date = .now) async throws -> IssuedCertificate {
         let record = try await checkPresented(certificate, now: now)
-        return try await reissue(from: certificate, record: record, csr: bytes, action: "renew", now: now)
+        return try await reissue(from: certificate, record: record, csr: bytes, action: "renew", method: "mtls", now: now)
     }
 
-    func reissue(from certificate: Certificate, record: CertificateRecord, csr bytes: [UInt8], action: String, now: Date) async throws -> IssuedCertificate {
+    func reissue(
+        from certificate: Certificate, record: CertificateRecord, csr bytes: [UInt8], action: String, method: String, now: Date
+    ) async throws -> IssuedCertificate {
         let actor = "cert:\(record.serial)"
         guard let profile = CertificateProfile(rawValue: record.profile), CertificateProfile.leafProfiles.contains(profile) else {
             throw AuthorityError(.certificateRefused, "certificates of profile \(record.profile) cannot be renewed")
@@ -128,53 +142,95 @@ extension Authority {
             newRecord,
             audit: AuditEntry(
                 time: now, actor: actor, action: action, subject: newRecord.serial,
-                details: ["profile": profile.rawValue, "serial": newRecord.serial, "identity": newRecord.identity, "renewed_from": record.serial]
+                details: [
+                    "profile": profile.rawValue, "serial": newRecord.serial, "identity": newRecord.identity, "renewed_from": record.serial,
+                    "method": method,
+                ]
             )
         )
         return IssuedCertificate(certificate: issued, chain: [issued, ca.certificate], record: newRecord)
     }
 
-    /// The statement a device signs with its old (expired) key to prove possession when it renews after expiry:
-    /// `mutual-renew-expired-v1\n<timestamp>\n<hex SHA-256 of the new CSR's DER>`.
-    public static func renewExpiredStatement(timestamp: String, csrDER: [UInt8]) -> [UInt8] {
-        Array("mutual-renew-expired-v1\n\(timestamp)\n\(SHA256.hash(data: csrDER).hexString)".utf8)
+    /// The statement a device signs with its current key to prove possession when it renews without presenting the
+    /// certificate over TLS: `<purpose>\n<timestamp>\n<hex SHA-256 of the new CSR's DER>`. The purpose separates the
+    /// two uses (`mutual-renew-v1`: a certificate that cannot be a TLS client, a server certificate say;
+    /// `mutual-renew-expired-v1`: after expiry), so a proof made for one is never accepted for the other.
+    public static func proofStatement(purpose: ProofPurpose, timestamp: String, csrDER: [UInt8]) -> [UInt8] {
+        Array("\(purpose.rawValue)\n\(timestamp)\n\(SHA256.hash(data: csrDER).hexString)".utf8)
+    }
+
+    public enum ProofPurpose: String, Sendable {
+        case renew = "mutual-renew-v1"
+        case renewExpired = "mutual-renew-expired-v1"
+    }
+
+    /// How far a proof's timestamp may be from the authority's clock.
+    public static let proofWindow: TimeInterval = 300
+
+    /// Checks a proof of possession of `certificate`'s key over `csr`: a timestamp within ``proofWindow`` of now, a
+    /// signature that verifies, and not a proof seen before (a replayed proof would issue a second certificate for
+    /// the same CSR). Refusals are audited with their code.
+    func checkProof(
+        _ purpose: ProofPurpose, certificate: Certificate, record: CertificateRecord, csr: CertificateSigningRequest,
+        timestamp: String, signature: [UInt8], now: Date
+    ) async throws {
+        let actor = "cert:\(record.serial)"
+        guard let signedAt = try? Date(timestamp, strategy: .iso8601) else {
+            throw AuthorityError(.proofInvalid, "the proof's timestamp '\(timestamp.prefix(40))' is not an RFC 3339 time")
+        }
+        guard abs(signedAt.timeIntervalSince(now)) <= Self.proofWindow else {
+            let refusal = AuthorityError(.proofStale, "the proof was made at \(timestamp.prefix(40)), more than 5 minutes from the authority's clock (\(AuditChain.format(now))); check this host's clock")
+            try? await auditRefusal(actor: actor, reason: refusal, now: now)
+            throw refusal
+        }
+        var serializer = DER.Serializer()
+        try serializer.serialize(csr)
+        let statement = Self.proofStatement(purpose: purpose, timestamp: timestamp, csrDER: serializer.serializedBytes)
+        guard certificate.publicKey.isValidSignature(signature, for: statement, signatureAlgorithm: Self.proofAlgorithm(for: certificate.publicKey)) else {
+            let refusal = AuthorityError(.proofInvalid, "the proof of possession does not verify against the key of certificate \(record.serial)")
+            try? await auditRefusal(actor: actor, reason: refusal, now: now)
+            throw refusal
+        }
+        guard proofs.claim(SHA256.hash(data: signature).hexString, until: signedAt.addingTimeInterval(Self.proofWindow), now: now) else {
+            let refusal = AuthorityError(.proofReplayed, "this proof of possession was already used; sign a new one")
+            try? await auditRefusal(actor: actor, reason: refusal, now: now)
+            throw refusal
+        }
+    }
+
+    /// Renewal without a TLS client certificate, for certificates that cannot be one (a `server` profile certificate
+    /// has no clientAuth EKU, so a TLS stack rightly refuses it as a client credential): the current, unexpired,
+    /// unrevoked certificate travels in the body with a proof of possession of its key over the new CSR. Identity,
+    /// profile and lifetime come from the current certificate, exactly as with renewal over mTLS.
+    public func renewByProof(
+        current certificate: Certificate, csr bytes: [UInt8], timestamp: String, signature: [UInt8], now: Date = .now
+    ) async throws -> IssuedCertificate {
+        let record = try await checkPresented(certificate, now: now)
+        let csr = try CSRDecoder.decode(bytes)
+        try await checkProof(.renew, certificate: certificate, record: record, csr: csr.request, timestamp: timestamp, signature: signature, now: now)
+        return try await reissue(from: certificate, record: record, csr: bytes, action: "renew", method: "proof", now: now)
     }
 
     /// Renewal of an expired certificate: allowed only within `grace` after its notAfter, only if it was never
-    /// revoked, and only with proof of possession of the old key (a signature over ``renewExpiredStatement`` made within
+    /// revoked, and only with proof of possession of the old key (a signature over ``proofStatement`` made within
     /// five minutes of now).
     public func renewExpired(
         current certificate: Certificate, csr bytes: [UInt8], timestamp: String, signature: [UInt8],
         grace: ValidityDuration?, now: Date = .now
     ) async throws -> IssuedCertificate {
         guard let grace else {
-            throw AuthorityError(.forbidden, "renewal of expired certificates is disabled on this authority (see --renew-expired-grace); a new token is needed")
+            throw AuthorityError(.renewExpiredDisabled, "renewal of expired certificates is disabled on this authority (see --renew-expired-grace); a new token is needed")
         }
         let record = try await checkPresented(certificate, now: now, allowExpired: true)
         let actor = "cert:\(record.serial)"
         guard record.notAfter.addingTimeInterval(grace.timeInterval) > now else {
-            let refusal = AuthorityError(.forbidden, "certificate \(record.serial) expired at \(AuditChain.format(record.notAfter)), beyond the renewal grace window of \(grace); a new token is needed")
+            let refusal = AuthorityError(.beyondGrace, "certificate \(record.serial) expired at \(AuditChain.format(record.notAfter)), beyond the renewal grace window of \(grace)")
             try? await auditRefusal(actor: actor, reason: refusal, now: now)
             throw refusal
-        }
-        guard let signedAt = try? Date(timestamp, strategy: .iso8601), abs(signedAt.timeIntervalSince(now)) <= 300 else {
-            throw AuthorityError(.forbidden, "the proof's timestamp must be RFC 3339 and within 5 minutes of the authority's clock")
         }
         let csr = try CSRDecoder.decode(bytes)
-        var der: [UInt8] = []
-        do {
-            var serializer = DER.Serializer()
-            try serializer.serialize(csr.request)
-            der = serializer.serializedBytes
-        }
-        let statement = Self.renewExpiredStatement(timestamp: timestamp, csrDER: der)
-        let algorithm = Self.proofAlgorithm(for: certificate.publicKey)
-        guard certificate.publicKey.isValidSignature(signature, for: statement, signatureAlgorithm: algorithm) else {
-            let refusal = AuthorityError(.forbidden, "the proof of possession does not verify against the expired certificate's key")
-            try? await auditRefusal(actor: actor, reason: refusal, now: now)
-            throw refusal
-        }
-        return try await reissue(from: certificate, record: record, csr: bytes, action: "renew-expired", now: now)
+        try await checkProof(.renewExpired, certificate: certificate, record: record, csr: csr.request, timestamp: timestamp, signature: signature, now: now)
+        return try await reissue(from: certificate, record: record, csr: bytes, action: "renew-expired", method: "proof", now: now)
     }
 
     /// The algorithm a proof of possession uses for a key: ECDSA with SHA-256 (P-256) or SHA-384 (P-384), Ed25519,

@@ -19,6 +19,8 @@ public final class Authority: Sendable {
     public var ca: IssuingCA { caBox.withLock { $0 } }
     public let store: Store
     let logger: Logger
+    /// Proofs of possession already used (kept for as long as they could still be accepted).
+    let proofs = ProofLedger()
     /// The issuing CA's subject as stored in every record it issues (computed once).
     let issuerDescription: String
 
@@ -208,13 +210,18 @@ public final class Authority: Sendable {
     }
 
     /// Sets the plain-HTTP base URL placed in certificates issued from now on (CRL distribution point `URL/crl`, OCSP
-    /// `URL/ocsp`), here and, through the database, in every other process using this state directory.
-    public func setHTTPPublicURL(_ url: String, actor: String, now: Date = .now) async throws {
-        let trimmed = url.hasSuffix("/") ? String(url.dropLast()) : url
-        if try await store.metadata(Self.httpPublicURLKey) != trimmed {
+    /// `URL/ocsp`), here and, through the database, in every other process using this state directory (the CLI issues
+    /// the same extensions as the server). `explicit`: set by a person (`init`/`config`/`serve --http-public-url`), kept
+    /// across restarts; otherwise derived from the listener by `serve`, and derived again at its next start.
+    public func setHTTPPublicURL(_ url: String, explicit: Bool = true, actor: String, now: Date = .now) async throws {
+        let trimmed = try Self.validatedHTTPPublicURL(url)
+        let values = [Self.httpPublicURLKey: trimmed, Self.httpPublicURLExplicitKey: explicit ? "true" : "false"]
+        let storedURL = try await store.metadata(Self.httpPublicURLKey)
+        let storedExplicit = try await store.metadata(Self.httpPublicURLExplicitKey)
+        if storedURL != trimmed || storedExplicit != values[Self.httpPublicURLExplicitKey] {
             try await store.setMetadata(
-                [Self.httpPublicURLKey: trimmed],
-                audit: AuditEntry(time: now, actor: actor, action: "configure", subject: Self.httpPublicURLKey, details: ["value": trimmed])
+                values,
+                audit: AuditEntry(time: now, actor: actor, action: "configure", subject: Self.httpPublicURLKey, details: ["value": trimmed, "explicit": "\(explicit)"])
             )
         }
         caBox.withLock {
@@ -223,8 +230,45 @@ public final class Authority: Sendable {
         }
     }
 
+    /// The recorded base URL for CRL and OCSP, and whether a person set it (nil: none yet).
+    public func httpPublicURL() async throws -> (url: String, explicit: Bool)? {
+        guard let url = try await store.metadata(Self.httpPublicURLKey) else { return nil }
+        // Recorded before the flag existed: treat as set by a person, so it is not silently replaced.
+        return (url, (try await store.metadata(Self.httpPublicURLExplicitKey)) != "false")
+    }
+
+    /// Checks a base URL for certificates: `http://HOST[:PORT][/PATH]` (RFC 5280 and RFC 6960 fetches are plain HTTP;
+    /// HTTPS would need revocation checking to check revocation), never the unspecified address, which no client can
+    /// reach. Returns it without a trailing slash.
+    public static func validatedHTTPPublicURL(_ text: String) throws -> String {
+        let trimmed = text.hasSuffix("/") ? String(text.dropLast()) : text
+        guard let url = URL(string: trimmed), url.scheme == "http", let host = url.host, !host.isEmpty,
+              url.query == nil, url.fragment == nil, url.user == nil, !trimmed.contains(where: { $0.isWhitespace })
+        else {
+            throw PKIError(.malformedInput, "invalid --http-public-url '\(text.prefix(100))': expected http://HOST[:PORT][/PATH] (CRL and OCSP are fetched over plain HTTP)")
+        }
+        if Self.isUnspecifiedHost(host) {
+            throw PKIError(.malformedInput, "invalid --http-public-url '\(text.prefix(100))': \(host) is the unspecified address, which no client can reach; use the name or address other hosts use")
+        }
+        return trimmed
+    }
+
+    /// 0.0.0.0 or :: (listen on every address; never a destination).
+    public static func isUnspecifiedHost(_ host: String) -> Bool {
+        let bare = host.trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
+        return bare == "0.0.0.0" || bare == "::" || bare == "0:0:0:0:0:0:0:0"
+    }
+
+    /// localhost, 127.0.0.0/8 or ::1: reachable from this host only.
+    public static func isLoopbackHost(_ host: String) -> Bool {
+        let bare = host.trimmingCharacters(in: CharacterSet(charactersIn: "[]")).lowercased()
+        return bare == "localhost" || bare.hasSuffix(".localhost") || bare == "::1" || bare.hasPrefix("127.")
+    }
+
     /// Metadata key holding the plain-HTTP base URL placed in certificates (CRL distribution point, OCSP in AIA).
     public static let httpPublicURLKey = "http_public_url"
+    /// Metadata key: "true" when a person set the URL, "false" when `serve` derived it from its listener.
+    public static let httpPublicURLExplicitKey = "http_public_url_explicit"
 
     public func close() async throws {
         try await store.close()
@@ -342,5 +386,22 @@ public final class Authority: Sendable {
     /// Lowercase hex without colons or spaces.
     public static func normalizeSerial(_ serial: String) -> String {
         serial.lowercased().filter { $0 != ":" && !$0.isWhitespace }
+    }
+}
+
+/// Remembers proof-of-possession signatures until their timestamps fall out of the acceptance window, so each proof
+/// issues at most one certificate. In memory: a replica that restarts, or another replica, may accept a replay within
+/// five minutes, which yields a second certificate for the same CSR key — useless to anyone without that key.
+final class ProofLedger: Sendable {
+    private let seen = Mutex<[String: Date]>([:])
+
+    /// True the first time `digest` is presented; false for a replay.
+    func claim(_ digest: String, until expiry: Date, now: Date) -> Bool {
+        seen.withLock { seen in
+            if seen.count > 4096 { seen = seen.filter { $0.value > now } }
+            if let until = seen[digest], until > now { return false }
+            seen[digest] = expiry
+            return true
+        }
     }
 }

@@ -23,6 +23,16 @@ public struct AuthorityError: Error, Hashable, Sendable, CustomStringConvertible
         public static let certificateRefused = Code("certificate-refused")
         /// The request is understood but refused by policy (renewal of an expired certificate outside the grace window).
         public static let forbidden = Code("forbidden")
+        /// A proof of possession that is malformed or does not verify against the certificate's key.
+        public static let proofInvalid = Code("proof-invalid")
+        /// A proof of possession whose timestamp is more than five minutes from the authority's clock.
+        public static let proofStale = Code("proof-stale")
+        /// A proof of possession that was already used.
+        public static let proofReplayed = Code("proof-replayed")
+        /// `/v1/renew-expired` is off on this authority (`--renew-expired-grace` not set).
+        public static let renewExpiredDisabled = Code("renew-expired-disabled")
+        /// The certificate expired longer ago than the renewal grace window.
+        public static let beyondGrace = Code("beyond-grace")
         public var description: String { name }
     }
 

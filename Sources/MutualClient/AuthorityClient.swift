@@ -25,8 +25,19 @@ public struct Enrollment: Sendable {
     public var chain: [Certificate]
     public var serial: String
     public var notAfter: Date
+    /// How the authority will renew this certificate (`mtls` or `proof`); nil from an authority that does not say.
+    public var renewal: String?
     /// The authority's `Date` header.
     public var serverDate: Date?
+
+    public init(certificate: Certificate, chain: [Certificate], serial: String, notAfter: Date, renewal: String?, serverDate: Date?) {
+        self.certificate = certificate
+        self.chain = chain
+        self.serial = serial
+        self.notAfter = notAfter
+        self.renewal = renewal
+        self.serverDate = serverDate
+    }
 }
 
 /// The project's own client for the authority API, over HTTPS with an optional client certificate (mTLS).
@@ -73,18 +84,28 @@ public final class AuthorityClient: Sendable {
         try await enrollment(path: "/v1/renew", body: ["csr": csrPEM], bearer: nil)
     }
 
+    /// Renews a current certificate that cannot be a TLS client (no clientAuth EKU: a server certificate) with a proof
+    /// of possession of its key, over server-authenticated TLS (see docs/api.md).
+    public func renewByProof(certificate: Certificate, key: Certificate.PrivateKey, csr: CertificateSigningRequest, now: Date = .now) async throws -> Enrollment {
+        try await enrollment(path: "/v1/renew", body: try Self.proofBody(purpose: "mutual-renew-v1", certificate: certificate, key: key, csr: csr, now: now), bearer: nil)
+    }
+
     /// Renews an expired certificate with proof of possession of its key (see docs/api.md).
     public func renewExpired(certificate: Certificate, oldKey: Certificate.PrivateKey, csr: CertificateSigningRequest, now: Date = .now) async throws -> Enrollment {
+        try await enrollment(path: "/v1/renew-expired", body: try Self.proofBody(purpose: "mutual-renew-expired-v1", certificate: certificate, key: oldKey, csr: csr, now: now), bearer: nil)
+    }
+
+    /// `{certificate, csr, timestamp, signature}`: the key signs `<purpose>\n<timestamp>\n<hex SHA-256 of the CSR's DER>`.
+    static func proofBody(purpose: String, certificate: Certificate, key: Certificate.PrivateKey, csr: CertificateSigningRequest, now: Date) throws -> [String: String] {
         let timestamp = now.formatted(.iso8601)
         var serializer = DER.Serializer()
         try serializer.serialize(csr)
-        let statement = Array("mutual-renew-expired-v1\n\(timestamp)\n\(sha256Hex(serializer.serializedBytes))".utf8)
-        let algorithm = Self.proofAlgorithm(oldKey)
-        let signature = try oldKey.sign(bytes: statement, signatureAlgorithm: algorithm)
-        return try await enrollment(path: "/v1/renew-expired", body: [
+        let statement = Array("\(purpose)\n\(timestamp)\n\(sha256Hex(serializer.serializedBytes))".utf8)
+        let signature = try key.sign(bytes: statement, signatureAlgorithm: proofAlgorithm(key))
+        return [
             "certificate": try PEMBundle.pem([certificate]), "csr": try csr.serializeAsPEM().pemString,
             "timestamp": timestamp, "signature": Data(signature.rawRepresentation).base64EncodedString(),
-        ], bearer: nil)
+        ]
     }
 
     static func proofAlgorithm(_ key: Certificate.PrivateKey) -> Certificate.SignatureAlgorithm {
@@ -111,7 +132,7 @@ public final class AuthorityClient: Sendable {
         }
         let certificate = try PEMBundle.certificates(fromPEM: certificatePEM)[0]
         return Enrollment(certificate: certificate, chain: try PEMBundle.certificates(fromPEM: chainPEM), serial: serial,
-                          notAfter: certificate.notValidAfter, serverDate: date)
+                          notAfter: certificate.notValidAfter, renewal: object["renewal"] as? String, serverDate: date)
     }
 
     func send(path: String, method: HTTPMethod, body: [String: String]?, bearer: String?) async throws -> ([UInt8], Date?) {

@@ -109,6 +109,7 @@ public struct AuthorityServer: Sendable {
         if let http = configuration.httpListen {
             try await Self.checkAvailable(host: http.host, port: http.port, flag: "--http-listen")
         }
+        let revocationURL = try await planRevocationURL()
         var plainPort: Task<Int, Never>?
         var plainPorts: AsyncStream<Int>.Continuation?
         var dns: [String] = []
@@ -178,7 +179,9 @@ public struct AuthorityServer: Sendable {
         let timeout = TimeAmount.nanoseconds(Int64(configuration.idleTimeout.components.seconds) * 1_000_000_000)
         let app = Application(
             router: router,
-            server: try .tls(.http1(configuration: .init(idleTimeout: timeout)), tlsConfiguration: try credentials.tlsConfiguration()),
+            server: .loggedTLS(
+                http1: .init(idleTimeout: timeout), tls: .init(tlsConfiguration: try credentials.tlsConfiguration()), metrics: metrics
+            ),
             configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: nil),
             onServerRunning: { channel in
                 let port = channel.localAddress?.port ?? 0
@@ -206,13 +209,58 @@ public struct AuthorityServer: Sendable {
                 try await group.run()
             }
             if let bound = plainPort, let http = configuration.httpListen, case let port = await bound.value, port > 0 {
-                let url = configuration.httpPublicURL ?? "http://\(http.host.contains(":") ? "[\(http.host)]" : http.host):\(port)"
-                try await authority.setHTTPPublicURL(url, actor: "mutual-serve")
+                if case .deriveFromListener = revocationURL {
+                    let url = "http://\(http.host.contains(":") ? "[\(http.host)]" : http.host):\(port)"
+                    try await authority.setHTTPPublicURL(url, explicit: false, actor: "mutual-serve")
+                    warnIfLocalOnly(url)
+                }
                 await onHTTPListening(port)
             }
             try await tasks.next()
             tasks.cancelAll()
         }
+    }
+
+    enum RevocationURLPlan {
+        case recorded
+        case deriveFromListener
+    }
+
+    /// Decides the CRL/OCSP base URL placed in certificates before anything listens: `--http-public-url` when given
+    /// (recorded), else the one a person recorded (`init`/`config`), else the plain listener's address — unless that
+    /// is the unspecified address, which no client can reach: refused, naming the flag that fixes it.
+    func planRevocationURL() async throws -> RevocationURLPlan {
+        if let explicit = configuration.httpPublicURL {
+            try await authority.setHTTPPublicURL(explicit, explicit: true, actor: "mutual-serve")
+            warnIfLocalOnly(explicit)
+            return .recorded
+        }
+        if let recorded = try await authority.httpPublicURL(), recorded.explicit {
+            warnIfLocalOnly(recorded.url)
+            return .recorded
+        }
+        guard let http = configuration.httpListen else {
+            logger.warning("certificates will carry no CRL or OCSP URL: --http-listen is off and no --http-public-url is recorded", metadata: ["code": "revocation-url-missing"])
+            return .recorded
+        }
+        if Authority.isUnspecifiedHost(http.host) {
+            throw ServeRefusal(
+                code: "revocation-url-unreachable",
+                message: "--http-listen \(http.host.contains(":") ? "[\(http.host)]" : http.host):\(http.port) listens on every address, so certificates cannot point at it: give --http-public-url http://NAME:\(http.port == 0 ? "PORT" : String(http.port)) with the name other hosts use (or record it once with `mutual config --http-public-url`)"
+            )
+        }
+        return .deriveFromListener
+    }
+
+    /// Says loudly when certificates would point at a loopback URL while this authority serves other hosts.
+    func warnIfLocalOnly(_ url: String) {
+        guard let host = URL(string: url)?.host, Authority.isLoopbackHost(host) else { return }
+        let listeners = [configuration.host] + (configuration.httpListen.map { [$0.host] } ?? [])
+        guard listeners.contains(where: { !Authority.isLoopbackHost($0) }) || configuration.publicURL.map({ !Authority.isLoopbackHost($0.host ?? "") }) == true else { return }
+        logger.warning(
+            "certificates will carry CRL and OCSP URLs at \(url), which only this host can reach, while the authority listens for other hosts: set --http-public-url http://NAME:PORT",
+            metadata: ["code": "revocation-url-loopback", "url": "\(url)"]
+        )
     }
 
     /// Binds `host:port` once and releases it; throws ``ListenError`` naming `flag` when it cannot be bound (busy, not
@@ -228,6 +276,13 @@ public struct AuthorityServer: Sendable {
             throw ListenError(flag: flag, address: "\(host.contains(":") ? "[\(host)]" : host):\(port)", reason: ListenError.describe(error))
         }
     }
+}
+
+/// A configuration `serve` refuses before starting: a stable code and words for people.
+public struct ServeRefusal: Error, CustomStringConvertible, Sendable {
+    public var code: String
+    public var message: String
+    public var description: String { message }
 }
 
 /// A listener that cannot be bound: the flag, the address and why. The server has not started anything.

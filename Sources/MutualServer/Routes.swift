@@ -12,8 +12,12 @@ struct SignRequest: Decodable {
     var validity: String?
 }
 
+/// Over mTLS only `csr`; without a client certificate, the current certificate and a proof of possession of its key.
 struct RenewRequest: Decodable {
     var csr: String
+    var certificate: String?
+    var timestamp: String?
+    var signature: String?
 }
 
 struct RenewExpiredRequest: Decodable {
@@ -34,6 +38,8 @@ struct IssuedResponse: Encodable {
     var serial: String
     var not_after: String
     var identity: String
+    /// How this certificate renews: `mtls` (it can be a TLS client) or `proof` (proof of possession in the body).
+    var renewal: String
 }
 
 /// The handlers. Each decides, through the authority, and maps errors to problems only via ``ProblemMiddleware``.
@@ -102,7 +108,8 @@ struct AuthorityRoutes: Sendable {
         let leaf = PEMCodec.encode(issued.record.der, label: "CERTIFICATE")
         return try json(IssuedResponse(
             certificate: leaf, chain: leaf + (try PEMBundle.pem(Array(issued.chain.dropFirst()))),
-            serial: issued.record.serial, not_after: AuditChain.format(issued.record.notAfter), identity: issued.record.identity
+            serial: issued.record.serial, not_after: AuditChain.format(issued.record.notAfter), identity: issued.record.identity,
+            renewal: Authority.renewalMethod(for: issued.certificate).rawValue
         ))
     }
 
@@ -155,11 +162,20 @@ struct AuthorityRoutes: Sendable {
 
     func renew(_ request: Request, _ context: APIContext) async throws -> Response {
         try await measured("renewal", route: "/v1/renew") {
-            guard let certificate = try await context.peerCertificate() else {
-                throw AuthorityError(.unauthenticated, "renewal needs the current certificate as the TLS client certificate")
-            }
             let body = try await decode(RenewRequest.self, from: request, context: context)
-            return try issuedResponse(try await authority.renew(current: certificate, csr: Array(body.csr.utf8)))
+            if let certificate = try await context.peerCertificate() {
+                return try issuedResponse(try await authority.renew(current: certificate, csr: Array(body.csr.utf8)))
+            }
+            guard let certificatePEM = body.certificate, let timestamp = body.timestamp, let signatureText = body.signature else {
+                throw AuthorityError(.unauthenticated, "renewal needs the current certificate: as the TLS client certificate, or in the body with a proof of possession of its key (certificate, timestamp, signature)")
+            }
+            let certificate = try PEMBundle.certificates(fromPEM: certificatePEM, what: "certificate")[0]
+            guard let signature = Data(base64Encoded: signatureText) else {
+                throw Problem(.badRequest, code: "malformed-signature", title: "Bad Request", detail: "signature must be base64")
+            }
+            return try issuedResponse(try await authority.renewByProof(
+                current: certificate, csr: Array(body.csr.utf8), timestamp: timestamp, signature: Array(signature)
+            ))
         }
     }
 

@@ -23,6 +23,14 @@ final class ServerMetrics: Sendable {
         ).increment()
     }
 
+    /// `mutual_tls_handshake_failures_total{reason}`: BoringSSL's reason code for each failed handshake.
+    func countHandshakeFailure(reason: String) {
+        registry.makeCounter(
+            descriptor: .init(metricName: "mutual_tls_handshake_failures", unitName: "total", helpText: "Failed TLS handshakes on the authority's listener by BoringSSL reason"),
+            labels: [("reason", reason)]
+        ).increment()
+    }
+
     /// `mutual_request_duration_seconds{route}`.
     func observe(route: String, since start: ContinuousClock.Instant) {
         registry.makeDurationHistogram(

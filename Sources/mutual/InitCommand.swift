@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import MutualAuthority
 import MutualPKI
+import MutualStore
 
 struct InitCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -35,11 +36,15 @@ struct InitCommand: AsyncParsableCommand {
     @Flag(help: "Encrypt the CA keys with a passphrase (from MUTUAL_PASSPHRASE or a prompt).")
     var encryptKeys = false
 
+    @Option(help: "Base URL other hosts use to fetch the CRL (URL/crl) and ask OCSP (URL/ocsp), http://HOST[:PORT]; placed in every certificate, by the CLI and by `serve` alike (change it later with `mutual config`).")
+    var httpPublicURL: String?
+
     @Flag(help: "Print the result as JSON.")
     var json = false
 
     func run() async throws {
         let state = stateOptions.state
+        if let httpPublicURL { _ = try await failing { try Authority.validatedHTTPPublicURL(httpPublicURL) } }
         var passphrase: String?
         if let env = ProcessInfo.processInfo.environment["MUTUAL_PASSPHRASE"], !env.isEmpty {
             passphrase = env
@@ -57,11 +62,20 @@ struct InitCommand: AsyncParsableCommand {
                 databaseURL: stateOptions.databaseURL
             )
         }
+        if let httpPublicURL {
+            try await failing {
+                let authority = try await Authority.open(state: state, passphrase: { passphrase }, databaseURL: stateOptions.databaseURL)
+                defer { Task { try? await authority.close() } }
+                try await authority.setHTTPPublicURL(httpPublicURL, explicit: true, actor: cliActor)
+            }
+        }
         if json {
-            try printJSON([
+            var object = [
                 "state_dir": state.path, "root": state.rootCertificatePath, "intermediate": state.intermediateCertificatePath,
                 "root_fingerprint": result.rootFingerprint, "admin_cert": state.adminDirectory + "/cert.pem",
-            ])
+            ]
+            if let httpPublicURL { object["http_public_url"] = try Authority.validatedHTTPPublicURL(httpPublicURL) }
+            try printJSON(object)
             return
         }
         print("Created CA \"\(name)\" in \(state.path)")
@@ -70,6 +84,11 @@ struct InitCommand: AsyncParsableCommand {
         print("  keys:          \(state.caDirectory)/*.key  (mode 0600\(passphrase != nil ? ", encrypted" : ""))")
         print("  admin client:  \(state.adminDirectory)/cert.pem")
         print("  root SHA-256:  \(result.rootFingerprint)")
+        if let httpPublicURL {
+            print("  CRL and OCSP:  \(try Authority.validatedHTTPPublicURL(httpPublicURL))/crl, /ocsp  (in every certificate)")
+        } else {
+            print("  CRL and OCSP:  not set yet: `mutual serve` records its --http-public-url (or listener); set it now with `mutual config --http-public-url http://NAME:9080`")
+        }
         print("Take the root key offline once you no longer need to re-issue the intermediate: see docs/operations.md.")
     }
 }
@@ -83,9 +102,61 @@ struct RootCRLCommand: AsyncParsableCommand {
 
     @OptionGroup var stateOptions: StateOptions
 
+    @Flag(help: "Print the result as JSON.")
+    var json = false
+
     func run() async throws {
         let state = stateOptions.state
         let result = try await failing { try Authority.refreshRootCRL(state: state, passphrase: Passphrase.read) }
+        if json {
+            try printJSON(["path": state.rootCRLPath, "number": String(result.number), "next_update": AuditChain.format(result.nextUpdate)])
+            return
+        }
         print("Signed root CRL #\(result.number) in \(state.rootCRLPath), valid until \(result.nextUpdate)")
+    }
+}
+
+struct ConfigCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "config",
+        abstract: "Show or change the CA's settings kept in its inventory (shared by the CLI and every `serve`).",
+        discussion: """
+            --http-public-url sets the base URL placed in certificates issued from now on: CRL distribution point
+            URL/crl and OCSP URL/ocsp. Certificates already issued keep the URLs they carry.
+            """
+    )
+
+    @OptionGroup var stateOptions: StateOptions
+
+    @Option(help: "Base URL for CRL and OCSP in new certificates, http://HOST[:PORT][/PATH].")
+    var httpPublicURL: String?
+
+    @Flag(help: "Print the result as JSON.")
+    var json = false
+
+    func run() async throws {
+        let authority = try await stateOptions.openAuthority()
+        defer { Task { try? await authority.close() } }
+        if let httpPublicURL {
+            try await failing { try await authority.setHTTPPublicURL(httpPublicURL, explicit: true, actor: cliActor) }
+        }
+        let current = try await failing { try await authority.httpPublicURL() }
+        if json {
+            var object: [String: String] = [:]
+            if let current {
+                object["http_public_url"] = current.url
+                object["http_public_url_source"] = current.explicit ? "set" : "serve-listener"
+            }
+            try printJSON(object)
+            return
+        }
+        if let current {
+            print("http-public-url: \(current.url)  (\(current.explicit ? "set" : "from serve's --http-listen"); CRL \(current.url)/crl, OCSP \(current.url)/ocsp)")
+            if let host = URL(string: current.url)?.host, Authority.isLoopbackHost(host) {
+                print("warning: \(host) is reachable from this host only; other hosts cannot check revocation")
+            }
+        } else {
+            print("http-public-url: not set: certificates carry no CRL or OCSP URL until `mutual serve` runs or this is set")
+        }
     }
 }

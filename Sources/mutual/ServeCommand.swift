@@ -45,9 +45,7 @@ struct ServeCommand: AsyncParsableCommand {
         let (host, port) = try await failing { try AuthorityServer.Configuration.parseListen(listen) }
         let http = httpListen == "off" ? nil : try await failing { try AuthorityServer.Configuration.parseListen(httpListen) }
         if let httpPublicURL {
-            guard let parsed = URL(string: httpPublicURL), parsed.scheme == "http" || parsed.scheme == "https", parsed.host != nil else {
-                throw CommandFailure("invalid --http-public-url '\(httpPublicURL)': expected http://HOST[:PORT]", exitCode: 2)
-            }
+            _ = try await failing { try Authority.validatedHTTPPublicURL(httpPublicURL) }
         }
         var url: URL?
         if let publicURL {
@@ -81,6 +79,9 @@ struct ServeCommand: AsyncParsableCommand {
         } catch let error as ListenError {
             try? await authority.close()
             throw CommandFailure("\(error)", exitCode: 2)
+        } catch let error as ServeRefusal {
+            try? await authority.close()
+            throw CommandFailure("\(error.message) [\(error.code)]", exitCode: 2)
         } catch {
             try? await authority.close()
             throw CommandFailure("serve stopped: \(error)")

@@ -2,6 +2,7 @@ import Foundation
 import MutualAuthority
 import MutualPKI
 import MutualStore
+import SwiftASN1
 import Testing
 import TestSupport
 import X509
@@ -22,6 +23,84 @@ struct AuthorityTests {
         } catch {
             try? await authority.close()
             throw error
+        }
+    }
+
+    /// A proof of possession of `key` over `csr`, as the agent makes it.
+    static func proof(_ purpose: Authority.ProofPurpose, key: Certificate.PrivateKey, csr: CertificateSigningRequest, at time: Date) throws -> (String, [UInt8]) {
+        let timestamp = time.formatted(.iso8601)
+        var serializer = DER.Serializer()
+        try serializer.serialize(csr)
+        let statement = Authority.proofStatement(purpose: purpose, timestamp: timestamp, csrDER: serializer.serializedBytes)
+        let signature = try key.sign(bytes: statement, signatureAlgorithm: key.preferredSignatureAlgorithm)
+        return (timestamp, Array(signature.rawRepresentation))
+    }
+
+    @Test("a server certificate (no clientAuth) renews with a proof of possession; stale, forged, replayed, cross-purpose proofs and revoked certificates are refused by code")
+    func renewalByProof() async throws {
+        try await withAuthority { authority, _ in
+            let now = Date.now
+            for type in [KeyType.p256, .p384, .ed25519] {
+                let key = try type.generate()
+                let current = try await authority.issue(
+                    .init(profile: .server, publicKey: key.publicKey, dnsNames: ["web.example.org"], validity: .hours(1)), owner: "web", requester: "test",
+                    now: now.addingTimeInterval(-2400)
+                )
+                #expect(Authority.renewalMethod(for: current.certificate) == .proof)
+                let newKey = try KeyType.p256.generate()
+                let csr = try TestPKI.csr(key: newKey, commonName: nil, sans: [.dnsName("other.example.org")])
+                let csrPEM = Array(try csr.serializeAsPEM().pemString.utf8)
+
+                // A proof made for renew-expired is not a proof for renewal, a stale one is refused, a forged one too.
+                let (crossTime, crossSignature) = try Self.proof(.renewExpired, key: key, csr: csr, at: now)
+                await #expect(throws: AuthorityError.self) {
+                    try await authority.renewByProof(current: current.certificate, csr: csrPEM, timestamp: crossTime, signature: crossSignature, now: now)
+                }
+                let codeOf: (Authority.ProofPurpose, Certificate.PrivateKey, Date) async -> String? = { purpose, signer, time in
+                    do {
+                        let (timestamp, signature) = try Self.proof(purpose, key: signer, csr: csr, at: time)
+                        _ = try await authority.renewByProof(current: current.certificate, csr: csrPEM, timestamp: timestamp, signature: signature, now: now)
+                        return nil
+                    } catch let error as AuthorityError {
+                        return error.code.name
+                    } catch {
+                        return "\(error)"
+                    }
+                }
+                #expect(await codeOf(.renewExpired, key, now) == "proof-invalid")
+                #expect(await codeOf(.renew, key, now.addingTimeInterval(-301)) == "proof-stale")
+                #expect(await codeOf(.renew, newKey, now) == "proof-invalid", "signed by the new key, not the current one")
+
+                let (timestamp, signature) = try Self.proof(.renew, key: key, csr: csr, at: now.addingTimeInterval(-60))
+                let renewed = try await authority.renewByProof(current: current.certificate, csr: csrPEM, timestamp: timestamp, signature: signature, now: now)
+                #expect(renewed.certificate.publicKey == newKey.publicKey)
+                #expect(renewed.record.identity == current.record.identity, "the identity comes from the current certificate, not the CSR")
+                #expect(try renewed.certificate.extensions.subjectAlternativeNames.map(Array.init) == [.dnsName("web.example.org")])
+                #expect(renewed.record.requester == "cert:\(current.record.serial)")
+                let event = try await authority.store.auditEvents().last
+                #expect(event?.action == "renew" && event?.details.contains("\"method\":\"proof\"") == true && event?.details.contains("\"renewed_from\":\"\(current.record.serial)\"") == true)
+
+                // The same proof again: refused, nothing issued.
+                let before = try await authority.store.countCertificates()
+                do {
+                    _ = try await authority.renewByProof(current: current.certificate, csr: csrPEM, timestamp: timestamp, signature: signature, now: now)
+                    Issue.record("a replayed proof was accepted")
+                } catch let error as AuthorityError {
+                    #expect(error.code == .proofReplayed)
+                }
+                #expect(try await authority.store.countCertificates() == before)
+
+                // Revoked: refused whatever the proof.
+                _ = try await authority.revoke(serial: renewed.record.serial, reason: .keyCompromise, actor: "test", now: now)
+                let csr2 = try TestPKI.csr(key: try KeyType.p256.generate(), commonName: nil, sans: [])
+                let (t2, s2) = try Self.proof(.renew, key: newKey, csr: csr2, at: now)
+                do {
+                    _ = try await authority.renewByProof(current: renewed.certificate, csr: Array(try csr2.serializeAsPEM().pemString.utf8), timestamp: t2, signature: s2, now: now)
+                    Issue.record("a revoked certificate was renewed")
+                } catch let error as AuthorityError {
+                    #expect(error.code == .certificateRefused)
+                }
+            }
         }
     }
 

@@ -58,4 +58,66 @@ struct AgentAgainstServerTests {
         }
         await server.stop()
     }
+
+    @Test("an agent holding a server certificate (no clientAuth) renews it before expiry by proof of possession; the authority's TLS never sees it as a client")
+    func serverCertificateRenews() async throws {
+        let server = try await ServerHarness.start()
+        let dir = TestPKI.temporaryDirectory("agent-server")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        do {
+            // Enrolled like the README's nginx host: a server-profile token, a DNS identity.
+            let token = try await server.token(scopes: ["web.example.org"], profile: .server)
+            var configuration = try Agent.Configuration(
+                authority: server.baseURL, rootFingerprint: try Authority.fingerprint(server.root), token: token.token,
+                identity: "web.example.org", outDir: dir + "/out", validity: .hours(1), profile: "server"
+            )
+            configuration.requestTimeout = .seconds(10)
+            let enrolling = Agent(configuration: configuration, clock: FixedClock(now: .now), logger: Logger(label: "test"), random: { 0 })
+            guard case .enrolled(let enrolledSerial) = await enrolling.step() else {
+                Issue.record("enrollment failed: \(enrolling.currentStatus.lastError ?? "-")")
+                await server.stop()
+                return
+            }
+            let enrolled = try #require(try Delivery.read(outDir: dir + "/out"))
+            #expect(try enrolled.leaf.extensions.extendedKeyUsage.map(Array.init) == [.serverAuth], "a server-only certificate")
+
+            // Renewal comes due (an early renewal point stands in for time passing; the authority keeps real time).
+            configuration.schedule = RenewalSchedule(fraction: 0.01, jitter: 0)
+            try FileManager.default.removeItem(atPath: AgentStatus.path(outDir: dir + "/out"))
+            let later = Agent(configuration: configuration, clock: FixedClock(now: Date.now.addingTimeInterval(5)), logger: Logger(label: "test"), random: { 0 })
+            let outcome = await later.step()
+            guard case .renewed(let serial) = outcome else {
+                Issue.record("expected a renewal, got \(outcome); status: \(later.currentStatus.lastError ?? "-")")
+                await server.stop()
+                return
+            }
+            let first = enrolledSerial
+            #expect(serial != first)
+            let record = try #require(try await server.authority.store.certificate(serial: serial))
+            #expect(record.requester == "cert:\(first)" && record.identity == "web.example.org" && record.profile == "server")
+            let delivered = try #require(try Delivery.read(outDir: dir + "/out"))
+            #expect(delivered.leaf.serialHex == serial && delivered.leaf.publicKey != enrolled.leaf.publicKey)
+            let event = try await server.authority.store.auditEvents().last
+            #expect(event?.action == "renew" && event?.details.contains("\"method\":\"proof\"") == true)
+        } catch {
+            await server.stop()
+            throw error
+        }
+        await server.stop()
+    }
+
+    @Test("enrollment refuses, before delivering, a certificate the agent could not renew (no clientAuth, no proof renewal offered)")
+    func unrenewableRefused() throws {
+        let ca = try TestPKI.issuingCA(now: .now)
+        let key = try KeyType.p256.generate()
+        let server = try ca.issue(.init(profile: .server, publicKey: key.publicKey, dnsNames: ["web.example.org"]), now: .now)
+        let workload = try ca.issue(.init(profile: .workload, publicKey: key.publicKey, uris: ["spiffe://example.org/web"]), now: .now)
+        let make = { (certificate: Certificate, renewal: String?) in
+            Enrollment(certificate: certificate, chain: [certificate], serial: certificate.serialHex, notAfter: certificate.notValidAfter, renewal: renewal, serverDate: nil)
+        }
+        #expect(throws: AgentError.self) { try Agent.checkRenewable(make(server, nil)) }
+        #expect(throws: AgentError.self) { try Agent.checkRenewable(make(server, "mtls")) }
+        try Agent.checkRenewable(make(server, "proof"))
+        try Agent.checkRenewable(make(workload, nil))
+    }
 }

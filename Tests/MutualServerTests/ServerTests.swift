@@ -2,6 +2,7 @@ import Foundation
 import MutualAuthority
 import MutualClient
 import MutualPKI
+@testable import MutualServer
 import MutualStore
 import NIOCore
 import NIOPosix
@@ -255,13 +256,43 @@ struct ServerTests {
             let late = await #expect(throws: AuthorityClientError.self) {
                 _ = try await client.renewExpired(certificate: ancient.certificate, oldKey: key, csr: csr)
             }
-            #expect(late?.detail.contains("grace") == true)
+            #expect(late?.type == "urn:mutual:problem:beyond-grace")
             try await client.shutdown()
         } catch {
             await server.stop()
             throw error
         }
         await server.stop()
+    }
+
+    @Test("a client refused at the TLS handshake (a server-only certificate used as a client's) is counted by reason on the authority, not lost")
+    func handshakeRefusalsCounted() async throws {
+        let server = try await ServerHarness.start()
+        do {
+            let key = try KeyType.p256.generate()
+            let issued = try await server.authority.issue(.init(profile: .server, publicKey: key.publicKey, dnsNames: ["web.example.org"]), owner: nil, requester: "test")
+            try PEMBundle.pem(issued.chain).write(toFile: server.dir + "/s.pem", atomically: true, encoding: .utf8)
+            try KeyFile.pem(for: key, passphrase: nil).write(toFile: server.dir + "/s.key", atomically: true, encoding: .utf8)
+            let (refused, _) = try await server.curl("/healthz", clientCert: (cert: server.dir + "/s.pem", key: server.dir + "/s.key"))
+            #expect(refused != 200)
+            let (code, metrics) = try await server.curl("/metrics")
+            #expect(code == 200)
+            let line = metrics.split(separator: "\n").first { $0.hasPrefix("mutual_tls_handshake_failures_total{") }
+            #expect(line != nil, "no handshake failure counted")
+            #expect(line?.hasSuffix(" 1") == true, "\(line ?? "-")")
+        } catch {
+            await server.stop()
+            throw error
+        }
+        await server.stop()
+    }
+
+    @Test("BoringSSL reason codes become bounded metric labels")
+    func handshakeReasonCodes() {
+        #expect(HandshakeFailureLogger.reasonCode("sslError([Error: 268436499 error:10000413:SSL routines:OPENSSL_internal:SSLV3_ALERT_UNSUPPORTED_CERTIFICATE at x.cc:491])") == "sslv3_alert_unsupported_certificate")
+        #expect(HandshakeFailureLogger.reasonCode("a:OPENSSL_internal:FIRST b:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED at y") == "certificate_verify_failed")
+        #expect(HandshakeFailureLogger.reasonCode("garbage") == "other")
+        #expect(HandshakeFailureLogger.reasonCode("OPENSSL_internal:") == "other")
     }
 
     @Test("a slow client that stops sending is disconnected by the idle timeout")

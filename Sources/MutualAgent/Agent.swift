@@ -42,7 +42,7 @@ public final class Agent: Sendable {
             self.rootFingerprint = try normalizedFingerprint(rootFingerprint)
             self.token = token
             if identity.contains("://") {
-                if identity.hasPrefix("spiffe://") { _ = try Names.SPIFFEID(parsing: identity) } else { _ = try Names.validatedURI(identity) }
+                if identity.hasPrefix("spiffe://") { try Names.requireWorkloadPath(identity) } else { _ = try Names.validatedURI(identity) }
             } else {
                 _ = try Names.normalizedDNSName(identity, allowWildcard: false)
             }

@@ -219,7 +219,7 @@ extension Authority {
         grace: ValidityDuration?, now: Date = .now
     ) async throws -> IssuedCertificate {
         guard let grace else {
-            throw AuthorityError(.renewExpiredDisabled, "renewal of expired certificates is disabled on this authority (see --renew-expired-grace); a new token is needed")
+            throw AuthorityError(.renewExpiredDisabled, "renewal of expired certificates is disabled on this authority (see --renew-expired-grace)")
         }
         let record = try await checkPresented(certificate, now: now, allowExpired: true)
         let actor = "cert:\(record.serial)"

@@ -10,6 +10,8 @@ public struct ChainVerifier: Sendable {
         case dns(String)
         case ip(String)
         case email(String)
+        /// A URI SAN, compared exactly (a SPIFFE ID: `spiffe://trust.domain/path`).
+        case uri(String)
     }
 
     public struct Options: Sendable {
@@ -217,7 +219,7 @@ struct ExtendedKeyUsagePolicy: VerifierPolicy {
     }
 }
 
-/// Peer name matching on SANs only: DNS (with a whole-leftmost-label wildcard), IP and email. The subject common
+/// Peer name matching on SANs only: DNS (with a whole-leftmost-label wildcard), IP, email and URI (exact). The subject common
 /// name is never consulted.
 struct PeerNamePolicy: VerifierPolicy {
     let peerName: ChainVerifier.PeerName?
@@ -251,6 +253,11 @@ struct PeerNamePolicy: VerifierPolicy {
                 return .meetsPolicy
             }
             return .failsToMeetPolicy(reason: "the certificate is not valid for email address \(address)")
+        case .uri(let wanted):
+            for case .uniformResourceIdentifier(let name) in sans where name == wanted {
+                return .meetsPolicy
+            }
+            return .failsToMeetPolicy(reason: "the certificate does not carry the URI \(wanted) (no matching URI SAN)")
         }
     }
 

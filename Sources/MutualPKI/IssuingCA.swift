@@ -220,6 +220,7 @@ public struct IssuingCA: Sendable {
                     "profile workload needs exactly one URI SAN and it must be a spiffe:// ID (got \(names.uris.count) URI SAN(s)\(names.uris.isEmpty ? "" : ": " + names.uris.joined(separator: ", ")))"
                 )
             }
+            try Names.requireWorkloadPath(spiffe[0])
         case .ocspSigner:
             guard hasCommonName, names.dns.isEmpty, names.ips.isEmpty, names.uris.isEmpty else {
                 throw PKIError(.profileViolation, "profile ocspSigner needs a common name and no SANs")

@@ -117,6 +117,15 @@ public enum Names {
         }
     }
 
+    /// A workload's SPIFFE ID names a workload, so it has a path: `spiffe://acme.test` alone is the trust domain's own
+    /// ID, never a workload's (SPIFFE X.509-SVID: the leaf's ID must not be the trust domain ID).
+    public static func requireWorkloadPath(_ text: String) throws {
+        let id = try SPIFFEID(parsing: text)
+        guard !id.path.isEmpty else {
+            throw PKIError(.invalidName, "'\(text.prefix(80))' is a trust domain ID, not a workload ID: add a path, e.g. \(id.description)/ns/prod/sa/api")
+        }
+    }
+
     /// Validates a URI SAN that is not a SPIFFE ID: an absolute URI with a scheme and no spaces or control characters.
     public static func validatedURI(_ text: String) throws -> String {
         if text.hasPrefix("spiffe:") {

@@ -11,7 +11,7 @@ public struct ValidityDuration: Hashable, Sendable, Comparable, Codable, CustomS
     public init(parsing text: String) throws {
         let trimmed = text.trimmingCharacters(in: .whitespaces)
         guard !trimmed.isEmpty, trimmed.count <= 32 else {
-            throw PKIError(.invalidDuration, "invalid duration '\(text.prefix(40))': expected a number and a unit, like 90s, 24h or 30d")
+            throw PKIError(.invalidDuration, "invalid duration '\(text.prefix(40))': expected a number and a unit: \(Self.units)")
         }
         var total: Int64 = 0
         var digits = ""
@@ -29,7 +29,7 @@ public struct ValidityDuration: Hashable, Sendable, Comparable, Codable, CustomS
             case "d": unit = 86_400
             case "w": unit = 7 * 86_400
             default:
-                throw PKIError(.invalidDuration, "invalid duration '\(text)': unknown unit '\(ch)' (use s, m, h, d or w)")
+                throw PKIError(.invalidDuration, "invalid duration '\(text)': unknown unit '\(ch)' (\(Self.units))")
             }
             guard let value = Int64(digits) else {
                 throw PKIError(.invalidDuration, "invalid duration '\(text)': a number must come before '\(ch)'")
@@ -44,13 +44,16 @@ public struct ValidityDuration: Hashable, Sendable, Comparable, Codable, CustomS
             sawUnit = true
         }
         guard digits.isEmpty, sawUnit else {
-            throw PKIError(.invalidDuration, "invalid duration '\(text)': missing unit (write 90s, 24h or 30d)")
+            throw PKIError(.invalidDuration, "invalid duration '\(text)': missing unit (\(Self.units))")
         }
         guard total > 0 else {
             throw PKIError(.invalidDuration, "invalid duration '\(text)': must be longer than zero")
         }
         self.seconds = total
     }
+
+    /// The units, for error messages.
+    public static let units = "units s, m, h, d, w — e.g. 90s, 15m, 24h, 30d, 2w, 1h30m"
 
     public static func seconds(_ s: Int64) -> Self { .init(seconds: s) }
     public static func minutes(_ m: Int64) -> Self { .init(seconds: m * 60) }

@@ -29,7 +29,10 @@ public enum Principal: Sendable, Hashable, CustomStringConvertible {
                 self = .spiffePrefix(base + "/")
             } else {
                 guard !t.contains("*") else { throw fail("'*' is only allowed as a final '/*'") }
-                do { self = .spiffeID(try Names.SPIFFEID(parsing: t).description) } catch { throw fail("\(error)") }
+                do {
+                    try Names.requireWorkloadPath(t)
+                    self = .spiffeID(try Names.SPIFFEID(parsing: t).description)
+                } catch { throw fail("\(error)") }
             }
         } else if t.hasPrefix("uri:") {
             let value = String(t.dropFirst(4))

@@ -34,7 +34,7 @@ struct AgentCommand: AsyncParsableCommand {
         @Option(help: "Directory for key.pem, cert.pem, chain.pem, bundle.pem and status.json.") var outDir: String
         @Option(help: "Key type: p256|p384|ed25519|rsa2048|rsa3072|rsa4096.") var keyType: KeyType = .p256
         @Option(help: "Renew after this fraction of the lifetime, e.g. 2/3 or 0.5.") var renewAt: String = "2/3"
-        @Option(help: "Requested lifetime at enrollment (within the token's maximum), e.g. 24h.") var validity: ValidityDuration?
+        @Option(help: "Requested lifetime at enrollment (within the token's maximum), e.g. 24h.", transform: ValidityDuration.argument) var validity: ValidityDuration?
         @Option(help: "Profile to request at enrollment (default: the token's).") var profile: String?
         @Option(help: "Command run with /bin/sh after each delivery, e.g. 'systemctl reload nginx'.") var exec: String?
         @Option(help: "Signal sent after each delivery to the process in --pid-file, e.g. HUP.") var signal: String?

@@ -30,7 +30,7 @@ struct InitCommand: AsyncParsableCommand {
     @Option(name: .customLong("permit-uri"), help: "Name constraint: URI prefix the issuing CA may certify, e.g. spiffe://example.org/ns/prod (repeatable).")
     var permitURI: [String] = []
 
-    @Option(help: "Longest leaf validity the CA will sign.")
+    @Option(help: "Longest leaf validity the CA will sign.", transform: ValidityDuration.argument)
     var maxValidity: ValidityDuration = .days(90)
 
     @Flag(help: "Encrypt the CA keys with a passphrase (from MUTUAL_PASSPHRASE or a prompt).")

@@ -12,7 +12,7 @@ struct ListCommand: AsyncParsableCommand {
 
     @OptionGroup var stateOptions: StateOptions
 
-    @Option(help: "Only certificates that expire within this duration (and have not expired yet).")
+    @Option(help: "Only certificates that expire within this duration (and have not expired yet).", transform: ValidityDuration.argument)
     var expiringWithin: ValidityDuration?
 
     @Option(help: "Only certificates for this identity (SPIFFE ID, first SAN or CN).")

@@ -28,7 +28,7 @@ struct IssueCommand: AsyncParsableCommand {
     @Option(help: "URI SAN, e.g. a SPIFFE ID (repeatable).")
     var uri: [String] = []
 
-    @Option(help: "Lifetime, e.g. 24h or 30d (default: the profile's).")
+    @Option(help: "Lifetime, e.g. 24h or 30d (default: the profile's).", transform: ValidityDuration.argument)
     var validity: ValidityDuration?
 
     @Option(help: "Key type: \(KeyType.choices).")
@@ -64,8 +64,10 @@ struct IssueCommand: AsyncParsableCommand {
                 try AtomicFile.write(PEMBundle.pem(issued.chain), to: outDir + "/chain.pem")
                 try AtomicFile.write(PEMBundle.pem([authority.ca.root]), to: outDir + "/root.pem")
             }
+            let carriesURLs = authority.ca.policy.crlURL != nil
             try await authority.close()
             try report(issued.record, outFiles: ["key.pem", "cert.pem", "chain.pem", "root.pem"].map { outDir + "/" + $0 }, json: json)
+            if !carriesURLs { warnNoRevocationURL() }
         } catch {
             try? await authority.close()
             throw error
@@ -88,7 +90,7 @@ struct SignCommand: AsyncParsableCommand {
     @Option(help: "Certificate profile: \(CertificateProfile.leafChoices).")
     var profile: String
 
-    @Option(help: "Lifetime, e.g. 24h or 30d (default: the profile's).")
+    @Option(help: "Lifetime, e.g. 24h or 30d (default: the profile's).", transform: ValidityDuration.argument)
     var validity: ValidityDuration?
 
     @Option(help: "Who owns this certificate (free text, kept in the inventory).")
@@ -96,6 +98,9 @@ struct SignCommand: AsyncParsableCommand {
 
     @Option(help: "Where to write the certificate (PEM).")
     var out: String
+
+    @Option(help: "Also write the chain (certificate, then the issuing intermediate) here, for servers that send it.")
+    var chainOut: String?
 
     @Flag(help: "Print the result as JSON.")
     var json = false
@@ -113,14 +118,24 @@ struct SignCommand: AsyncParsableCommand {
             let issued = try await failing {
                 try await authority.sign(csr: bytes, profile: profile, validity: validity, owner: owner, requester: cliActor)
             }
-            try await failing { try AtomicFile.write(PEMBundle.pem([issued.certificate]), to: out) }
+            try await failing {
+                try AtomicFile.write(PEMBundle.pem([issued.certificate]), to: out)
+                if let chainOut { try AtomicFile.write(PEMBundle.pem(issued.chain), to: chainOut) }
+            }
+            let carriesURLs = authority.ca.policy.crlURL != nil
             try await authority.close()
-            try report(issued.record, outFiles: [out], json: json)
+            try report(issued.record, outFiles: [out] + (chainOut.map { [$0] } ?? []), json: json)
+            if !carriesURLs { warnNoRevocationURL() }
         } catch {
             try? await authority.close()
             throw error
         }
     }
+}
+
+/// Certificates issued before any CRL/OCSP URL is recorded carry none: say so on stderr, with the fix and a code.
+func warnNoRevocationURL() {
+    FileHandle.standardError.write(Data("mutual: note: this certificate carries no CRL or OCSP URL, because none is recorded for this CA yet; set one with `mutual config --http-public-url http://NAME:9080` (or run `mutual serve`) [revocation-url-missing]\n".utf8))
 }
 
 func report(_ record: CertificateRecord, outFiles: [String], json: Bool) throws {

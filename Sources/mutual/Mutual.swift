@@ -135,6 +135,18 @@ func failing<T>(_ body: () async throws -> T) async throws -> T {
     }
 }
 
+extension ValidityDuration {
+    /// `@Option(transform:)` for durations: a bad value is refused with the parser's reason, which lists the units
+    /// (ExpressibleByArgument alone can only say "invalid").
+    static func argument(_ text: String) throws -> ValidityDuration {
+        do {
+            return try ValidityDuration(parsing: text)
+        } catch let error as PKIError {
+            throw ValidationError(error.reason)
+        }
+    }
+}
+
 extension ValidityDuration: ExpressibleByArgument {
     public init?(argument: String) {
         try? self.init(parsing: argument)

@@ -31,10 +31,10 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "Base URL placed in certificates for the CRL (URL/crl) and OCSP (URL/ocsp); default http://<http-listen>.")
     var httpPublicURL: String?
 
-    @Option(help: "Allow /v1/renew-expired for certificates expired at most this long ago (off by default).")
+    @Option(help: "Allow /v1/renew-expired for certificates expired at most this long ago (off by default).", transform: ValidityDuration.argument)
     var renewExpiredGrace: ValidityDuration?
 
-    @Option(help: "Lifetime of the authority's own TLS certificate.")
+    @Option(help: "Lifetime of the authority's own TLS certificate.", transform: ValidityDuration.argument)
     var serverCertValidity: ValidityDuration = .hours(24)
 
     @Option(help: "Log level: trace|debug|info|notice|warning|error|critical.")
@@ -103,8 +103,8 @@ struct TokenCommand: AsyncParsableCommand {
         @OptionGroup var stateOptions: StateOptions
         @Option(name: .customLong("scope"), help: "Names the token may request (repeatable).") var scopes: [String] = []
         @Option(help: "Profile the token issues: \(CertificateProfile.leafChoices).") var profile: String = "workload"
-        @Option(help: "Longest certificate lifetime the token may request.") var maxValidity: ValidityDuration = .hours(24)
-        @Option(help: "How long the token itself can be used.") var ttl: ValidityDuration = .hours(1)
+        @Option(help: "Longest certificate lifetime the token may request.", transform: ValidityDuration.argument) var maxValidity: ValidityDuration = .hours(24)
+        @Option(help: "How long the token itself can be used.", transform: ValidityDuration.argument) var ttl: ValidityDuration = .hours(1)
         @Option(help: "How many certificates it may issue.") var uses: Int = 1
         @Option(help: "Owner recorded on the token and on certificates issued with it.") var owner: String?
         @Flag(help: "Print JSON (with id and token).") var json = false
@@ -160,6 +160,7 @@ struct TokenCommand: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Revoke a token so it can no longer be used.")
         @OptionGroup var stateOptions: StateOptions
         @Argument(help: "Token id (the 16 hex digits after mtk_).") var tokenID: String
+        @Flag(help: "Print the result as JSON.") var json = false
 
         func run() async throws {
             let id = tokenID.hasPrefix("mtk_") ? String(tokenID.dropFirst(4).prefix(16)) : tokenID
@@ -167,7 +168,7 @@ struct TokenCommand: AsyncParsableCommand {
             do {
                 try await failing { try await TokenService(store: authority.store).revoke(id: id, actor: cliActor) }
                 try await authority.close()
-                print("Revoked token \(id)")
+                if json { try printJSON(["id": id, "status": "revoked"]) } else { print("Revoked token \(id)") }
             } catch {
                 try? await authority.close()
                 throw error

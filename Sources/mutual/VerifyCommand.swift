@@ -32,11 +32,20 @@ struct VerifyCommand: AsyncParsableCommand {
     @Option(help: "Expected email address.")
     var email: String?
 
+    @Option(help: "Expected URI SAN, compared exactly: a SPIFFE ID such as spiffe://example.org/ns/prod/sa/api.")
+    var uri: String?
+
     @Option(help: "CRL file(s), PEM (several blocks allowed) or DER (repeatable).")
     var crl: [String] = []
 
     @Option(help: "Also ask this OCSP responder (http URL) about the certificate; unknown or untrustworthy answers reject.")
     var ocsp: String?
+
+    @Flag(help: "Ask the OCSP responder the certificate itself names (its AIA); without it, --ocsp or --crl, revocation is reported as not checked.")
+    var checkRevocation = false
+
+    @Flag(help: "Print the result as JSON: {result, code, reason, identity, chain, revocation}.")
+    var json = false
 
     @Option(help: "Maximum number of intermediates (self-issued ones not counted).")
     var maxDepth: Int?
@@ -45,9 +54,10 @@ struct VerifyCommand: AsyncParsableCommand {
     var leaf: String
 
     func validate() throws {
-        if [dns, ip, email].compactMap({ $0 }).count > 1 {
-            throw ValidationError("give at most one of --dns, --ip, --email")
+        if [dns, ip, email, uri].compactMap({ $0 }).count > 1 {
+            throw ValidationError("give at most one of --dns, --ip, --email, --uri")
         }
+        if checkRevocation && ocsp != nil { throw ValidationError("give --ocsp URL or --check-revocation, not both") }
         if let maxDepth, maxDepth < 0 { throw ValidationError("--max-depth must be 0 or more") }
         if let ocsp, !(ocsp.hasPrefix("http://") || ocsp.hasPrefix("https://")) { throw ValidationError("--ocsp needs an http:// URL") }
     }
@@ -96,6 +106,10 @@ struct VerifyCommand: AsyncParsableCommand {
             if let dns { peer = .dns(dns) }
             if let ip { peer = .ip(ip) }
             if let email { peer = .email(email) }
+            if let uri { peer = .uri(uri) }
+            if let notCA = rootCertificates.first(where: { !Self.isCA($0) }) {
+                throw CommandFailure("--roots \(roots): \(Self.identity(of: notCA)) is not a CA certificate (no basicConstraints CA:TRUE), so nothing can chain to it; pass the root (ca/root.pem or bundle.pem), not a leaf", exitCode: 2)
+            }
             options = .init(
                 roots: rootCertificates, intermediates: intermediateCertificates, validationTime: validationTime,
                 requiredEKU: required, peerName: peer, crls: crls, maxDepth: maxDepth
@@ -103,27 +117,97 @@ struct VerifyCommand: AsyncParsableCommand {
         } catch let error as PKIError {
             throw CommandFailure(error.reason, exitCode: 2)
         }
+        var report = Report(result: "accepted", identity: Self.identity(of: leafCertificate), serial: leafCertificate.serialHex)
         switch await ChainVerifier(options: options).verify(leafCertificate) {
         case .accepted(let chain):
-            if let ocsp, chain.count >= 2 {
-                switch await OCSPClient.check(leaf: leafCertificate, issuer: chain[1], url: ocsp, now: options.validationTime) {
+            report.chain = chain.map { .init(subject: $0.subject.description, serial: $0.serialHex, not_after: $0.notValidAfter.formatted(.iso8601)) }
+            let ocspURL = ocsp ?? (checkRevocation ? Self.ocspURL(of: leafCertificate) : nil)
+            if checkRevocation && ocspURL == nil {
+                report.reject(code: "revocation_unavailable", reason: "--check-revocation: the certificate names no OCSP responder (no AIA OCSP URL); give --crl FILE")
+            } else if let ocspURL, chain.count >= 2 {
+                switch await OCSPClient.check(leaf: leafCertificate, issuer: chain[1], url: ocspURL, now: options.validationTime) {
                 case .good:
-                    print("OCSP: good (\(ocsp))")
+                    report.revocation = "good (OCSP \(ocspURL))"
                 case .revoked(let time, let reason):
-                    print("REJECTED: OCSP says the certificate was revoked at \(time)\(reason.map { " (\($0.rawValue))" } ?? "")")
-                    throw ExitCode(1)
+                    report.reject(code: "revoked", reason: "OCSP says the certificate was revoked at \(time.formatted(.iso8601))\(reason.map { " (\($0.rawValue))" } ?? "")")
+                    report.revocation = "revoked (OCSP \(ocspURL))"
                 case .failed(let why):
-                    print("REJECTED: \(why)")
-                    throw ExitCode(1)
+                    report.reject(code: "revocation_unavailable", reason: why)
                 }
+            } else if !crl.isEmpty {
+                report.revocation = "good (CRL)"
+            } else {
+                let named = Self.ocspURL(of: leafCertificate).map { " (it names OCSP \($0): add --check-revocation)" } ?? ""
+                report.revocation = "not checked: no --crl, --ocsp or --check-revocation\(named)"
             }
-            print("OK: \(leafCertificate.subject.description.isEmpty ? leafCertificate.serialHex : leafCertificate.subject.description)")
-            for (index, certificate) in chain.enumerated() {
-                print("  \(index): \(certificate.subject)  (until \(certificate.notValidAfter))")
-            }
-        case .rejected(let reason, _):
-            print("REJECTED: \(reason)")
-            throw ExitCode(1)
+        case .rejected(let reason, let code):
+            report.reject(code: code.rawValue, reason: reason)
         }
+        if json {
+            try printJSON(report)
+        } else if report.result == "accepted" {
+            print("OK: \(report.identity)")
+            for (index, certificate) in (report.chain ?? []).enumerated() {
+                print("  \(index): \(certificate.subject.isEmpty ? "(no subject) serial " + certificate.serial : certificate.subject)  (until \(certificate.not_after))")
+            }
+            print("  revocation: \(report.revocation ?? "not checked")")
+        } else {
+            print("REJECTED (\(report.code ?? "invalid")): \(report.reason ?? "")")
+        }
+        if report.result != "accepted" { throw ExitCode(1) }
+    }
+
+    struct Report: Encodable {
+        struct Link: Encodable {
+            var subject: String
+            var serial: String
+            var not_after: String
+        }
+        var result: String
+        var code: String?
+        var reason: String?
+        var identity: String
+        var serial: String
+        var chain: [Link]?
+        var revocation: String?
+
+        mutating func reject(code: String, reason: String) {
+            result = "rejected"
+            self.code = code
+            self.reason = reason
+        }
+    }
+
+    /// How people name a certificate: its SPIFFE ID or first SAN, else its subject, else its serial (SAN-only leaves
+    /// have an empty subject).
+    static func identity(of certificate: Certificate) -> String {
+        for name in (try? certificate.extensions.subjectAlternativeNames) ?? SubjectAlternativeNames() {
+            switch name {
+            case .uniformResourceIdentifier(let uri): return uri
+            case .dnsName(let dns): return dns
+            case .ipAddress(let ip): return Names.ipAddressString(Array(ip.bytes))
+            case .rfc822Name(let email): return email
+            default: continue
+            }
+        }
+        let subject = certificate.subject.description
+        return subject.isEmpty ? "serial \(certificate.serialHex)" : subject
+    }
+
+    static func isCA(_ certificate: Certificate) -> Bool {
+        guard let constraints = try? certificate.extensions.basicConstraints else {
+            // A v1 self-signed root carries no extensions at all; let the verifier judge it.
+            return certificate.extensions.isEmpty
+        }
+        if case .isCertificateAuthority = constraints { return true }
+        return false
+    }
+
+    static func ocspURL(of certificate: Certificate) -> String? {
+        guard let access = try? certificate.extensions.authorityInformationAccess else { return nil }
+        for description in access where description.method == .ocspServer {
+            if case .uniformResourceIdentifier(let url) = description.location { return url }
+        }
+        return nil
     }
 }

@@ -76,6 +76,45 @@ struct CLI {
                       stderr: (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "")
     }
 
+    /// Starts a daemon (`serve`, `proxy`), waits until its combined output contains `marker` (or `timeout` passes), stops
+    /// it with SIGTERM and returns what it printed. Output goes to files, as in ``runBlocking``.
+    func runDaemon(_ arguments: [String], until marker: String, timeout: TimeInterval = 20) async throws -> Result {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Self.binary)
+        process.arguments = arguments
+        process.environment = ["HOME": home, "PATH": "/usr/bin:/bin", "MUTUAL_STATE_DIR": home + "/state"]
+        let outPath = home + "/.out-\(UUID().uuidString)"
+        let errPath = home + "/.err-\(UUID().uuidString)"
+        FileManager.default.createFile(atPath: outPath, contents: nil)
+        FileManager.default.createFile(atPath: errPath, contents: nil)
+        let outHandle = try FileHandle(forWritingTo: URL(fileURLWithPath: outPath))
+        let errHandle = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
+        process.standardOutput = outHandle
+        process.standardError = errHandle
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        let read = { () -> (String, String) in
+            ((try? String(contentsOfFile: outPath, encoding: .utf8)) ?? "", (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "")
+        }
+        let deadline = Date.now.addingTimeInterval(timeout)
+        while process.isRunning && Date.now < deadline {
+            let (out, err) = read()
+            if (out + err).contains(marker) { break }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        if process.isRunning { process.terminate() }
+        let stopDeadline = Date.now.addingTimeInterval(10)
+        while process.isRunning && Date.now < stopDeadline { try await Task.sleep(for: .milliseconds(50)) }
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+        try outHandle.close()
+        try errHandle.close()
+        let (out, err) = read()
+        try? FileManager.default.removeItem(atPath: outPath)
+        try? FileManager.default.removeItem(atPath: errPath)
+        return Result(status: process.terminationStatus, stdout: out, stderr: err)
+    }
+
     /// `mutual list --json` rows and `audit list --json` events, to check "nothing changed".
     func snapshot(_ state: String) async throws -> (certificates: Int, events: Int) {
         let list = try await run(["list", "--state-dir", state, "--json"])

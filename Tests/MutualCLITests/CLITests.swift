@@ -141,6 +141,107 @@ struct CLITests {
         }
     }
 
+    @Test("CRL and OCSP URLs: a property of the CA set at init, the same from the CLI and serve; refused when unreachable, loud when loopback")
+    func revocationURLs() async throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        let url = "http://ca.example.org:9080"
+        #expect(try await cli.run(["init", "--http-public-url", url + "/"]).status == 0)
+        let issued = try await cli.run(["issue", "--profile", "server", "--dns", "a.example.org", "--out-dir", cli.home + "/a"])
+        #expect(issued.status == 0, "\(issued.output)")
+        #expect(!issued.stderr.contains("[revocation-url-missing]"))
+        let der = try PEMBundle.certificates(fromPEM: String(contentsOfFile: cli.home + "/a/cert.pem", encoding: .utf8))[0].derBytes
+        let text = String(decoding: der, as: UTF8.self)
+        #expect(text.contains(url + "/crl") && text.contains(url + "/ocsp"), "the CLI issues the URLs recorded at init")
+
+        // serve keeps the recorded URL rather than its listener's loopback address, and a listener on every address is
+        // fine once a URL is recorded.
+        let served = try await cli.runDaemon(["serve", "--listen", "127.0.0.1:0", "--http-listen", "0.0.0.0:0"], until: "CRL and OCSP on")
+        #expect(served.stdout.contains("CRL and OCSP on"), "\(served.output)")
+        let config = try await cli.run(["config", "--json"])
+        let object = try JSONSerialization.jsonObject(with: Data(config.stdout.utf8)) as? [String: String]
+        #expect(object?["http_public_url"] == url && object?["http_public_url_source"] == "set", "\(config.output)")
+
+        // Unreachable URLs are refused: the unspecified address, another scheme, garbage; nothing changes.
+        for bad in ["http://0.0.0.0:9080", "http://[::]:9080", "ftp://ca.example.org", "http://", "not a url", "http://a.example.org/?q=1"] {
+            let result = try await cli.run(["config", "--http-public-url", bad])
+            #expect(result.status == 2, "\(bad): \(result.output)")
+            #expect(result.stderr.contains("--http-public-url"), "\(result.stderr)")
+        }
+        #expect(try await cli.run(["config", "--json"]).stdout == config.stdout)
+
+        // A CA with no URL yet: the CLI says its certificates carry none; serve on every address without a URL is refused
+        // before listening; serve reachable from other hosts with a loopback URL warns.
+        let fresh = CLI()
+        defer { fresh.cleanup() }
+        #expect(try await fresh.run(["init"]).status == 0)
+        let bare = try await fresh.run(["issue", "--profile", "server", "--dns", "a.example.org", "--out-dir", fresh.home + "/a"])
+        #expect(bare.status == 0 && bare.stderr.contains("[revocation-url-missing]"), "\(bare.output)")
+        let refused = try await fresh.run(["serve", "--listen", "127.0.0.1:0", "--http-listen", "0.0.0.0:0"])
+        #expect(refused.status == 2 && refused.stderr.contains("[revocation-url-unreachable]") && refused.stderr.contains("--http-public-url"), "\(refused.output)")
+        #expect(!refused.stdout.contains("listening"))
+        let loud = try await fresh.runDaemon(["serve", "--listen", "0.0.0.0:0", "--http-listen", "127.0.0.1:0"], until: "code=revocation-url-loopback")
+        #expect(loud.stderr.contains("code=revocation-url-loopback"), "\(loud.output)")
+        let quiet = try await fresh.runDaemon(["serve", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"], until: "CRL and OCSP on")
+        #expect(quiet.stdout.contains("CRL and OCSP on") && !quiet.stderr.contains("revocation-url-loopback"), "an authority for this host only may point at itself: \(quiet.output)")
+    }
+
+    @Test("CLI promises: --json on verify, token revoke and root-crl; verify names SAN-only leaves, expects URIs, says when revocation was not checked, refuses a leaf as --roots; units in duration errors; trust-domain IDs are not workload IDs; sign writes the chain")
+    func cliPromises() async throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        #expect(try await cli.run(["init"]).status == 0)
+        let spiffe = "spiffe://example.org/ns/prod/sa/api"
+        #expect(try await cli.run(["issue", "--profile", "workload", "--uri", spiffe, "--out-dir", cli.home + "/w"]).status == 0)
+        let root = cli.home + "/w/root.pem", chain = cli.home + "/w/chain.pem", leaf = cli.home + "/w/cert.pem"
+        func verify(_ extra: [String]) async throws -> (Int32, [String: Any]) {
+            let result = try await cli.run(["verify", "--roots", root, "--intermediates", chain, "--json"] + extra + [leaf])
+            let object = (try? JSONSerialization.jsonObject(with: Data(result.stdout.utf8))) as? [String: Any]
+            #expect(object != nil, "verify --json printed no JSON: \(result.output)")
+            return (result.status, object ?? [:])
+        }
+        var (status, report) = try await verify(["--uri", spiffe])
+        #expect(status == 0 && report["result"] as? String == "accepted", "\(report)")
+        #expect(report["identity"] as? String == spiffe, "a SAN-only leaf is named by its SAN")
+        #expect((report["revocation"] as? String)?.hasPrefix("not checked") == true, "\(report)")
+        (status, report) = try await verify(["--uri", "spiffe://example.org/ns/prod/sa/other"])
+        #expect(status == 1 && report["result"] as? String == "rejected" && report["code"] as? String == "invalid", "\(report)")
+        (status, report) = try await verify(["--check-revocation"])
+        #expect(status == 1 && report["code"] as? String == "revocation_unavailable", "no OCSP URL to ask: \(report)")
+        let human = try await cli.run(["verify", "--roots", root, "--intermediates", chain, leaf])
+        #expect(human.status == 0 && human.stdout.hasPrefix("OK: \(spiffe)") && human.stdout.contains("revocation: not checked"), "\(human.output)")
+
+        let leafAsRoot = try await cli.run(["verify", "--roots", leaf, leaf])
+        #expect(leafAsRoot.status == 2 && leafAsRoot.stderr.contains("--roots") && leafAsRoot.stderr.contains("not a CA"), "\(leafAsRoot.output)")
+        #expect(!leafAsRoot.output.contains("Certificate("), "no internal structures: \(leafAsRoot.output)")
+
+        let token = try await cli.run(["token", "create", "--scope", "a.example.org", "--json"])
+        let id = try #require((try JSONSerialization.jsonObject(with: Data(token.stdout.utf8)) as? [String: Any])?["id"] as? String)
+        let revoked = try await cli.run(["token", "revoke", id, "--json"])
+        #expect((try? JSONSerialization.jsonObject(with: Data(revoked.stdout.utf8)) as? [String: String]) == ["id": id, "status": "revoked"], "\(revoked.output)")
+        let rootCRL = try await cli.run(["root-crl", "--json"])
+        let crl = (try? JSONSerialization.jsonObject(with: Data(rootCRL.stdout.utf8))) as? [String: String]
+        #expect(crl?["number"] != nil && crl?["next_update"] != nil, "\(rootCRL.output)")
+
+        let badDuration = try await cli.run(["issue", "--profile", "server", "--dns", "a.example.org", "--validity", "1y", "--out-dir", cli.home + "/x"])
+        #expect(badDuration.status == 2 && badDuration.stderr.contains("s, m, h, d, w"), "\(badDuration.output)")
+        let trustDomain = try await cli.run(["issue", "--profile", "workload", "--uri", "spiffe://example.org", "--out-dir", cli.home + "/y"])
+        #expect(trustDomain.status != 0 && trustDomain.stderr.contains("trust domain ID"), "\(trustDomain.output)")
+        #expect(!FileManager.default.fileExists(atPath: cli.home + "/y/cert.pem"))
+
+        let key = cli.home + "/c.key", csr = cli.home + "/c.csr"
+        let openssl = Process()
+        openssl.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+        openssl.arguments = ["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", key, "-subj", "/CN=alice", "-out", csr]
+        openssl.standardError = FileHandle.nullDevice
+        try openssl.run()
+        openssl.waitUntilExit()
+        let signed = try await cli.run(["sign", "--profile", "client", csr, "--out", cli.home + "/c.pem", "--chain-out", cli.home + "/c-chain.pem"])
+        #expect(signed.status == 0, "\(signed.output)")
+        let written = try PEMBundle.certificates(fromPEM: String(contentsOfFile: cli.home + "/c-chain.pem", encoding: .utf8))
+        #expect(written.count == 2 && written[1].subject != written[0].subject, "leaf then intermediate")
+    }
+
     @Test("bench ca-server refuses an unknown --stage and a bad --listen with exit 2 before starting")
     func caServerBadInput() async throws {
         let cli = CLI()

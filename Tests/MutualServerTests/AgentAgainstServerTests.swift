@@ -120,4 +120,35 @@ struct AgentAgainstServerTests {
         try Agent.checkRenewable(make(server, "proof"))
         try Agent.checkRenewable(make(workload, nil))
     }
+
+    @Test("an expired certificate on an authority without renew-expired: the agent stops and says what to do once, not twice")
+    func refusalSaidOnce() async throws {
+        let server = try await ServerHarness.start()
+        let dir = TestPKI.temporaryDirectory("agent-once")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        do {
+            let key = try KeyType.p256.generate()
+            let uri = "spiffe://example.org/ns/web/sa/once"
+            let old = try await server.authority.issue(
+                .init(profile: .workload, publicKey: key.publicKey, uris: [uri], validity: .hours(1)),
+                owner: "test", requester: "test", now: Date.now.addingTimeInterval(-7200)
+            )
+            try Delivery.deliver(outDir: dir + "/out", key: key, chain: old.chain, roots: [server.root])
+            var configuration = try Agent.Configuration(
+                authority: server.baseURL, rootFingerprint: try Authority.fingerprint(server.root), token: nil, identity: uri, outDir: dir + "/out"
+            )
+            configuration.requestTimeout = .seconds(10)
+            let agent = Agent(configuration: configuration, clock: FixedClock(now: .now), logger: Logger(label: "test"), random: { 0 })
+            guard case .stopped(let reason) = await agent.step() else {
+                Issue.record("expected the agent to stop")
+                await server.stop()
+                return
+            }
+            #expect(reason.components(separatedBy: "a new token is needed").count == 2, "said exactly once: \(reason)")
+        } catch {
+            await server.stop()
+            throw error
+        }
+        await server.stop()
+    }
 }

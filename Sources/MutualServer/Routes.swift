@@ -225,7 +225,7 @@ struct AuthorityRoutes: Sendable {
         if let identity = query["identity"] { filter.identity = String(identity) }
         if let status = query["status"] {
             guard let parsed = CertificateFilter.StatusFilter(rawValue: String(status)) else {
-                throw Problem(.badRequest, code: "bad-filter", title: "Bad Request", detail: "status must be valid, expired or revoked")
+                throw Problem(.badRequest, code: "bad-filter", title: "Bad Request", detail: "status must be one of \(CertificateFilter.StatusFilter.choices)")
             }
             filter.status = parsed
         }

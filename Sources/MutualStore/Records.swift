@@ -27,12 +27,20 @@ public struct CertificateRecord: Sendable, Hashable, Codable {
     public var status: Status
     public var revokedAt: Date?
     public var revocationReason: String?
+    /// The newest certificate renewed from this one (lineage; filled by queries, never stored in this row).
+    public var successor: String?
+
+    /// The certificate this one was renewed from, when it was issued by renewal (`requester` `cert:<serial>`).
+    public var predecessor: String? {
+        requester.hasPrefix("cert:") ? String(requester.dropFirst(5)) : nil
+    }
 
     public init(
         serial: String, issuer: String, subject: String, subjectAlternativeNames: [String], identity: String,
         profile: String, owner: String?, requester: String, notBefore: Date, notAfter: Date, fingerprint: String,
-        der: [UInt8], status: Status = .valid, revokedAt: Date? = nil, revocationReason: String? = nil
+        der: [UInt8], status: Status = .valid, revokedAt: Date? = nil, revocationReason: String? = nil, successor: String? = nil
     ) {
+        self.successor = successor
         self.serial = serial
         self.issuer = issuer
         self.subject = subject
@@ -50,17 +58,27 @@ public struct CertificateRecord: Sendable, Hashable, Codable {
         self.revocationReason = revocationReason
     }
 
-    /// `valid`, `expired` or `revoked` at a given time (expired is derived, never stored).
+    /// `valid`, `superseded` (expired after a renewal replaced it: routine), `expired` (expired with no successor: a
+    /// lapse someone should look at) or `revoked`, at a given time (derived, never stored).
     public func effectiveStatus(at now: Date) -> String {
         if status == .revoked { return "revoked" }
-        return notAfter <= now ? "expired" : "valid"
+        if notAfter > now { return "valid" }
+        return successor == nil ? "expired" : "superseded"
     }
 }
 
 /// Filters for listing the inventory; every filter is served by an index.
 public struct CertificateFilter: Sendable, Hashable {
     public enum StatusFilter: String, Sendable, CaseIterable {
-        case valid, expired, revoked
+        /// Not expired, not revoked.
+        case valid
+        /// Expired with no successor: the lapses.
+        case expired
+        /// Expired after a renewal replaced it.
+        case superseded
+        case revoked
+
+        public static var choices: String { allCases.map(\.rawValue).joined(separator: ", ") }
     }
 
     public var expiringBefore: Date?
@@ -129,6 +147,9 @@ public struct CertificateRecordView: Encodable, Sendable {
     public var not_before, not_after: String
     public var revoked_at: String?
     public var revocation_reason: String?
+    /// Renewal lineage: the certificate this one renewed, and the newest one renewed from it.
+    public var predecessor: String?
+    public var successor: String?
     public var pem: String?
 
     public init(_ r: CertificateRecord, now: Date, pem: String? = nil) {
@@ -146,6 +167,26 @@ public struct CertificateRecordView: Encodable, Sendable {
         not_after = AuditChain.format(r.notAfter)
         revoked_at = r.revokedAt.map(AuditChain.format)
         revocation_reason = r.revocationReason
+        predecessor = r.predecessor
+        successor = r.successor
         self.pem = pem
+    }
+}
+
+/// An identity filter as operators write it: an exact identity, a prefix ending in `*`
+/// (`spiffe://example.org/ns/web/*`), or a DNS suffix starting with `*.` (`*.svc.example.org`).
+public enum IdentityPattern: Sendable, Hashable {
+    case exact(String)
+    case prefix(String)
+    case suffix(String)
+
+    public init(_ text: String) {
+        if text.hasSuffix("*"), !text.dropLast().contains("*"), text.count > 1 {
+            self = .prefix(String(text.dropLast()))
+        } else if text.hasPrefix("*."), !text.dropFirst().contains("*"), text.count > 2 {
+            self = .suffix(String(text.dropFirst()))
+        } else {
+            self = .exact(text)
+        }
     }
 }

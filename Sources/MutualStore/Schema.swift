@@ -98,6 +98,13 @@ enum Schema {
                     """,
                 ]
             ),
+            (
+                4,
+                [
+                    // Renewal lineage: a certificate's successors are the rows whose requester is `cert:<its serial>`.
+                    "CREATE INDEX certificates_requester ON certificates (requester)"
+                ]
+            ),
         ]
     }
 

@@ -105,37 +105,70 @@ public final class Store: Sendable {
     }
 
     public func certificate(serial: String) async throws -> CertificateRecord? {
-        let row = try await reader.raw("SELECT * FROM certificates WHERE serial = \(bind: serial.lowercased())").first()
+        let row = try await reader.raw("SELECT c.*, \(unsafeRaw: Self.successorColumn) FROM certificates c WHERE c.serial = \(bind: serial.lowercased())").first()
         return try row.map(Self.decodeCertificate)
     }
 
+    /// Certificates whose serial starts with `prefix` (lowercase hex), at most `limit`: `mutual show 3df2da4e`.
+    public func certificates(serialPrefix prefix: String, limit: Int = 10) async throws -> [CertificateRecord] {
+        let prefix = prefix.lowercased()
+        return try await reader.raw("""
+            SELECT c.*, \(unsafeRaw: Self.successorColumn) FROM certificates c
+            WHERE substr(c.serial, 1, \(bind: prefix.count)) = \(bind: prefix) ORDER BY c.serial LIMIT \(bind: limit)
+            """).all().map(Self.decodeCertificate)
+    }
+
+    /// The certificates renewed from `serial` (its successors: issued with `requester` `cert:<serial>`), newest first.
+    public func successors(of serial: String) async throws -> [CertificateRecord] {
+        try await reader.raw("""
+            SELECT c.*, \(unsafeRaw: Self.successorColumn) FROM certificates c
+            WHERE c.requester = \(bind: "cert:" + serial.lowercased()) ORDER BY c.not_before DESC, c.serial
+            """).all().map(Self.decodeCertificate)
+    }
+
+    /// The newest successor of each row (renewal lineage), served by the index on `requester`.
+    static let successorColumn = "(SELECT s.serial FROM certificates s WHERE s.requester = 'cert:' || c.serial ORDER BY s.not_before DESC, s.serial LIMIT 1) AS successor"
+    static let hasSuccessor = "EXISTS (SELECT 1 FROM certificates s WHERE s.requester = 'cert:' || c.serial)"
+
     /// Lists certificates by soonest expiry first, filtered through the indexes on expiry, identity and status.
     public func certificates(_ filter: CertificateFilter) async throws -> [CertificateRecord] {
-        var query = SQLQueryString("SELECT * FROM certificates WHERE 1 = 1")
+        var query = SQLQueryString("SELECT c.*, \(unsafeRaw: Self.successorColumn) FROM certificates c WHERE 1 = 1")
         let now = Int64(filter.now.timeIntervalSince1970)
         if let identity = filter.identity {
-            query.appendInterpolation(unsafeRaw: " AND identity = ")
-            query.appendInterpolation(bind: identity)
+            switch IdentityPattern(identity) {
+            case .exact(let name):
+                query.appendInterpolation(unsafeRaw: " AND c.identity = ")
+                query.appendInterpolation(bind: name)
+            case .prefix(let prefix):
+                query.appendInterpolation(unsafeRaw: " AND substr(c.identity, 1, \(prefix.count)) = ")
+                query.appendInterpolation(bind: prefix)
+            case .suffix(let suffix):
+                query.appendInterpolation(unsafeRaw: " AND length(c.identity) > \(suffix.count) AND substr(c.identity, length(c.identity) - \(suffix.count - 1)) = ")
+                query.appendInterpolation(bind: suffix)
+            }
         }
         switch filter.status {
         case .valid?:
-            query.appendInterpolation(unsafeRaw: " AND status = 'valid' AND not_after > ")
+            query.appendInterpolation(unsafeRaw: " AND c.status = 'valid' AND c.not_after > ")
             query.appendInterpolation(bind: now)
         case .expired?:
-            query.appendInterpolation(unsafeRaw: " AND status = 'valid' AND not_after <= ")
+            query.appendInterpolation(unsafeRaw: " AND NOT \(Self.hasSuccessor) AND c.status = 'valid' AND c.not_after <= ")
+            query.appendInterpolation(bind: now)
+        case .superseded?:
+            query.appendInterpolation(unsafeRaw: " AND \(Self.hasSuccessor) AND c.status = 'valid' AND c.not_after <= ")
             query.appendInterpolation(bind: now)
         case .revoked?:
-            query.appendInterpolation(unsafeRaw: " AND status = 'revoked'")
+            query.appendInterpolation(unsafeRaw: " AND c.status = 'revoked'")
         case nil:
             break
         }
         if let before = filter.expiringBefore {
-            query.appendInterpolation(unsafeRaw: " AND not_after <= ")
+            query.appendInterpolation(unsafeRaw: " AND c.not_after <= ")
             query.appendInterpolation(bind: Int64(before.timeIntervalSince1970))
-            query.appendInterpolation(unsafeRaw: " AND not_after > ")
+            query.appendInterpolation(unsafeRaw: " AND c.not_after > ")
             query.appendInterpolation(bind: now)
         }
-        query.appendInterpolation(unsafeRaw: " ORDER BY not_after ASC, serial ASC LIMIT ")
+        query.appendInterpolation(unsafeRaw: " ORDER BY c.not_after ASC, c.serial ASC LIMIT ")
         query.appendInterpolation(bind: max(0, min(filter.limit, 100_000)))
         query.appendInterpolation(unsafeRaw: " OFFSET ")
         query.appendInterpolation(bind: max(0, filter.offset))
@@ -187,7 +220,8 @@ public final class Store: Sendable {
             der: Array(try row.decode(column: "der", as: Data.self)),
             status: CertificateRecord.Status(rawValue: try row.decode(column: "status", as: String.self)) ?? .valid,
             revokedAt: revokedAt.map { Date(timeIntervalSince1970: Double($0)) },
-            revocationReason: try row.decode(column: "revocation_reason", as: String?.self)
+            revocationReason: try row.decode(column: "revocation_reason", as: String?.self),
+            successor: (try? row.decode(column: "successor", as: String?.self)) ?? nil
         )
     }
 

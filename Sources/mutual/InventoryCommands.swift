@@ -15,10 +15,10 @@ struct ListCommand: AsyncParsableCommand {
     @Option(help: "Only certificates that expire within this duration (and have not expired yet).", transform: ValidityDuration.argument)
     var expiringWithin: ValidityDuration?
 
-    @Option(help: "Only certificates for this identity (SPIFFE ID, first SAN or CN).")
+    @Option(help: "Only certificates for this identity (SPIFFE ID, first SAN or CN); a final '*' matches a prefix ('spiffe://example.org/ns/web/*'), a leading '*.' any subdomain ('*.svc.example.org').")
     var identity: String?
 
-    @Option(help: "Only certificates with this status: valid|expired|revoked.")
+    @Option(help: "Only certificates with this status: valid, expired (lapsed: no successor), superseded (expired after a renewal replaced it), revoked.")
     var status: String?
 
     @Option(help: "At most this many rows.")
@@ -29,7 +29,7 @@ struct ListCommand: AsyncParsableCommand {
 
     func validate() throws {
         if let status, CertificateFilter.StatusFilter(rawValue: status) == nil {
-            throw ValidationError("unknown status '\(status)': expected valid|expired|revoked")
+            throw ValidationError("unknown status '\(status)': expected one of \(CertificateFilter.StatusFilter.choices)")
         }
         guard (1...100_000).contains(limit) else { throw ValidationError("--limit must be between 1 and 100000") }
     }
@@ -51,11 +51,12 @@ struct ListCommand: AsyncParsableCommand {
             print("No certificates match.")
             return
         }
-        let header = ["SERIAL", "PROFILE", "STATUS", "NOT AFTER", "IDENTITY", "OWNER"]
+        let header = ["SERIAL", "PROFILE", "STATUS", "NOT AFTER", "IDENTITY", "OWNER", "RENEWED BY"]
         var rows = [header]
         for r in records {
             rows.append([
                 r.serial, r.profile, r.effectiveStatus(at: now), AuditTime.short(r.notAfter), r.identity, r.owner ?? "-",
+                r.successor.map { String($0.prefix(12)) } ?? "-",
             ])
         }
         printTable(rows)
@@ -73,14 +74,40 @@ struct ShowCommand: AsyncParsableCommand {
     @Flag(help: "Print JSON.")
     var json = false
 
-    @Argument(help: "Serial number (hex, colons allowed).")
+    @Argument(help: "Serial number (hex, colons allowed), or a unique prefix of at least 6 digits (as `list` shows).")
     var serial: String
 
     func run() async throws {
+        let normalized = Authority.normalizeSerial(serial)
+        guard !normalized.isEmpty, normalized.allSatisfy(\.isHexDigit) else {
+            throw CommandFailure("invalid serial '\(serial.prefix(80))': expected hex digits (colons allowed)", exitCode: 2)
+        }
         let authority = try await stateOptions.openAuthority()
-        let record = try await failing { try await authority.store.certificate(serial: Authority.normalizeSerial(serial)) }
-        try await authority.close()
-        guard let record else { throw CommandFailure("no certificate with serial \(serial) in the inventory") }
+        let found: (CertificateRecord?, [CertificateRecord], [CertificateRecord])
+        do {
+            found = try await failing {
+                var record = try await authority.store.certificate(serial: normalized)
+                var candidates: [CertificateRecord] = []
+                if record == nil, normalized.count >= 6 {
+                    candidates = try await authority.store.certificates(serialPrefix: normalized, limit: 10)
+                    if candidates.count == 1 { record = candidates[0] }
+                }
+                var successors: [CertificateRecord] = []
+                if let record { successors = try await authority.store.successors(of: record.serial) }
+                return (record, candidates, successors)
+            }
+            try await authority.close()
+        } catch {
+            try? await authority.close()
+            throw error
+        }
+        let (record, candidates, successors) = found
+        if record == nil, candidates.count > 1 {
+            throw CommandFailure("serial prefix \(normalized) is ambiguous: \(candidates.map(\.serial).joined(separator: ", "))\(candidates.count == 10 ? ", …" : ""); give more digits", exitCode: 2)
+        }
+        guard let record else {
+            throw CommandFailure("no certificate with serial \(normalized)\(normalized.count >= 6 ? " (or starting with it)" : "") in the inventory\(normalized.count < 6 ? "; a prefix needs at least 6 hex digits" : "")")
+        }
         if pem {
             let certificate = try Certificate(derEncoded: record.der)
             print(try PEMBundle.pem([certificate]), terminator: "")
@@ -103,6 +130,8 @@ struct ShowCommand: AsyncParsableCommand {
         print("Owner:       \(record.owner ?? "-")")
         print("Requester:   \(record.requester)")
         print("SHA-256:     \(record.fingerprint)")
+        print("Renewed from: \(record.predecessor ?? "- (first issuance)")")
+        print("Renewed by:  \(successors.isEmpty ? "-" : successors.map(\.serial).joined(separator: ", "))")
     }
 }
 

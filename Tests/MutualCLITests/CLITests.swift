@@ -229,6 +229,16 @@ struct CLITests {
         #expect(trustDomain.status != 0 && trustDomain.stderr.contains("trust domain ID"), "\(trustDomain.output)")
         #expect(!FileManager.default.fileExists(atPath: cli.home + "/y/cert.pem"))
 
+        // show by a serial prefix, as list prints it; garbage and short prefixes are refused.
+        let listed = try await cli.run(["list", "--identity", "spiffe://example.org/ns/prod/*", "--json"])
+        let rows = (try? JSONSerialization.jsonObject(with: Data(listed.stdout.utf8))) as? [[String: Any]] ?? []
+        #expect(rows.count == 1, "identity pattern: \(listed.output)")
+        let fullSerial = try #require(rows.first?["serial"] as? String)
+        let shown = try await cli.run(["show", String(fullSerial.prefix(12)), "--json"])
+        #expect(shown.status == 0 && shown.stdout.contains(fullSerial), "\(shown.output)")
+        #expect(try await cli.run(["show", "zz-not-hex"]).status == 2)
+        #expect(try await cli.run(["show", String(fullSerial.prefix(3))]).status == 1)
+
         let key = cli.home + "/c.key", csr = cli.home + "/c.csr"
         let openssl = Process()
         openssl.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")

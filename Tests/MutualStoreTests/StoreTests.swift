@@ -22,11 +22,12 @@ enum Backend: String, CaseIterable, Sendable, CustomTestStringConvertible {
 
 @Suite("Store conformance: the same tests on SQLite and PostgreSQL")
 struct StoreTests {
-    static func record(_ n: Int, notAfter: Date = Date(timeIntervalSince1970: 1_900_000_000), identity: String? = nil) -> CertificateRecord {
+    static func record(_ n: Int, notAfter: Date = Date(timeIntervalSince1970: 1_900_000_000), identity: String? = nil, renewing: Int? = nil) -> CertificateRecord {
         let serial = String(format: "%032x", n + 1)
         return CertificateRecord(
             serial: serial, issuer: "CN=Test Issuing CA", subject: "", subjectAlternativeNames: ["uri:spiffe://a.test/w/\(n)"],
-            identity: identity ?? "spiffe://a.test/w/\(n)", profile: "workload", owner: "team-\(n % 3)", requester: "test",
+            identity: identity ?? "spiffe://a.test/w/\(n)", profile: "workload", owner: "team-\(n % 3)",
+            requester: renewing.map { "cert:" + String(format: "%032x", $0 + 1) } ?? "test",
             notBefore: Date(timeIntervalSince1970: 1_800_000_000), notAfter: notAfter, fingerprint: String(format: "%064x", n + 1),
             der: [0x30, 0x03, 0x02, 0x01, UInt8(n % 200)]
         )
@@ -163,6 +164,45 @@ struct StoreTests {
         }
     }
 
+    @Test("renewal lineage: routine rotations are superseded, the one that lapsed is expired; identity patterns; serial prefixes", arguments: Backend.available)
+    func lineage(backend: Backend) async throws {
+        try await withStore(backend) { store, _ in
+            let base = Date(timeIntervalSince1970: 1_800_000_000)
+            // web: 0 → 1 → 2 (2 still valid). db: 10 → 11, and 11 lapsed (no successor). ops host: a DNS identity.
+            let chain: [(Int, Int?, String, Double)] = [
+                (0, nil, "spiffe://a.test/ns/web/sa/api", -300), (1, 0, "spiffe://a.test/ns/web/sa/api", -200),
+                (2, 1, "spiffe://a.test/ns/web/sa/api", 3600), (10, nil, "spiffe://a.test/ns/db/sa/pg", -400),
+                (11, 10, "spiffe://a.test/ns/db/sa/pg", -100), (20, nil, "ops.svc.a.test", 7200), (21, nil, "svc.a.test", 7200),
+            ]
+            for (n, from, identity, offset) in chain {
+                try await store.recordIssuance(Self.record(n, notAfter: base.addingTimeInterval(offset), identity: identity, renewing: from), audit: Self.entry("issue", "\(n)"))
+            }
+            let now = base
+            let serial = { (n: Int) in Self.record(n).serial }
+            #expect(try await store.certificates(.init(status: .expired, now: now)).map(\.serial) == [serial(11)], "only the lapse")
+            #expect(try await store.certificates(.init(status: .superseded, now: now)).map(\.serial) == [serial(10), serial(0), serial(1)])
+            let all = try await store.certificates(.init(now: now))
+            let statuses = Dictionary(uniqueKeysWithValues: all.map { ($0.serial, $0.effectiveStatus(at: now)) })
+            #expect(statuses[serial(0)] == "superseded" && statuses[serial(11)] == "expired" && statuses[serial(2)] == "valid")
+            let one = try #require(try await store.certificate(serial: serial(1)))
+            #expect(one.predecessor == serial(0) && one.successor == serial(2))
+            #expect(try await store.successors(of: serial(0)).map(\.serial) == [serial(1)])
+            #expect(try await store.certificate(serial: serial(2))?.successor == nil)
+
+            // Identity patterns: a prefix with a final '*', a DNS suffix with a leading '*.', exact otherwise.
+            #expect(Set(try await store.certificates(.init(identity: "spiffe://a.test/ns/web/*", now: now)).map(\.serial)) == Set([0, 1, 2].map(serial)))
+            #expect(try await store.certificates(.init(identity: "*.a.test", now: now)).map(\.serial).sorted() == [serial(20), serial(21)].sorted())
+            #expect(try await store.certificates(.init(identity: "*.svc.a.test", now: now)).map(\.serial) == [serial(20)], "a subdomain, not the name itself")
+            #expect(try await store.certificates(.init(identity: "spiffe://a.test/ns/web", now: now)).isEmpty, "exact without '*'")
+            #expect(try await store.certificates(.init(identity: "spiffe://a.test/ns/%/*", now: now)).isEmpty, "no SQL wildcards")
+
+            // Serial prefixes.
+            #expect(try await store.certificates(serialPrefix: String(serial(11).prefix(31))).map(\.serial) == [0, 1, 2, 10, 11].map(serial).sorted(), "every serial starting with 31 zeros")
+            #expect(try await store.certificates(serialPrefix: serial(11)).map(\.serial) == [serial(11)])
+            #expect(try await store.certificates(serialPrefix: "ffff").isEmpty)
+        }
+    }
+
     @Test("listing uses the indexes (query plan), so it stays fast with a million rows")
     func indexedListing() async throws {
         try await withStore { _, path in
@@ -172,6 +212,7 @@ struct StoreTests {
                 ("SELECT * FROM certificates WHERE identity = 'x' ORDER BY not_after LIMIT 10", "certificates_identity"),
                 ("SELECT * FROM certificates WHERE not_after <= 5 AND not_after > 1 ORDER BY not_after LIMIT 10", "certificates_not_after"),
                 ("SELECT * FROM certificates WHERE status = 'revoked' ORDER BY not_after LIMIT 10", "certificates_status"),
+                ("SELECT serial FROM certificates WHERE requester = 'cert:x'", "certificates_requester"),
             ] {
                 let rows = try await connection.sql().raw(SQLQueryString("EXPLAIN QUERY PLAN " + query)).all()
                 let plan = try rows.map { try $0.decode(column: "detail", as: String.self) }.joined(separator: " | ")

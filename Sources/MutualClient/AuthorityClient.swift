@@ -116,6 +116,11 @@ public final class AuthorityClient: Sendable {
         _ = try await send(path: "/v1/revoke", method: .POST, body: ["serial": serial, "reason": reason], bearer: nil)
     }
 
+    /// The CRLs of every CA level, root first (`/crls.pem`): what nginx's `ssl_crl` wants.
+    public func chainCRLs() async throws -> [UInt8] {
+        try await send(path: "/crls.pem", method: .GET, body: nil, bearer: nil).0
+    }
+
     /// The authority's trust anchors (`/roots.pem`).
     public func roots() async throws -> [Certificate] {
         let (bytes, _) = try await send(path: "/roots.pem", method: .GET, body: nil, bearer: nil)

@@ -39,6 +39,8 @@ struct AgentCommand: AsyncParsableCommand {
         @Option(help: "Command run with /bin/sh after each delivery, e.g. 'systemctl reload nginx'.") var exec: String?
         @Option(help: "Signal sent after each delivery to the process in --pid-file, e.g. HUP.") var signal: String?
         @Option(help: "File holding the PID to signal.") var pidFile: String?
+        @Option(help: "Keep this file filled with the CRLs of every CA level (PEM, for nginx ssl_crl): fetched from the authority, checked, written atomically when they change, then the reload hook runs.") var crlOut: String?
+        @Option(help: "Refresh --crl-out at least this often (and always before the CRLs' nextUpdate).", transform: ValidityDuration.argument) var crlRefresh: ValidityDuration = .minutes(5)
         @Flag(help: "Enroll or renew if due, then exit (for cron/CI).") var once = false
         @Option(help: "Log level: trace|debug|info|notice|warning|error|critical.") var logLevel: String = "info"
 
@@ -62,6 +64,15 @@ struct AgentCommand: AsyncParsableCommand {
             var logger = Logger(label: "mutual.agent")
             logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
             let agent = Agent(configuration: configuration, logger: logger)
+            if let crlOut, crlOut.isEmpty || crlOut.hasSuffix("/") {
+                throw CommandFailure("invalid --crl-out '\(crlOut)': expected a file path", exitCode: 2)
+            }
+            let refresher = crlOut.map {
+                CRLRefresher(
+                    configuration: .init(authority: configuration.authority, outDir: outDir, crlPath: $0, interval: crlRefresh, hook: configuration.hook),
+                    logger: logger
+                )
+            }
             if once {
                 switch await agent.step() {
                 case .enrolled(let serial): print("enrolled: serial \(serial) in \(outDir)")
@@ -70,9 +81,23 @@ struct AgentCommand: AsyncParsableCommand {
                 case .failed(let reason, _): throw CommandFailure(reason)
                 case .stopped(let reason): throw CommandFailure(reason)
                 }
+                if let refresher {
+                    switch await refresher.refresh() {
+                    case .fresh(let changed, let nextUpdate, _): print("CRLs \(changed ? "written to" : "unchanged in") \(refresher.configuration.crlPath) (next update \(nextUpdate))")
+                    case .failed(let reason, _): throw CommandFailure(reason)
+                    }
+                }
                 return
             }
-            let task = Task { try await agent.run() }
+            let task = Task {
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    group.addTask { try await agent.run() }
+                    if let refresher { group.addTask { try await refresher.run() } }
+                    // The first to end (the agent stopping for good, or cancellation) ends the other.
+                    try await group.next()
+                    group.cancelAll()
+                }
+            }
             let stop = AsyncStream<Int32> { continuation in
                 for number in [SIGTERM, SIGINT] {
                     Foundation.signal(number, SIG_IGN)

@@ -34,6 +34,9 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "Allow /v1/renew-expired for certificates expired at most this long ago (off by default).", transform: ValidityDuration.argument)
     var renewExpiredGrace: ValidityDuration?
 
+    @Option(help: "Lifetime of each published CRL of the issuing CA (a new one is signed at half of it and after every revocation).", transform: ValidityDuration.argument)
+    var crlValidity: ValidityDuration = .hours(24)
+
     @Option(help: "Lifetime of the authority's own TLS certificate.", transform: ValidityDuration.argument)
     var serverCertValidity: ValidityDuration = .hours(24)
 
@@ -62,6 +65,7 @@ struct ServeCommand: AsyncParsableCommand {
         )
         configuration.httpListen = http
         configuration.httpPublicURL = httpPublicURL
+        configuration.crlValidity = crlValidity
         let server = AuthorityServer(authority: authority, configuration: configuration, logger: logger)
         do {
             try await server.run(onListening: { port in

@@ -151,4 +151,77 @@ struct AgentAgainstServerTests {
         }
         await server.stop()
     }
+
+    @Test("--crl-out: the CRLs of every level are fetched, checked, written atomically when they change, the hook runs; bad answers keep the file")
+    func crlRefresher() async throws {
+        let server = try await ServerHarness.start()
+        let dir = TestPKI.temporaryDirectory("agent-crl")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        do {
+            let key = try KeyType.p256.generate()
+            let issued = try await server.authority.issue(
+                .init(profile: .server, publicKey: key.publicKey, dnsNames: ["web.example.org"]), owner: "test", requester: "test"
+            )
+            try Delivery.deliver(outDir: dir + "/out", key: key, chain: issued.chain, roots: [server.root])
+            let marker = dir + "/reloads"
+            let refresher = CRLRefresher(
+                configuration: .init(authority: server.baseURL, outDir: dir + "/out", crlPath: dir + "/crls.pem", interval: .minutes(5),
+                                     hook: ReloadHook(exec: "echo reload >> '\(marker)'")),
+                clock: FixedClock(now: .now), logger: Logger(label: "test")
+            )
+            guard case .fresh(true, let nextUpdate, let next) = await refresher.refresh() else {
+                Issue.record("first refresh did not write the file")
+                await server.stop()
+                return
+            }
+            #expect(next <= Date.now.addingTimeInterval(301) && next < nextUpdate, "refresh within the interval and before nextUpdate")
+            let written = try String(contentsOfFile: dir + "/crls.pem", encoding: .utf8)
+            #expect(written.components(separatedBy: "BEGIN X509 CRL").count == 3, "the root's CRL and the issuing CA's")
+            guard case .fresh(false, _, _) = await refresher.refresh() else {
+                Issue.record("an unchanged answer rewrote the file")
+                await server.stop()
+                return
+            }
+            #expect(try String(contentsOfFile: marker, encoding: .utf8) == "reload\n", "the hook ran once, for the change only")
+
+            // A revocation changes the issuing CA's CRL: rewritten, hook again.
+            let victim = try await server.authority.issue(.init(profile: .client, publicKey: key.publicKey, commonName: "victim"), owner: nil, requester: "test")
+            _ = try await server.authority.revokeAndPublish(serial: victim.record.serial, reason: .keyCompromise, actor: "test",
+                                                             publisher: RevocationPublisher(authority: server.authority))
+            guard case .fresh(true, _, _) = await refresher.refresh() else {
+                Issue.record("a revocation did not rewrite the file")
+                await server.stop()
+                return
+            }
+            let crls = try RevocationList.pemDocuments(try String(contentsOfFile: dir + "/crls.pem", encoding: .utf8)).map { try RevocationList(derEncoded: $0) }
+            #expect(crls.contains { $0.entry(for: victim.certificate.serialNumber) != nil })
+        } catch {
+            await server.stop()
+            throw error
+        }
+        await server.stop()
+    }
+
+    @Test("CRL answers that would break a server are refused: garbage, a foreign signer, an expired CRL, a missing level")
+    func crlChecks() async throws {
+        let ca = try TestPKI.issuingCA(now: .now)
+        let other = try TestPKI.issuingCA(now: .now)
+        let now = Date.now
+        func crl(_ issuer: IssuingCA, nextUpdate: Date) throws -> String {
+            let builder = RevocationListBuilder(issuer: issuer.certificate, issuerKey: issuer.privateKey)
+            return RevocationListBuilder.pem(try builder.build(number: 1, thisUpdate: now.addingTimeInterval(-60), nextUpdate: nextUpdate, entries: []))
+        }
+        let issuers = [ca.root, ca.certificate]
+        let good = try crl(ca, nextUpdate: now.addingTimeInterval(3600))
+        // Garbage, an empty answer, a missing level (no root CRL): refused by PKIError.
+        for bad in ["garbage", "", good] {
+            #expect(throws: PKIError.self) { try CRLRefresher.check(Array(bad.utf8), issuers: issuers, now: now) }
+        }
+        // Only the issuing CA level is required when it is the only issuer given.
+        #expect(try CRLRefresher.check(Array(good.utf8), issuers: [ca.certificate], now: now) <= now.addingTimeInterval(3600))
+        let expired = try crl(ca, nextUpdate: now.addingTimeInterval(-1))
+        #expect(throws: PKIError.self) { try CRLRefresher.check(Array(expired.utf8), issuers: [ca.certificate], now: now) }
+        let foreign = try crl(other, nextUpdate: now.addingTimeInterval(3600))
+        #expect(throws: PKIError.self) { try CRLRefresher.check(Array(foreign.utf8), issuers: [ca.certificate], now: now) }
+    }
 }

@@ -1,0 +1,138 @@
+import Foundation
+import Logging
+import MutualClient
+import MutualPKI
+import Synchronization
+import X509
+
+/// Keeps a CRL file fresh for servers that check revocation from files (nginx `ssl_crl`, HAProxy `crl-file`): fetches
+/// the CRLs of every CA level from the authority (`/crls.pem`) over the verified connection, checks each one (signed by
+/// a CA of the agent's own chain, not past its nextUpdate, one per CA level), writes the file atomically when it
+/// changed, and runs the reload hook. It refreshes every `interval`, and always well before the earliest nextUpdate (at
+/// half of the time left), so a server never holds an expired CRL — which nginx answers by refusing every client.
+/// A failed refresh keeps the current file and is retried with backoff, still ahead of nextUpdate.
+public final class CRLRefresher: Sendable {
+    public struct Configuration: Sendable {
+        public var authority: String
+        /// The agent's output directory: its chain and bundle are the trust for the fetch and the CRL issuers.
+        public var outDir: String
+        public var crlPath: String
+        public var interval: ValidityDuration
+        public var hook: ReloadHook
+        public var requestTimeout: Duration = .seconds(15)
+
+        public init(authority: String, outDir: String, crlPath: String, interval: ValidityDuration = .minutes(5), hook: ReloadHook = .init()) {
+            self.authority = authority.hasSuffix("/") ? String(authority.dropLast()) : authority
+            self.outDir = outDir
+            self.crlPath = crlPath
+            self.interval = interval
+            self.hook = hook
+        }
+    }
+
+    public enum Outcome: Sendable, Equatable {
+        /// The file holds fresh CRLs (`changed`: it was rewritten and the hook ran); refresh again at `next`.
+        case fresh(changed: Bool, nextUpdate: Date, next: Date)
+        /// Nothing to trust yet (the agent has not enrolled) or the refresh failed; try again at `next`.
+        case failed(reason: String, next: Date)
+    }
+
+    public let configuration: Configuration
+    let clock: any AgentClock
+    let logger: Logger
+    private let failures = Mutex(0)
+
+    public init(configuration: Configuration, clock: any AgentClock = SystemClock(), logger: Logger) {
+        self.configuration = configuration
+        self.clock = clock
+        self.logger = logger
+    }
+
+    public func run() async throws {
+        while !Task.isCancelled {
+            switch await refresh() {
+            case .fresh(_, _, let next), .failed(_, let next):
+                try await clock.sleep(until: next)
+            }
+        }
+    }
+
+    /// One refresh: fetch, check, write if changed, run the hook.
+    public func refresh() async -> Outcome {
+        let now = clock.now
+        do {
+            guard let current = try Delivery.read(outDir: configuration.outDir) else {
+                return fail("no certificate in \(configuration.outDir) yet: the CRLs are fetched once the agent has enrolled", now: now, quiet: true)
+            }
+            let client = try AuthorityClient(baseURL: configuration.authority, trustRoots: current.roots, timeout: configuration.requestTimeout)
+            defer { Task { try? await client.shutdown() } }
+            let bytes = try await client.chainCRLs()
+            let nextUpdate = try Self.check(bytes, issuers: current.roots + current.chain.dropFirst(), now: now)
+            let existing = FileManager.default.contents(atPath: configuration.crlPath).map { Array($0) }
+            let changed = existing != bytes
+            if changed {
+                try AtomicFile.write(bytes, to: configuration.crlPath, mode: 0o644)
+                logger.info("CRLs written", metadata: ["path": "\(configuration.crlPath)", "next_update": "\(nextUpdate)"])
+                await configuration.hook.run(logger: logger)
+            }
+            failures.withLock { $0 = 0 }
+            let next = min(now.addingTimeInterval(configuration.interval.timeInterval), now.addingTimeInterval(max(1, nextUpdate.timeIntervalSince(now) / 2)))
+            return .fresh(changed: changed, nextUpdate: nextUpdate, next: next)
+        } catch let error as AuthorityClientError {
+            return fail("fetching \(configuration.authority)/crls.pem: \(error)", now: now)
+        } catch let error as PKIError {
+            return fail("the authority's CRLs were refused, the current file is kept: \(error.reason)", now: now)
+        } catch let error as AgentError {
+            return fail(error.message, now: now)
+        } catch {
+            return fail("CRL refresh failed: \(error)", now: now)
+        }
+    }
+
+    /// Checks a `/crls.pem` answer: PEM CRLs, each signed by one of `issuers`, none past its nextUpdate, and one for
+    /// every CA among `issuers` (a server that checks every level refuses clients when a level has no CRL). Returns the
+    /// earliest nextUpdate.
+    static func check(_ bytes: [UInt8], issuers: [Certificate], now: Date) throws -> Date {
+        guard bytes.count <= 16 << 20 else { throw PKIError(.inputTooLarge, "the CRL file is over 16 MiB") }
+        let text = String(decoding: bytes, as: UTF8.self)
+        let crls = try RevocationList.pemDocuments(text).map { try RevocationList(derEncoded: $0) }
+        guard !crls.isEmpty else { throw PKIError(.malformedInput, "no X509 CRL block in the answer") }
+        var earliest = Date.distantFuture
+        var covered = Set<DistinguishedName>()
+        for crl in crls {
+            guard let issuer = issuers.first(where: { $0.subject == crl.issuer && crl.isSigned(by: $0) }) else {
+                throw PKIError(.badSignature, "a CRL for \(crl.issuer) is not signed by a CA of this agent's chain")
+            }
+            guard let nextUpdate = crl.nextUpdate, nextUpdate > now else {
+                throw PKIError(.malformedInput, "the CRL of \(crl.issuer) has expired (nextUpdate \(crl.nextUpdate.map { "\($0)" } ?? "absent"))")
+            }
+            covered.insert(issuer.subject)
+            earliest = min(earliest, nextUpdate)
+        }
+        let missing = Set(issuers.map(\.subject)).subtracting(covered)
+        guard missing.isEmpty else {
+            throw PKIError(.malformedInput, "no CRL for \(missing.map(\.description).sorted().joined(separator: ", "))")
+        }
+        return earliest
+    }
+
+    private func fail(_ reason: String, now: Date, quiet: Bool = false) -> Outcome {
+        let attempt = failures.withLock { value -> Int in
+            value += 1
+            return value
+        }
+        var delay = min(configuration.interval.timeInterval, 5 * pow(2, Double(min(attempt - 1, 10))))
+        // Never wait past half the time the current file has left.
+        if let bytes = FileManager.default.contents(atPath: configuration.crlPath),
+           let crls = try? RevocationList.pemDocuments(String(decoding: bytes, as: UTF8.self)).compactMap({ try? RevocationList(derEncoded: $0) }),
+           let earliest = crls.compactMap(\.nextUpdate).min() {
+            delay = min(delay, max(1, earliest.timeIntervalSince(now) / 2))
+        }
+        if quiet {
+            logger.info("CRL refresh waiting", metadata: ["reason": "\(reason)"])
+        } else {
+            logger.warning("CRL refresh failed; keeping the current file", metadata: ["error": "\(reason)", "retry_in_s": "\(Int(delay))"])
+        }
+        return .failed(reason: reason, next: now.addingTimeInterval(delay))
+    }
+}

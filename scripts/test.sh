@@ -57,6 +57,8 @@ status=0
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" SHARED="$SHARED" bash "$ROOT/scripts/interop.sh" || status=1
 log "interop: revocation (openssl ocsp/crl, pkilint, python cryptography, nginx ssl_crl)"
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-revocation.sh" || status=1
+log "interop: docs/nginx.md as written (nginx ssl_crl kept fresh by the agent across CRL expiry, revocation, server certificate rotation)"
+MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-nginx.sh" || status=1
 log "interop: mutual proxy (curl, openssl s_client, nginx, PROXY v2, revocation, rotation under load; gateway attacks: path spellings, hostile SANs, header forgery, limits, siege at ulimit -n 256, TLS settings)"
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-proxy.sh" || status=1
 log "agent: enrollment, renewal, crash safety, revocation, and a sidecar proxy rotating under load for ${AGENT_SECONDS:-180}s"

@@ -15,6 +15,8 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v jq >/dev/null 2>&1 || need_apt+=(jq)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need_apt+=(iproute2)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
@@ -57,6 +59,8 @@ status=0
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" SHARED="$SHARED" bash "$ROOT/scripts/interop.sh" || status=1
 log "interop: revocation (openssl ocsp/crl, pkilint, python cryptography, nginx ssl_crl)"
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-revocation.sh" || status=1
+log "documentation: README and docs examples run as written (private network namespace, documented host names and ports)"
+MUTUAL="$ROOT/.build/debug/mutual" bash "$ROOT/scripts/docs-examples.sh" || status=1
 log "interop: docs/nginx.md as written (nginx ssl_crl kept fresh by the agent across CRL expiry, revocation, server certificate rotation)"
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-nginx.sh" || status=1
 log "interop: mutual proxy (curl, openssl s_client, nginx, PROXY v2, revocation, rotation under load; gateway attacks: path spellings, hostile SANs, header forgery, limits, siege at ulimit -n 256, TLS settings)"

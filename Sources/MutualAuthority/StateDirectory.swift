@@ -16,10 +16,18 @@ public struct StateDirectory: Sendable {
     public let path: String
 
     public init(path: String) {
-        self.path = (path as NSString).expandingTildeInPath
+        self.path = Self.expandingTilde(path)
     }
 
     /// `--state-dir`, else `MUTUAL_STATE_DIR`, else `~/.mutual`.
+    /// `~` and `~/…` mean $HOME, as in the shell (Foundation's expandingTildeInPath reads the password database on
+    /// Linux and ignores $HOME: a `HOME=/tmp/x mutual init` would have written to the real home directory).
+    static func expandingTilde(_ path: String) -> String {
+        guard path == "~" || path.hasPrefix("~/") else { return (path as NSString).expandingTildeInPath }
+        let home = ProcessInfo.processInfo.environment["HOME"].flatMap { $0.isEmpty ? nil : $0 } ?? NSHomeDirectory()
+        return home + path.dropFirst()
+    }
+
     public static func resolve(_ flag: String?) -> StateDirectory {
         if let flag, !flag.isEmpty { return StateDirectory(path: flag) }
         if let env = ProcessInfo.processInfo.environment["MUTUAL_STATE_DIR"], !env.isEmpty {

@@ -252,6 +252,17 @@ struct CLITests {
         #expect(written.count == 2 && written[1].subject != written[0].subject, "leaf then intermediate")
     }
 
+    @Test("the default state directory ~/.mutual follows $HOME, as the shell's ~ does")
+    func homeStateDirectory() async throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        let result = try await cli.run(["init", "--json"], environment: ["MUTUAL_STATE_DIR": ""])
+        #expect(result.status == 0, "\(result.output)")
+        let object = (try? JSONSerialization.jsonObject(with: Data(result.stdout.utf8))) as? [String: String]
+        #expect(object?["state_dir"] == cli.home + "/.mutual", "\(result.output)")
+        #expect(FileManager.default.fileExists(atPath: cli.home + "/.mutual/ca/root.pem"))
+    }
+
     @Test("bench ca-server refuses an unknown --stage and a bad --listen with exit 2 before starting")
     func caServerBadInput() async throws {
         let cli = CLI()

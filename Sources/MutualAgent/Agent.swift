@@ -127,6 +127,7 @@ public final class Agent: Sendable {
             status.serial = leaf.serialHex
             status.notAfter = leaf.notValidAfter
             status.renewAt = at
+            status.renewalMethod = RenewalMethod(for: leaf).rawValue
             if status.state == "starting" { status.state = "ok" }
             return at
         }
@@ -210,6 +211,7 @@ public final class Agent: Sendable {
                 status.state = "ok"
                 status.serial = enrollment.serial
                 status.notAfter = enrollment.notAfter
+                status.renewalMethod = RenewalMethod(for: enrollment.certificate).rawValue
                 status.renewAt = renewAt
                 status.lastSuccess = clock.now
                 status.lastError = nil

@@ -95,9 +95,12 @@ public struct AgentStatus: Codable, Sendable, Equatable {
     /// The authority's Date header minus local time, seconds, at the last answer.
     public var clockSkewSeconds: Double?
     public var renewals: Int
+    /// How the current certificate renews: `mtls` or `proof` (a certificate without clientAuth).
+    public var renewalMethod: String?
 
     enum CodingKeys: String, CodingKey {
         case identity, authority, state, serial, renewals
+        case renewalMethod = "renewal_method"
         case notAfter = "not_after", renewAt = "renew_at", lastSuccess = "last_success", lastAttempt = "last_attempt"
         case lastError = "last_error", consecutiveFailures = "consecutive_failures", clockSkewSeconds = "clock_skew_seconds"
     }

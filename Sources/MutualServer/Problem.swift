@@ -93,7 +93,10 @@ struct ProblemMiddleware<Context: RequestContext>: RouterMiddleware {
             if problem.status.code >= 500 {
                 context.logger.error("request failed", metadata: ["path": "\(request.uri.path)", "error": "\(error)"])
             } else {
-                context.logger.info("request refused", metadata: ["path": "\(request.uri.path)", "status": "\(problem.status.code)", "reason": "\(problem.detail)"])
+                context.logger.info("request refused", metadata: [
+                    "path": "\(request.uri.path)", "status": "\(problem.status.code)",
+                    "code": "\(problem.type.split(separator: ":").last ?? "unknown")", "reason": "\(problem.detail)",
+                ])
             }
             throw problem
         }

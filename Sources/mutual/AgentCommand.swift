@@ -166,7 +166,7 @@ struct AgentCommand: AsyncParsableCommand {
             print("state:           \(status.state)")
             print("serial:          \(status.serial ?? "-")")
             print("expires:         \(ago(status.notAfter))")
-            print("renews at:       \(ago(status.renewAt))")
+            print("renews at:       \(ago(status.renewAt))\(status.renewalMethod.map { $0 == "proof" ? " (by proof of possession: no clientAuth)" : " (over mTLS)" } ?? "")")
             print("last success:    \(ago(status.lastSuccess))")
             print("renewals:        \(status.renewals)")
             if let error = status.lastError { print("last error:      \(error) (\(status.consecutiveFailures) consecutive failures)") }

@@ -99,6 +99,7 @@ struct AgentAgainstServerTests {
             #expect(delivered.leaf.serialHex == serial && delivered.leaf.publicKey != enrolled.leaf.publicKey)
             let event = try await server.authority.store.auditEvents().last
             #expect(event?.action == "renew" && event?.details.contains("\"method\":\"proof\"") == true)
+            #expect(AgentStatus.read(outDir: dir + "/out")?.renewalMethod == "proof", "status says how it renews")
         } catch {
             await server.stop()
             throw error

@@ -71,6 +71,23 @@ public final class Agent: Sendable {
     let logger: Logger
     let random: @Sendable () -> Double
     private let status: Mutex<AgentStatus>
+    /// The authority's clock relative to ours, measured on verified exchanges (see ``authorityNow()``).
+    private let time: Mutex<TimeKeeping>
+
+    struct TimeKeeping {
+        /// Authority minus local, seconds.
+        var offset: Double?
+        /// Local time of the last measurement.
+        var measuredAt: Date?
+    }
+
+    /// Offsets below this are measurement noise (the `Date` header has whole seconds) and are not applied.
+    static let offsetTolerance: TimeInterval = 2
+    /// The offset is measured again when the last measurement is older than this (by the local clock, either way:
+    /// a clock stepped back makes the last measurement look like the future).
+    static let probeInterval: TimeInterval = 300
+    /// The agent never sleeps longer than this, so a local clock step is noticed within it.
+    static let maximumSleep: TimeInterval = 600
     /// Called after each delivery (the sidecar proxy reloads from it).
     let onDelivered: (@Sendable () async -> Void)?
 
@@ -86,6 +103,7 @@ public final class Agent: Sendable {
             initial = previous
         }
         self.status = Mutex(initial)
+        self.time = Mutex(TimeKeeping(offset: initial.clockSkewSeconds, measuredAt: nil))
     }
 
     public var currentStatus: AgentStatus { status.withLock { $0 } }
@@ -97,25 +115,57 @@ public final class Agent: Sendable {
             case .stopped(let reason):
                 throw AgentError(.fatal, reason)
             case .notDue(let until):
-                try await clock.sleep(until: until)
+                try await sleep(until: until)
             case .failed(_, let retryAt):
-                try await clock.sleep(until: retryAt)
+                try await sleep(until: retryAt)
             case .enrolled, .renewed:
                 continue
             }
         }
     }
 
+    /// The authority's time now, as far as this host knows: the local clock plus the measured offset. Every decision
+    /// (is it due, has it expired, the timestamp of a proof) is taken on it, so a host whose clock is off by hours
+    /// still renews on time and is not refused for its clock.
+    public func authorityNow() -> Date { clock.now.addingTimeInterval(appliedOffset) }
+
+    var appliedOffset: TimeInterval {
+        time.withLock { t in
+            guard let offset = t.offset, abs(offset) >= Self.offsetTolerance else { return 0 }
+            return offset
+        }
+    }
+
+    /// Sleeps until an instant on the authority's clock, converted to ours; never longer than ``maximumSleep``.
+    func sleep(until authorityTime: Date) async throws {
+        let local = authorityTime.addingTimeInterval(-appliedOffset)
+        try await clock.sleep(until: min(local, clock.now.addingTimeInterval(Self.maximumSleep)))
+    }
+
+    /// Measures the offset again over a verified connection when the last measurement is stale.
+    func refreshTime(roots: [Certificate]) async {
+        let stale = time.withLock { t in t.measuredAt.map { abs(clock.now.timeIntervalSince($0)) > Self.probeInterval } ?? true }
+        guard stale else { return }
+        do {
+            let client = try AuthorityClient(baseURL: configuration.authority, trustRoots: roots, timeout: configuration.requestTimeout)
+            defer { Task { try? await client.shutdown() } }
+            noteSkew(try await client.serverTime())
+        } catch {
+            logger.debug("time probe failed", metadata: ["error": "\(error)"])
+        }
+    }
+
     /// One decision: enroll, renew, or say when to come back.
     public func step() async -> Outcome {
-        let now = clock.now
         let current: Delivery.Current?
         do {
             current = try Delivery.read(outDir: configuration.outDir)
         } catch {
             return stop("the delivered files in \(configuration.outDir) are unreadable (\(error)); remove them and enroll again with a new token")
         }
-        guard let current else { return await enroll(now: now) }
+        guard let current else { return await enroll(now: authorityNow()) }
+        await refreshTime(roots: current.roots)
+        let now = authorityNow()
         let leaf = current.leaf
         let lifetime = leaf.notValidAfter.timeIntervalSince(leaf.notValidBefore)
         if status.withLock({ $0.state }) == "stopped", status.withLock({ $0.serial }) == leaf.serialHex {
@@ -150,12 +200,12 @@ public final class Agent: Sendable {
                     // renews over server-authenticated TLS with a proof of possession of its current key instead.
                     let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: current.roots, timeout: self.configuration.requestTimeout)
                     defer { Task { try? await client.shutdown() } }
-                    let enrollment = try await client.renewByProof(certificate: leaf, key: current.key, csr: try self.csr(key: key), now: self.clock.now)
+                    let enrollment = try await client.renewByProof(certificate: leaf, key: current.key, csr: try self.csr(key: key), now: self.authorityNow())
                     return (enrollment, key, (try? await client.roots()) ?? current.roots)
                 }
             }
             // Refused because it expired meanwhile: go on to renew-expired now rather than after a back-off.
-            guard case .failed = outcome, clock.now >= leaf.notValidAfter || verdict?.expiredMeanwhile == true else {
+            guard case .failed = outcome, authorityNow() >= leaf.notValidAfter || verdict?.expiredMeanwhile == true else {
                 return outcome
             }
         }
@@ -165,7 +215,7 @@ public final class Agent: Sendable {
             defer { Task { try? await client.shutdown() } }
             let key = try self.configuration.keyType.generate()
             let csr = try self.csr(key: key)
-            let enrollment = try await client.renewExpired(certificate: leaf, oldKey: current.key, csr: csr, now: self.clock.now)
+            let enrollment = try await client.renewExpired(certificate: leaf, oldKey: current.key, csr: csr, now: self.authorityNow())
             return (enrollment, key, current.roots)
         }
     }
@@ -203,7 +253,7 @@ public final class Agent: Sendable {
             try Delivery.deliver(outDir: configuration.outDir, key: key, chain: enrollment.chain, roots: roots)
             let leaf = enrollment.certificate
             // Authorities backdate notBefore (clock skew allowance); the lifetime we schedule on starts when we got it.
-            let start = min(max(leaf.notValidBefore, clock.now), leaf.notValidAfter)
+            let start = min(max(leaf.notValidBefore, authorityNow()), leaf.notValidAfter)
             let renewAt = configuration.schedule.renewalTime(notBefore: start, notAfter: leaf.notValidAfter, unit: random())
             let first = status.withLock { status -> Bool in
                 let first = status.serial == nil
@@ -215,6 +265,7 @@ public final class Agent: Sendable {
                 status.renewAt = renewAt
                 status.lastSuccess = clock.now
                 status.lastError = nil
+                status.lastErrorCode = nil
                 status.consecutiveFailures = 0
                 return first
             }
@@ -226,20 +277,24 @@ public final class Agent: Sendable {
             await onDelivered?()
             return (first && what == "enrollment" ? .enrolled(serial: enrollment.serial) : .renewed(serial: enrollment.serial), nil)
         } catch {
-            let verdict = classify(error, what: what)
-            let reason = verdict.reason
             if let serverDate = (error as? AuthorityClientError)?.serverDate { noteSkew(serverDate) }
-            if verdict.kind == .fatal { return (stop(reason), verdict) }
+            var verdict = classify(error, what: what)
+            if (error as? AuthorityClientError)?.tlsReason == "certificate_verify_failed", let diagnosis = await diagnoseVerifyFailure() {
+                verdict = Verdict(kind: .transient, code: "clock-skew", reason: diagnosis)
+            }
+            let reason = verdict.reason
+            if verdict.kind == .fatal { return (stop(reason, code: verdict.code), verdict) }
             let attempt = status.withLock { status -> Int in
                 status.consecutiveFailures += 1
                 status.state = "retrying"
                 status.lastError = reason
+                status.lastErrorCode = verdict.code
                 return status.consecutiveFailures
             }
             let delay = configuration.schedule.backoff(attempt: attempt, lifetime: lifetime, unit: abs(random()))
-            let retryAt = clock.now.addingTimeInterval(delay)
+            let retryAt = authorityNow().addingTimeInterval(delay)
             writeStatus()
-            let left = status.withLock { $0.notAfter }.map { $0.timeIntervalSince(clock.now) }
+            let left = status.withLock { $0.notAfter }.map { $0.timeIntervalSince(authorityNow()) }
             logger.warning("\(what) failed; keeping the current certificate and retrying", metadata: [
                 "error": "\(reason)", "retry_in_s": "\(String(format: "%.1f", delay))", "attempt": "\(attempt)",
                 "expires_in_s": "\(left.map { String(Int($0)) } ?? "-")",
@@ -258,10 +313,11 @@ public final class Agent: Sendable {
         }
     }
 
-    private func stop(_ reason: String) -> Outcome {
+    private func stop(_ reason: String, code: String = "stopped") -> Outcome {
         status.withLock { status in
             status.state = "stopped"
             status.lastError = reason
+            status.lastErrorCode = code
         }
         writeStatus()
         logger.error("stopped: \(reason)")
@@ -270,61 +326,103 @@ public final class Agent: Sendable {
 
     /// How a failed attempt is taken: retried, or the agent stops. `expiredMeanwhile`: a renewal refused because the
     /// certificate expired between the agent's check and the authority's; the same step goes on to renew-expired.
+    /// `code` is the stable reason (the authority's problem code, a TLS reason, or the agent's own), kept in the status.
     struct Verdict: Equatable {
         var kind: AgentError.Kind
         var expiredMeanwhile = false
+        var code: String
         var reason: String
     }
 
+    /// Decides on codes only — the authority's problem code and BoringSSL's reason code — never on message text, so a
+    /// reworded message cannot change what the agent does.
     func classify(_ error: any Error, what: String) -> Verdict {
         switch error {
         case let error as AgentError:
-            return Verdict(kind: error.kind, reason: error.message)
+            return Verdict(kind: error.kind, code: error.kind == .fatal ? "agent-stopped" : "agent-retrying", reason: error.message)
         case let error as AuthorityClientError:
-            if what == "renewal", error.status == 0, error.detail.uppercased().contains("CERTIFICATE_EXPIRED") {
-                // The authority's TLS layer refused our certificate with a "certificate expired" alert while our clock
-                // still has it valid: the clocks differ. Renew-expired now instead of retrying until ours catches up.
-                return Verdict(
-                    kind: .transient, expiredMeanwhile: true,
-                    reason: "the authority refused the certificate as expired at the TLS handshake while this host's clock still has it valid (\(error.detail)); trying renew-expired"
-                )
+            if error.status == 0 {
+                switch error.tlsReason {
+                case "sslv3_alert_certificate_expired" where what == "renewal":
+                    // The authority's TLS layer refused our certificate as expired while our clock still has it valid:
+                    // the clocks differ. Renew-expired now instead of retrying until ours catches up.
+                    return Verdict(
+                        kind: .transient, expiredMeanwhile: true, code: "certificate-expired",
+                        reason: "the authority refused the certificate as expired at the TLS handshake while this host's clock still has it valid (\(error.detail)); trying renew-expired"
+                    )
+                case "sslv3_alert_unsupported_certificate":
+                    // Our certificate's key usages do not allow TLS client authentication. Retrying changes nothing,
+                    // but the certificate is still valid: say so.
+                    return Verdict(kind: .transient, code: "unsupported-certificate", reason: "the authority's TLS refused this certificate as a client certificate (alert unsupported_certificate: its extended key usage does not include clientAuth) — \(error.detail)")
+                default:
+                    return Verdict(kind: .transient, code: error.tlsReason ?? "transport", reason: "authority unreachable or failing: \(error.detail)")
+                }
             }
-            if error.status == 0, error.detail.uppercased().contains("UNSUPPORTED_CERTIFICATE") {
-                // BoringSSL's reason code for the alert the authority sent: our certificate's key usages do not allow
-                // TLS client authentication. Retrying changes nothing, but the certificate is still valid: say so.
-                return Verdict(kind: .transient, reason: "the authority's TLS refused this certificate as a client certificate (alert unsupported_certificate: its extended key usage does not include clientAuth) — \(error.detail)")
+            if error.status >= 500 || error.status == 429 {
+                return Verdict(kind: .transient, code: error.code, reason: "authority failing (\(error.status) \(error.code)): \(error.detail)")
             }
-            if error.status == 0 || error.status >= 500 || error.status == 429 {
-                return Verdict(kind: .transient, reason: "authority unreachable or failing: \(error.detail)")
-            }
-            if error.detail.contains("is revoked") {
-                return Verdict(kind: .fatal, reason: "the certificate was revoked (\(error.detail)); renewal stopped — enroll again with a new token once the cause is fixed")
-            }
-            if what == "renewal", error.detail.contains(" expired at ") {
+            switch error.code {
+            case "certificate-revoked":
+                return Verdict(kind: .fatal, code: error.code, reason: "the certificate was revoked (\(error.detail)); renewal stopped — enroll again with a new token once the cause is fixed")
+            case "certificate-expired" where what == "renewal":
                 // It expired between our check and the authority's (a late wake-up, a slow network, clock skew):
                 // not a reason to stop; renew-expired comes next.
-                return Verdict(kind: .transient, expiredMeanwhile: true, reason: "the certificate expired during the renewal (\(error.detail)); trying renew-expired")
+                return Verdict(kind: .transient, expiredMeanwhile: true, code: error.code, reason: "the certificate expired during the renewal (\(error.detail)); trying renew-expired")
+            case "clock-skew", "certificate-not-yet-valid":
+                // A matter of clocks, never a reason to stop: the offset was just measured from the answer's Date, and
+                // the next attempt uses the authority's time.
+                return Verdict(kind: .transient, code: error.code, reason: "refused because of the clocks (\(error.detail)); retrying on the authority's time (offset \(Int(appliedOffset)) s)")
+            default:
+                if what == "renewal after expiry" {
+                    return Verdict(kind: .fatal, code: error.code, reason: "the certificate expired and the authority refused to renew it (\(error.code)): \(error.detail); a new token is needed")
+                }
+                return Verdict(kind: .fatal, code: error.code, reason: "the authority refused the \(what) (\(error.status) \(error.code)): \(error.detail)")
             }
-            if what == "renewal after expiry" {
-                return Verdict(kind: .fatal, reason: "the certificate expired and the authority refused to renew it: \(error.detail); a new token is needed")
-            }
-            return Verdict(kind: .fatal, reason: "the authority refused the \(what) (\(error.status) \(error.type)): \(error.detail)")
         default:
-            let text = String(describing: error)
-            return Verdict(kind: .transient, reason: "\(what) failed: \(text)")
+            return Verdict(kind: .transient, code: "failed", reason: "\(what) failed: \(String(describing: error))")
         }
     }
 
-    private func noteSkew(_ serverDate: Date?) {
+    /// After the authority's certificate failed to verify: if the authority's clock (read without verification, only
+    /// for this message) is far from ours, the clock is the likely cause — say so, with the size of the gap.
+    func diagnoseVerifyFailure() async -> String? {
+        guard let theirs = await AuthorityClient.unverifiedServerTime(baseURL: configuration.authority) else { return nil }
+        let gap = theirs.timeIntervalSince(clock.now)
+        guard abs(gap) > 300 else { return nil }
+        let size = Self.humanDuration(abs(gap))
+        return "the authority's certificate does not verify at this host's time (\(clock.now)), and the authority's clock says \(theirs): this host's clock is about \(size) \(gap > 0 ? "behind" : "ahead") — fix the clock (NTP); the agent keeps retrying"
+    }
+
+    static func humanDuration(_ seconds: TimeInterval) -> String {
+        if seconds >= 86_400 { return String(format: "%.1f d", seconds / 86_400) }
+        if seconds >= 3600 { return String(format: "%.1f h", seconds / 3600) }
+        if seconds >= 60 { return "\(Int(seconds / 60)) min" }
+        return "\(Int(seconds)) s"
+    }
+
+    func noteSkew(_ serverDate: Date?) {
         guard let serverDate else { return }
-        let skew = serverDate.timeIntervalSince(clock.now)
+        let local = clock.now
+        let skew = serverDate.timeIntervalSince(local)
+        let previous = time.withLock { t -> Double? in
+            let previous = t.offset
+            t.offset = skew
+            t.measuredAt = local
+            return previous
+        }
         status.withLock { $0.clockSkewSeconds = (skew * 10).rounded() / 10 }
-        if abs(skew) > 60 {
-            logger.warning("clock skew: the authority's clock differs from ours", metadata: ["skew_s": "\(Int(skew))"])
+        if abs(skew) > 60, previous.map({ abs($0 - skew) > 30 }) ?? true {
+            logger.warning("clock skew: this host's clock differs from the authority's; renewals are scheduled on the authority's clock", metadata: [
+                "skew_s": "\(Int(skew))", "host_clock": "\(abs(skew) > 0 && skew > 0 ? "behind" : "ahead")", "code": "clock-skew",
+            ])
         }
     }
 
-    private func writeStatus() { currentStatus.write(outDir: configuration.outDir) }
+    private func writeStatus() {
+        // Before the first delivery the directory may not exist yet: a failed enrollment must still leave a status.
+        try? FileManager.default.createDirectory(atPath: configuration.outDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        currentStatus.write(outDir: configuration.outDir)
+    }
 
     func csr(key: Certificate.PrivateKey) throws -> CertificateSigningRequest {
         var names: [GeneralName] = []

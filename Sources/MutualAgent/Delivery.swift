@@ -91,6 +91,8 @@ public struct AgentStatus: Codable, Sendable, Equatable {
     public var lastSuccess: Date?
     public var lastAttempt: Date?
     public var lastError: String?
+    /// The stable code of the last error (the authority's problem code, a TLS reason code, or `transport`).
+    public var lastErrorCode: String?
     public var consecutiveFailures: Int
     /// The authority's Date header minus local time, seconds, at the last answer.
     public var clockSkewSeconds: Double?
@@ -102,7 +104,7 @@ public struct AgentStatus: Codable, Sendable, Equatable {
         case identity, authority, state, serial, renewals
         case renewalMethod = "renewal_method"
         case notAfter = "not_after", renewAt = "renew_at", lastSuccess = "last_success", lastAttempt = "last_attempt"
-        case lastError = "last_error", consecutiveFailures = "consecutive_failures", clockSkewSeconds = "clock_skew_seconds"
+        case lastError = "last_error", lastErrorCode = "last_error_code", consecutiveFailures = "consecutive_failures", clockSkewSeconds = "clock_skew_seconds"
     }
 
     public static func path(outDir: String) -> String { outDir + "/status.json" }

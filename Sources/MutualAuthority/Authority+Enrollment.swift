@@ -85,16 +85,16 @@ extension Authority {
     /// Checks that a presented client certificate is one this authority issued and is still current.
     public func checkPresented(_ certificate: Certificate, now: Date = .now, allowExpired: Bool = false) async throws -> CertificateRecord {
         guard let record = try await presentedRecord(certificate) else {
-            throw AuthorityError(.certificateRefused, "the client certificate \(certificate.serialHex) was not issued by this authority")
+            throw AuthorityError(.certificateUnknown, "the client certificate \(certificate.serialHex) was not issued by this authority")
         }
         if record.status == .revoked {
-            throw AuthorityError(.certificateRefused, "the client certificate \(record.serial) is revoked (\(record.revocationReason ?? "unspecified"))")
+            throw AuthorityError(.certificateRevoked, "the client certificate \(record.serial) is revoked (\(record.revocationReason ?? "unspecified"))")
         }
         if !allowExpired, record.notAfter <= now {
-            throw AuthorityError(.certificateRefused, "the client certificate \(record.serial) expired at \(AuditChain.format(record.notAfter))")
+            throw AuthorityError(.certificateExpired, "the client certificate \(record.serial) expired at \(AuditChain.format(record.notAfter))")
         }
         if now < record.notBefore {
-            throw AuthorityError(.certificateRefused, "the client certificate \(record.serial) is not valid before \(AuditChain.format(record.notBefore))")
+            throw AuthorityError(.certificateNotYetValid, "the client certificate \(record.serial) is not valid before \(AuditChain.format(record.notBefore))")
         }
         return record
     }
@@ -179,7 +179,7 @@ extension Authority {
             throw AuthorityError(.proofInvalid, "the proof's timestamp '\(timestamp.prefix(40))' is not an RFC 3339 time")
         }
         guard abs(signedAt.timeIntervalSince(now)) <= Self.proofWindow else {
-            let refusal = AuthorityError(.proofStale, "the proof was made at \(timestamp.prefix(40)), more than 5 minutes from the authority's clock (\(AuditChain.format(now))); check this host's clock")
+            let refusal = AuthorityError(.clockSkew, "the proof was made at \(timestamp.prefix(40)), more than 5 minutes from the authority's clock (\(AuditChain.format(now))); check this host's clock")
             try? await auditRefusal(actor: actor, reason: refusal, now: now)
             throw refusal
         }

@@ -19,14 +19,23 @@ public struct AuthorityError: Error, Hashable, Sendable, CustomStringConvertible
         public static let tokenOutOfScope = Code("token-out-of-scope")
         /// The request asks for another profile or a longer validity than the token allows.
         public static let tokenNotAllowed = Code("token-not-allowed")
-        /// The client certificate may not do this (not in the inventory, revoked, expired, wrong profile).
+        /// The client certificate may not do this (wrong profile, another certificate's record).
         public static let certificateRefused = Code("certificate-refused")
         /// The request is understood but refused by policy (renewal of an expired certificate outside the grace window).
         public static let forbidden = Code("forbidden")
         /// A proof of possession that is malformed or does not verify against the certificate's key.
         public static let proofInvalid = Code("proof-invalid")
-        /// A proof of possession whose timestamp is more than five minutes from the authority's clock.
-        public static let proofStale = Code("proof-stale")
+        /// A proof of possession whose timestamp is more than five minutes from the authority's clock: the client's
+        /// clock is off (the answer's `Date` header is the authority's time).
+        public static let clockSkew = Code("clock-skew")
+        /// The presented certificate was revoked.
+        public static let certificateRevoked = Code("certificate-revoked")
+        /// The presented certificate is past its notAfter by the authority's clock.
+        public static let certificateExpired = Code("certificate-expired")
+        /// The presented certificate is before its notBefore by the authority's clock.
+        public static let certificateNotYetValid = Code("certificate-not-yet-valid")
+        /// The presented certificate is not one this authority issued (or not exactly as issued).
+        public static let certificateUnknown = Code("certificate-unknown")
         /// A proof of possession that was already used.
         public static let proofReplayed = Code("proof-replayed")
         /// `/v1/renew-expired` is off on this authority (`--renew-expired-grace` not set).

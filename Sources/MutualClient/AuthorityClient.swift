@@ -17,6 +17,22 @@ public struct AuthorityClientError: Error, Sendable, CustomStringConvertible {
     public var description: String {
         status == 0 ? "authority unreachable: \(detail)" : "authority refused (\(status) \(type)): \(detail)"
     }
+
+    /// The problem code (`certificate-revoked`, `clock-skew`, …: the part of `type` after `urn:mutual:problem:`), or
+    /// `transport` when the authority did not answer. Programs branch on this, never on `detail`.
+    public var code: String {
+        if status == 0 { return "transport" }
+        let prefix = "urn:mutual:problem:"
+        return type.hasPrefix(prefix) ? String(type.dropFirst(prefix.count)) : type
+    }
+
+    /// For a transport failure inside TLS: BoringSSL's reason code, lower-cased (`sslv3_alert_certificate_expired`,
+    /// `certificate_verify_failed`, …) — the library's stable identifier, not prose.
+    public var tlsReason: String? {
+        guard status == 0, let range = detail.range(of: "OPENSSL_internal:", options: .backwards) else { return nil }
+        let code = detail[range.upperBound...].prefix { $0.isLetter || $0.isNumber || $0 == "_" }
+        return code.isEmpty ? nil : code.lowercased()
+    }
 }
 
 /// What the authority returns for `/v1/sign`, `/v1/renew` and `/v1/renew-expired`.
@@ -119,6 +135,25 @@ public final class AuthorityClient: Sendable {
     /// The CRLs of every CA level, root first (`/crls.pem`): what nginx's `ssl_crl` wants.
     public func chainCRLs() async throws -> [UInt8] {
         try await send(path: "/crls.pem", method: .GET, body: nil, bearer: nil).0
+    }
+
+    /// The authority's clock (its `Date` header on `/healthz`), over this client's verified connection.
+    public func serverTime() async throws -> Date? {
+        try await send(path: "/healthz", method: .GET, body: nil, bearer: nil).1
+    }
+
+    /// The authority's clock as it answers without verifying its certificate: only to explain a verification failure
+    /// ("this host's clock is 3 h behind"), never to schedule anything.
+    public static func unverifiedServerTime(baseURL: String, timeout: Duration = .seconds(10)) async -> Date? {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.certificateVerification = .none
+        var configuration = HTTPClient.Configuration(tlsConfiguration: tls)
+        configuration.timeout = .init(connect: .seconds(5), read: .seconds(10))
+        let http = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+        defer { Task { try? await http.shutdown() } }
+        let url = (baseURL.hasSuffix("/") ? String(baseURL.dropLast()) : baseURL) + "/healthz"
+        guard let response = try? await http.execute(HTTPClientRequest(url: url), timeout: .seconds(Int64(timeout.components.seconds))) else { return nil }
+        return response.headers.first(name: "date").flatMap { parseHTTPDate($0) }
     }
 
     /// The authority's trust anchors (`/roots.pem`).

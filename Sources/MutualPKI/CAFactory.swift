@@ -5,6 +5,9 @@ import X509
 /// Creates the CA hierarchy `mutual init` sets up: a self-signed root and an issuing intermediate (path length 0,
 /// optional name constraints).
 public enum CAFactory {
+    /// How far the root and intermediate are back-dated.
+    public static let backdate = ValidityDuration.hours(24)
+
     public struct Hierarchy: Sendable {
         public var root: Certificate
         public var rootKey: Certificate.PrivateKey
@@ -68,7 +71,9 @@ public enum CAFactory {
         let (dns, uriHosts) = try constraints.validated()
         let rootKey = try keyType.generate()
         let intermediateKey = try keyType.generate()
-        let notBefore = now.addingTimeInterval(-60)
+        // Back-dated a day: a host whose clock is hours behind can still verify the hierarchy (and the authority's
+        // back-dated TLS certificate under it) and learn the right time from the authority.
+        let notBefore = now.addingTimeInterval(-CAFactory.backdate.timeInterval)
 
         let rootSubject = try DistinguishedName {
             OrganizationName(name)

@@ -13,6 +13,9 @@ public struct IssuanceRequest: Sendable, Hashable {
     public var uris: [String]
     /// Requested lifetime; the profile default when nil. Capped by the CA's maximum and the issuer's notAfter.
     public var validity: ValidityDuration?
+    /// How far notBefore is set before now; nil: the CA policy's (60 s). Only the authority sets it (its own TLS
+    /// certificate is back-dated a day, so clients whose clocks are behind can still verify it); never from a CSR.
+    public var backdate: ValidityDuration?
     /// Notes on what the request asked for that the profile dropped (for the audit trail).
     public var droppedRequests: [String]
 

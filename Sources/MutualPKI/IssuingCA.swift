@@ -95,7 +95,7 @@ public struct IssuingCA: Sendable {
         guard now < certificate.notValidAfter else {
             throw PKIError(.inconsistentCA, "the issuing CA certificate expired at \(certificate.notValidAfter)")
         }
-        let notBefore = max(now.addingTimeInterval(-policy.backdate.timeInterval), certificate.notValidBefore)
+        let notBefore = max(now.addingTimeInterval(-(request.backdate ?? policy.backdate).timeInterval), certificate.notValidBefore)
         let notAfter = min(now.addingTimeInterval(validity.timeInterval), certificate.notValidAfter)
         return ApprovedRequest(
             profile: request.profile,

@@ -48,7 +48,8 @@ public struct Problem: Error, HTTPResponseError, Sendable {
             case .unauthenticated, .tokenInvalid:
                 return Problem(.unauthorized, code: e.code.name, title: "Unauthorized", detail: e.reason)
             case .tokenExpired, .tokenUsedUp, .tokenRevoked, .tokenOutOfScope, .tokenNotAllowed, .certificateRefused, .forbidden,
-                 .proofInvalid, .proofStale, .proofReplayed, .renewExpiredDisabled, .beyondGrace:
+                 .proofInvalid, .clockSkew, .proofReplayed, .renewExpiredDisabled, .beyondGrace,
+                 .certificateRevoked, .certificateExpired, .certificateNotYetValid, .certificateUnknown:
                 return Problem(.forbidden, code: e.code.name, title: "Forbidden", detail: e.reason)
             case .notFound:
                 return Problem(.notFound, code: e.code.name, title: "Not Found", detail: e.reason)

@@ -33,8 +33,12 @@ final class ServerCredentials: Sendable {
 
     static func issue(authority: Authority, dns: [String], ips: [String], lifetime: ValidityDuration) async throws -> Current {
         let key = try KeyType.p256.generate()
+        var request = IssuanceRequest(profile: .server, publicKey: key.publicKey, dnsNames: dns, ipAddresses: ips, validity: lifetime)
+        // Back-dated a day (bounded by the intermediate's own notBefore), as public CAs back-date: a client whose
+        // clock is hours behind can still verify the authority and learn its time from it.
+        request.backdate = Self.backdate
         let issued = try await authority.issue(
-            IssuanceRequest(profile: .server, publicKey: key.publicKey, dnsNames: dns, ipAddresses: ips, validity: lifetime),
+            request,
             owner: "mutual serve", requester: "mutual-serve", maximumValidityOverride: max(lifetime, authority.ca.policy.maximumValidity)
         )
         let chain = try issued.chain.map { try NIOSSLCertificate(bytes: try $0.derBytes, format: .der) }
@@ -66,10 +70,14 @@ final class ServerCredentials: Sendable {
         return configuration
     }
 
-    /// Renews the certificate when two thirds of its lifetime have passed.
+    static let backdate = ValidityDuration.hours(24)
+
+    /// Renews the certificate when two thirds of its lifetime have passed (counted from issuance, not from the
+    /// back-dated notBefore).
     func renewIfDue(now: Date = .now, logger: Logger) async {
         let snapshot = self.snapshot
-        let renewAt = snapshot.notBefore.addingTimeInterval(snapshot.notAfter.timeIntervalSince(snapshot.notBefore) * 2 / 3)
+        let issuedAt = snapshot.notAfter.addingTimeInterval(-lifetime.timeInterval)
+        let renewAt = issuedAt.addingTimeInterval(lifetime.timeInterval * 2 / 3)
         guard now >= renewAt else { return }
         do {
             let fresh = try await Self.issue(authority: authority, dns: names.dns, ips: names.ips, lifetime: lifetime)

@@ -114,7 +114,7 @@ public final class Store: Sendable {
         let prefix = prefix.lowercased()
         return try await reader.raw("""
             SELECT c.*, \(unsafeRaw: Self.successorColumn) FROM certificates c
-            WHERE substr(c.serial, 1, \(bind: prefix.count)) = \(bind: prefix) ORDER BY c.serial LIMIT \(bind: limit)
+            WHERE substr(c.serial, 1, \(unsafeRaw: String(prefix.count))) = \(bind: prefix) ORDER BY c.serial LIMIT \(bind: limit)
             """).all().map(Self.decodeCertificate)
     }
 

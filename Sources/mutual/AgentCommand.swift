@@ -143,7 +143,8 @@ struct AgentCommand: AsyncParsableCommand {
             guard let status = AgentStatus.read(outDir: outDir) else {
                 throw CommandFailure("no agent status in \(outDir) (has `mutual agent` run with --out-dir \(outDir)?)", exitCode: 1)
             }
-            let now = Date()
+            // Times in the status are the authority's; compare them with the authority's now.
+            let now = Date().addingTimeInterval(abs(status.clockSkewSeconds ?? 0) >= 2 ? status.clockSkewSeconds ?? 0 : 0)
             if json {
                 struct View: Encodable {
                     var status: AgentStatus
@@ -169,9 +170,43 @@ struct AgentCommand: AsyncParsableCommand {
             print("renews at:       \(ago(status.renewAt))\(status.renewalMethod.map { $0 == "proof" ? " (by proof of possession: no clientAuth)" : " (over mTLS)" } ?? "")")
             print("last success:    \(ago(status.lastSuccess))")
             print("renewals:        \(status.renewals)")
-            if let error = status.lastError { print("last error:      \(error) (\(status.consecutiveFailures) consecutive failures)") }
-            if let skew = status.clockSkewSeconds { print("clock skew:      \(skew)s (authority minus local)") }
+            if let error = status.lastError {
+                print("last error:      \(error) (\(status.consecutiveFailures) consecutive failures)")
+                if let code = status.lastErrorCode { print("error code:      \(code)") }
+                if let hint = Self.hint(for: status.lastErrorCode) { print("what to do:      \(hint)") }
+            }
+            if let skew = status.clockSkewSeconds {
+                print("clock skew:      \(skew)s (authority minus local)\(abs(skew) > 60 ? " — this host's clock is off; renewals follow the authority's clock" : "")")
+            }
             if status.state == "stopped" { throw ExitCode(1) }
+        }
+    }
+}
+
+extension AgentCommand.Status {
+    /// What a person does about the last error, by its code.
+    static func hint(for code: String?) -> String? {
+        switch code {
+        case "token-used-up", "token-expired", "token-revoked", "token-invalid":
+            return "create a new token (mutual token create --scope … --uses 1) and run the agent again with --token"
+        case "token-out-of-scope", "token-not-allowed":
+            return "the token does not allow this identity, profile or lifetime: create one with a matching --scope/--profile/--max-validity"
+        case "transport", "failed":
+            return "check --authority (URL, port, network, firewall); the agent keeps retrying with backoff"
+        case "certificate_verify_failed":
+            return "the authority's certificate does not verify: check --root-fingerprint and this host's clock"
+        case "clock-skew", "certificate-not-yet-valid":
+            return "fix this host's clock (NTP); meanwhile the agent follows the authority's clock and keeps retrying"
+        case "certificate-revoked":
+            return "find out why it was revoked (mutual show SERIAL), then enroll again with a new token"
+        case "certificate-expired", "beyond-grace", "renew-expired-disabled":
+            return "the certificate lapsed and cannot be renewed: enroll again with a new token"
+        case "certificate-unknown":
+            return "the authority does not know this certificate (another CA, or a restored inventory): enroll again with a new token"
+        case "unsupported-certificate":
+            return "upgrade the authority: this certificate renews by proof of possession"
+        default:
+            return nil
         }
     }
 }

@@ -142,32 +142,64 @@ struct AgentDecisionTests {
             Issue.record("an unreachable authority is retried, even after expiry")
             return
         }
-        let refusal = AuthorityClientError(status: 403, type: "urn:mutual:problem:forbidden", detail: "renewal of expired certificates is disabled", serverDate: nil)
+        let refusal = AuthorityClientError(status: 403, type: "urn:mutual:problem:renew-expired-disabled", detail: "words for people", serverDate: nil)
         let verdict = agent.classify(refusal, what: "renewal after expiry")
-        #expect(verdict.kind == .fatal && verdict.reason.contains("a new token is needed") && !verdict.expiredMeanwhile)
+        #expect(verdict.kind == .fatal && verdict.code == "renew-expired-disabled" && !verdict.expiredMeanwhile)
     }
 
     @Test("a revoked certificate stops renewal; transport errors and 5xx are retried; other refusals stop")
     func classification() throws {
         let clock = ManualClock(Date())
         let agent = try Self.agent(dir: TestPKI.temporaryDirectory("agent"), clock: clock)
-        let revoked = AuthorityClientError(status: 403, type: "urn:mutual:problem:certificate-refused", detail: "the client certificate ab is revoked (keyCompromise)", serverDate: nil)
-        #expect(agent.classify(revoked, what: "renewal").kind == .fatal)
-        #expect(agent.classify(revoked, what: "renewal").reason.contains("revoked"))
-        #expect(!agent.classify(revoked, what: "renewal").expiredMeanwhile)
+        func problem(_ status: Int, _ code: String, _ detail: String = "words for people") -> AuthorityClientError {
+            AuthorityClientError(status: status, type: "urn:mutual:problem:\(code)", detail: detail, serverDate: nil)
+        }
+        let revoked = agent.classify(problem(403, "certificate-revoked"), what: "renewal")
+        #expect(revoked.kind == .fatal && revoked.code == "certificate-revoked" && !revoked.expiredMeanwhile)
         #expect(agent.classify(AuthorityClientError(status: 0, type: "transport", detail: "refused", serverDate: nil), what: "renewal").kind == .transient)
-        #expect(agent.classify(AuthorityClientError(status: 503, type: "x", detail: "db down", serverDate: nil), what: "renewal").kind == .transient)
-        #expect(agent.classify(AuthorityClientError(status: 401, type: "x", detail: "token used up", serverDate: nil), what: "enrollment").kind == .fatal)
+        #expect(agent.classify(problem(503, "store-unavailable"), what: "renewal").kind == .transient)
+        #expect(agent.classify(problem(401, "token-used-up"), what: "enrollment").kind == .fatal)
         // Expired between the agent's check and the authority's: not fatal, renew-expired comes next.
-        let lapsed = AuthorityClientError(status: 403, type: "urn:mutual:problem:certificate-refused", detail: "the client certificate ab expired at 2026-11-23T09:32:37.000Z", serverDate: nil)
-        let verdict = agent.classify(lapsed, what: "renewal")
-        #expect(verdict.kind == .transient && verdict.expiredMeanwhile && verdict.reason.contains("trying renew-expired"))
-        #expect(agent.classify(lapsed, what: "renewal after expiry").kind == .fatal, "refused after expiry too: a new token is needed")
-        #expect(!agent.classify(lapsed, what: "renewal after expiry").expiredMeanwhile)
+        let lapsed = agent.classify(problem(403, "certificate-expired"), what: "renewal")
+        #expect(lapsed.kind == .transient && lapsed.expiredMeanwhile)
+        #expect(agent.classify(problem(403, "certificate-expired"), what: "renewal after expiry").kind == .fatal, "refused after expiry too: a new token is needed")
+        #expect(!agent.classify(problem(403, "certificate-expired"), what: "renewal after expiry").expiredMeanwhile)
+        // Clocks are never a reason to stop.
+        for code in ["clock-skew", "certificate-not-yet-valid"] {
+            for what in ["enrollment", "renewal", "renewal after expiry"] {
+                #expect(agent.classify(problem(403, code), what: what).kind == .transient, "\(code) during \(what)")
+            }
+        }
         // The authority's TLS layer said "certificate expired" while our clock has it valid: renew-expired at once.
         let alert = AuthorityClientError(status: 0, type: "transport", detail: "handshakeFailed(sslError([Error: 268436501 error:10000415:SSL routines:OPENSSL_internal:SSLV3_ALERT_CERTIFICATE_EXPIRED]))", serverDate: nil)
+        #expect(alert.tlsReason == "sslv3_alert_certificate_expired")
         #expect(agent.classify(alert, what: "renewal").expiredMeanwhile && agent.classify(alert, what: "renewal").kind == .transient)
         #expect(!agent.classify(alert, what: "enrollment").expiredMeanwhile, "only a renewal presents the certificate")
+    }
+
+    @Test("the agent decides on codes only: the same code with any wording gives the same decision, and words from another refusal change nothing")
+    func codesNotText() throws {
+        let agent = try Self.agent(dir: TestPKI.temporaryDirectory("agent"), clock: ManualClock(Date()))
+        // Details that mention other refusals' wording, or nothing at all.
+        let details = ["", "zzz", "the client certificate ab is revoked (keyCompromise)", "the client certificate ab expired at 2026-11-23T09:32:37.000Z",
+                       "within 5 minutes of the authority's clock", "a new token is needed; a new token is needed"]
+        let codes = ["certificate-revoked", "certificate-expired", "certificate-not-yet-valid", "certificate-unknown", "clock-skew",
+                     "token-used-up", "token-expired", "proof-invalid", "proof-replayed", "beyond-grace", "renew-expired-disabled", "forbidden"]
+        for what in ["enrollment", "renewal", "renewal after expiry"] {
+            for code in codes {
+                let verdicts = details.map { detail in
+                    agent.classify(AuthorityClientError(status: 403, type: "urn:mutual:problem:\(code)", detail: detail, serverDate: nil), what: what)
+                }
+                let first = verdicts[0]
+                for verdict in verdicts {
+                    #expect(verdict.kind == first.kind && verdict.expiredMeanwhile == first.expiredMeanwhile && verdict.code == code,
+                            "\(code) during \(what): the decision changed with the wording")
+                }
+            }
+        }
+        // A refusal whose words say "revoked" but whose code does not is not taken as a revocation.
+        let misleading = agent.classify(AuthorityClientError(status: 403, type: "urn:mutual:problem:clock-skew", detail: "is revoked", serverDate: nil), what: "renewal")
+        #expect(misleading.kind == .transient && misleading.code == "clock-skew")
     }
 
     @Test("no files and no token: stopped with a clear message; unreadable files are not silently replaced")

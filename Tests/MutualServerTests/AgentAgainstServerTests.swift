@@ -14,6 +14,15 @@ struct FixedClock: AgentClock {
     func sleep(until deadline: Date) async throws { try Task.checkCancellation() }
 }
 
+/// A host clock at a fixed offset from the real one, which the test can step (NTP, a restored snapshot).
+final class ShiftedClock: AgentClock, @unchecked Sendable {
+    // @unchecked: `offset` is only changed by the test between agent steps.
+    var offset: TimeInterval
+    init(offset: TimeInterval) { self.offset = offset }
+    var now: Date { Date().addingTimeInterval(offset) }
+    func sleep(until deadline: Date) async throws { try Task.checkCancellation() }
+}
+
 @Suite("The agent against a real authority")
 struct AgentAgainstServerTests {
     @Test("host clock behind the authority's: the TLS layer refuses the expired certificate and the same step renews it through renew-expired")
@@ -224,5 +233,103 @@ struct AgentAgainstServerTests {
         #expect(throws: PKIError.self) { try CRLRefresher.check(Array(expired.utf8), issuers: [ca.certificate], now: now) }
         let foreign = try crl(other, nextUpdate: now.addingTimeInterval(3600))
         #expect(throws: PKIError.self) { try CRLRefresher.check(Array(foreign.utf8), issuers: [ca.certificate], now: now) }
+    }
+
+    /// Runs `body` against a fresh authority (renew-expired allowed for 2 h) with an agent directory, stopping it after.
+    func withAuthority(_ label: String, _ body: (ServerHarness, String) async throws -> Void) async throws {
+        let server = try await ServerHarness.start(renewExpiredGrace: .hours(2))
+        let dir = TestPKI.temporaryDirectory(label)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        do {
+            try await body(server, dir)
+        } catch {
+            await server.stop()
+            throw error
+        }
+        await server.stop()
+    }
+
+    func configuration(_ server: ServerHarness, dir: String, token: String?, uri: String, validity: ValidityDuration? = nil, fraction: Double = 2.0 / 3.0) throws -> Agent.Configuration {
+        var configuration = try Agent.Configuration(
+            authority: server.baseURL, rootFingerprint: try Authority.fingerprint(server.root), token: token, identity: uri, outDir: dir + "/out",
+            schedule: RenewalSchedule(fraction: fraction, jitter: 0), validity: validity
+        )
+        configuration.requestTimeout = .seconds(10)
+        return configuration
+    }
+
+    @Test("host clock 2 h ahead, 10-minute certificate: the new certificate is not taken for expired; the agent renews it over mTLS on the authority's time")
+    func clockAhead() async throws {
+        try await withAuthority("agent-ahead") { server, dir in
+            let uri = "spiffe://example.org/ns/web/sa/ahead"
+            let token = try await server.token(scopes: ["spiffe://example.org/ns/web/*"], maxValidity: .minutes(10))
+            let clock = ShiftedClock(offset: 7200)
+            var configuration = try configuration(server, dir: dir, token: token.token, uri: uri, validity: .minutes(10))
+            let agent = Agent(configuration: configuration, clock: clock, logger: Logger(label: "test"), random: { 0 })
+            guard case .enrolled = await agent.step() else { Issue.record("enrollment: \(agent.currentStatus.lastError ?? "-")"); return }
+            #expect(abs((agent.currentStatus.clockSkewSeconds ?? 0) + 7200) < 5, "the skew is measured and reported: \(agent.currentStatus.clockSkewSeconds ?? 0)")
+            let next = await agent.step()
+            guard case .notDue = next else { Issue.record("expected not due on the authority's clock, got \(next): \(agent.currentStatus.lastError ?? "-")"); return }
+            // Due (an early renewal point stands in for time passing): renewed over mTLS, not through renew-expired.
+            configuration.schedule = RenewalSchedule(fraction: 0.01, jitter: 0)
+            try FileManager.default.removeItem(atPath: AgentStatus.path(outDir: dir + "/out"))
+            let later = Agent(configuration: configuration, clock: clock, logger: Logger(label: "test"), random: { 0 })
+            let outcome = await later.step()
+            guard case .renewed(let serial) = outcome else { Issue.record("expected a renewal, got \(outcome): \(later.currentStatus.lastError ?? "-")"); return }
+            let event = try await server.authority.store.auditEvents().last
+            #expect(event?.action == "renew" && event?.subject == serial, "renewed over mTLS (action renew), not renew-expired")
+            #expect(later.currentStatus.state == "ok")
+        }
+    }
+
+    @Test("host clock stepped 2 h back while running: the agent notices at its next step and renews on the authority's time")
+    func clockSteppedBack() async throws {
+        try await withAuthority("agent-stepped") { server, dir in
+            let uri = "spiffe://example.org/ns/web/sa/stepped"
+            let key = try KeyType.p256.generate()
+            // 50 minutes into a one-hour certificate: past its renewal point in real time.
+            let old = try await server.authority.issue(
+                .init(profile: .workload, publicKey: key.publicKey, uris: [uri], validity: .hours(1)), owner: "test", requester: "test",
+                now: Date.now.addingTimeInterval(-3000)
+            )
+            try Delivery.deliver(outDir: dir + "/out", key: key, chain: old.chain, roots: [server.root])
+            let clock = ShiftedClock(offset: 0)
+            let agent = Agent(configuration: try configuration(server, dir: dir, token: nil, uri: uri), clock: clock, logger: Logger(label: "test"), random: { 0 })
+            await agent.refreshTime(roots: [server.root])   // the agent has measured the clocks agree
+            clock.offset = -7200   // then NTP steps the host clock back two hours
+            let outcome = await agent.step()
+            guard case .renewed = outcome else { Issue.record("expected a renewal on the authority's time, got \(outcome)"); return }
+            #expect(abs((agent.currentStatus.clockSkewSeconds ?? 0) - 7200) < 5, "status names the skew: \(agent.currentStatus.clockSkewSeconds ?? 0)")
+        }
+    }
+
+    @Test("expired certificate, host clock 2 h ahead: renew-expired's proof is stamped with the authority's time and accepted")
+    func renewExpiredUnderSkew() async throws {
+        try await withAuthority("agent-expired-skew") { server, dir in
+            let uri = "spiffe://example.org/ns/web/sa/offline"
+            let key = try KeyType.p256.generate()
+            // Issued two hours ago for one hour (the hierarchy is back-dated a day, so this is possible): expired an hour ago.
+            let old = try await server.authority.issue(
+                .init(profile: .workload, publicKey: key.publicKey, uris: [uri], validity: .hours(1)), owner: "test", requester: "test",
+                now: Date.now.addingTimeInterval(-7200)
+            )
+            try Delivery.deliver(outDir: dir + "/out", key: key, chain: old.chain, roots: [server.root])
+            let agent = Agent(configuration: try configuration(server, dir: dir, token: nil, uri: uri), clock: ShiftedClock(offset: 7200),
+                              logger: Logger(label: "test"), random: { 0 })
+            let outcome = await agent.step()
+            guard case .renewed(let serial) = outcome else { Issue.record("expected renew-expired to succeed, got \(outcome): \(agent.currentStatus.lastError ?? "-")"); return }
+            #expect(try await server.authority.store.certificate(serial: serial)?.requester == "cert:\(old.record.serial)")
+        }
+    }
+
+    @Test("a failed enrollment leaves a status that says what failed, with its code")
+    func failedEnrollmentStatus() async throws {
+        try await withAuthority("agent-badtoken") { server, dir in
+            let agent = Agent(configuration: try configuration(server, dir: dir, token: "mtk_0123456789abcdef_wrongsecret", uri: "spiffe://example.org/ns/web/sa/x"),
+                              clock: FixedClock(now: .now), logger: Logger(label: "test"), random: { 0 })
+            guard case .stopped = await agent.step() else { Issue.record("a wrong token should stop the agent"); return }
+            let status = AgentStatus.read(outDir: dir + "/out")
+            #expect(status?.state == "stopped" && status?.lastErrorCode == "token-invalid" && status?.lastError != nil, "\(String(describing: status))")
+        }
     }
 }

@@ -119,12 +119,14 @@ public enum CSRDecoder {
             do {
                 csr = try CertificateSigningRequest(derEncoded: der)
             } catch {
+                try refuseWeakRSA(der)
                 throw PKIError(.malformedInput, "CSR is not a valid PKCS#10 request (\(error))")
             }
         } else {
             do {
                 csr = try CertificateSigningRequest(derEncoded: bytes)
             } catch {
+                try refuseWeakRSA(bytes)
                 throw PKIError(.malformedInput, "CSR is neither PEM nor a valid DER PKCS#10 request (\(error))")
             }
         }
@@ -135,6 +137,31 @@ public enum CSRDecoder {
     }
 
     /// Decodes a CSR from a PEM string (convenience for the HTTP layer).
+    /// swift-crypto refuses RSA keys under 2048 bits while parsing, so such a CSR would be reported as malformed. It is
+    /// well-formed with a key too weak to certify: say so with the same code as every other refused key. Reads only
+    /// the path CSR → subjectPKInfo → RSAPublicKey's modulus; anything else returns and the caller reports malformed.
+    static func refuseWeakRSA(_ der: [UInt8]) throws {
+        guard let bits = try? rsaModulusBits(der), bits < 2048 else { return }
+        throw PKIError(.unsupportedKey, "the CSR's key is RSA-\(bits): RSA keys need at least 2048 bits (or use p256, p384 or ed25519)")
+    }
+
+    static func rsaModulusBits(_ der: [UInt8]) throws -> Int? {
+        let rsaEncryption: ASN1ObjectIdentifier = [1, 2, 840, 113549, 1, 1, 1]
+        guard case .constructed(let request) = try DER.parse(der).content, let info = request.first(where: { _ in true }),
+              case .constructed(let infoFields) = info.content else { return nil }
+        let fields = Array(infoFields)
+        guard fields.count >= 3, case .constructed(let spki) = fields[2].content else { return nil }
+        let spkiFields = Array(spki)
+        guard spkiFields.count == 2, case .constructed(let algorithm) = spkiFields[0].content,
+              let oidNode = algorithm.first(where: { _ in true }), try ASN1ObjectIdentifier(derEncoded: oidNode) == rsaEncryption else { return nil }
+        let bitString = try ASN1BitString(derEncoded: spkiFields[1])
+        guard case .constructed(let key) = try DER.parse(Array(bitString.bytes)).content, let modulusNode = key.first(where: { _ in true }),
+              case .primitive(let modulus) = modulusNode.content else { return nil }
+        let significant = modulus.drop { $0 == 0 }
+        guard let top = significant.first else { return 0 }
+        return (significant.count - 1) * 8 + (8 - top.leadingZeroBitCount)
+    }
+
     public static func decode(pem: String) throws -> VerifiedCSR {
         try decode(Array(pem.utf8))
     }

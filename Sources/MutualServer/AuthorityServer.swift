@@ -156,7 +156,7 @@ public struct AuthorityServer: Sendable {
             plainPorts = httpContinuation
             let plain = Application(
                 router: plainRouter,
-                server: .http1(configuration: .init(idleTimeout: .seconds(30))),
+                server: .http1(configuration: .init(additionalChannelHandlers: [ParseErrorProblemResponder()], idleTimeout: .seconds(30))),
                 configuration: .init(address: .hostname(http.host, port: http.port), serverName: nil),
                 onServerRunning: { channel in httpContinuation.yield(channel.localAddress?.port ?? 0) },
                 logger: logger
@@ -180,7 +180,8 @@ public struct AuthorityServer: Sendable {
         let app = Application(
             router: router,
             server: .loggedTLS(
-                http1: .init(idleTimeout: timeout), tls: .init(tlsConfiguration: try credentials.tlsConfiguration()), metrics: metrics
+                http1: .init(additionalChannelHandlers: [ParseErrorProblemResponder()], idleTimeout: timeout),
+                tls: .init(tlsConfiguration: try credentials.tlsConfiguration()), metrics: metrics
             ),
             configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: nil),
             onServerRunning: { channel in

@@ -3,6 +3,9 @@ import HummingbirdTLS
 import Logging
 import NIOCore
 import NIOSSL
+import NIOHTTP1
+import NIOHTTPTypes
+import HTTPTypes
 
 /// The authority's TLS listener, which also says why a handshake failed. Hummingbird logs handshake errors only at
 /// trace level, so a client refused at the TLS layer (a certificate the CA's root does not sign, an expired one, one
@@ -71,5 +74,45 @@ final class HandshakeFailureLogger: ChannelInboundHandler, RemovableChannelHandl
         guard let range = text.range(of: "OPENSSL_internal:", options: .backwards) else { return "other" }
         let code = text[range.upperBound...].prefix { $0.isLetter || $0.isNumber || $0 == "_" }
         return code.isEmpty ? "other" : code.lowercased()
+    }
+}
+
+/// Requests the HTTP/1.1 parser cannot read (headers over the limits, bad syntax) are answered below the router; by
+/// default Hummingbird sends a bare `400` with no body. This handler answers them as every other refusal is answered: a
+/// problem+json body with a stable `type` (`headers-too-large` with 431, `malformed-request` with 400), then closes.
+final class ParseErrorProblemResponder: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPRequestPart
+    typealias InboundOut = HTTPRequestPart
+    typealias OutboundOut = HTTPResponsePart
+    private var answered = false
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        context.fireChannelRead(data)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        guard let parse = error as? HTTPParserError else {
+            context.fireErrorCaught(error)
+            return
+        }
+        guard !answered else { return }
+        answered = true
+        let tooLarge = parse == .headerOverflow
+        let problem = Self.body(
+            code: tooLarge ? "headers-too-large" : "malformed-request", status: tooLarge ? 431 : 400,
+            title: tooLarge ? "Request Header Fields Too Large" : "Bad Request",
+            detail: tooLarge ? "the request's header section is over the server's limit (80 KiB)" : "the request is not valid HTTP/1.1 (\(parse))"
+        )
+        var fields = HTTPFields()
+        fields[.contentType] = "application/problem+json"
+        fields[.contentLength] = String(problem.readableBytes)
+        fields[.connection] = "close"
+        context.write(wrapOutboundOut(.head(HTTPResponse(status: .init(code: tooLarge ? 431 : 400), headerFields: fields))), promise: nil)
+        context.write(wrapOutboundOut(.body(problem)), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in context.close(promise: nil) }
+    }
+
+    static func body(code: String, status: Int, title: String, detail: String) -> ByteBuffer {
+        ByteBuffer(string: "{\"type\":\(Problem.quote("urn:mutual:problem:\(code)")),\"title\":\(Problem.quote(title)),\"status\":\(status),\"detail\":\(Problem.quote(detail))}")
     }
 }

@@ -69,6 +69,31 @@ struct CSRTests {
         }
         #expect(error?.code == .unsupportedKey)
     }
+
+    @Test("a CSR with an RSA-1024 key (made by openssl) is refused as unsupported-key, not as malformed; RSA-2048 passes")
+    func weakRSACSR() throws {
+        let dir = TestPKI.temporaryDirectory("csr")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        for bits in [1024, 2048] {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
+            process.arguments = ["req", "-new", "-newkey", "rsa:\(bits)", "-nodes", "-keyout", "\(dir)/k\(bits).pem", "-subj", "/CN=weak", "-out", "\(dir)/r\(bits).csr"]
+            process.standardError = FileHandle.nullDevice
+            try process.run()
+            process.waitUntilExit()
+            let pem = try String(contentsOfFile: "\(dir)/r\(bits).csr", encoding: .utf8)
+            if bits == 1024 {
+                let error = #expect(throws: PKIError.self) { try CSRDecoder.decode(pem: pem) }
+                #expect(error?.code == .unsupportedKey)
+                let der = try #require(PEMCodec.decode(Array(pem.utf8), label: "CERTIFICATE REQUEST"))
+                #expect((#expect(throws: PKIError.self) { try CSRDecoder.decode(der) })?.code == .unsupportedKey, "DER too")
+                // Truncated: malformed, never a crash.
+                #expect((#expect(throws: PKIError.self) { try CSRDecoder.decode(Array(der.prefix(der.count / 2))) })?.code == .malformedInput)
+            } else {
+                _ = try CSRDecoder.decode(pem: pem)
+            }
+        }
+    }
 }
 
 import _CryptoExtras

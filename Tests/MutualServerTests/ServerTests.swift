@@ -287,6 +287,32 @@ struct ServerTests {
         await server.stop()
     }
 
+    @Test("requests the HTTP parser refuses get problem+json with a code too: oversized headers 431, garbage 400, on both listeners")
+    func parserRefusalsAreProblems() async throws {
+        let server = try await ServerHarness.start()
+        do {
+            let huge = "X-Big: " + String(repeating: "a", count: 100_000)
+            let (code, body) = try await server.curl("/healthz", headers: [huge])
+            #expect(code == 431, "\(code) \(body.prefix(200))")
+            #expect(ServerHarness.json(body)["type"] as? String == "urn:mutual:problem:headers-too-large", "\(body.prefix(200))")
+            // A request line that is not HTTP, on the plain listener, read with a raw socket.
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/bin/bash")
+            process.arguments = ["-c", "exec 3<>/dev/tcp/127.0.0.1/\(server.httpPort); printf 'GARBAGE \\x01\\r\\n\\r\\n' >&3; timeout 5 cat <&3"]
+            let pipe = Pipe()
+            process.standardOutput = pipe
+            try process.run()
+            let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            process.waitUntilExit()
+            #expect(output.hasPrefix("HTTP/1.1 400"), "\(output.prefix(200))")
+            #expect(output.contains("application/problem+json") && output.contains("urn:mutual:problem:malformed-request"), "\(output.prefix(400))")
+        } catch {
+            await server.stop()
+            throw error
+        }
+        await server.stop()
+    }
+
     @Test("BoringSSL reason codes become bounded metric labels")
     func handshakeReasonCodes() {
         #expect(HandshakeFailureLogger.reasonCode("sslError([Error: 268436499 error:10000413:SSL routines:OPENSSL_internal:SSLV3_ALERT_UNSUPPORTED_CERTIFICATE at x.cc:491])") == "sslv3_alert_unsupported_certificate")

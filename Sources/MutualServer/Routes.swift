@@ -49,6 +49,7 @@ struct AuthorityRoutes: Sendable {
     let renewExpiredGrace: ValidityDuration?
     let publisher: RevocationPublisher
     let feed: RevocationFeed
+    let readinessProbe = ReadinessProbe()
 
     func register(on router: Router<APIContext>) {
         router.post("/v1/sign") { request, context in try await self.sign(request, context) }
@@ -59,6 +60,7 @@ struct AuthorityRoutes: Sendable {
         router.get("/v1/certificates/:serial") { request, context in try await self.showCertificate(request, context) }
         router.get("/bundle.pem") { _, _ in try self.pem([self.authority.ca.root, self.authority.ca.certificate]) }
         router.get("/healthz") { _, _ in try await self.health() }
+        router.get("/readyz") { _, _ in try await self.readiness() }
         router.get("/metrics") { _, _ in
             Response(
                 status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
@@ -262,6 +264,16 @@ struct AuthorityRoutes: Sendable {
         return try json(CertificateRecordView(record, now: .now, pem: PEMCodec.encode(record.der, label: "CERTIFICATE")))
     }
 
+    /// Readiness for load balancers: 200 only while the inventory accepts writes (a probe write through the same
+    /// queue as issuance, at most once a second); 503 `not-ready` with the reason otherwise (a full disk, a database
+    /// that stopped answering), so the node is taken out while it could not issue.
+    func readiness() async throws -> Response {
+        if let failure = await readinessProbe.check(store: authority.store) {
+            throw Problem(.serviceUnavailable, code: "not-ready", title: "Service Unavailable", detail: "the inventory does not accept writes: \(failure)")
+        }
+        return try json(["status": "ready"])
+    }
+
     func health() async throws -> Response {
         do {
             _ = try await authority.store.countCertificates()
@@ -269,5 +281,26 @@ struct AuthorityRoutes: Sendable {
         } catch {
             return try json(["status": "unavailable", "reason": "inventory: \(error)"], status: .serviceUnavailable)
         }
+    }
+}
+
+/// The readiness check's probe write, shared by concurrent checks and cached for a second.
+actor ReadinessProbe {
+    private var last: (at: ContinuousClock.Instant, failure: String?)?
+
+    /// nil when a write succeeded within the last second, else why it failed.
+    func check(store: Store) async -> String? {
+        let now = ContinuousClock.now
+        if let last, now - last.at < .seconds(1) { return last.failure }
+        var failure: String?
+        do {
+            try await store.setMetadata(["readiness_probe": AuditChain.format(.now)], audit: nil)
+        } catch let error as StoreError {
+            failure = error.reason
+        } catch {
+            failure = "\(error)"
+        }
+        last = (ContinuousClock.now, failure)
+        return failure
     }
 }

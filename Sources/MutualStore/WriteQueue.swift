@@ -107,14 +107,21 @@ actor WriteQueue {
     /// transaction is rolled back.
     private func apply(_ operations: [Operation]) async throws -> [Outcome] {
         try await db.raw(SQLQueryString(begin)).run()
+        var committing = false
         do {
             if let lock { _ = try await db.raw(SQLQueryString(lock)).all() }
             let outcomes = try await applyInTransaction(operations)
+            committing = true
             try await db.raw("COMMIT").run()
             return outcomes
         } catch {
             do {
                 try await db.raw("ROLLBACK").run()
+            } catch where committing {
+                // A COMMIT that fails for want of space or I/O ends the transaction itself (SQLite rolls it back;
+                // PostgreSQL aborts it): there is nothing left to roll back, and saying "rollback failed" would only
+                // mislead. The write's own error is what is reported.
+                logger.debug("no transaction left to roll back after the failed commit", metadata: ["error": "\(error)"])
             } catch {
                 logger.error("rollback failed", metadata: ["error": "\(error)"])
             }

@@ -29,8 +29,13 @@ public struct AuthorityClientError: Error, Sendable, CustomStringConvertible {
     /// For a transport failure inside TLS: BoringSSL's reason code, lower-cased (`sslv3_alert_certificate_expired`,
     /// `certificate_verify_failed`, …) — the library's stable identifier, not prose.
     public var tlsReason: String? {
-        guard status == 0, let range = detail.range(of: "OPENSSL_internal:", options: .backwards) else { return nil }
-        let code = detail[range.upperBound...].prefix { $0.isLetter || $0.isNumber || $0 == "_" }
+        status == 0 ? Self.tlsReason(in: detail) : nil
+    }
+
+    /// BoringSSL's last reason code in an error description, lower-cased, or nil.
+    public static func tlsReason(in text: String) -> String? {
+        guard let range = text.range(of: "OPENSSL_internal:", options: .backwards) else { return nil }
+        let code = text[range.upperBound...].prefix { $0.isLetter || $0.isNumber || $0 == "_" }
         return code.isEmpty ? nil : code.lowercased()
     }
 }

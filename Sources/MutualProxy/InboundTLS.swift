@@ -397,14 +397,41 @@ final class HandshakeObserver: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     /// Handshake errors that happen before (or instead of) our verification callback.
+    /// Decided on NIOSSL's error cases and BoringSSL's reason codes (stable identifiers), not on prose.
     static func classify(_ error: any Error) -> VerificationFailure {
         let text = String(describing: error)
-        if text.contains("PEER_DID_NOT_RETURN_A_CERTIFICATE") || text.contains("CERTIFICATE_REQUIRED") {
-            return VerificationFailure(.noCertificate, "the client presented no certificate (required on this listener)")
-        }
-        if text.contains("eofDuringHandshake") || text.contains("uncleanShutdown") {
+        switch error {
+        case NIOSSLError.uncleanShutdown:
             return VerificationFailure(.tls, "the client closed the connection during the handshake")
+        case let ssl as NIOSSLError:
+            if case .handshakeFailed(.sslError(let errors)) = ssl, errors.contains(.eofDuringHandshake) {
+                return VerificationFailure(.tls, "the client closed the connection during the handshake")
+            }
+            if case .handshakeFailed(let stack) = ssl {
+                let reasons = Self.reasonCodes("\(stack)")
+                if reasons.contains("PEER_DID_NOT_RETURN_A_CERTIFICATE") || reasons.contains("TLSV13_ALERT_CERTIFICATE_REQUIRED") || reasons.contains("CERTIFICATE_REQUIRED") {
+                    return VerificationFailure(.noCertificate, "the client presented no certificate (required on this listener)")
+                }
+            }
+        case let io as IOError where io.errnoCode == ECONNRESET || io.errnoCode == EPIPE:
+            return VerificationFailure(.tls, "the client closed the connection during the handshake")
+        case ChannelError.eof, ChannelError.ioOnClosedChannel:
+            return VerificationFailure(.tls, "the client closed the connection during the handshake")
+        default:
+            break
         }
         return VerificationFailure(.tls, "TLS handshake failed: \(text)")
+    }
+
+    /// BoringSSL's reason codes in an error stack (`…:OPENSSL_internal:PEER_DID_NOT_RETURN_A_CERTIFICATE …`).
+    static func reasonCodes(_ text: String) -> Set<String> {
+        var codes = Set<String>()
+        var rest = Substring(text)
+        while let range = rest.range(of: "OPENSSL_internal:") {
+            let code = rest[range.upperBound...].prefix { $0.isLetter || $0.isNumber || $0 == "_" }
+            if !code.isEmpty { codes.insert(String(code)) }
+            rest = rest[range.upperBound...]
+        }
+        return codes
     }
 }

@@ -1,6 +1,8 @@
 import Foundation
 import Logging
 import SQLKit
+import SQLiteKit
+import PostgresNIO
 
 /// Group commit: every write waits in a queue; one flush at a time takes everything queued, applies it in a single
 /// transaction, and resumes each waiter once the COMMIT has returned.
@@ -87,6 +89,18 @@ actor WriteQueue {
     static func mapped(_ error: any Error) -> any Error {
         if error is StoreError { return error }
         return StoreError(.queryFailed, "database write failed: \(error)")
+    }
+
+    /// A duplicate key, by the database's own code (SQLite's constraint result code, PostgreSQL's SQLSTATE 23505),
+    /// never by the words of its message.
+    static func isUniqueViolation(_ error: any Error) -> Bool {
+        if let sqlite = error as? SQLiteError {
+            return [.constraint, .constraintUniqueFailed, .constraintPrimaryKeyFailed].contains(sqlite.reason)
+        }
+        if let postgres = error as? PSQLError {
+            return postgres.serverInfo?[.sqlState] == "23505"
+        }
+        return false
     }
 
     static func parseHead(_ text: String) -> (sequence: Int64, hash: String)? {
@@ -252,7 +266,7 @@ actor WriteQueue {
             do {
                 try await insert.run()
             } catch {
-                if "\(error)".contains("UNIQUE") || "\(error)".contains("unique") {
+                if Self.isUniqueViolation(error) {
                     throw StoreError(.conflict, "a certificate with the same serial or fingerprint is already recorded")
                 }
                 throw error

@@ -206,9 +206,9 @@ enum QuickstartCall {
             var body = try await response.body.collect(upTo: 64 * 1024)
             return Answer(status: Int(response.status.code), body: (body.readString(length: body.readableBytes) ?? "").trimmingCharacters(in: .whitespacesAndNewlines))
         } catch {
-            let text = "\(error)"
-            let reason = text.contains("CERTIFICATE_REQUIRED") || text.contains("certificate required") ? "TLS alert: certificate required" : "TLS handshake failed"
-            return Answer(status: 0, body: reason)
+            // BoringSSL's reason code for the alert the proxy sent (a stable identifier), not the error's prose.
+            let reason = AuthorityClientError.tlsReason(in: "\(error)")
+            return Answer(status: 0, body: reason == "tlsv13_alert_certificate_required" ? "TLS alert: certificate required" : "TLS handshake failed")
         }
     }
 }

@@ -114,6 +114,11 @@ struct StoreTests {
                 return await group.reduce(into: [Bool]()) { $0.append($1) }
             }
             #expect(results.filter { !$0 }.count == 1, "only the duplicate fails")
+            // The duplicate is recognised by the database's code (constraint / SQLSTATE 23505), not its words.
+            let duplicate = await #expect(throws: StoreError.self) {
+                try await store.recordIssuance(Self.record(1), audit: Self.entry("issue", "dup again"))
+            }
+            #expect(duplicate?.code == .conflict)
             #expect(try await store.countCertificates() == 39)
             #expect(try await store.auditEvents().count == 39)
             guard case .intact = try await store.verifyAudit() else { Issue.record("chain broken"); return }

@@ -46,6 +46,13 @@ for spec in "-7200 behind-10m 10m" "7200 ahead-10m 10m" "-7200 behind-24h 24h" "
     && ok "$2: valid by the real clock; status names the skew ($(skew "$2") s)" || bad "$2: valid? skew $(skew "$2")"
 done
 
+# ---- a clock so far off (3 days behind) that nothing verifies: the failure is named for what it is
+agent -259200 days-behind 1h --token "$(token 1h)" --once > "$T/out" 2>&1; rc=$?
+code=$("$MUTUAL" agent status --out-dir "$T/days-behind" --json 2>/dev/null | python3 -c "import json,sys; print(json.load(sys.stdin)['status'].get('last_error_code'))" 2>/dev/null)
+[ $rc = 1 ] && [ "$code" = clock-skew ] && ok "3 days behind: enrollment fails with code clock-skew ($(grep -o "this host's clock is about [^—]*" "$T/out" | head -1))" || bad "days behind: rc=$rc code=$code $(tail -2 "$T/out")"
+"$MUTUAL" agent status --out-dir "$T/days-behind" > "$T/out" 2>&1
+grep -q "^what to do: *fix this host's clock" "$T/out" && ok "agent status after the failed enrollment says what failed and what to do" || bad "status: $(cat "$T/out")"
+
 # ---- 12-second certificates, as daemons, across an authority restart
 for spec in "-7200 behind-12s" "7200 ahead-12s"; do
   set -- $spec

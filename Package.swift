@@ -136,9 +136,18 @@ let package = Package(
                 .product(name: "SwiftASN1", package: "swift-asn1"),
             ]
         ),
+        .target(
+            name: "MutualDoctor",
+            dependencies: [
+                "MutualPKI",
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
         .executableTarget(
             name: "mutual",
             dependencies: [
+                "MutualDoctor",
                 "MutualPKI",
                 "MutualStore",
                 "MutualAuthority",
@@ -158,6 +167,13 @@ let package = Package(
                 .product(name: "Prometheus", package: "swift-prometheus"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "MutualDoctorTests",
+            dependencies: [
+                "MutualDoctor", "MutualPKI", "TestSupport",
+                .product(name: "X509", package: "swift-certificates"),
             ]
         ),
         .testTarget(

@@ -263,6 +263,46 @@ struct CLITests {
         #expect(FileManager.default.fileExists(atPath: cli.home + "/.mutual/ca/root.pem"))
     }
 
+    @Test("doctor files and doctor proxy: exit 0 healthy, 1 with findings by code, 2 on unreadable input")
+    func doctor() async throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        #expect(try await cli.run(["init"]).status == 0)
+        #expect(try await cli.run(["issue", "--profile", "server", "--dns", "api.example.org", "--out-dir", cli.home + "/api"]).status == 0)
+        let root = cli.home + "/state/ca/root.pem", api = cli.home + "/api"
+        let healthy = try await cli.run(["doctor", "files", "--cert", api + "/chain.pem", "--key", api + "/key.pem", "--ca", root, "--purpose", "server", "--dns", "api.example.org"])
+        #expect(healthy.status == 0, "\(healthy.output)")
+        func codes(_ arguments: [String]) async throws -> (Int32, [String]) {
+            let result = try await cli.run(arguments + ["--json"])
+            let object = (try? JSONSerialization.jsonObject(with: Data(result.stdout.utf8))) as? [String: Any]
+            let findings = object?["findings"] as? [[String: Any]] ?? []
+            return (result.status, findings.compactMap { $0["code"] as? String })
+        }
+        chmod(api + "/key.pem", 0o644)
+        let (status, found) = try await codes(["doctor", "files", "--cert", api + "/cert.pem", "--key", api + "/key.pem", "--ca", root, "--purpose", "client"])
+        #expect(status == 1 && Set(found) == ["missing-intermediate", "wrong-eku", "key-file-permissions"], "\(found)")
+        try "garbage".write(toFile: cli.home + "/g.pem", atomically: true, encoding: .utf8)
+        #expect(try await cli.run(["doctor", "files", "--cert", cli.home + "/g.pem"]).status == 2)
+        #expect(try await cli.run(["doctor", "files", "--cert", cli.home + "/missing.pem"]).status == 2)
+
+        // A proxy configuration with a leaf-only certificate and an open key; then one that does not parse.
+        let yaml = """
+            listeners:
+              - listen: 127.0.0.1:0
+                upstream: http://127.0.0.1:1
+                cert: \(api)/cert.pem
+                key: \(api)/key.pem
+                client-ca: \(root)
+                allow: ["spiffe://example.org/*"]
+            """
+        try yaml.write(toFile: cli.home + "/proxy.yaml", atomically: true, encoding: .utf8)
+        let (proxyStatus, proxyFound) = try await codes(["doctor", "proxy", "--config", cli.home + "/proxy.yaml"])
+        #expect(proxyStatus == 1 && Set(proxyFound) == ["missing-intermediate", "key-file-permissions"], "\(proxyFound)")
+        try "listeners: [ {listen: nowhere} ]".write(toFile: cli.home + "/bad.yaml", atomically: true, encoding: .utf8)
+        let (badStatus, badFound) = try await codes(["doctor", "proxy", "--config", cli.home + "/bad.yaml"])
+        #expect(badStatus == 1 && badFound == ["config-invalid"], "\(badFound)")
+    }
+
     @Test("bench ca-server refuses an unknown --stage and a bad --listen with exit 2 before starting")
     func caServerBadInput() async throws {
         let cli = CLI()

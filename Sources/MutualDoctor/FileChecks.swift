@@ -1,0 +1,236 @@
+import Foundation
+import MutualPKI
+import X509
+
+/// `mutual doctor files`: what is wrong with a certificate, its chain and its key on disk, before a peer finds out.
+/// Pure: the caller reads the files; every check here runs in memory.
+public struct FileChecks: Sendable {
+    public enum Purpose: String, Sendable { case server, client }
+
+    /// The certificates of `--cert` in file order (leaf first, as TLS sends them).
+    public var presented: [Certificate]
+    /// Extra intermediates (`--chain`), as a peer might already hold them.
+    public var extraIntermediates: [Certificate] = []
+    /// Trusted roots (`--ca`); nil: chain checks against roots are skipped.
+    public var roots: [Certificate]?
+    public var key: Certificate.PrivateKey?
+    /// The key file's permission bits, when it was read from a file.
+    public var keyMode: mode_t?
+    public var keyPath = "key"
+    public var certPath = "cert"
+    public var purpose: Purpose?
+    /// A DNS name the certificate must carry (SAN only; the CN is never used).
+    public var dnsName: String?
+    /// An identity the certificate must carry: `spiffe://…` or `uri:…` (URI SAN), `dns:…`.
+    public var expectedIdentity: String?
+    /// How soon an expiry is worth a warning.
+    public var expiringWithin: TimeInterval = 7 * 86_400
+
+    public init(presented: [Certificate]) { self.presented = presented }
+
+    public func run(now: Date) async -> Diagnosis {
+        var findings: [Finding] = []
+        guard let leaf = presented.first else {
+            return Diagnosis([Finding("no-certificate", .error, subject: certPath, "the file holds no certificate", fix: "give the PEM file with the certificate (and its chain)")])
+        }
+        findings += keyFindings(leaf)
+        findings += validityFindings(now: now)
+        findings += chainShapeFindings()
+        findings += await trustFindings(leaf, now: now)
+        findings += nameFindings(leaf)
+        return Diagnosis(findings)
+    }
+
+    static func describe(_ certificate: Certificate) -> String {
+        for name in (try? certificate.extensions.subjectAlternativeNames) ?? SubjectAlternativeNames() {
+            switch name {
+            case .uniformResourceIdentifier(let uri): return uri
+            case .dnsName(let dns): return dns
+            default: continue
+            }
+        }
+        let subject = certificate.subject.description
+        return subject.isEmpty ? "serial \(certificate.serialHex)" : subject
+    }
+
+    func keyFindings(_ leaf: Certificate) -> [Finding] {
+        var findings: [Finding] = []
+        if let key, key.publicKey != leaf.publicKey {
+            findings.append(Finding(
+                "key-mismatch", .error, subject: keyPath,
+                "the private key does not belong to the certificate (\(Self.describe(leaf))): a TLS handshake with this pair fails for every peer",
+                fix: "use the key generated with this certificate (the agent writes key.pem and cert.pem together), or issue a new certificate for this key"
+            ))
+        }
+        if let keyMode, keyMode & 0o077 != 0 {
+            findings.append(Finding(
+                "key-file-permissions", .warning, subject: keyPath,
+                "the private key is readable by \(keyMode & 0o007 != 0 ? "every user" : "the file's group") (mode \(String(keyMode & 0o777, radix: 8)))",
+                fix: "chmod 600 \(keyPath)"
+            ))
+        }
+        if key == nil && keyMode == nil {
+            // nothing to say: no key given
+        }
+        let description = leaf.publicKey.algorithmDescription
+        if description.hasPrefix("RSA-"), let bits = Int(description.dropFirst(4)), bits < 2048 {
+            findings.append(Finding("weak-key", .error, subject: certPath, "the key is \(description); peers refuse RSA keys under 2048 bits", fix: "issue a new certificate with --key-type p256 (or rsa2048 and up)"))
+        }
+        return findings
+    }
+
+    func validityFindings(now: Date) -> [Finding] {
+        var findings: [Finding] = []
+        for (index, certificate) in presented.enumerated() {
+            let what = index == 0 ? "the certificate" : "intermediate \(index) (\(certificate.subject))"
+            let subject = index == 0 ? certPath : "\(certPath)[\(index)]"
+            if certificate.notValidAfter <= now {
+                findings.append(Finding(
+                    "expired", .error, subject: subject,
+                    "\(what) expired \(humanDuration(now.timeIntervalSince(certificate.notValidAfter))) ago (notAfter \(certificate.notValidAfter)); every peer refuses it",
+                    fix: index == 0 ? "renew it (mutual agent renews at two thirds of the lifetime; `mutual issue` for a one-off)" : "replace the intermediate in the chain file with the current one (the authority's /bundle.pem)"
+                ))
+            } else if certificate.notValidBefore > now {
+                findings.append(Finding(
+                    "not-yet-valid", .error, subject: subject,
+                    "\(what) is valid only from \(certificate.notValidBefore), \(humanDuration(certificate.notValidBefore.timeIntervalSince(now))) from now by this host's clock",
+                    fix: "check this host's clock (NTP); a certificate issued seconds ago is back-dated, so hours mean a clock that is off"
+                ))
+            } else if certificate.notValidAfter.timeIntervalSince(now) < expiringWithin {
+                let left = certificate.notValidAfter.timeIntervalSince(now)
+                let lifetime = certificate.notValidAfter.timeIntervalSince(certificate.notValidBefore)
+                // A short-lived certificate always "expires soon": warn only when less than a third of its life is left.
+                if lifetime > expiringWithin || left < lifetime / 3 {
+                    findings.append(Finding(
+                        "expiring-soon", .warning, subject: subject, "\(what) expires in \(humanDuration(left)) (notAfter \(certificate.notValidAfter))",
+                        fix: "renew it now; run `mutual agent` so renewals happen at two thirds of the lifetime"
+                    ))
+                }
+            }
+        }
+        return findings
+    }
+
+    /// The order TLS requires: each certificate issued by the next one; nothing that is not on the path.
+    func chainShapeFindings() -> [Finding] {
+        if presented.count == 1, let leaf = presented.first, leaf.issuer != leaf.subject, roots == nil,
+           !extraIntermediates.contains(where: { $0.subject == leaf.issuer }) {
+            // Without roots to try, the shape alone says it: a leaf sent without its issuer.
+            return [missingIntermediate(leaf)]
+        }
+        guard presented.count > 1 else { return [] }
+        var findings: [Finding] = []
+        var inOrder = true
+        for index in 0..<(presented.count - 1) where presented[index].issuer != presented[index + 1].subject {
+            inOrder = false
+        }
+        if !inOrder {
+            let order = presented.map { Self.describe($0) }.joined(separator: " → ")
+            let issuers = Set(presented.map(\.issuer))
+            let extras = presented.dropFirst().filter { !issuers.contains($0.subject) && $0.subject != presented[0].issuer }
+            findings.append(Finding(
+                "chain-order", .warning, subject: certPath,
+                "the chain is not in the order TLS sends it (each certificate followed by its issuer): \(order)\(extras.isEmpty ? "" : "; \(extras.count) certificate(s) are not on the path")",
+                fix: "write the leaf first, then its issuing intermediate (the agent's chain.pem); leave out unrelated certificates"
+            ))
+        }
+        if let last = presented.last, last.issuer == last.subject, presented.count > 1 {
+            findings.append(Finding(
+                "root-in-chain", .info, subject: certPath, "the chain includes the self-signed root (\(last.subject)); peers ignore it, it only costs bytes",
+                fix: "send leaf + intermediate only"
+            ))
+        }
+        return findings
+    }
+
+    func trustFindings(_ leaf: Certificate, now: Date) async -> [Finding] {
+        guard let roots else { return [] }
+        let presentedIntermediates = Array(presented.dropFirst())
+        let verdict = await ChainVerifier(options: .init(
+            roots: roots, intermediates: presentedIntermediates, validationTime: now,
+            requiredEKU: purpose.map { $0 == .server ? .serverAuth : .clientAuth }
+        )).verify(leaf)
+        guard case .rejected(let reason, let code) = verdict, code == .unknownIssuer else { return [] }
+        // With the extra intermediates a path exists: the file is only missing its intermediate.
+        if !extraIntermediates.isEmpty || presentedIntermediates.isEmpty {
+            let withExtras = await ChainVerifier(options: .init(roots: roots, intermediates: presentedIntermediates + extraIntermediates, validationTime: now)).verify(leaf)
+            let issuerIsRoot = roots.contains { $0.subject == leaf.issuer }
+            if case .accepted = withExtras, !issuerIsRoot {
+                return [missingIntermediate(leaf)]
+            }
+            if presentedIntermediates.isEmpty, !issuerIsRoot, leaf.issuer != leaf.subject {
+                // Whether the absent intermediate would lead to --ca cannot be known from here: name what is certain.
+                return [missingIntermediate(leaf)]
+            }
+        }
+        return [unknownCA(leaf, reason: reason, top: presented.last?.issuer ?? leaf.issuer)]
+    }
+
+    func missingIntermediate(_ leaf: Certificate) -> Finding {
+        Finding(
+            "missing-intermediate", .error, subject: certPath,
+            "only the leaf is sent: peers that do not already hold its issuer (\(leaf.issuer)) cannot build a path to a root",
+            fix: "use the chain file (leaf + intermediate: the agent's chain.pem), or add the intermediate to the peer's CA file"
+        )
+    }
+
+    func unknownCA(_ leaf: Certificate, reason: String, top: DistinguishedName) -> Finding {
+        Finding(
+            "unknown-ca", .error, subject: certPath,
+            "the chain does not lead to the trusted roots: it ends at \(top), and --ca holds \(roots?.map(\.subject.description).joined(separator: "; ") ?? "-") (\(reason))",
+            fix: "trust the root that issued this chain (the authority's /roots.pem), or get a certificate from the CA the peer trusts"
+        )
+    }
+
+    func hasEKU(_ certificate: Certificate, _ purpose: Purpose) -> Bool {
+        guard let eku = try? certificate.extensions.extendedKeyUsage else { return true }
+        return eku.contains(purpose == .server ? .serverAuth : .clientAuth) || eku.contains(.any)
+    }
+
+    func wrongEKU(_ leaf: Certificate, _ purpose: Purpose) -> Finding {
+        Finding(
+            "wrong-eku", .error, subject: certPath,
+            "the certificate may not be a TLS \(purpose.rawValue): its extended key usage lacks \(purpose == .server ? "serverAuth" : "clientAuth")",
+            fix: purpose == .server ? "issue it with --profile server (or workload, which has both)" : "issue it with --profile client (or workload, which has both)"
+        )
+    }
+
+    func nameFindings(_ leaf: Certificate) -> [Finding] {
+        var findings: [Finding] = []
+        let sans = Array((try? leaf.extensions.subjectAlternativeNames) ?? SubjectAlternativeNames())
+        if let purpose, !hasEKU(leaf, purpose) {
+            findings.append(wrongEKU(leaf, purpose))
+        }
+        if let dnsName {
+            let wanted = dnsName.lowercased()
+            let dns = sans.compactMap { if case .dnsName(let d) = $0 { return d.lowercased() } else { return nil } }
+            let matches = dns.contains { $0 == wanted || ($0.hasPrefix("*.") && wanted.hasSuffix($0.dropFirst(1)) && !wanted.dropLast($0.count - 1).contains(".")) }
+            if !matches {
+                let cnOnly = leaf.subject.lastCommonNameString.map { $0.lowercased() == wanted } ?? false
+                findings.append(Finding(
+                    "name-mismatch", .error, subject: certPath,
+                    "the certificate is not valid for \(dnsName): its DNS names are \(dns.isEmpty ? "none" : dns.joined(separator: ", "))\(cnOnly ? " (the subject CN says \(dnsName), but TLS clients ignore the CN)" : "")",
+                    fix: "issue it with --dns \(dnsName) (a SAN)"
+                ))
+            }
+        }
+        if let expectedIdentity {
+            let uris = sans.compactMap { if case .uniformResourceIdentifier(let u) = $0 { return u } else { return nil } }
+            let dns = sans.compactMap { if case .dnsName(let d) = $0 { return d } else { return nil } }
+            let wanted = expectedIdentity.hasPrefix("uri:") ? String(expectedIdentity.dropFirst(4)) : expectedIdentity
+            let found = wanted.hasPrefix("dns:") ? dns.contains(String(wanted.dropFirst(4)).lowercased()) : uris.contains(wanted)
+            if !found {
+                findings.append(Finding(
+                    "identity-mismatch", .error, subject: certPath,
+                    "expected \(expectedIdentity), but the certificate carries \((uris.map { $0 } + dns.map { "dns:" + $0 }).joined(separator: ", ").nonEmpty ?? "no SAN")",
+                    fix: "check which certificate this host presents (mutual show SERIAL), or correct the expected identity"
+                ))
+            }
+        }
+        return findings
+    }
+}
+
+extension String {
+    var nonEmpty: String? { isEmpty ? nil : self }
+}

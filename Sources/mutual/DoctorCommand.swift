@@ -1,0 +1,120 @@
+import ArgumentParser
+import Foundation
+import MutualDoctor
+import MutualPKI
+import MutualProxy
+import X509
+
+struct DoctorCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "doctor",
+        abstract: "Explain in plain words what is wrong with certificates, keys and configurations, with the fix.",
+        discussion: """
+            Exit 0 when healthy, 1 when something was found, 2 on bad usage. One line per finding: severity, a stable
+            code, the subject, the cause and the fix; --json prints {"findings":[{"code","severity","subject","message","fix"}]}.
+            """,
+        subcommands: [Files.self, Proxy.self]
+    )
+
+    struct Files: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Check a certificate, its chain and its key on disk (before a peer finds out).",
+            discussion: "Codes: no-certificate, key-mismatch, key-file-permissions, weak-key, expired, not-yet-valid, expiring-soon, chain-order, root-in-chain, missing-intermediate, unknown-ca, wrong-eku, name-mismatch, identity-mismatch."
+        )
+
+        @Option(help: "The certificate file (PEM; leaf first, then its chain, as a server or client sends it).") var cert: String
+        @Option(help: "The private key file (PEM).") var key: String?
+        @Option(help: "Intermediates the peer may already hold (PEM).") var chain: String?
+        @Option(help: "The roots the peer trusts (PEM), e.g. the authority's roots.pem.") var ca: String?
+        @Option(help: "What the certificate is for: server|client.") var purpose: String?
+        @Option(help: "A DNS name the certificate must be valid for (SAN; the CN is never used).") var dns: String?
+        @Option(help: "The identity it must carry: spiffe://… or dns:NAME.") var expectIdentity: String?
+        @Flag(help: "Print JSON.") var json = false
+
+        func run() async throws {
+            var checks = FileChecks(presented: try readCertificates(cert, what: "--cert", allowEmpty: true))
+            checks.certPath = cert
+            if let chain { checks.extraIntermediates = try readCertificates(chain, what: "--chain") }
+            if let ca { checks.roots = try readCertificates(ca, what: "--ca") }
+            if let key {
+                checks.keyPath = key
+                let bytes = try inputFailure { try AtomicFile.read(key, limit: 1 << 20, what: "--key") }
+                checks.key = try inputFailure { try KeyFile.load(pem: String(decoding: bytes, as: UTF8.self), passphrase: Passphrase.read) }
+                var info = stat()
+                if stat(key, &info) == 0 { checks.keyMode = info.st_mode & 0o777 }
+            }
+            if let purpose {
+                guard let parsed = FileChecks.Purpose(rawValue: purpose) else {
+                    throw CommandFailure("invalid --purpose '\(purpose)': expected server or client", exitCode: 2)
+                }
+                checks.purpose = parsed
+            }
+            checks.dnsName = dns
+            checks.expectedIdentity = expectIdentity
+            try report(await checks.run(now: .now), json: json)
+        }
+    }
+
+    struct Proxy: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Check a proxy's YAML configuration and the files it names, before starting it.",
+            discussion: "Codes: config-invalid, file-unreadable, and every `doctor files` code for each listener's certificate (server) and each outbound certificate (client), checked against the listener's client-ca."
+        )
+
+        @Option(help: "The proxy's YAML file.") var config: String
+        @Flag(help: "Print JSON.") var json = false
+
+        func run() async throws {
+            let configuration: ProxyConfiguration
+            do {
+                configuration = try ProxyConfiguration.load(path: config)
+            } catch let error as PKIError {
+                try report(Diagnosis([Finding("config-invalid", .error, subject: config, error.reason, fix: "correct the file (see docs/proxy.md, \"The YAML file\")")]), json: json)
+                return
+            }
+            var findings: [Finding] = []
+            let listeners = configuration.listeners.enumerated().map { (index, l) in (l.name ?? "listeners[\(index)]", l.cert, l.key, l.clientCA, FileChecks.Purpose.server) }
+            let outbound = configuration.outbound.enumerated().map { (index, o) in (o.name ?? "outbound[\(index)]", o.cert, o.key, o.serverCA, FileChecks.Purpose.client) }
+            for (name, certPath, keyPath, caPath, purpose) in listeners + outbound {
+                do {
+                    var checks = FileChecks(presented: try readCertificates(certPath, what: "\(name).cert", allowEmpty: true))
+                    checks.certPath = "\(name).cert \(certPath)"
+                    checks.keyPath = "\(name).key \(keyPath)"
+                    checks.purpose = purpose
+                    let keyBytes = try AtomicFile.read(keyPath, limit: 1 << 20, what: "\(name).key")
+                    checks.key = try KeyFile.load(pem: String(decoding: keyBytes, as: UTF8.self), passphrase: { nil })
+                    var info = stat()
+                    if stat(keyPath, &info) == 0 { checks.keyMode = info.st_mode & 0o777 }
+                    // The listener's CA file usually holds the same CA's root: a chain that does not lead to it is worth
+                    // a look, but the peer may trust other roots, so only the leaf-only case is reported from it.
+                    if let roots = try? readCertificates(caPath, what: "\(name).ca"), roots.contains(where: { $0.subject == checks.presented.last?.issuer || $0.subject == checks.presented.first?.issuer }) {
+                        checks.roots = roots
+                    }
+                    findings += await checks.run(now: .now).findings
+                } catch let failure as CommandFailure {
+                    findings.append(Finding("file-unreadable", .error, subject: name, failure.message, fix: "check the path and the permissions of the files this listener names"))
+                } catch let error as PKIError {
+                    findings.append(Finding("file-unreadable", .error, subject: name, error.reason, fix: "check the path and the permissions of the files this listener names"))
+                }
+            }
+            try report(Diagnosis(findings), json: json)
+        }
+    }
+}
+
+/// Prints a diagnosis and exits 1 when it found problems.
+func report(_ diagnosis: Diagnosis, json: Bool) throws {
+    if json {
+        try printJSON(diagnosis)
+    } else {
+        print(diagnosis.text, terminator: "")
+    }
+    if !diagnosis.isHealthy { throw ExitCode(1) }
+}
+
+/// Reads PEM or DER certificates; unreadable or garbage input is a usage error (exit 2) naming the flag.
+func readCertificates(_ path: String, what: String, allowEmpty: Bool = false) throws -> [Certificate] {
+    let bytes = try inputFailure { try AtomicFile.read(path, limit: PEMBundle.maximumInputSize, what: what) }
+    if allowEmpty, !bytes.contains(where: { !($0 == 0x20 || $0 == 0x0A || $0 == 0x0D || $0 == 0x09) }) { return [] }
+    return try inputFailure { try PEMBundle.certificates(fromBytes: bytes, what: "\(what) \(path)") }
+}

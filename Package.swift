@@ -140,8 +140,12 @@ let package = Package(
             name: "MutualDoctor",
             dependencies: [
                 "MutualPKI",
+                "MutualClient",
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
         .executableTarget(

@@ -66,6 +66,8 @@ log "clocks: agents 2 h behind and ahead (LD_PRELOAD wall-clock shim), 12 s / 10
 MUTUAL="$ROOT/.build/debug/mutual" CLOCK_SECONDS="${CLOCK_SECONDS:-40}" bash "$ROOT/scripts/interop-clock.sh" || status=1
 log "readiness on a full disk (tmpfs in a private mount namespace)"
 MUTUAL="$ROOT/.build/debug/mutual" bash "$ROOT/scripts/readiness.sh" || status=1
+log "doctor: mutual doctor against misconfigured openssl s_server peers, a plain port, a closed port and a shifted clock"
+MUTUAL="$ROOT/.build/debug/mutual" bash "$ROOT/scripts/interop-doctor.sh" || status=1
 log "interop: docs/nginx.md as written (nginx ssl_crl kept fresh by the agent across CRL expiry, revocation, server certificate rotation)"
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-nginx.sh" || status=1
 log "interop: mutual proxy (curl, openssl s_client, nginx, PROXY v2, revocation, rotation under load; gateway attacks: path spellings, hostile SANs, header forgery, limits, siege at ulimit -n 256, TLS settings)"

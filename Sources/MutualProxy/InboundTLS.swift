@@ -409,7 +409,7 @@ final class HandshakeObserver: ChannelInboundHandler, RemovableChannelHandler {
             }
             if case .handshakeFailed(let stack) = ssl {
                 let reasons = Self.reasonCodes("\(stack)")
-                if reasons.contains("PEER_DID_NOT_RETURN_A_CERTIFICATE") || reasons.contains("TLSV13_ALERT_CERTIFICATE_REQUIRED") || reasons.contains("CERTIFICATE_REQUIRED") {
+                if reasons.contains("PEER_DID_NOT_RETURN_A_CERTIFICATE") || reasons.contains("TLSV1_ALERT_CERTIFICATE_REQUIRED") || reasons.contains("TLSV13_ALERT_CERTIFICATE_REQUIRED") || reasons.contains("CERTIFICATE_REQUIRED") {
                     return VerificationFailure(.noCertificate, "the client presented no certificate (required on this listener)")
                 }
             }

@@ -13,8 +13,57 @@ struct DoctorCommand: AsyncParsableCommand {
             Exit 0 when healthy, 1 when something was found, 2 on bad usage. One line per finding: severity, a stable
             code, the subject, the cause and the fix; --json prints {"findings":[{"code","severity","subject","message","fix"}]}.
             """,
-        subcommands: [Files.self, Proxy.self]
+        subcommands: [Endpoint.self, Files.self, Proxy.self],
+        defaultSubcommand: Endpoint.self
     )
+
+    struct Endpoint: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "endpoint",
+            abstract: "Diagnose a live TLS endpoint as a client: `mutual doctor https://host:port`.",
+            discussion: "Codes: unreachable, timeout, not-tls, no-common-protocol, handshake-failed, client-cert-required, client-ca-mismatch, client-cert-refused, clock-skew, revoked, revocation-unchecked, trust-unchecked, and every `doctor files` code for the server's chain and for our client certificate."
+        )
+
+        @Argument(help: "https://HOST:PORT (or HOST:PORT).") var url: String
+        @Option(help: "Server name to send (SNI) and to check against the certificate's SANs.") var servername: String?
+        @Option(help: "Our client certificate chain (PEM).") var cert: String?
+        @Option(help: "Our client key (PEM).") var key: String?
+        @Option(help: "Roots to trust (PEM), e.g. the authority's roots.pem.") var ca: String?
+        @Option(help: "The identity the server must present: spiffe://… or dns:NAME.") var expectIdentity: String?
+        @Option(help: "Give up after this long.", transform: ValidityDuration.argument) var timeout: ValidityDuration = .seconds(10)
+        @Flag(help: "Do not ask the OCSP responder the server's certificate names.") var noRevocation = false
+        @Flag(help: "Print JSON.") var json = false
+
+        func run() async throws {
+            var text = url
+            if text.hasPrefix("https://") { text.removeFirst("https://".count) }
+            if text.hasSuffix("/") { text.removeLast() }
+            guard !text.contains("/"), !url.hasPrefix("http://") else {
+                throw CommandFailure("invalid endpoint '\(url)': expected https://HOST:PORT", exitCode: 2)
+            }
+            let address = try inputFailure { try SocketAddressSpec(parsing: text.contains(":") ? text : text + ":443", what: "endpoint") }
+            let (host, port) = (address.host, address.port)
+            var options = EndpointProbe.Options(host: host, port: port)
+            options.serverName = servername
+            options.timeout = .seconds(timeout.seconds)
+            options.checkRevocation = !noRevocation
+            options.expectedIdentity = expectIdentity
+            if let ca { options.roots = try readCertificates(ca, what: "--ca") }
+            switch (cert, key) {
+            case let (cert?, key?):
+                options.clientChain = try readCertificates(cert, what: "--cert")
+                let bytes = try inputFailure { try AtomicFile.read(key, limit: 1 << 20, what: "--key") }
+                options.clientKey = try inputFailure { try KeyFile.load(pem: String(decoding: bytes, as: UTF8.self), passphrase: Passphrase.read) }
+            case (nil, nil):
+                break
+            default:
+                throw CommandFailure("give --cert and --key together", exitCode: 2)
+            }
+            let probe = EndpointProbe(options: options)
+            let observation = await probe.observe()
+            try report(await probe.diagnose(observation, now: .now), json: json)
+        }
+    }
 
     struct Files: AsyncParsableCommand {
         static let configuration = CommandConfiguration(

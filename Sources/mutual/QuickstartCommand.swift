@@ -208,7 +208,7 @@ enum QuickstartCall {
         } catch {
             // BoringSSL's reason code for the alert the proxy sent (a stable identifier), not the error's prose.
             let reason = AuthorityClientError.tlsReason(in: "\(error)")
-            return Answer(status: 0, body: reason == "tlsv13_alert_certificate_required" ? "TLS alert: certificate required" : "TLS handshake failed")
+            return Answer(status: 0, body: reason == "tlsv1_alert_certificate_required" || reason == "tlsv13_alert_certificate_required" ? "TLS alert: certificate required" : "TLS handshake failed")
         }
     }
 }

@@ -115,3 +115,64 @@ struct FileChecksTests {
         #expect(await codes(FileChecks(presented: [])) == ["no-certificate"])
     }
 }
+
+@Suite("mutual doctor endpoint: what was seen on the wire becomes codes (no sockets)")
+struct EndpointDiagnosisTests {
+    let ca: IssuingCA
+    let server: Certificate
+
+    init() throws {
+        ca = try TestPKI.issuingCA(now: TestPKI.now.addingTimeInterval(-86_400))
+        let key = try KeyType.p256.generate()
+        server = try ca.issue(.init(profile: .server, publicKey: key.publicKey, dnsNames: ["web.test"], validity: .days(30)), now: TestPKI.now.addingTimeInterval(-3600))
+    }
+
+    func probe(client: Bool = false) -> EndpointProbe {
+        var options = EndpointProbe.Options(host: "127.0.0.1", port: 8443)
+        options.serverName = "web.test"
+        options.roots = [ca.root]
+        options.checkRevocation = false
+        return EndpointProbe(options: options)
+    }
+
+    func codes(_ observation: EndpointProbe.Observation, _ probe: EndpointProbe? = nil) async -> [String] {
+        await (probe ?? self.probe()).diagnose(observation, now: TestPKI.now).findings.map(\.code)
+    }
+
+    @Test("alerts before and after the server's certificate, and connection failures")
+    func alerts() async {
+        var refused = EndpointProbe.Observation()
+        refused.connectError = "connection refused"
+        #expect(await codes(refused) == ["unreachable"])
+        var plain = EndpointProbe.Observation()
+        plain.tlsReasons = ["WRONG_VERSION_NUMBER"]
+        #expect(await codes(plain) == ["not-tls"])
+        var suites = EndpointProbe.Observation()
+        suites.tlsReasons = ["SSLV3_ALERT_HANDSHAKE_FAILURE"]
+        #expect(await codes(suites) == ["no-common-protocol"])
+        var silent = EndpointProbe.Observation()
+        silent.timedOut = true
+        #expect(await codes(silent) == ["timeout"])
+        for (reason, code) in [("TLSV1_ALERT_CERTIFICATE_REQUIRED", "client-cert-required"), ("TLSV1_ALERT_UNKNOWN_CA", "client-ca-mismatch"),
+                               ("SSLV3_ALERT_CERTIFICATE_REVOKED", "revoked"), ("SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "wrong-eku")] {
+            var observation = EndpointProbe.Observation()
+            observation.presented = [server, ca.certificate]
+            observation.tlsReasons = [reason]
+            observation.tlsError = "handshakeFailed(\(reason))"
+            #expect(await codes(observation) == [code], "\(reason)")
+        }
+    }
+
+    @Test("a healthy answer: nothing; the server's clock 2 h ahead: clock-skew")
+    func clock() async {
+        var healthy = EndpointProbe.Observation()
+        healthy.presented = [server, ca.certificate]
+        healthy.httpStatus = 200
+        healthy.serverDate = TestPKI.now
+        healthy.answeredAt = TestPKI.now
+        #expect(await codes(healthy).isEmpty)
+        var skewed = healthy
+        skewed.serverDate = TestPKI.now.addingTimeInterval(7200)
+        #expect(await codes(skewed) == ["clock-skew"])
+    }
+}

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# `mutual doctor` against real misconfigured peers on 127.0.0.1 (ports chosen at run time): openssl s_server set up
+# wrong in one way at a time, a real authority for the clock, and a refused port. For each: doctor exits 1 and names
+# the right code — and the healthy server gets exit 0 with no finding.
+# Prints "N passed, N failed"; stops every process it started.
+set -uo pipefail
+: "${MUTUAL:?}"
+. "$(dirname "$0")/harness.sh"
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+M() { "$MUTUAL" "$@"; }
+M init --state-dir "$T/ca" --name "Doctor" > /dev/null
+M init --state-dir "$T/other" --name "Foreign" > /dev/null
+M issue --state-dir "$T/ca" --profile server --dns web.test --out-dir "$T/web" > /dev/null 2>&1
+M issue --state-dir "$T/ca" --profile client --cn alice --out-dir "$T/alice" > /dev/null 2>&1
+M issue --state-dir "$T/other" --profile client --cn mallory --out-dir "$T/mallory" > /dev/null 2>&1
+ROOTCA="$T/ca/ca/root.pem"
+
+server() {  # port, then s_server arguments
+  local port=$1; shift
+  openssl s_server -accept "127.0.0.1:$port" -www -quiet "$@" > "$T/s_server-$port.log" 2>&1 & PIDS+=($!)
+  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && return 0; sleep 0.1; done
+  return 1
+}
+doctor() { "$MUTUAL" doctor "$@" --json --no-revocation > "$T/doctor.json" 2> "$T/doctor.err"; }
+codes() { python3 -c "import json,sys; print(' '.join(f['code'] for f in json.load(open(sys.argv[1]))['findings'] if f['severity'] != 'info'))" "$T/doctor.json" 2>/dev/null; }
+expect() {  # what, expected exit, expected codes (space separated, order-free), doctor arguments…
+  local what=$1 want_rc=$2 want=$3; shift 3
+  doctor "$@"; local rc=$?
+  local got; got=$(codes)
+  if [ "$rc" = "$want_rc" ] && [ "$(echo $got | tr ' ' '\n' | sort | xargs)" = "$(echo $want | tr ' ' '\n' | sort | xargs)" ]; then
+    ok "$what: exit $rc${want:+, $want}"
+  else
+    bad "$what: exit $rc (want $want_rc), codes '$got' (want '$want') $(head -c 300 "$T/doctor.err")"
+  fi
+}
+
+P=$(free_port); server "$P" -cert "$T/web/cert.pem" -key "$T/web/key.pem" -cert_chain "$T/ca/ca/intermediate.pem"
+start=$(date +%s.%N)
+expect "healthy server (leaf + intermediate, right name, trusted root)" 0 "" "https://127.0.0.1:$P" --servername web.test --ca "$ROOTCA"
+took=$(python3 -c "print(round($(date +%s.%N) - $start, 2))")
+python3 -c "import sys; sys.exit(0 if $took < 2 else 1)" && ok "a live endpoint diagnosed in ${took}s (under 2 s)" || bad "took ${took}s"
+
+P=$(free_port); server "$P" -cert "$T/web/cert.pem" -key "$T/web/key.pem"
+expect "server sends only its leaf" 1 "missing-intermediate" "https://127.0.0.1:$P" --servername web.test --ca "$ROOTCA"
+
+cat "$T/other/ca/intermediate.pem" "$T/ca/ca/intermediate.pem" > "$T/wrong-order.pem"
+P=$(free_port); server "$P" -cert "$T/web/cert.pem" -key "$T/web/key.pem" -cert_chain "$T/wrong-order.pem"
+expect "chain with an unrelated certificate first" 1 "chain-order" "https://127.0.0.1:$P" --servername web.test --ca "$ROOTCA"
+
+P=$(free_port); server "$P" -cert "$T/web/cert.pem" -key "$T/web/key.pem" -cert_chain "$T/ca/ca/intermediate.pem"
+expect "server from a CA we do not trust" 1 "unknown-ca" "https://127.0.0.1:$P" --servername web.test --ca "$T/other/ca/root.pem"
+expect "wrong name (SNI other.test vs SAN web.test)" 1 "name-mismatch" "https://127.0.0.1:$P" --servername other.test --ca "$ROOTCA"
+expect "expected identity not presented" 1 "identity-mismatch" "https://127.0.0.1:$P" --servername web.test --ca "$ROOTCA" --expect-identity spiffe://example.org/ns/web/sa/api
+
+P=$(free_port); server "$P" -cert "$T/web/cert.pem" -key "$T/web/key.pem" -cert_chain "$T/ca/ca/intermediate.pem" -Verify 2 -CAfile "$ROOTCA" -verify_return_error
+expect "client certificate required, none sent" 1 "client-cert-required" "https://127.0.0.1:$P" --servername web.test --ca "$ROOTCA"
+expect "client certificate from a CA the server does not trust" 1 "client-ca-mismatch" "https://127.0.0.1:$P" --servername web.test --ca "$ROOTCA" \
+  --cert "$T/mallory/chain.pem" --key "$T/mallory/key.pem"
+cat "$ROOTCA" "$T/ca/ca/intermediate.pem" > "$T/client-cas.pem"
+P=$(free_port); server "$P" -cert "$T/web/cert.pem" -key "$T/web/key.pem" -cert_chain "$T/ca/ca/intermediate.pem" -Verify 2 -CAfile "$T/client-cas.pem" -verify_return_error
+expect "a good client certificate: healthy" 0 "" "https://127.0.0.1:$P" --servername web.test --ca "$ROOTCA" --cert "$T/alice/chain.pem" --key "$T/alice/key.pem"
+expect "a server certificate used as a client certificate" 1 "wrong-eku" "https://127.0.0.1:$P" --servername web.test --ca "$ROOTCA" --cert "$T/web/chain.pem" --key "$T/web/key.pem"
+
+P=$(free_port); server "$P" -cert "$T/web/cert.pem" -key "$T/web/key.pem" -cert_chain "$T/ca/ca/intermediate.pem" -tls1_2 -cipher AES128-SHA
+expect "TLS 1.2 only with no suite in common" 1 "no-common-protocol" "https://127.0.0.1:$P" --servername web.test --ca "$ROOTCA"
+
+P=$(free_port); python3 -m http.server --bind 127.0.0.1 "$P" > /dev/null 2>&1 & PIDS+=($!)
+for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$P) 2>/dev/null && break; sleep 0.1; done
+expect "a plain HTTP port" 1 "not-tls" "https://127.0.0.1:$P"
+expect "nothing listening" 1 "unreachable" "https://127.0.0.1:$(free_port)"
+P=$(free_port)
+python3 -c "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',$P)); s.listen(); c,_=s.accept(); time.sleep(30)" & PIDS+=($!)
+for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$P) 2>/dev/null && break; sleep 0.1; done
+sleep 0.2
+start=$(date +%s.%N)
+expect "a port that accepts and never answers, --timeout 2s" 1 "timeout" "https://127.0.0.1:$P" --timeout 2s
+took=$(python3 -c "print(round($(date +%s.%N) - $start, 1))")
+python3 -c "import sys; sys.exit(0 if $took <= 4 else 1)" && ok "bounded by --timeout: gave up after ${took}s" || bad "took ${took}s with --timeout 2s"
+
+# The clock: doctor itself runs 2 h ahead (wall-clock shim) against the authority, whose answers carry Date.
+cc -shared -fPIC -O2 -o "$T/shift.so" "$ROOT/scripts/clockshift/shift.c" -ldl
+M serve --state-dir "$T/ca" --listen 127.0.0.1:0 --http-listen off > "$T/serve.log" 2>&1 & PIDS+=($!)
+for _ in $(seq 100); do grep -q "listening on" "$T/serve.log" && break; sleep 0.1; done
+A=$(grep -o '127.0.0.1:[0-9]*' "$T/serve.log" | head -1)
+LD_PRELOAD="$T/shift.so" MUTUAL_TEST_CLOCK_SHIFT=7200 "$MUTUAL" doctor "https://$A" --ca "$ROOTCA" --json --no-revocation > "$T/doctor.json" 2>&1
+got=$(codes)
+case " $got " in *" clock-skew "*) ok "this host's clock 2 h ahead: clock-skew named ($got)";; *) bad "clock: '$got' $(head -c 300 "$T/doctor.json")";; esac
+echo "doctor interop: $pass passed, $fail failed"
+[ "$fail" = 0 ]

@@ -121,33 +121,45 @@ struct DoctorCommand: AsyncParsableCommand {
                 try report(Diagnosis([Finding("config-invalid", .error, subject: config, error.reason, fix: "correct the file (see docs/proxy.md, \"The YAML file\")")]), json: json)
                 return
             }
-            var findings: [Finding] = []
-            let listeners = configuration.listeners.enumerated().map { (index, l) in (l.name ?? "listeners[\(index)]", l.cert, l.key, l.clientCA, FileChecks.Purpose.server) }
-            let outbound = configuration.outbound.enumerated().map { (index, o) in (o.name ?? "outbound[\(index)]", o.cert, o.key, o.serverCA, FileChecks.Purpose.client) }
-            for (name, certPath, keyPath, caPath, purpose) in listeners + outbound {
-                do {
-                    var checks = FileChecks(presented: try readCertificates(certPath, what: "\(name).cert", allowEmpty: true))
-                    checks.certPath = "\(name).cert \(certPath)"
-                    checks.keyPath = "\(name).key \(keyPath)"
-                    checks.purpose = purpose
-                    let keyBytes = try AtomicFile.read(keyPath, limit: 1 << 20, what: "\(name).key")
-                    checks.key = try KeyFile.load(pem: String(decoding: keyBytes, as: UTF8.self), passphrase: { nil })
-                    var info = stat()
-                    if stat(keyPath, &info) == 0 { checks.keyMode = info.st_mode & 0o777 }
-                    // The listener's CA file usually holds the same CA's root: a chain that does not lead to it is worth
-                    // a look, but the peer may trust other roots, so only the leaf-only case is reported from it.
-                    if let roots = try? readCertificates(caPath, what: "\(name).ca"), roots.contains(where: { $0.subject == checks.presented.last?.issuer || $0.subject == checks.presented.first?.issuer }) {
-                        checks.roots = roots
-                    }
-                    findings += await checks.run(now: .now).findings
-                } catch let failure as CommandFailure {
-                    findings.append(Finding("file-unreadable", .error, subject: name, failure.message, fix: "check the path and the permissions of the files this listener names"))
-                } catch let error as PKIError {
-                    findings.append(Finding("file-unreadable", .error, subject: name, error.reason, fix: "check the path and the permissions of the files this listener names"))
-                }
-            }
+            let findings = await Self.findings(for: configuration)
             try report(Diagnosis(findings), json: json)
         }
+    }
+}
+
+
+extension DoctorCommand.Proxy {
+    /// The file checks for every listener's certificate (server) and every outbound certificate (client). Also run
+    /// by `mutual proxy` at start-up, which logs them as warnings.
+    static func findings(for configuration: ProxyConfiguration) async -> [Finding] {
+        var findings: [Finding] = []
+        let listeners = configuration.listeners.enumerated().map { (index, l) in (l.name ?? "listeners[\(index)]", l.cert, l.key, l.clientCA, FileChecks.Purpose.server) }
+        let outbound = configuration.outbound.enumerated().map { (index, o) in (o.name ?? "outbound[\(index)]", o.cert, o.key, o.serverCA, FileChecks.Purpose.client) }
+        for (name, certPath, keyPath, caPath, purpose) in listeners + outbound {
+            do {
+                var checks = FileChecks(presented: try readCertificates(certPath, what: "\(name).cert", allowEmpty: true))
+                checks.certPath = "\(name).cert \(certPath)"
+                checks.keyPath = "\(name).key \(keyPath)"
+                checks.purpose = purpose
+                let keyBytes = try AtomicFile.read(keyPath, limit: 1 << 20, what: "\(name).key")
+                checks.key = try KeyFile.load(pem: String(decoding: keyBytes, as: UTF8.self), passphrase: { nil })
+                var info = stat()
+                if stat(keyPath, &info) == 0 { checks.keyMode = info.st_mode & 0o777 }
+                // The listener's CA file usually holds the same CA's root: a chain that does not lead to it is worth
+                // a look, but the peer may trust other roots, so only the leaf-only case is reported from it.
+                if let roots = try? readCertificates(caPath, what: "\(name).ca"), roots.contains(where: { $0.subject == checks.presented.last?.issuer || $0.subject == checks.presented.first?.issuer }) {
+                    checks.roots = roots
+                }
+                findings += await checks.run(now: .now).findings
+            } catch let failure as CommandFailure {
+                findings.append(Finding("file-unreadable", .error, subject: name, failure.message, fix: "check the path and the permissions of the files this listener names"))
+            } catch let error as PKIError {
+                findings.append(Finding("file-unreadable", .error, subject: name, error.reason, fix: "check the path and the permissions of the files this listener names"))
+            } catch {
+                findings.append(Finding("file-unreadable", .error, subject: name, "\(error)", fix: "check the path and the permissions of the files this listener names"))
+            }
+        }
+        return findings
     }
 }
 

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import MutualDoctor
 import Logging
 import MutualAgent
 import MutualPKI
@@ -235,6 +236,10 @@ struct ProxyCommand: AsyncParsableCommand {
         }
         for (name, address) in server.boundAddresses.sorted(by: { $0.key < $1.key }) {
             FileHandle.standardError.write(Data("mutual proxy: \(name) listening on \(address.display)\n".utf8))
+        }
+        // What `mutual doctor proxy` would find in this configuration: said at start-up, not discovered by a client.
+        for finding in await DoctorCommand.Proxy.findings(for: configuration) where finding.severity != .info {
+            logger.warning("\(finding.subject): \(finding.message)", metadata: ["code": "\(finding.code)", "fix": "\(finding.fix ?? "-")"])
         }
         var identityTask: Task<Void, Never>?
         if let agentConfiguration {

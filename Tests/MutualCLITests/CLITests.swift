@@ -298,6 +298,9 @@ struct CLITests {
         try yaml.write(toFile: cli.home + "/proxy.yaml", atomically: true, encoding: .utf8)
         let (proxyStatus, proxyFound) = try await codes(["doctor", "proxy", "--config", cli.home + "/proxy.yaml"])
         #expect(proxyStatus == 1 && Set(proxyFound) == ["missing-intermediate", "key-file-permissions"], "\(proxyFound)")
+        // mutual proxy says the same at start-up, in its log, with the code.
+        let started = try await cli.runDaemon(["proxy", "--config", cli.home + "/proxy.yaml"], until: "code=missing-intermediate")
+        #expect(started.stderr.contains("listening") && started.stderr.contains("code=missing-intermediate") && started.stderr.contains("code=key-file-permissions"), "\(started.stderr)")
         try "listeners: [ {listen: nowhere} ]".write(toFile: cli.home + "/bad.yaml", atomically: true, encoding: .utf8)
         let (badStatus, badFound) = try await codes(["doctor", "proxy", "--config", cli.home + "/bad.yaml"])
         #expect(badStatus == 1 && badFound == ["config-invalid"], "\(badFound)")

@@ -78,6 +78,17 @@ expect "a port that accepts and never answers, --timeout 2s" 1 "timeout" "https:
 took=$(python3 -c "print(round($(date +%s.%N) - $start, 1))")
 python3 -c "import sys; sys.exit(0 if $took <= 4 else 1)" && ok "bounded by --timeout: gave up after ${took}s" || bad "took ${took}s with --timeout 2s"
 
+# The other side: mutual proxy decodes the alert a client sends into words (openssl s_client that trusts another CA).
+PP=$(free_port); UP=$(free_port)
+python3 -m http.server --bind 127.0.0.1 "$UP" > /dev/null 2>&1 & PIDS+=($!)
+M proxy --listen "127.0.0.1:$PP" --upstream "http://127.0.0.1:$UP" --cert "$T/web/chain.pem" --key "$T/web/key.pem" \
+  --client-ca "$ROOTCA" --allow 'spiffe://example.org/*' > "$T/proxy.log" 2>&1 & PIDS+=($!)
+for _ in $(seq 100); do grep -q "listening on" "$T/proxy.log" && break; sleep 0.1; done
+echo | openssl s_client -connect "127.0.0.1:$PP" -servername web.test -CAfile "$T/other/ca/root.pem" -verify_return_error > /dev/null 2>&1
+sleep 0.5
+grep -q "reason=client_aborted" "$T/proxy.log" && grep -q "detail=client aborted: .*does not trust our certificate" "$T/proxy.log" \
+  && ok "mutual proxy explains a client that refused its certificate in words (reason=client_aborted), not as BAD_PACKET_LENGTH" || bad "proxy log: $(grep -i 'handshake refused' "$T/proxy.log" | tail -2)"
+
 # The clock: doctor itself runs 2 h ahead (wall-clock shim) against the authority, whose answers carry Date.
 cc -shared -fPIC -O2 -o "$T/shift.so" "$ROOT/scripts/clockshift/shift.c" -ldl
 M serve --state-dir "$T/ca" --listen 127.0.0.1:0 --http-listen off > "$T/serve.log" 2>&1 & PIDS+=($!)

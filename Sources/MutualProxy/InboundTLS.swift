@@ -409,6 +409,7 @@ final class HandshakeObserver: ChannelInboundHandler, RemovableChannelHandler {
             }
             if case .handshakeFailed(let stack) = ssl {
                 let reasons = Self.reasonCodes("\(stack)")
+                if let aborted = Self.clientAlert(reasons) { return aborted }
                 if reasons.contains("PEER_DID_NOT_RETURN_A_CERTIFICATE") || reasons.contains("TLSV1_ALERT_CERTIFICATE_REQUIRED") || reasons.contains("TLSV13_ALERT_CERTIFICATE_REQUIRED") || reasons.contains("CERTIFICATE_REQUIRED") {
                     return VerificationFailure(.noCertificate, "the client presented no certificate (required on this listener)")
                 }
@@ -421,6 +422,31 @@ final class HandshakeObserver: ChannelInboundHandler, RemovableChannelHandler {
             break
         }
         return VerificationFailure(.tls, "TLS handshake failed: \(text)")
+    }
+
+    /// An alert the client sent to end the handshake, in words: what it says about our side and what to check.
+    /// (BoringSSL names received alerts `SSLV3_ALERT_…`/`TLSV1_ALERT_…`; the raw name stays in the detail.)
+    static func clientAlert(_ reasons: Set<String>) -> VerificationFailure? {
+        let words: [(String, String)] = [
+            ("TLSV1_ALERT_UNKNOWN_CA", "the client does not trust our certificate's CA (alert unknown_ca): give it our root, and make sure --cert holds the intermediate too (the agent's chain.pem)"),
+            ("SSLV3_ALERT_BAD_CERTIFICATE", "the client refused our certificate (alert bad_certificate): check its name against the name the client asked for (mutual doctor https://this-host)"),
+            ("SSLV3_ALERT_CERTIFICATE_EXPIRED", "the client says our certificate has expired (alert certificate_expired): check its renewal, and the client's clock"),
+            ("SSLV3_ALERT_CERTIFICATE_UNKNOWN", "the client refused our certificate without saying why (alert certificate_unknown): often a name mismatch or a missing intermediate (mutual doctor https://this-host)"),
+            ("SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "the client refused our certificate's purpose (alert unsupported_certificate): it needs serverAuth"),
+            ("SSLV3_ALERT_CERTIFICATE_REVOKED", "the client says our certificate is revoked (alert certificate_revoked): get a new one"),
+            ("TLSV1_ALERT_DECRYPT_ERROR", "the client could not verify our handshake signature (alert decrypt_error): our key may not match our certificate (mutual doctor files --cert --key)"),
+            ("TLSV1_ALERT_PROTOCOL_VERSION", "the client and this listener share no TLS version (alert protocol_version): this listener speaks TLS 1.2 and 1.3"),
+            ("SSLV3_ALERT_HANDSHAKE_FAILURE", "the client found nothing in common with this listener (alert handshake_failure): cipher suites, groups or signature algorithms"),
+        ]
+        for (code, sentence) in words where reasons.contains(code) {
+            return VerificationFailure(.clientAborted, "client aborted: \(sentence)")
+        }
+        // Some clients (OpenSSL 3.0 in TLS 1.3) end the handshake after our certificate with an alert this side cannot
+        // decrypt: BoringSSL reports the record error, which says nothing to a person. Say what it almost always means.
+        if reasons.contains("BAD_PACKET_LENGTH") || reasons.contains("DECRYPTION_FAILED_OR_BAD_RECORD_MAC") {
+            return VerificationFailure(.clientAborted, "client aborted: it ended the handshake after receiving our certificate, with an alert this listener could not read (\(reasons.sorted().joined(separator: ", "))); most often the client does not trust our certificate: its CA (give the client our root), a missing intermediate (--cert should be the chain: the agent's chain.pem) or the name it asked for")
+        }
+        return nil
     }
 
     /// BoringSSL's reason codes in an error stack (`…:OPENSSL_internal:PEER_DID_NOT_RETURN_A_CERTIFICATE …`).

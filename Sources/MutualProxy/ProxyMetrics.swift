@@ -22,6 +22,8 @@ public enum HandshakeFailure: String, Sendable, CaseIterable {
     case chainTooComplex = "chain_too_complex"
     /// The TLS handshake did not finish within the handshake timeout.
     case handshakeTimeout = "handshake_timeout"
+    /// The client ended the handshake with an alert about our side (it does not trust our certificate, …).
+    case clientAborted = "client_aborted"
 
     /// The handshake failure for a verifier's rejection code.
     init(_ code: ChainVerifier.RejectionCode) {

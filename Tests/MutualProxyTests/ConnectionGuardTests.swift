@@ -179,3 +179,20 @@ struct ConnectionGuardTests {
         #expect(!late.holdsVerificationTask)
     }
 }
+
+@Suite("Alerts a client sends, in words (no sockets)")
+struct ClientAlertTests {
+    @Test("each alert about our side becomes client_aborted with a sentence; unreadable alert records too; others are not taken for alerts")
+    func alerts() {
+        for code in ["TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+                     "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_REVOKED", "TLSV1_ALERT_DECRYPT_ERROR",
+                     "TLSV1_ALERT_PROTOCOL_VERSION", "SSLV3_ALERT_HANDSHAKE_FAILURE", "BAD_PACKET_LENGTH", "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"] {
+            let failure = HandshakeObserver.clientAlert([code])
+            #expect(failure?.kind == .clientAborted, "\(code)")
+            #expect(failure?.reason.hasPrefix("client aborted: ") == true, "\(code)")
+        }
+        #expect(HandshakeObserver.clientAlert(["PEER_DID_NOT_RETURN_A_CERTIFICATE"]) == nil)
+        #expect(HandshakeObserver.clientAlert([]) == nil)
+        #expect(HandshakeObserver.reasonCodes("a:OPENSSL_internal:ONE at x, b:OPENSSL_internal:TWO at y") == ["ONE", "TWO"])
+    }
+}

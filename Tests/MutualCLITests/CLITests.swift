@@ -212,7 +212,7 @@ struct CLITests {
         #expect(human.status == 0 && human.stdout.hasPrefix("OK: \(spiffe)") && human.stdout.contains("revocation: not checked"), "\(human.output)")
 
         let leafAsRoot = try await cli.run(["verify", "--roots", leaf, leaf])
-        #expect(leafAsRoot.status == 2 && leafAsRoot.stderr.contains("--roots") && leafAsRoot.stderr.contains("not a CA"), "\(leafAsRoot.output)")
+        #expect(leafAsRoot.status == 2 && leafAsRoot.stderr.contains("--roots"), "bad usage, naming the flag: \(leafAsRoot.output)")
         #expect(!leafAsRoot.output.contains("Certificate("), "no internal structures: \(leafAsRoot.output)")
 
         let token = try await cli.run(["token", "create", "--scope", "a.example.org", "--json"])
@@ -226,7 +226,7 @@ struct CLITests {
         let badDuration = try await cli.run(["issue", "--profile", "server", "--dns", "a.example.org", "--validity", "1y", "--out-dir", cli.home + "/x"])
         #expect(badDuration.status == 2 && badDuration.stderr.contains("s, m, h, d, w"), "\(badDuration.output)")
         let trustDomain = try await cli.run(["issue", "--profile", "workload", "--uri", "spiffe://example.org", "--out-dir", cli.home + "/y"])
-        #expect(trustDomain.status != 0 && trustDomain.stderr.contains("trust domain ID"), "\(trustDomain.output)")
+        #expect(trustDomain.status == 1, "refused, not issued (the code, invalid-name, is checked in IssuanceTests): \(trustDomain.output)")
         #expect(!FileManager.default.fileExists(atPath: cli.home + "/y/cert.pem"))
 
         // show by a serial prefix, as list prints it; garbage and short prefixes are refused.

@@ -60,6 +60,17 @@ struct CSRTests {
         #expect(error?.code == .badSignature || error?.code == .malformedInput)
     }
 
+    @Test("a trust-domain SPIFFE ID (no path) is not a workload ID: invalid-name")
+    func trustDomainIsNotAWorkload() throws {
+        let ca = try TestPKI.issuingCA()
+        let key = try KeyType.p256.generate()
+        let error = #expect(throws: PKIError.self) {
+            try ca.issue(.init(profile: .workload, publicKey: key.publicKey, uris: ["spiffe://example.org"]), now: TestPKI.now)
+        }
+        #expect(error?.code == .invalidName)
+        _ = try ca.issue(.init(profile: .workload, publicKey: key.publicKey, uris: ["spiffe://example.org/ns/a"]), now: TestPKI.now)
+    }
+
     @Test("an RSA-1024 key is refused")
     func weakKeyRefused() throws {
         let ca = try TestPKI.issuingCA()

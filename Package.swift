@@ -178,6 +178,8 @@ let package = Package(
             dependencies: [
                 "MutualDoctor", "MutualPKI", "TestSupport",
                 .product(name: "X509", package: "swift-certificates"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
             ]
         ),
         .testTarget(

@@ -445,20 +445,15 @@ public final class Agent: Sendable {
     /// verifying the TLS connection (there is nothing to verify against yet), and only a root whose SHA-256 equals
     /// the pin is kept; every later connection verifies against it.
     func bootstrapRoots() async throws -> [Certificate] {
-        var tls = TLSConfiguration.makeClientConfiguration()
-        tls.certificateVerification = .none
-        var configuration = HTTPClient.Configuration(tlsConfiguration: tls)
-        configuration.timeout = .init(connect: .seconds(10), read: .seconds(15))
-        let http = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
-        defer { Task { try? await http.shutdown() } }
         let bytes: [UInt8]
         do {
-            let response = try await http.execute(HTTPClientRequest(url: self.configuration.authority + "/roots.pem"), timeout: .seconds(Int64(self.configuration.requestTimeout.components.seconds)))
-            guard response.status == .ok else {
-                throw AgentError(.transient, "GET \(self.configuration.authority)/roots.pem: HTTP \(response.status.code)")
+            let answer = try await AuthorityClient.unverifiedGET(
+                self.configuration.authority + "/roots.pem", timeout: self.configuration.requestTimeout, limit: 1 << 20
+            )
+            guard answer.status == 200 else {
+                throw AgentError(.transient, "GET \(self.configuration.authority)/roots.pem: HTTP \(answer.status)")
             }
-            var body = try await response.body.collect(upTo: 1 << 20)
-            bytes = body.readBytes(length: body.readableBytes) ?? []
+            bytes = answer.body
         } catch let error as AgentError {
             throw error
         } catch {

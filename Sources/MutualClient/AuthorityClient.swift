@@ -34,9 +34,7 @@ public struct AuthorityClientError: Error, Sendable, CustomStringConvertible {
 
     /// BoringSSL's last reason code in an error description, lower-cased, or nil.
     public static func tlsReason(in text: String) -> String? {
-        guard let range = text.range(of: "OPENSSL_internal:", options: .backwards) else { return nil }
-        let code = text[range.upperBound...].prefix { $0.isLetter || $0.isNumber || $0 == "_" }
-        return code.isEmpty ? nil : code.lowercased()
+        TLSReasonCodes.last(in: text)
     }
 }
 
@@ -150,15 +148,23 @@ public final class AuthorityClient: Sendable {
     /// The authority's clock as it answers without verifying its certificate: only to explain a verification failure
     /// ("this host's clock is 3 h behind"), never to schedule anything.
     public static func unverifiedServerTime(baseURL: String, timeout: Duration = .seconds(10)) async -> Date? {
+        let url = (baseURL.hasSuffix("/") ? String(baseURL.dropLast()) : baseURL) + "/healthz"
+        return try? await unverifiedGET(url, timeout: timeout, limit: 64 * 1024).date
+    }
+
+    /// A GET whose server is not verified: for the two answers that need no trust or come before it exists — the
+    /// `Date` that explains a verification failure, and `/roots.pem`, which the caller checks against a pinned
+    /// fingerprint. Status, `Date` header and body (at most `limit` bytes).
+    public static func unverifiedGET(_ url: String, timeout: Duration, limit: Int) async throws -> (status: Int, date: Date?, body: [UInt8]) {
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.certificateVerification = .none
         var configuration = HTTPClient.Configuration(tlsConfiguration: tls)
-        configuration.timeout = .init(connect: .seconds(5), read: .seconds(10))
+        configuration.timeout = .init(connect: .seconds(min(10, max(1, timeout.components.seconds))), read: .seconds(max(1, timeout.components.seconds)))
         let http = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
         defer { Task { try? await http.shutdown() } }
-        let url = (baseURL.hasSuffix("/") ? String(baseURL.dropLast()) : baseURL) + "/healthz"
-        guard let response = try? await http.execute(HTTPClientRequest(url: url), timeout: .seconds(Int64(timeout.components.seconds))) else { return nil }
-        return response.headers.first(name: "date").flatMap { parseHTTPDate($0) }
+        let response = try await http.execute(HTTPClientRequest(url: url), timeout: .seconds(max(1, timeout.components.seconds)))
+        let body = try await response.body.collect(upTo: limit)
+        return (Int(response.status.code), response.headers.first(name: "date").flatMap { parseHTTPDate($0) }, Array(body.readableBytesView))
     }
 
     /// The authority's trust anchors (`/roots.pem`).
@@ -207,8 +213,8 @@ public final class AuthorityClient: Sendable {
         return (bytes, date)
     }
 
-    /// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
-    static func parseHTTPDate(_ text: String) -> Date? {
+    /// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form of HTTP's `Date` header.
+    public static func parseHTTPDate(_ text: String) -> Date? {
         let formatter = DateFormatter()
         formatter.locale = Locale(identifier: "en_US_POSIX")
         formatter.timeZone = TimeZone(identifier: "GMT")

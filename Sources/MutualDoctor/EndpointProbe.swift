@@ -40,10 +40,15 @@ public struct EndpointProbe: Sendable {
         public var tlsError: String?
         public var timedOut = false
         public var httpStatus: Int?
+        /// The start of the answer's body (up to 4 KiB).
+        public var httpBody: String?
         /// The server's `Date` header.
         public var serverDate: Date?
         /// Local time when the answer arrived.
         public var answeredAt: Date?
+        /// The server's CertificateRequest, read from a TLS 1.2 flight: whether it asks for a client certificate, and
+        /// from which CAs. Nil when not read (a TLS 1.3-only server, or nothing made it worth asking).
+        public var clientCertificateRequest: CertificateRequestReader.Outcome?
 
         public init() {}
     }
@@ -75,7 +80,8 @@ public struct EndpointProbe: Sendable {
             return observation
         }
         let collector = Collector()
-        let sni = options.serverName ?? ((try? Names.ipAddressBytes(options.host)) == nil ? options.host : nil)
+        let sniffer = CertificateRequestSniffer(closeWhenKnown: false)
+        let sni = self.sni
         let hostHeader = sni ?? options.host
         let timeout = options.timeout
         do {
@@ -87,8 +93,7 @@ public struct EndpointProbe: Sendable {
                             collector.presented(presented.compactMap { try? Certificate(derEncoded: try $0.toDERBytes()) })
                             promise.succeed(.certificateVerified(.init(nil)))
                         })
-                        try channel.pipeline.syncOperations.addHandler(handler)
-                        try channel.pipeline.syncOperations.addHandler(collector)
+                        try channel.pipeline.syncOperations.addHandlers([sniffer, handler, collector])
                     }
                 }
                 .connect(host: options.host, port: options.port).get()
@@ -109,7 +114,45 @@ public struct EndpointProbe: Sendable {
             return observation
         }
         collector.fill(&observation)
+        if case .unreadable = sniffer.reader.outcome {} else { observation.clientCertificateRequest = sniffer.reader.outcome }
+        // A TLS 1.3 server encrypts its CertificateRequest: when a client certificate is in play, ask again with
+        // TLS 1.2 for the CA names it accepts (a server without TLS 1.2 leaves this unknown).
+        let clientTrouble = options.clientChain != nil || observation.httpStatus == 400 || !observation.tlsReasons.isEmpty
+        if observation.clientCertificateRequest == nil, !observation.presented.isEmpty, clientTrouble {
+            observation.clientCertificateRequest = await readCertificateRequest()
+        }
         return observation
+    }
+
+    var sni: String? { options.serverName ?? ((try? Names.ipAddressBytes(options.host)) == nil ? options.host : nil) }
+
+    /// A TLS 1.2 handshake without a client certificate, read only as far as the server's CertificateRequest (or
+    /// ServerHelloDone), then closed. Bounded by `options.timeout`.
+    func readCertificateRequest() async -> CertificateRequestReader.Outcome? {
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.minimumTLSVersion = .tlsv12
+        tls.maximumTLSVersion = .tlsv12
+        tls.certificateVerification = .none
+        guard let context = try? NIOSSLContext(configuration: tls) else { return nil }
+        let sniffer = CertificateRequestSniffer(closeWhenKnown: true)
+        let sni = self.sni
+        let timeout = options.timeout
+        guard let channel = try? await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .connectTimeout(.seconds(max(1, timeout.components.seconds)))
+            .channelInitializer({ channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandlers([sniffer, try NIOSSLClientHandler(context: context, serverHostname: sni), Collector()])
+                }
+            })
+            .connect(host: options.host, port: options.port).get()
+        else { return nil }
+        let timer = Task {
+            try await Task.sleep(for: timeout)
+            channel.close(promise: nil)
+        }
+        try? await channel.closeFuture.get()
+        timer.cancel()
+        return sniffer.reader.outcome
     }
 
     static func describeConnect(_ error: any Error) -> String {
@@ -156,19 +199,55 @@ public struct EndpointProbe: Sendable {
             findings.append(Finding("trust-unchecked", .info, subject: subject, "no --ca given: whether the chain leads to a trusted root was not checked", fix: "give --ca ROOTS.pem (the authority's roots.pem)"))
         }
 
+        // What the server asks for, before it judges anything: the CAs of its CertificateRequest.
+        if case .requested(let names) = observation.clientCertificateRequest, !names.isEmpty {
+            let accepted = names.map(\.description).joined(separator: "; ")
+            if let chain = options.clientChain {
+                if !chain.contains(where: { names.contains($0.issuer) || names.contains($0.subject) }) {
+                    findings.append(Finding(
+                        "client-ca-mismatch", .error, subject: "client certificate",
+                        "the server asks for a client certificate issued by \(accepted); ours is issued by \(chain[0].issuer)\(chain.count > 1 ? " under \(chain.last!.issuer)" : ""): it will not be accepted (many clients do not even send it)",
+                        fix: "add our CA (the authority's roots.pem) to the server's client-CA file (nginx ssl_client_certificate, mutual proxy --client-ca), or use a certificate from a CA it accepts"
+                    ))
+                }
+            } else {
+                findings.append(Finding("client-cert-requested", .info, subject: subject, "the server asks for a client certificate issued by \(accepted)", fix: "pass --cert CHAIN.pem --key KEY.pem to test with one"))
+            }
+        }
+
         // Our client certificate: what the server said about it, and what is wrong with it locally.
         if has("TLSV13_ALERT_CERTIFICATE_REQUIRED", "TLSV1_ALERT_CERTIFICATE_REQUIRED") || (!sentClientCertificate && has("SSLV3_ALERT_HANDSHAKE_FAILURE", "PEER_DID_NOT_RETURN_A_CERTIFICATE")) {
             findings.append(Finding("client-cert-required", .error, subject: subject, "the server requires a client certificate and none was sent", fix: "pass --cert CHAIN.pem --key KEY.pem (the agent's chain.pem and key.pem)"))
         } else if has("TLSV1_ALERT_UNKNOWN_CA") {
-            findings.append(Finding("client-ca-mismatch", .error, subject: "client certificate", "the server does not trust the CA that issued our client certificate (alert unknown_ca)", fix: "add our root (and intermediate, for leaf-only clients) to the server's client-CA file, or use a certificate from the CA the server trusts"))
+            if !findings.contains(where: { $0.code == "client-ca-mismatch" }) { findings.append(Finding("client-ca-mismatch", .error, subject: "client certificate", "the server does not trust the CA that issued our client certificate (alert unknown_ca)", fix: "add our root (and intermediate, for leaf-only clients) to the server's client-CA file, or use a certificate from the CA the server trusts")) }
         } else if has("SSLV3_ALERT_CERTIFICATE_EXPIRED") {
-            findings.append(Finding("expired", .error, subject: "client certificate", "the server refused our client certificate as expired (alert certificate_expired)\(clientExpiryHint(now))", fix: "renew it (mutual agent), or check the server's clock"))
+            if let chain = options.clientChain, clientChainLooksValid(now) {
+                // Valid here: OpenSSL servers (nginx) send the same alert for a CRL past its nextUpdate.
+                findings.append(Finding(
+                    "client-cert-refused", .error, subject: "client certificate",
+                    "the server refused our client certificate as expired (alert certificate_expired), but by this host's clock it and its chain are valid (until \(chain[0].notValidAfter)): either the server's clock is wrong, or its CRL for our CA is past nextUpdate (OpenSSL and nginx send this alert for a stale CRL too)",
+                    fix: "check the server's clock, and its CRL file: `mutual doctor files --cert CHAIN.pem --ca ROOTS.pem --crl THE_SERVER_CRL`; keep it fresh with `mutual agent --crl-out FILE`"
+                ))
+            } else {
+                findings.append(Finding("expired", .error, subject: "client certificate", "the server refused our client certificate as expired (alert certificate_expired)\(clientExpiryHint(now))", fix: "renew it (mutual agent), or check the server's clock"))
+            }
         } else if has("SSLV3_ALERT_CERTIFICATE_REVOKED") {
             findings.append(Finding("revoked", .error, subject: "client certificate", "the server refused our client certificate as revoked (alert certificate_revoked)", fix: "enroll again with a new token once the cause of the revocation is fixed"))
         } else if has("SSLV3_ALERT_UNSUPPORTED_CERTIFICATE") {
             findings.append(Finding("wrong-eku", .error, subject: "client certificate", "the server refused our client certificate's purpose (alert unsupported_certificate): it lacks clientAuth", fix: "use a client or workload certificate"))
         } else if has("SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "TLSV1_ALERT_ACCESS_DENIED") {
             findings.append(Finding("client-cert-refused", .error, subject: "client certificate", "the server refused our client certificate without saying why (\(reasons.sorted().joined(separator: ", ")))", fix: "check the server's log; run `mutual doctor files` on the client certificate"))
+        } else if observation.httpStatus == 400, let page = observation.httpBody, page.contains("No required SSL certificate was sent") {
+            // nginx completes the handshake and refuses in HTTP; its fixed page titles are the only codes it gives.
+            findings.append(Finding("client-cert-required", .error, subject: subject, "the server (nginx) requires a client certificate and none was sent (400 No required SSL certificate was sent)", fix: "pass --cert CHAIN.pem --key KEY.pem (the agent's chain.pem and key.pem)"))
+        } else if observation.httpStatus == 400, let page = observation.httpBody, page.contains("The SSL certificate error") {
+            if !findings.contains(where: { $0.code == "client-ca-mismatch" }) {
+                findings.append(Finding(
+                    "client-cert-refused", .error, subject: "client certificate",
+                    "the server (nginx) verified our client certificate after the handshake and refused it (400 The SSL certificate error); by this host it is \(clientChainLooksValid(now) ? "valid, so the cause is on the server: its client-CA file, its CRL (ssl_crl past nextUpdate) or its clock" : "not valid: see the findings below")",
+                    fix: "nginx's error log names the reason (\"client SSL certificate verify error\"); check ssl_client_certificate and ssl_crl"
+                ))
+            }
         } else if observation.tlsError != nil, observation.httpStatus == nil {
             findings.append(Finding("handshake-failed", .error, subject: subject, "the connection failed after the server's certificate: \(observation.tlsError ?? "")", fix: nil))
         }
@@ -178,6 +257,10 @@ public struct EndpointProbe: Sendable {
             client.keyPath = "client key"
             client.key = options.clientKey
             client.purpose = .client
+            client.roots = options.roots
+            if options.checkRevocation, let outcome = await CRLClient.fetch(for: chain[0], timeout: options.timeout) {
+                findings += Self.apply(outcome, to: &client, subject: "client certificate")
+            }
             findings += await client.run(now: now).findings.filter { finding in !findings.contains { $0.code == finding.code && $0.subject == finding.subject } }
         }
 
@@ -193,6 +276,15 @@ public struct EndpointProbe: Sendable {
             }
         }
 
+        // The CRL the server's certificate names, as a client that enforces CRLs would judge it.
+        if options.checkRevocation, let outcome = await CRLClient.fetch(for: observation.presented[0], timeout: options.timeout) {
+            var crlChecks = FileChecks(presented: observation.presented)
+            crlChecks.certPath = "server certificate"
+            crlChecks.roots = options.roots
+            findings += Self.apply(outcome, to: &crlChecks, subject: "server certificate")
+            findings += crlChecks.crlFindings(observation.presented[0], now: now).filter { finding in !findings.contains { $0.code == finding.code && $0.subject == finding.subject } }
+        }
+
         // Revocation of the server's certificate, through the OCSP URL it names.
         if options.checkRevocation, observation.presented.count >= 2, let url = Self.ocspURL(observation.presented[0]) {
             switch await OCSPClient.check(leaf: observation.presented[0], issuer: observation.presented[1], url: url, now: now) {
@@ -205,6 +297,23 @@ public struct EndpointProbe: Sendable {
             }
         }
         return Diagnosis(findings)
+    }
+
+    /// Puts fetched CRLs into `checks`; a CRL that could not be fetched is a finding of its own.
+    static func apply(_ outcome: CRLClient.Outcome, to checks: inout FileChecks, subject: String) -> [Finding] {
+        switch outcome {
+        case .fetched(let url, let crls):
+            checks.crls = crls
+            checks.crlPath = url
+            return []
+        case .failed(let url, let reason):
+            return [Finding("revocation-unchecked", .warning, subject: subject, "the CRL at \(url) could not be fetched: \(reason)", fix: "make the CRL URL reachable from every relying party (mutual config --http-public-url)")]
+        }
+    }
+
+    func clientChainLooksValid(_ now: Date) -> Bool {
+        guard let chain = options.clientChain else { return false }
+        return !chain.contains { $0.notValidAfter <= now || $0.notValidBefore > now }
     }
 
     func clientExpiryHint(_ now: Date) -> String {
@@ -251,22 +360,15 @@ final class Collector: ChannelInboundHandler, @unchecked Sendable {
         if let error {
             let text = "\(error)"
             observation.tlsError = text
-            var rest = Substring(text)
-            while let range = rest.range(of: "OPENSSL_internal:") {
-                let code = rest[range.upperBound...].prefix { $0.isLetter || $0.isNumber || $0 == "_" }
-                if !code.isEmpty { observation.tlsReasons.insert(String(code)) }
-                rest = rest[range.upperBound...]
-            }
+            observation.tlsReasons = Set(TLSReasonCodes.all(in: text))
         }
         let text = String(decoding: answer.readableBytesView.prefix(16 * 1024), as: UTF8.self)
-        if text.hasPrefix("HTTP/"), let status = Int(text.split(separator: " ").dropFirst().first ?? "") { observation.httpStatus = status }
+        if text.hasPrefix("HTTP/"), let status = Int(text.split(separator: " ").dropFirst().first ?? "") {
+            observation.httpStatus = status
+            if let end = text.range(of: "\r\n\r\n") { observation.httpBody = String(text[end.upperBound...].prefix(4096)) }
+        }
         for line in text.split(separator: "\r\n").prefix(64) where line.lowercased().hasPrefix("date:") {
-            let value = line.dropFirst(5).trimmingCharacters(in: .whitespaces)
-            let formatter = DateFormatter()
-            formatter.locale = Locale(identifier: "en_US_POSIX")
-            formatter.timeZone = TimeZone(identifier: "GMT")
-            formatter.dateFormat = "EEE, dd MMM yyyy HH:mm:ss zzz"
-            observation.serverDate = formatter.date(from: value)
+            observation.serverDate = AuthorityClient.parseHTTPDate(line.dropFirst(5).trimmingCharacters(in: .whitespaces))
         }
     }
 }

@@ -25,6 +25,9 @@ public struct FileChecks: Sendable {
     public var expectedIdentity: String?
     /// How soon an expiry is worth a warning.
     public var expiringWithin: TimeInterval = 7 * 86_400
+    /// CRLs a server enforces (`--crl`, or fetched from the certificate's distribution points), and where from.
+    public var crls: [RevocationList] = []
+    public var crlPath = "crl"
 
     public init(presented: [Certificate]) { self.presented = presented }
 
@@ -38,6 +41,7 @@ public struct FileChecks: Sendable {
         findings += chainShapeFindings()
         findings += await trustFindings(leaf, now: now)
         findings += nameFindings(leaf)
+        findings += crlFindings(leaf, now: now)
         return Diagnosis(findings)
     }
 
@@ -180,6 +184,73 @@ public struct FileChecks: Sendable {
             "the chain does not lead to the trusted roots: it ends at \(top), and --ca holds \(roots?.map(\.subject.description).joined(separator: "; ") ?? "-") (\(reason))",
             fix: "trust the root that issued this chain (the authority's /roots.pem), or get a certificate from the CA the peer trusts"
         )
+    }
+
+    /// What a server that enforces these CRLs (nginx `ssl_crl`, OpenSSL's CRL checks on every level) makes of this
+    /// chain: a CRL past nextUpdate or not signed by its CA makes it refuse every certificate of that CA; a CA on the
+    /// path without a CRL, too; a listed serial is revoked.
+    func crlFindings(_ leaf: Certificate, now: Date) -> [Finding] {
+        guard !crls.isEmpty else { return [] }
+        var findings: [Finding] = []
+        let cas = Array(presented.dropFirst()) + extraIntermediates + (roots ?? [])
+        // The CAs whose CRL a server checks: the issuer of every certificate on the path below the root.
+        var levels: [DistinguishedName] = []
+        var current = leaf
+        while current.issuer != current.subject, !levels.contains(current.issuer) {
+            levels.append(current.issuer)
+            guard let next = cas.first(where: { $0.subject == current.issuer }) else { break }
+            current = next
+        }
+        var covered = Set<DistinguishedName>()
+        for crl in crls {
+            let subject = "\(crlPath) (\(crl.issuer))"
+            let signers = cas.filter { $0.subject == crl.issuer }
+            let verified = signers.contains { crl.isSigned(by: $0) }
+            if !signers.isEmpty && !verified {
+                findings.append(Finding(
+                    "crl-signature-invalid", .error, subject: subject,
+                    "the CRL names \(crl.issuer) as its issuer, but that CA did not sign it: a server refuses it, and with it every certificate of that CA",
+                    fix: "fetch the CRL again from the authority (its /crls.pem, or `mutual agent --crl-out FILE`)"
+                ))
+                continue
+            }
+            guard levels.contains(crl.issuer) else {
+                findings.append(Finding("crl-unrelated", .info, subject: subject, "this CRL is from a CA that is not on the certificate's path; it does not apply here", fix: nil))
+                continue
+            }
+            covered.insert(crl.issuer)
+            if let next = crl.nextUpdate, next > now {
+                if crl.thisUpdate > now.addingTimeInterval(300) {
+                    findings.append(Finding(
+                        "crl-not-yet-valid", .error, subject: subject,
+                        "the CRL is dated \(crl.thisUpdate), \(humanDuration(crl.thisUpdate.timeIntervalSince(now))) ahead of this host's clock: a server with this clock refuses every certificate of \(crl.issuer)",
+                        fix: "check this host's clock (NTP)"
+                    ))
+                }
+            } else {
+                let since = crl.nextUpdate.map { "its nextUpdate passed \(humanDuration(now.timeIntervalSince($0))) ago (\($0))" } ?? "it has no nextUpdate"
+                findings.append(Finding(
+                    "crl-stale", .error, subject: subject,
+                    "the CRL of \(crl.issuer) is stale: \(since); a server that enforces it (nginx ssl_crl, OpenSSL) refuses every certificate of that CA, with alert certificate_expired",
+                    fix: "refresh it before nextUpdate: `mutual agent --crl-out FILE --crl-refresh 5m` rewrites it, then reload the server"
+                ))
+            }
+            if crl.issuer == leaf.issuer, let entry = crl.entry(for: leaf.serialNumber) {
+                findings.append(Finding(
+                    "revoked", .error, subject: certPath,
+                    "the certificate is listed as revoked since \(entry.revocationDate)\(entry.reason.map { " (\($0.rawValue))" } ?? "") by the CRL \(crlPath)\(verified ? "" : " (its signature was not checked: give --ca and --chain)")",
+                    fix: "issue a new certificate; a revoked one cannot be reinstated"
+                ))
+            }
+        }
+        for level in levels where !covered.contains(level) {
+            findings.append(Finding(
+                "crl-missing", .warning, subject: crlPath,
+                "no CRL from \(level), a CA on this certificate's path: a server that checks every level (nginx ssl_crl) refuses the certificate (unable to get certificate CRL)",
+                fix: "put the CRLs of every CA in the file: the authority's /crls.pem has them all"
+            ))
+        }
+        return findings
     }
 
     func hasEKU(_ certificate: Certificate, _ purpose: Purpose) -> Bool {

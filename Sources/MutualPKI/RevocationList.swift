@@ -77,6 +77,16 @@ public struct RevocationList: Sendable {
         }
     }
 
+    /// Every CRL in a file: one DER CRL, or all `X509 CRL` blocks of a PEM file (a PEM file without any is an error).
+    public static func all(in bytes: [UInt8]) throws -> [RevocationList] {
+        if let text = String(validating: bytes, as: UTF8.self), text.contains("-----BEGIN") {
+            let crls = try pemDocuments(text).map { try RevocationList(derEncoded: $0) }
+            guard !crls.isEmpty else { throw PKIError(.malformedInput, "no PEM X509 CRL block") }
+            return crls
+        }
+        return [try RevocationList(derEncoded: bytes)]
+    }
+
     /// Every `X509 CRL` block of a PEM file, as DER.
     public static func pemDocuments(_ text: String) throws -> [[UInt8]] {
         do {

@@ -451,13 +451,6 @@ final class HandshakeObserver: ChannelInboundHandler, RemovableChannelHandler {
 
     /// BoringSSL's reason codes in an error stack (`…:OPENSSL_internal:PEER_DID_NOT_RETURN_A_CERTIFICATE …`).
     static func reasonCodes(_ text: String) -> Set<String> {
-        var codes = Set<String>()
-        var rest = Substring(text)
-        while let range = rest.range(of: "OPENSSL_internal:") {
-            let code = rest[range.upperBound...].prefix { $0.isLetter || $0.isNumber || $0 == "_" }
-            if !code.isEmpty { codes.insert(String(code)) }
-            rest = rest[range.upperBound...]
-        }
-        return codes
+        Set(TLSReasonCodes.all(in: text))
     }
 }

@@ -108,13 +108,9 @@ final class RevocationSources: Sendable {
             bytes = try LoadedCredentials.readFile(source, what: "CRL")
             fileStamps.withLock { $0[source] = stamp }
         }
-        var crls: [RevocationList] = []
+        let crls: [RevocationList]
         do {
-            if let text = String(validating: bytes, as: UTF8.self), text.contains("-----BEGIN") {
-                crls = try RevocationList.pemDocuments(text).map { try RevocationList(derEncoded: $0) }
-            } else {
-                crls = [try RevocationList(derEncoded: bytes)]
-            }
+            crls = try RevocationList.all(in: bytes)
         } catch {
             throw ProxyError("CRL \(source) could not be parsed: \(error)")
         }

@@ -1,6 +1,7 @@
 import HummingbirdCore
 import HummingbirdTLS
 import Logging
+import MutualPKI
 import NIOCore
 import NIOSSL
 import NIOHTTP1
@@ -71,9 +72,7 @@ final class HandshakeFailureLogger: ChannelInboundHandler, RemovableChannelHandl
     /// BoringSSL's reason code from an error stack (`…:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED…` →
     /// `certificate_verify_failed`): a stable identifier of a bounded set, fit for a metric label.
     static func reasonCode(_ text: String) -> String {
-        guard let range = text.range(of: "OPENSSL_internal:", options: .backwards) else { return "other" }
-        let code = text[range.upperBound...].prefix { $0.isLetter || $0.isNumber || $0 == "_" }
-        return code.isEmpty ? "other" : code.lowercased()
+        TLSReasonCodes.last(in: text) ?? "other"
     }
 }
 

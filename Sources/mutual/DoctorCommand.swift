@@ -68,7 +68,7 @@ struct DoctorCommand: AsyncParsableCommand {
     struct Files: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Check a certificate, its chain and its key on disk (before a peer finds out).",
-            discussion: "Codes: no-certificate, key-mismatch, key-file-permissions, weak-key, expired, not-yet-valid, expiring-soon, chain-order, root-in-chain, missing-intermediate, unknown-ca, wrong-eku, name-mismatch, identity-mismatch."
+            discussion: "Codes: no-certificate, key-mismatch, key-file-permissions, weak-key, expired, not-yet-valid, expiring-soon, chain-order, root-in-chain, missing-intermediate, unknown-ca, wrong-eku, name-mismatch, identity-mismatch; with --crl: crl-stale, crl-not-yet-valid, crl-signature-invalid, crl-missing, crl-unrelated, revoked."
         )
 
         @Option(help: "The certificate file (PEM; leaf first, then its chain, as a server or client sends it).") var cert: String
@@ -78,6 +78,7 @@ struct DoctorCommand: AsyncParsableCommand {
         @Option(help: "What the certificate is for: server|client.") var purpose: String?
         @Option(help: "A DNS name the certificate must be valid for (SAN; the CN is never used).") var dns: String?
         @Option(help: "The identity it must carry: spiffe://… or dns:NAME.") var expectIdentity: String?
+        @Option(help: "CRLs a server enforces (PEM or DER; repeat for several files), e.g. nginx's ssl_crl file.") var crl: [String] = []
         @Flag(help: "Print JSON.") var json = false
 
         func run() async throws {
@@ -100,6 +101,11 @@ struct DoctorCommand: AsyncParsableCommand {
             }
             checks.dnsName = dns
             checks.expectedIdentity = expectIdentity
+            for path in crl {
+                let bytes = try inputFailure { try AtomicFile.read(path, limit: 16 << 20, what: "--crl") }
+                checks.crls += try inputFailure { try RevocationList.all(in: bytes) }
+            }
+            checks.crlPath = crl.joined(separator: ", ")
             try report(await checks.run(now: .now), json: json)
         }
     }

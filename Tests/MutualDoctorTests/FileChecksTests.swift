@@ -110,6 +110,35 @@ struct FileChecksTests {
         #expect(await codes(identity).isEmpty)
     }
 
+    @Test("CRLs a server enforces: fresh and complete says nothing; stale, future, forged, incomplete, listing the leaf")
+    func crls() async throws {
+        let h = try CAFactory.makeHierarchy(name: "CRL CA", keyType: .p256, constraints: .init(), now: now.addingTimeInterval(-86_400))
+        let issuing = try IssuingCA(certificate: h.intermediate, privateKey: h.intermediateKey, root: h.root, policy: .init())
+        let leafKey = try KeyType.p256.generate()
+        let leaf = try issuing.issue(.init(profile: .client, publicKey: leafKey.publicKey, uris: ["spiffe://example.org/app"], validity: .days(30)), now: now.addingTimeInterval(-3600))
+        func crl(_ issuer: Certificate, _ key: Certificate.PrivateKey, from: TimeInterval = -600, next: TimeInterval = 3600, listing: [Certificate] = []) throws -> RevocationList {
+            let der = try RevocationListBuilder(issuer: issuer, issuerKey: key).build(
+                number: 1, thisUpdate: now.addingTimeInterval(from), nextUpdate: now.addingTimeInterval(next),
+                entries: listing.map { .init(serialNumber: $0.serialNumber, revocationDate: now.addingTimeInterval(-60), reason: .keyCompromise) }
+            )
+            return try RevocationList(derEncoded: der)
+        }
+        func codes(_ crls: [RevocationList]) async -> [String] {
+            var checks = FileChecks(presented: [leaf, h.intermediate])
+            checks.roots = [h.root]
+            checks.crls = crls
+            return await checks.run(now: now).findings.map(\.code)
+        }
+        let rootCRL = try crl(h.root, h.rootKey)
+        #expect(await codes([try crl(h.intermediate, h.intermediateKey), rootCRL]).isEmpty)
+        #expect(await codes([try crl(h.intermediate, h.intermediateKey, from: -7200, next: -1800), rootCRL]) == ["crl-stale"])
+        #expect(await codes([try crl(h.intermediate, h.intermediateKey, from: 7200, next: 9000), rootCRL]) == ["crl-not-yet-valid"])
+        #expect(await codes([try crl(h.intermediate, try KeyType.p256.generate()), rootCRL]) == ["crl-signature-invalid", "crl-missing"])
+        #expect(await codes([try crl(h.intermediate, h.intermediateKey)]) == ["crl-missing"], "nginx checks every level: the root's CRL is needed too")
+        #expect(await codes([try crl(h.intermediate, h.intermediateKey, listing: [leaf]), rootCRL]) == ["revoked"])
+        #expect(await codes([try crl(ca.certificate, ca.privateKey), try crl(h.intermediate, h.intermediateKey), rootCRL]) == ["crl-unrelated"])
+    }
+
     @Test("an empty certificate file: no-certificate")
     func empty() async {
         #expect(await codes(FileChecks(presented: [])) == ["no-certificate"])
@@ -161,6 +190,59 @@ struct EndpointDiagnosisTests {
             observation.tlsError = "handshakeFailed(\(reason))"
             #expect(await codes(observation) == [code], "\(reason)")
         }
+    }
+
+    @Test("alert certificate_expired: expired when our chain is expired here; otherwise the server's clock or CRL, not a false 'expired'")
+    func expiredAlert() async throws {
+        let key = try KeyType.p256.generate()
+        let client = try ca.issue(.init(profile: .client, publicKey: key.publicKey, uris: ["spiffe://example.org/c"], validity: .days(1)), now: TestPKI.now.addingTimeInterval(-3600))
+        var options = probe().options
+        options.clientChain = [client, ca.certificate]
+        options.clientKey = key
+        var observation = EndpointProbe.Observation()
+        observation.presented = [server, ca.certificate]
+        observation.tlsReasons = ["SSLV3_ALERT_CERTIFICATE_EXPIRED"]
+        observation.tlsError = "handshakeFailed(SSLV3_ALERT_CERTIFICATE_EXPIRED)"
+        let valid = await EndpointProbe(options: options).diagnose(observation, now: TestPKI.now).findings.map(\.code)
+        #expect(valid == ["client-cert-refused"])
+        let later = await EndpointProbe(options: options).diagnose(observation, now: TestPKI.now.addingTimeInterval(2 * 86_400)).findings.map(\.code)
+        #expect(later.contains("expired") && !later.contains("client-cert-refused"))
+    }
+
+    @Test("the CA names of the server's CertificateRequest: client-ca-mismatch before any alert; nginx's refusal pages")
+    func certificateRequest() async throws {
+        let key = try KeyType.p256.generate()
+        let client = try ca.issue(.init(profile: .client, publicKey: key.publicKey, uris: ["spiffe://example.org/c"], validity: .days(1)), now: TestPKI.now.addingTimeInterval(-3600))
+        // Another CA by another name: the request carries names, not keys.
+        let foreign = try CAFactory.makeHierarchy(name: "Foreign", keyType: .p256, constraints: .init(), now: TestPKI.now.addingTimeInterval(-86_400))
+        var options = probe().options
+        options.clientChain = [client, ca.certificate]
+        options.clientKey = key
+        var observation = EndpointProbe.Observation()
+        observation.presented = [server, ca.certificate]
+        observation.httpStatus = 200
+        observation.clientCertificateRequest = .requested([foreign.root.subject])
+        #expect(await codes(observation, EndpointProbe(options: options)) == ["client-ca-mismatch"])
+        observation.clientCertificateRequest = .requested([ca.root.subject])
+        #expect(await codes(observation, EndpointProbe(options: options)).isEmpty)
+        observation.clientCertificateRequest = .requested([])
+        #expect(await codes(observation, EndpointProbe(options: options)).isEmpty, "an empty list accepts any CA")
+        // The alert and the request name the same cause once.
+        observation.clientCertificateRequest = .requested([foreign.root.subject])
+        observation.httpStatus = nil
+        observation.tlsReasons = ["TLSV1_ALERT_UNKNOWN_CA"]
+        observation.tlsError = "handshakeFailed(TLSV1_ALERT_UNKNOWN_CA)"
+        #expect(await codes(observation, EndpointProbe(options: options)) == ["client-ca-mismatch"])
+        // nginx refuses in HTTP, after the handshake.
+        var nginx = EndpointProbe.Observation()
+        nginx.presented = [server, ca.certificate]
+        nginx.httpStatus = 400
+        nginx.httpBody = "<html><head><title>400 No required SSL certificate was sent</title></head></html>"
+        #expect(await codes(nginx) == ["client-cert-required"])
+        nginx.httpBody = "<html><head><title>400 The SSL certificate error</title></head></html>"
+        #expect(await codes(nginx, EndpointProbe(options: options)) == ["client-cert-refused"])
+        nginx.clientCertificateRequest = .requested([foreign.root.subject])
+        #expect(await codes(nginx, EndpointProbe(options: options)) == ["client-ca-mismatch"])
     }
 
     @Test("a healthy answer: nothing; the server's clock 2 h ahead: clock-skew")

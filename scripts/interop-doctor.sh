@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `mutual doctor` against real misconfigured peers on 127.0.0.1 (ports chosen at run time): openssl s_server set up
-# wrong in one way at a time, a real authority for the clock, and a refused port. For each: doctor exits 1 and names
+# `mutual doctor` against real misconfigured peers on 127.0.0.1 (ports chosen at run time): openssl s_server and nginx
+# set up wrong in one way at a time, a real authority for CRLs and the clock, and a refused port. For each: doctor exits 1 and names
 # the right code — and the healthy server gets exit 0 with no finding.
 # Prints "N passed, N failed"; stops every process it started.
 set -uo pipefail
@@ -22,7 +22,10 @@ server() {  # port, then s_server arguments
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && return 0; sleep 0.1; done
   return 1
 }
-doctor() { "$MUTUAL" doctor "$@" --json --no-revocation > "$T/doctor.json" 2> "$T/doctor.err"; }
+doctor() {  # `files` takes no --no-revocation
+  if [ "$1" = files ]; then "$MUTUAL" doctor "$@" --json > "$T/doctor.json" 2> "$T/doctor.err"
+  else "$MUTUAL" doctor "$@" --json --no-revocation > "$T/doctor.json" 2> "$T/doctor.err"; fi
+}
 codes() { python3 -c "import json,sys; print(' '.join(f['code'] for f in json.load(open(sys.argv[1]))['findings'] if f['severity'] != 'info'))" "$T/doctor.json" 2>/dev/null; }
 expect() {  # what, expected exit, expected codes (space separated, order-free), doctor arguments…
   local what=$1 want_rc=$2 want=$3; shift 3
@@ -89,11 +92,56 @@ sleep 0.5
 grep -q "reason=client_aborted" "$T/proxy.log" && grep -q "detail=client aborted: .*does not trust our certificate" "$T/proxy.log" \
   && ok "mutual proxy explains a client that refused its certificate in words (reason=client_aborted), not as BAD_PACKET_LENGTH" || bad "proxy log: $(grep -i 'handshake refused' "$T/proxy.log" | tail -2)"
 
-# The clock: doctor itself runs 2 h ahead (wall-clock shim) against the authority, whose answers carry Date.
-cc -shared -fPIC -O2 -o "$T/shift.so" "$ROOT/scripts/clockshift/shift.c" -ldl
-M serve --state-dir "$T/ca" --listen 127.0.0.1:0 --http-listen off > "$T/serve.log" 2>&1 & PIDS+=($!)
+# The authority of the CA above, publishing 3-second CRLs (for a CRL file that goes stale) and its clock.
+M serve --state-dir "$T/ca" --listen 127.0.0.1:0 --http-listen off --crl-validity 3s > "$T/serve.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 100); do grep -q "listening on" "$T/serve.log" && break; sleep 0.1; done
 A=$(grep -o '127.0.0.1:[0-9]*' "$T/serve.log" | head -1)
+curl -sf --cacert "$ROOTCA" "https://$A/crls.pem" -o "$T/stale-crls.pem" && ok "CRLs fetched from the authority (3 s lifetime)" || bad "no /crls.pem from $A"
+
+# nginx, set up wrong in one way at a time (each its own nginx on its own port).
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+nginx_with() {  # name, port, directives of the server block
+  local name=$1 port=$2 d="$T/ngx-$1"; shift 2
+  mkdir -p "$d"
+  {
+    echo "daemon off; worker_processes 1; pid $d/nginx.pid; error_log $d/error.log info;"
+    echo "events { worker_connections 16; }"
+    echo "http { access_log off; client_body_temp_path $d; proxy_temp_path $d; fastcgi_temp_path $d; uwsgi_temp_path $d; scgi_temp_path $d;"
+    echo "  server { listen 127.0.0.1:$port ssl; server_name web.test; ssl_certificate_key $T/web/key.pem; $*"
+    echo "    location / { return 200 'ok'; } } }"
+  } > "$d/nginx.conf"
+  "$NGINX" -c "$d/nginx.conf" -p "$d" > "$d/out.log" 2>&1 & PIDS+=($!)
+  for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && return 0; sleep 0.1; done
+  bad "nginx $name did not start: $(tail -3 "$d/error.log" "$d/out.log")"; return 1
+}
+cat "$T/other/ca/root.pem" "$T/other/ca/intermediate.pem" > "$T/foreign-client-cas.pem"
+MTLS="ssl_client_certificate $T/client-cas.pem; ssl_verify_client on; ssl_verify_depth 2;"
+if [ -x "$NGINX" ]; then
+  P=$(free_port); nginx_with leaf-only "$P" "ssl_certificate $T/web/cert.pem;"
+  expect "nginx: ssl_certificate is the leaf only" 1 "missing-intermediate" "https://127.0.0.1:$P" --servername web.test --ca "$ROOTCA"
+  P=$(free_port); nginx_with mtls "$P" "ssl_certificate $T/web/chain.pem; $MTLS"
+  expect "nginx with mTLS, a good client certificate: healthy" 0 "" "https://127.0.0.1:$P" --servername web.test --ca "$ROOTCA" --cert "$T/alice/chain.pem" --key "$T/alice/key.pem"
+  expect "nginx with mTLS, no client certificate (nginx answers 400)" 1 "client-cert-required" "https://127.0.0.1:$P" --servername web.test --ca "$ROOTCA"
+  P=$(free_port); nginx_with foreign-ca "$P" "ssl_certificate $T/web/chain.pem; ssl_client_certificate $T/foreign-client-cas.pem; ssl_verify_client on; ssl_verify_depth 2;"
+  expect "nginx whose ssl_client_certificate is another CA (read from its CertificateRequest)" 1 "client-ca-mismatch" "https://127.0.0.1:$P" --servername web.test --ca "$ROOTCA" \
+    --cert "$T/alice/chain.pem" --key "$T/alice/key.pem"
+  # A CRL file nobody refreshes: wait until it is past nextUpdate, then nginx refuses every client of the CA.
+  for _ in $(seq 40); do
+    "$MUTUAL" doctor files --cert "$T/alice/chain.pem" --ca "$ROOTCA" --crl "$T/stale-crls.pem" --json 2>/dev/null | grep -q '"crl-stale"' && break
+    sleep 0.5
+  done
+  P=$(free_port); nginx_with stale-crl "$P" "ssl_certificate $T/web/chain.pem; $MTLS ssl_crl $T/stale-crls.pem;"
+  expect "nginx with a stale ssl_crl: the refusal is not called 'expired' (our certificate is valid)" 1 "client-cert-refused" "https://127.0.0.1:$P" --servername web.test --ca "$ROOTCA" \
+    --cert "$T/alice/chain.pem" --key "$T/alice/key.pem"
+  grep -q "crl\|CRL" "$T/doctor.json" && ok "… and its words name the CRL as a likely cause" || bad "no CRL hint: $(cat "$T/doctor.json")"
+  grep -q "CRL has expired" "$T/ngx-stale-crl/error.log" && ok "control: nginx's log says CRL has expired" || bad "control: nginx log $(tail -2 "$T/ngx-stale-crl/error.log")"
+  expect "doctor files on nginx's ssl_crl file: crl-stale" 1 "crl-stale" files --cert "$T/alice/chain.pem" --ca "$ROOTCA" --crl "$T/stale-crls.pem"
+else
+  bad "nginx is not installed"
+fi
+
+# The clock: doctor itself runs 2 h ahead (wall-clock shim) against the authority, whose answers carry Date.
+cc -shared -fPIC -O2 -o "$T/shift.so" "$ROOT/scripts/clockshift/shift.c" -ldl
 LD_PRELOAD="$T/shift.so" MUTUAL_TEST_CLOCK_SHIFT=7200 "$MUTUAL" doctor "https://$A" --ca "$ROOTCA" --json --no-revocation > "$T/doctor.json" 2>&1
 got=$(codes)
 case " $got " in *" clock-skew "*) ok "this host's clock 2 h ahead: clock-skew named ($got)";; *) bad "clock: '$got' $(head -c 300 "$T/doctor.json")";; esac

@@ -257,7 +257,6 @@ public struct EndpointProbe: Sendable {
             client.keyPath = "client key"
             client.key = options.clientKey
             client.purpose = .client
-            client.roots = options.roots
             if options.checkRevocation, let outcome = await CRLClient.fetch(for: chain[0], timeout: options.timeout) {
                 findings += Self.apply(outcome, to: &client, subject: "client certificate")
             }

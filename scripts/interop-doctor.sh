@@ -84,8 +84,9 @@ python3 -c "import sys; sys.exit(0 if $took <= 4 else 1)" && ok "bounded by --ti
 # The other side: mutual proxy decodes the alert a client sends into words (openssl s_client that trusts another CA).
 PP=$(free_port); UP=$(free_port)
 python3 -m http.server --bind 127.0.0.1 "$UP" > /dev/null 2>&1 & PIDS+=($!)
-M proxy --listen "127.0.0.1:$PP" --upstream "http://127.0.0.1:$UP" --cert "$T/web/chain.pem" --key "$T/web/key.pem" \
-  --client-ca "$ROOTCA" --allow 'spiffe://example.org/*' > "$T/proxy.log" 2>&1 & PIDS+=($!)
+cp "$T/web/chain.pem" "$T/proxy-cert.pem"
+"$MUTUAL" proxy --listen "127.0.0.1:$PP" --upstream "http://127.0.0.1:$UP" --cert "$T/proxy-cert.pem" --key "$T/web/key.pem" \
+  --client-ca "$ROOTCA" --allow 'spiffe://example.org/*' > "$T/proxy.log" 2>&1 & PIDS+=($!); PROXY_PID=$!
 for _ in $(seq 100); do grep -q "listening on" "$T/proxy.log" && break; sleep 0.1; done
 echo | openssl s_client -connect "127.0.0.1:$PP" -servername web.test -CAfile "$T/other/ca/root.pem" -verify_return_error > /dev/null 2>&1
 sleep 0.5
@@ -140,10 +141,23 @@ else
   bad "nginx is not installed"
 fi
 
+# On reload the proxy says what doctor would find in the new files: here a leaf-only certificate.
+grep -q "code=missing-intermediate" "$T/proxy.log" && bad "the healthy start-up already warned: $(grep code= "$T/proxy.log")" || ok "a healthy proxy start-up: no doctor warning"
+cp "$T/web/cert.pem" "$T/proxy-cert.tmp" && mv "$T/proxy-cert.tmp" "$T/proxy-cert.pem" && kill -HUP "$PROXY_PID"
+for _ in $(seq 50); do grep -q "code=missing-intermediate" "$T/proxy.log" && break; sleep 0.1; done
+grep "code=missing-intermediate" "$T/proxy.log" | grep -q "at=reload" && ok "after a reload to a leaf-only certificate the proxy warns (code=missing-intermediate at=reload)" \
+  || bad "no reload warning: $(tail -3 "$T/proxy.log")"
+
 # The clock: doctor itself runs 2 h ahead (wall-clock shim) against the authority, whose answers carry Date.
 cc -shared -fPIC -O2 -o "$T/shift.so" "$ROOT/scripts/clockshift/shift.c" -ldl
 LD_PRELOAD="$T/shift.so" MUTUAL_TEST_CLOCK_SHIFT=7200 "$MUTUAL" doctor "https://$A" --ca "$ROOTCA" --json --no-revocation > "$T/doctor.json" 2>&1
 got=$(codes)
 case " $got " in *" clock-skew "*) ok "this host's clock 2 h ahead: clock-skew named ($got)";; *) bad "clock: '$got' $(head -c 300 "$T/doctor.json")";; esac
+# The authority says at start-up when its own CA certificates are not valid by this host's clock (2 days behind).
+M init --state-dir "$T/late" --name "Late" > /dev/null
+LD_PRELOAD="$T/shift.so" MUTUAL_TEST_CLOCK_SHIFT=-172800 "$MUTUAL" serve --state-dir "$T/late" --listen 127.0.0.1:0 --http-listen off > "$T/late.log" 2>&1 & PIDS+=($!)
+for _ in $(seq 100); do grep -q "listening on" "$T/late.log" && break; sleep 0.1; done
+grep "code=not-yet-valid" "$T/late.log" | grep -q "issuing CA" && ok "serve with a clock 2 days behind warns about its CA (code=not-yet-valid)" || bad "no CA warning: $(head -3 "$T/late.log")"
+grep -q "code=not-yet-valid" "$T/serve.log" && bad "the healthy authority warned: $(grep code= "$T/serve.log")" || ok "a healthy authority: no CA warning"
 echo "doctor interop: $pass passed, $fail failed"
 [ "$fail" = 0 ]

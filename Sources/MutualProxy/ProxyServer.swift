@@ -26,9 +26,17 @@ public final class ProxyServer: Sendable {
     /// Loads every listener's files; throws with the file and the reason when one cannot be used.
     private let ownedGroup: MultiThreadedEventLoopGroup?
 
+    /// Called after a reload that changed something, with the configuration now in force (the CLI re-runs
+    /// `doctor proxy`'s checks there, so a mistake in new files is said when it arrives, not when a client fails).
+    private let onReloaded: (@Sendable (ProxyConfiguration) async -> Void)?
+
     /// Runs on `group` when given, else on a group of its own with `threads` event loops (shut down by ``shutdown()``).
-    public init(configuration: ProxyConfiguration, configurationPath: String? = nil, logger: Logger, group: (any EventLoopGroup)? = nil) throws {
+    public init(
+        configuration: ProxyConfiguration, configurationPath: String? = nil, logger: Logger, group: (any EventLoopGroup)? = nil,
+        onReloaded: (@Sendable (ProxyConfiguration) async -> Void)? = nil
+    ) throws {
         try configuration.validate()
+        self.onReloaded = onReloaded
         self.configuration = Mutex(configuration)
         self.configurationPath = configurationPath
         self.configurationStamp = Mutex(configurationPath.flatMap(FileStamp.init(path:)))
@@ -166,6 +174,7 @@ public final class ProxyServer: Sendable {
     /// its current state; the failure is logged with its reason and counted.
     public func reload(force: Bool) async {
         var newConfiguration: ProxyConfiguration?
+        var changed = false
         if let path = configurationPath {
             let stamp = FileStamp(path: path)
             let changed = configurationStamp.withLock { $0 != stamp }
@@ -203,6 +212,7 @@ public final class ProxyServer: Sendable {
             do {
                 if let fresh = try current.reloaded(configuration: listenerConfig, policy: policy, force: force) {
                     slot.replace(fresh)
+                    changed = true
                     runtime.metrics.reload(success: true, listener: current.name)
                     runtime.metrics.certificateExpiry(listener: current.name, notAfter: fresh.credentials.leaf.notValidAfter)
                     runtime.logger.info("reloaded", metadata: ["listener": "\(current.name)", "certificate_serial": "\(fresh.credentials.leaf.serialHex)", "not_after": "\(fresh.credentials.leaf.notValidAfter)"])
@@ -221,6 +231,7 @@ public final class ProxyServer: Sendable {
             do {
                 if let fresh = try current.reloaded(configuration: config, force: force) {
                     slot.replace(fresh)
+                    changed = true
                     runtime.metrics.reload(success: true, listener: current.name)
                     runtime.metrics.certificateExpiry(listener: current.name, notAfter: fresh.credentials.leaf.notValidAfter)
                     runtime.logger.info("reloaded", metadata: ["listener": "\(current.name)"])
@@ -235,6 +246,7 @@ public final class ProxyServer: Sendable {
             if force { try? await sources.loadAll(initial: false) } else { await sources.reloadChangedFiles() }
         }
         runtime.accessLog.flush()
+        if changed || newConfiguration != nil, let onReloaded { await onReloaded(configuration.withLock { $0 }) }
     }
 
     /// Stops accepting, lets open HTTP exchanges finish (idle keep-alive connections close at once), waits up to

@@ -223,7 +223,10 @@ struct ProxyCommand: AsyncParsableCommand {
         }
         let server: ProxyServer
         do {
-            server = try ProxyServer(configuration: configuration, configurationPath: config.map { URL(fileURLWithPath: $0).path }, logger: logger)
+            server = try ProxyServer(
+                configuration: configuration, configurationPath: config.map { URL(fileURLWithPath: $0).path }, logger: logger,
+                onReloaded: { [logger] configuration in await Self.warnAboutConfiguration(configuration, logger: logger, when: "reload") }
+            )
         } catch {
             throw CommandFailure("\(error)", exitCode: 2)
         }
@@ -237,10 +240,7 @@ struct ProxyCommand: AsyncParsableCommand {
         for (name, address) in server.boundAddresses.sorted(by: { $0.key < $1.key }) {
             FileHandle.standardError.write(Data("mutual proxy: \(name) listening on \(address.display)\n".utf8))
         }
-        // What `mutual doctor proxy` would find in this configuration: said at start-up, not discovered by a client.
-        for finding in await DoctorCommand.Proxy.findings(for: configuration) where finding.severity != .info {
-            logger.warning("\(finding.subject): \(finding.message)", metadata: ["code": "\(finding.code)", "fix": "\(finding.fix ?? "-")"])
-        }
+        await Self.warnAboutConfiguration(configuration, logger: logger, when: "start-up")
         var identityTask: Task<Void, Never>?
         if let agentConfiguration {
             // Renewals reload the listeners at once (not at the next file check): new handshakes get the new
@@ -255,5 +255,12 @@ struct ProxyCommand: AsyncParsableCommand {
         try await server.runUntilSignalled()
         identityTask?.cancel()
     }
-}
 
+    /// What `mutual doctor proxy` would find in this configuration, logged as warnings with their codes: said at
+    /// start-up and after every reload, not discovered by a client.
+    static func warnAboutConfiguration(_ configuration: ProxyConfiguration, logger: Logger, when: String) async {
+        for finding in await DoctorCommand.Proxy.findings(for: configuration) where finding.severity != .info {
+            logger.warning("\(finding.subject): \(finding.message)", metadata: ["code": "\(finding.code)", "fix": "\(finding.fix ?? "-")", "at": "\(when)"])
+        }
+    }
+}

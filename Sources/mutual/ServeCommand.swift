@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Logging
 import MutualAuthority
+import MutualDoctor
 import MutualPKI
 import MutualServer
 import MutualStore
@@ -67,6 +68,7 @@ struct ServeCommand: AsyncParsableCommand {
         configuration.httpPublicURL = httpPublicURL
         configuration.crlValidity = crlValidity
         let server = AuthorityServer(authority: authority, configuration: configuration, logger: logger)
+        await Self.warnAboutCA(stateOptions.state, logger: logger)
         do {
             try await server.run(onListening: { port in
                 let line = "mutual serve: listening on https://\(host.contains(":") ? "[\(host)]" : host):\(port)\n  trust anchor: \(stateOptions.state.rootCertificatePath)\n"
@@ -204,5 +206,22 @@ struct TokenView: Encodable {
         used = r.usesConsumed
         owner = r.owner
         revoked_at = r.revokedAt
+    }
+}
+
+extension ServeCommand {
+    /// What `mutual doctor files` would find in the CA's own certificates (expired, not valid yet by this clock,
+    /// expiring within 30 days), said at start-up with its code: every certificate issued under them depends on them.
+    static func warnAboutCA(_ state: StateDirectory, logger: Logger) async {
+        guard let intermediate = try? readCertificates(state.intermediateCertificatePath, what: "intermediate"),
+              let root = try? readCertificates(state.rootCertificatePath, what: "root")
+        else { return }
+        var checks = FileChecks(presented: intermediate + root)
+        checks.certPath = "issuing CA \(state.intermediateCertificatePath)"
+        checks.roots = root
+        checks.expiringWithin = 30 * 86_400
+        for finding in await checks.run(now: .now).findings where finding.severity != .info {
+            logger.warning("\(finding.subject): \(finding.message)", metadata: ["code": "\(finding.code)", "fix": "\(finding.fix ?? "-")", "at": "start-up"])
+        }
     }
 }

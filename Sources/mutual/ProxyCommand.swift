@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import MutualDoctor
 import Logging
+import ServiceLifecycle
 import MutualAgent
 import MutualPKI
 import MutualProxy
@@ -225,35 +226,52 @@ struct ProxyCommand: AsyncParsableCommand {
         do {
             server = try ProxyServer(
                 configuration: configuration, configurationPath: config.map { URL(fileURLWithPath: $0).path }, logger: logger,
-                onReloaded: { [logger] configuration in await Self.warnAboutConfiguration(configuration, logger: logger, when: "reload") }
+                onReloaded: { [logger] configuration in await Self.warnAboutConfiguration(configuration, logger: logger, when: "reload") },
+                onStarted: { [logger] server in
+                    for (name, address) in server.boundAddresses.sorted(by: { $0.key < $1.key }) {
+                        FileHandle.standardError.write(Data("mutual proxy: \(name) listening on \(address.display)\n".utf8))
+                    }
+                    await Self.warnAboutConfiguration(configuration, logger: logger, when: "start-up")
+                }
             )
         } catch {
             throw CommandFailure("\(error)", exitCode: 2)
         }
-        do {
-            try await server.start()
-        } catch {
-            await server.shutdown()
-            // Files, CRLs and addresses the operator gave that cannot be used are input errors (2).
-            throw CommandFailure("\(error)", exitCode: error is ProxyError ? 2 : 1)
-        }
-        for (name, address) in server.boundAddresses.sorted(by: { $0.key < $1.key }) {
-            FileHandle.standardError.write(Data("mutual proxy: \(name) listening on \(address.display)\n".utf8))
-        }
-        await Self.warnAboutConfiguration(configuration, logger: logger, when: "start-up")
-        var identityTask: Task<Void, Never>?
+        // One service group: the proxy, and the sidecar's own identity when it has one. SIGTERM and SIGINT drain
+        // (the identity stops first, then the listeners); SIGHUP reloads (the proxy traps it while it runs).
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [.init(service: server)]
         if let agentConfiguration {
             // Renewals reload the listeners at once (not at the next file check): new handshakes get the new
             // certificate, established connections keep theirs.
             let agent = Agent(configuration: agentConfiguration, logger: Logger(label: "mutual.proxy.identity"), onDelivered: {
                 await server.reload(force: false)
             })
-            identityTask = Task {
-                do { try await agent.run() } catch { logger.error("identity renewal stopped: \(error)") }
+            services.append(.init(service: IdentityRenewal(agent: agent, logger: logger), successTerminationBehavior: .ignore, failureTerminationBehavior: .ignore))
+        }
+        let group = ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        do {
+            try await group.run()
+        } catch {
+            // Files, CRLs and addresses the operator gave that cannot be used are input errors (2).
+            throw CommandFailure("\(error)", exitCode: error is ProxyError ? 2 : 1)
+        }
+    }
+
+    /// The sidecar's identity as a service: the agent renews until the group shuts down; if renewal stops for good,
+    /// that is logged and the proxy keeps serving its current certificate.
+    struct IdentityRenewal: Service {
+        let agent: Agent
+        let logger: Logger
+
+        func run() async throws {
+            do {
+                try await cancelWhenGracefulShutdown { try await agent.run() }
+            } catch is CancellationError {
+                return
+            } catch {
+                logger.error("identity renewal stopped: \(error)", metadata: ["code": "\((error as? AgentError)?.kind.rawValue ?? "error")"])
             }
         }
-        try await server.runUntilSignalled()
-        identityTask?.cancel()
     }
 
     /// What `mutual doctor proxy` would find in this configuration, logged as warnings with their codes: said at

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import ServiceLifecycle
 import AsyncHTTPClient
 import HTTPTypes
 import Hummingbird
@@ -79,6 +80,9 @@ struct QuickstartCommand: AsyncParsableCommand {
             )
             let proxy = try ProxyServer(configuration: proxyConfiguration, logger: logger)
             try await proxy.start()
+            // The proxy runs as a service (file watching, revocation events) until the end of the story.
+            let proxyGroup = ServiceGroup(configuration: .init(services: [proxy], logger: logger))
+            async let proxyServed: Void = proxyGroup.run()
             let proxyPort = proxy.boundAddresses["app"]?.port ?? 0
             let renewals = Task { try? await Agent(configuration: appAgent.configuration, logger: agentLogger, onDelivered: { await proxy.reload(force: false) }).run() }
             defer { renewals.cancel() }
@@ -120,7 +124,8 @@ struct QuickstartCommand: AsyncParsableCommand {
             }
             guard let refused else { throw CommandFailure("quickstart: the revoked client was still accepted after 2 s") }
             step(String(format: "Revoked the client; %.0f ms later its next call was refused (%@)", Date.now.timeIntervalSince(revokedAt) * 1000, refused.body))
-            await proxy.shutdown()
+            await proxyGroup.triggerGracefulShutdown()
+            try await proxyServed
             try await app.stop()
 
             print("\nInventory:")

@@ -7,6 +7,7 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 import NIOSSL
+import ServiceLifecycle
 import Testing
 import TestSupport
 import X509
@@ -55,7 +56,7 @@ struct GatewaySocketTests {
         }
     }
 
-    static func start(_ adjust: (inout ProxyConfiguration.Listener) -> Void = { _ in }) async throws -> Fixture {
+    static func start(watchInterval: Double? = nil, _ adjust: (inout ProxyConfiguration.Listener) -> Void = { _ in }) async throws -> Fixture {
         let ca = try TestPKI.issuingCA(now: Date())
         let directory = TestPKI.temporaryDirectory("gateway")
         let serverKey = try KeyType.p256.generate()
@@ -80,7 +81,7 @@ struct GatewaySocketTests {
         )
         adjust(&listener)
         let server = try ProxyServer(
-            configuration: ProxyConfiguration(listeners: [listener], accessLog: "off", drainTimeout: 0),
+            configuration: ProxyConfiguration(listeners: [listener], accessLog: "off", watchInterval: watchInterval, drainTimeout: 0),
             logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
         )
         try await server.start()
@@ -210,6 +211,36 @@ struct GatewaySocketTests {
         // this process. Unbounded, one such handshake took seconds.
         #expect(cpu < 8, "the attack cost \(cpu) s of CPU")
         await fixture.stop()
+    }
+
+    @Test("one lifecycle: in a ServiceGroup the proxy watches its files; graceful shutdown ends that work, drains and closes the listener")
+    func serviceLifecycle() async throws {
+        let fixture = try await Self.start(watchInterval: 0.05)
+        let group = ServiceGroup(configuration: .init(services: [fixture.server], logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })))
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            // The file watcher is a child of run(): a certificate file replaced (new inode) is reloaded.
+            let certificate = URL(fileURLWithPath: fixture.directory + "/server.pem")
+            let bytes = try Data(contentsOf: certificate)
+            try FileManager.default.removeItem(at: certificate)
+            try bytes.write(to: certificate)
+            var reloaded = false
+            for _ in 0..<300 where !reloaded {
+                reloaded = fixture.metric("mutual_proxy_last_reload_success_timestamp_seconds", "listener=\"inbound\"") > 0
+                if !reloaded { try await Task.sleep(for: .milliseconds(10)) }
+            }
+            #expect(reloaded, "the watcher did not run under the service group")
+            let (status, _) = try await Self.request(fixture, context: try Self.tls(fixture, chain: fixture.good.chain, key: fixture.good.key))
+            #expect(status == 200)
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+        // run() returned after draining: nothing listens any more.
+        let late = try? await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton).connect(host: "127.0.0.1", port: fixture.port).get()
+        #expect(late == nil)
+        try? await late?.close()
+        try? await fixture.upstream.close()
+        try? FileManager.default.removeItem(atPath: fixture.directory)
     }
 
     @Test("a client listing x25519 before X25519MLKEM768 gets X25519MLKEM768; a classical-only client still connects")

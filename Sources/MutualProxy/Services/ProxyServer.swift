@@ -3,12 +3,14 @@ import Logging
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import ServiceLifecycle
 import Synchronization
+import UnixSignals
 
 /// `mutual proxy`: binds every listener of a ``ProxyConfiguration``, keeps credentials, bundles, CRLs and policy
 /// fresh (file changes and SIGHUP, atomically, keeping the old state when a reload fails), follows revocation, and
-/// drains on shutdown.
-public final class ProxyServer: Sendable {
+/// drains on shutdown. A `Service`: run it in a `ServiceGroup`, whose graceful shutdown (SIGTERM, SIGINT) drains it.
+public final class ProxyServer: Service, Sendable {
     public let runtime: ProxyRuntime
     let group: any EventLoopGroup
     let configurationPath: String?
@@ -20,7 +22,7 @@ public final class ProxyServer: Sendable {
     private let serverChannels = Mutex<[any Channel]>([])
     private let children = ChannelSet()
     private let bound = Mutex<[String: SocketAddress]>([:])
-    private let tasks = Mutex<[Task<Void, Never>]>([])
+    private let started = Mutex(false)
     private let configurationStamp: Mutex<FileStamp?>
 
     /// Loads every listener's files; throws with the file and the reason when one cannot be used.
@@ -29,14 +31,17 @@ public final class ProxyServer: Sendable {
     /// Called after a reload that changed something, with the configuration now in force (the CLI re-runs
     /// `doctor proxy`'s checks there, so a mistake in new files is said when it arrives, not when a client fails).
     private let onReloaded: (@Sendable (ProxyConfiguration) async -> Void)?
+    /// Called once ``run()`` has bound every listener (the CLI announces the addresses there).
+    private let onStarted: (@Sendable (ProxyServer) async -> Void)?
 
     /// Runs on `group` when given, else on a group of its own with `threads` event loops (shut down by ``shutdown()``).
     public init(
         configuration: ProxyConfiguration, configurationPath: String? = nil, logger: Logger, group: (any EventLoopGroup)? = nil,
-        onReloaded: (@Sendable (ProxyConfiguration) async -> Void)? = nil
+        onReloaded: (@Sendable (ProxyConfiguration) async -> Void)? = nil, onStarted: (@Sendable (ProxyServer) async -> Void)? = nil
     ) throws {
         try configuration.validate()
         self.onReloaded = onReloaded
+        self.onStarted = onStarted
         self.configuration = Mutex(configuration)
         self.configurationPath = configurationPath
         self.configurationStamp = Mutex(configurationPath.flatMap(FileStamp.init(path:)))
@@ -131,20 +136,54 @@ public final class ProxyServer: Sendable {
             register(server: channel, name: "admin")
         }
         for (message, metadata) in announcements { runtime.logger.info("\(message)", metadata: metadata) }
-        let interval = configuration.watchInterval ?? 1
-        var started: [Task<Void, Never>] = []
-        started.append(Task { [weak self] in
-            while !Task.isCancelled {
-                try? await Task.sleep(for: .seconds(interval))
-                guard let self else { return }
-                await self.reload(force: false)
+        started.withLock { $0 = true }
+    }
+
+    /// Serves until the service group's graceful shutdown (or cancellation), then drains. Binds first unless
+    /// ``start()`` already did (callers that want bind errors before anything else call it first). The background
+    /// work — file watching, CRL refresh, revocation events, the access-log flusher, SIGHUP reloads — runs as child
+    /// tasks of this call and ends with it.
+    public func run() async throws {
+        if !started.withLock({ $0 }) {
+            do {
+                try await start()
+            } catch {
+                await shutdown()
+                throw error
             }
-        })
-        if let sources = revocationSources {
-            started.append(Task { await sources.refreshLoop() })
-            started.append(Task { await sources.eventLoop() })
         }
-        tasks.withLock { $0.append(contentsOf: started) }
+        await onStarted?(self)
+        let interval = configuration.withLock { $0.watchInterval ?? 1 }
+        let hangups = await UnixSignalsSequence(trapping: .sighup)
+        await withDiscardingTaskGroup { group in
+            group.addTask {
+                while !Task.isCancelled {
+                    try? await Task.sleep(for: .seconds(interval))
+                    if Task.isCancelled { return }
+                    await self.reload(force: false)
+                }
+            }
+            if let sources = revocationSources {
+                group.addTask { await sources.refreshLoop() }
+                group.addTask { await sources.eventLoop() }
+            }
+            group.addTask { [runtime] in
+                while !Task.isCancelled {
+                    try? await Task.sleep(for: .milliseconds(100))
+                    runtime.accessLog.flush()
+                }
+            }
+            group.addTask {
+                for await _ in hangups {
+                    self.runtime.logger.info("SIGHUP: reloading")
+                    await self.reload(force: true)
+                }
+            }
+            try? await gracefulShutdown()
+            runtime.logger.info("shutting down: draining connections")
+            group.cancelAll()
+        }
+        await shutdown()
     }
 
     private func bind(address: SocketAddressSpec, name: String, what: String, autoRead: Bool = true, configure: @escaping @Sendable (any Channel) throws -> Void) async throws -> any Channel {
@@ -252,7 +291,6 @@ public final class ProxyServer: Sendable {
     /// Stops accepting, lets open HTTP exchanges finish (idle keep-alive connections close at once), waits up to
     /// the drain timeout for connections to end, then closes the rest.
     public func shutdown() async {
-        for task in tasks.withLock({ $0 }) { task.cancel() }
         let servers = serverChannels.withLock { $0 }
         for channel in servers { try? await channel.close() }
         let open = children.all
@@ -267,46 +305,6 @@ public final class ProxyServer: Sendable {
         await revocationSources?.shutdown()
         runtime.accessLog.flush()
         try? await ownedGroup?.shutdownGracefully()
-    }
-
-    /// Runs until SIGTERM or SIGINT; SIGHUP reloads everything.
-    public func run() async throws {
-        try await start()
-        try await runUntilSignalled()
-    }
-
-    /// After ``start()``: serves until SIGTERM or SIGINT, reloading on SIGHUP, then drains.
-    public func runUntilSignalled() async throws {
-        let signals = AsyncStream<Int32> { continuation in
-            let queue = DispatchQueue(label: "mutual.proxy.signals")
-            var sources: [DispatchSourceSignal] = []
-            for number in [SIGTERM, SIGINT, SIGHUP] {
-                signal(number, SIG_IGN)
-                let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
-                source.setEventHandler { continuation.yield(number) }
-                source.resume()
-                sources.append(source)
-            }
-            let keep = SignalSources(sources: sources)
-            continuation.onTermination = { _ in keep.sources.forEach { $0.cancel() } }
-        }
-        let flusher = Task { [runtime] in
-            while !Task.isCancelled {
-                try? await Task.sleep(for: .milliseconds(100))
-                runtime.accessLog.flush()
-            }
-        }
-        for await number in signals {
-            if number == SIGHUP {
-                runtime.logger.info("SIGHUP: reloading")
-                await reload(force: true)
-                continue
-            }
-            runtime.logger.info("shutting down: draining connections")
-            break
-        }
-        flusher.cancel()
-        await shutdown()
     }
 }
 
@@ -351,11 +349,6 @@ final class AdminHandler: ChannelInboundHandler {
             }
         }
     }
-}
-
-/// Dispatch signal sources kept alive for the stream's lifetime (cancelled from its termination handler only).
-private struct SignalSources: @unchecked Sendable {
-    let sources: [any DispatchSourceSignal]
 }
 
 /// Accepted connections still open, for draining at shutdown.

@@ -333,22 +333,18 @@ public final class Authority: Sendable {
         let der = try certificate.issuedDER
         let fingerprint = SHA256.hash(data: der).hexString
         var sans: [String] = []
-        var spiffe: String?
         if let names = try certificate.extensions.subjectAlternativeNames {
             for name in names {
                 switch name {
                 case .dnsName(let d): sans.append("dns:\(d)")
                 case .ipAddress(let ip): sans.append("ip:\(Names.ipAddressString(Array(ip.bytes)))")
-                case .uniformResourceIdentifier(let u):
-                    sans.append("uri:\(u)")
-                    if u.hasPrefix("spiffe://"), spiffe == nil { spiffe = u }
+                case .uniformResourceIdentifier(let u): sans.append("uri:\(u)")
                 case .rfc822Name(let e): sans.append("email:\(e)")
                 default: break
                 }
             }
         }
-        let commonName = certificate.subject.lastCommonNameString
-        let identity = spiffe ?? sans.first.map { String($0.drop(while: { $0 != ":" }).dropFirst()) } ?? commonName ?? certificate.serialHex
+        let identity = CertificateIdentity.of(certificate) ?? certificate.serialHex
         return CertificateRecord(
             serial: certificate.serialHex, issuer: issuerDescription ?? certificate.issuer.description,
             subject: certificate.subject.isEmpty ? "" : certificate.subject.description,

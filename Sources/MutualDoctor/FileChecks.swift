@@ -46,15 +46,7 @@ public struct FileChecks: Sendable {
     }
 
     static func describe(_ certificate: Certificate) -> String {
-        for name in (try? certificate.extensions.subjectAlternativeNames) ?? SubjectAlternativeNames() {
-            switch name {
-            case .uniformResourceIdentifier(let uri): return uri
-            case .dnsName(let dns): return dns
-            default: continue
-            }
-        }
-        let subject = certificate.subject.description
-        return subject.isEmpty ? "serial \(certificate.serialHex)" : subject
+        CertificateIdentity.of(certificate) ?? (certificate.subject.isEmpty ? "serial \(certificate.serialHex)" : certificate.subject.description)
     }
 
     func keyFindings(_ leaf: Certificate) -> [Finding] {

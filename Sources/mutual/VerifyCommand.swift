@@ -181,17 +181,7 @@ struct VerifyCommand: AsyncParsableCommand {
     /// How people name a certificate: its SPIFFE ID or first SAN, else its subject, else its serial (SAN-only leaves
     /// have an empty subject).
     static func identity(of certificate: Certificate) -> String {
-        for name in (try? certificate.extensions.subjectAlternativeNames) ?? SubjectAlternativeNames() {
-            switch name {
-            case .uniformResourceIdentifier(let uri): return uri
-            case .dnsName(let dns): return dns
-            case .ipAddress(let ip): return Names.ipAddressString(Array(ip.bytes))
-            case .rfc822Name(let email): return email
-            default: continue
-            }
-        }
-        let subject = certificate.subject.description
-        return subject.isEmpty ? "serial \(certificate.serialHex)" : subject
+        CertificateIdentity.of(certificate) ?? (certificate.subject.isEmpty ? "serial \(certificate.serialHex)" : certificate.subject.description)
     }
 
     static func isCA(_ certificate: Certificate) -> Bool {

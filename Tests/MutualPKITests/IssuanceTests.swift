@@ -150,3 +150,29 @@ enum IssuanceRequestShape: String, CaseIterable, Sendable, CustomTestStringConve
         }
     }
 }
+
+@Suite("One rule for a certificate's identity (inventory, proxy, verify, doctor)")
+struct CertificateIdentityTests {
+    func certificate(_ sans: [GeneralName], cn: String? = nil) throws -> Certificate {
+        let key = try KeyType.p256.generate()
+        var extensions = Certificate.Extensions()
+        if !sans.isEmpty { try extensions.append(Certificate.Extension(SubjectAlternativeNames(sans), critical: false)) }
+        let subject = try cn.map { cn in try DistinguishedName { CommonName(cn) } } ?? DistinguishedName()
+        return try Certificate(
+            version: .v3, serialNumber: .init(bytes: [1, 2, 3]), publicKey: key.publicKey, notValidBefore: TestPKI.now,
+            notValidAfter: TestPKI.now.addingTimeInterval(60), issuer: subject, subject: subject,
+            signatureAlgorithm: key.preferredSignatureAlgorithm, extensions: extensions, issuerPrivateKey: key
+        )
+    }
+
+    @Test("a SPIFFE ID wins wherever it is; else the first SAN in order; else the CN; else nothing")
+    func rule() throws {
+        #expect(CertificateIdentity.of(try certificate([.dnsName("a.test"), .uniformResourceIdentifier("spiffe://t/x")], cn: "c")) == "spiffe://t/x")
+        #expect(CertificateIdentity.of(try certificate([.dnsName("a.test"), .uniformResourceIdentifier("https://u")])) == "a.test")
+        #expect(CertificateIdentity.of(try certificate([.ipAddress(ASN1OctetString(contentBytes: [127, 0, 0, 1])), .dnsName("b.test")])) == "127.0.0.1")
+        #expect(CertificateIdentity.of(try certificate([.rfc822Name("ops@example.org")], cn: "c")) == "ops@example.org")
+        #expect(CertificateIdentity.of(try certificate([], cn: "alice")) == "alice")
+        #expect(CertificateIdentity.of(try certificate([])) == nil)
+        #expect(CertificateIdentity.display(try certificate([])) == "serial 010203")
+    }
+}

@@ -51,6 +51,7 @@ public final class PeerIdentity: Sendable, Hashable {
         self.serial = leaf.serialHex
         self.fingerprint = SHA256.hash(data: try leaf.derBytes).hexString
         self.validUntil = chain.map(\.notValidAfter).min() ?? leaf.notValidAfter
+        self.displayName = CertificateIdentity.display(leaf)
     }
 
     /// Two identities are the same when they carry the same certificate chain.
@@ -60,8 +61,7 @@ public final class PeerIdentity: Sendable, Hashable {
 
     public func hash(into hasher: inout Hasher) { hasher.combine(fingerprint) }
 
-    /// The name logs and errors show: the SPIFFE ID, else the first URI or DNS SAN, else `CN=…`.
-    public var displayName: String {
-        spiffeID ?? uris.first ?? dnsNames.first ?? commonName.map { "CN=\($0)" } ?? "serial \(serial)"
-    }
+    /// The name logs and errors show: the certificate's identity by the one rule every role uses
+    /// (``CertificateIdentity``), else `serial HEX`.
+    public let displayName: String
 }

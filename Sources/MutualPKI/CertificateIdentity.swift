@@ -1,0 +1,29 @@
+import X509
+
+/// The one rule for "a certificate's identity", used by the authority's inventory, the proxy's logs and policy
+/// display, the agent, `mutual verify` and `mutual doctor`: its first `spiffe://` URI SAN; else its first SAN in the
+/// certificate's order (DNS name, IP address, URI, e-mail); else the subject's CN; else nil.
+public enum CertificateIdentity {
+    public static func of(_ certificate: Certificate) -> String? {
+        var first: String?
+        for name in (try? certificate.extensions.subjectAlternativeNames) ?? SubjectAlternativeNames() {
+            let value: String
+            switch name {
+            case .uniformResourceIdentifier(let uri):
+                if uri.hasPrefix("spiffe://") { return uri }
+                value = uri
+            case .dnsName(let dns): value = dns
+            case .ipAddress(let ip): value = Names.ipAddressString(Array(ip.bytes))
+            case .rfc822Name(let email): value = email
+            default: continue
+            }
+            if first == nil { first = value }
+        }
+        return first ?? certificate.subject.lastCommonNameString
+    }
+
+    /// The identity, or `serial HEX` for a certificate that names nothing: what logs and messages show.
+    public static func display(_ certificate: Certificate) -> String {
+        of(certificate) ?? "serial \(certificate.serialHex)"
+    }
+}

@@ -124,7 +124,7 @@ struct ConnectionGuardTests {
         try extensions.append(Certificate.Extension(ExtendedKeyUsage([.clientAuth]), critical: false))
         let leaf = try TestPKI.certificate(subject: "c", issuer: nil, issuerKey: key, publicKey: key.publicKey,
                                            notAfter: TestPKI.now.addingTimeInterval(120), extensions: extensions)
-        let identity = try PeerIdentity(validatedChain: [leaf])
+        let identity = try VerifiedPeer(validatedChain: [leaf])
         let registry = ConnectionRegistry()
         let channel = EmbeddedChannel()
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()

@@ -19,17 +19,17 @@ struct GatewayHardeningTests {
         .init(pathPrefix: "/", allow: [try! Principal(parsing: "spiffe://example.org/ns/web/*")]),
     ])
 
-    static func peer(uris: [String], notAfter: Date = TestPKI.now.addingTimeInterval(86_400), subject: String = "client") throws -> PeerIdentity {
+    static func peer(uris: [String], notAfter: Date = TestPKI.now.addingTimeInterval(86_400), subject: String = "client") throws -> VerifiedPeer {
         let key = try KeyType.p256.generate()
         var extensions = Certificate.Extensions()
         try extensions.append(Certificate.Extension(ExtendedKeyUsage([.clientAuth]), critical: false))
         try extensions.append(Certificate.Extension(SubjectAlternativeNames(uris.map { .uniformResourceIdentifier($0) }), critical: false))
         let leaf = try TestPKI.certificate(subject: subject, issuer: nil, issuerKey: key, publicKey: key.publicKey, notAfter: notAfter, extensions: extensions)
-        return try PeerIdentity(validatedChain: [leaf])
+        return try VerifiedPeer(validatedChain: [leaf])
     }
 
     /// What a request to `target` by `peer` comes to: the refusal code, or the route decision on the normalized form.
-    static func outcome(_ target: String, peer: PeerIdentity?) -> String {
+    static func outcome(_ target: String, peer: VerifiedPeer?) -> String {
         switch RequestTarget.parse(target) {
         case .failure(let refusal): return "refused:\(refusal.code)"
         case .success(let normalized):

@@ -1,6 +1,10 @@
 import Foundation
+import Logging
+import NIOCore
+import NIOEmbedded
+import NIOHTTP1
 import MutualPKI
-import MutualProxy
+@testable import MutualProxy
 import Testing
 import TestSupport
 import X509
@@ -11,12 +15,12 @@ struct PolicyTests {
 
     init() throws { ca = try TestPKI.issuingCA() }
 
-    func peer(_ request: IssuanceRequest) throws -> PeerIdentity {
+    func peer(_ request: IssuanceRequest) throws -> VerifiedPeer {
         let leaf = try ca.issue(request, now: TestPKI.now)
-        return try PeerIdentity(validatedChain: [leaf, ca.certificate])
+        return try VerifiedPeer(validatedChain: [leaf, ca.certificate])
     }
 
-    func workload(_ id: String) throws -> PeerIdentity {
+    func workload(_ id: String) throws -> VerifiedPeer {
         try peer(.init(profile: .workload, publicKey: try KeyType.p256.generate().publicKey, uris: [id]))
     }
 
@@ -105,5 +109,54 @@ struct PolicyTests {
         let legacy = try peer(.init(profile: .client, publicKey: try KeyType.p256.generate().publicKey, commonName: "legacy"))
         #expect(policy.identity(of: legacy, route: "/partner") == "cn:legacy")
         #expect(try Principal(parsing: "dns:*.partner.example").matchedName(web) == nil)
+    }
+}
+
+/// A front with a fixed policy and no upstream reached: enough to see which identity a request is judged as.
+final class PolicyOnlyFront: HTTPFront {
+    let name = "test"
+    let policy: RoutePolicy
+    let upstream: UpstreamAddress
+    let forwardXFCC = false
+    let forwardRFC9440 = false
+    let forwardIdentity = false
+    let proxyIdentity: String? = nil
+    let addsForwardingHeaders = false
+    let upstreamTLS: OutboundState? = nil
+    let limits = ProxyLimits()
+    let stripMatcher = HeaderNames.Matcher(patterns: ForwardedIdentity.defaultStrippedHeaders)
+
+    init(policy: RoutePolicy) throws {
+        self.policy = policy
+        self.upstream = try UpstreamAddress(parsing: "http://127.0.0.1:9", what: "upstream")
+    }
+
+    func identityHeaders(for peer: VerifiedPeer) -> Result<[(String, String)], ForwardedIdentity.Unrepresentable> { .success([]) }
+}
+
+@Suite("The verified client reaches the HTTP exchange only as a value the verifier made (in memory)")
+struct VerifiedPeerDeliveryTests {
+    func status(peerEvent: VerifiedPeer??) throws -> UInt {
+        let runtime = ProxyRuntime(
+            metrics: ProxyMetrics(), accessLog: try AccessLog(destination: "off"), revocation: RevocationState(stalePolicy: .deny),
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+        )
+        let front = try PolicyOnlyFront(policy: RoutePolicy(routes: [.init(pathPrefix: "/", allow: [try Principal(parsing: "spiffe://example.org/allowed")])]))
+        let channel = EmbeddedChannel(handler: HTTPProxyHandler(state: front, peer: nil, runtime: runtime, pools: UpstreamPools()))
+        if let event = peerEvent { channel.pipeline.fireUserInboundEventTriggered(PeerVerifiedEvent(peer: event, resumed: false)) }
+        try channel.writeInbound(HTTPServerRequestPart.head(.init(version: .http1_1, method: .GET, uri: "/x", headers: ["host": "a"])))
+        try channel.writeInbound(HTTPServerRequestPart.end(nil))
+        guard case .head(let head)? = try channel.readOutbound(as: HTTPServerResponsePart.self) else { return 0 }
+        _ = try? channel.finish()
+        return head.status.code
+    }
+
+    @Test("no event: unauthenticated (401); an event with a verified peer the route does not allow: 403; nil peer: 401")
+    func delivery() throws {
+        let ca = try TestPKI.issuingCA()
+        let other = try ca.issue(.init(profile: .workload, publicKey: try KeyType.p256.generate().publicKey, uris: ["spiffe://example.org/other"]), now: TestPKI.now)
+        #expect(try status(peerEvent: nil) == 401)
+        #expect(try status(peerEvent: .some(try VerifiedPeer(validatedChain: [other, ca.certificate]))) == 403)
+        #expect(try status(peerEvent: .some(nil)) == 401)
     }
 }

@@ -35,7 +35,7 @@ public enum ForwardedIdentity {
     /// contain a character of the grammar (`,` `;` `=` `"` `\` or a space), with `"` and `\` escaped, so a SAN can
     /// never add a key or a second element. A value with a control character (CR, LF, NUL, …) cannot be carried in
     /// a header at all: the element is refused (``Unrepresentable``) rather than forwarded altered.
-    public static func xfcc(_ peer: PeerIdentity, by: String?) throws -> String {
+    public static func xfcc(_ peer: VerifiedPeer, by: String?) throws -> String {
         var parts: [String] = []
         if let by { parts.append("By=" + (try xfccValue(by, field: "By"))) }
         parts.append("Hash=\(peer.fingerprint)")
@@ -69,13 +69,13 @@ public enum ForwardedIdentity {
     }
 
     /// RFC 9440 `Client-Cert`: the leaf's DER as a structured-field byte sequence (`:base64:`).
-    public static func clientCert(_ peer: PeerIdentity) throws -> String {
+    public static func clientCert(_ peer: VerifiedPeer) throws -> String {
         ":\(Data(try peer.leaf.derBytes).base64EncodedString()):"
     }
 
     /// RFC 9440 `Client-Cert-Chain`: the certificates after the leaf, each a byte sequence, comma-separated; nil when
     /// the client sent no intermediates.
-    public static func clientCertChain(_ peer: PeerIdentity) throws -> String? {
+    public static func clientCertChain(_ peer: VerifiedPeer) throws -> String? {
         let rest = peer.chain.dropFirst()
         guard !rest.isEmpty else { return nil }
         return try rest.map { ":\(Data(try $0.derBytes).base64EncodedString()):" }.joined(separator: ", ")
@@ -104,7 +104,7 @@ public enum ForwardedIdentity {
 
     /// The identity headers one listener adds for `peer`, in order: XFCC, then RFC 9440's pair, as configured.
     /// Throws ``Unrepresentable`` when the identity cannot be forwarded faithfully (the request is then refused).
-    static func headers(for peer: PeerIdentity, by: String?, xfcc: Bool, rfc9440: Bool) throws -> [(String, String)] {
+    static func headers(for peer: VerifiedPeer, by: String?, xfcc: Bool, rfc9440: Bool) throws -> [(String, String)] {
         var computed: [(String, String)] = []
         if xfcc {
             do {

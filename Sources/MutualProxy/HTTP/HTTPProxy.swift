@@ -192,7 +192,6 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     static let specialLengths: Set<Int> = Set(hopByHop.map(\.utf8.count))
 
     let state: any HTTPFront
-    let connection: ConnectionIdentity?
     let runtime: ProxyRuntime
     let pools: UpstreamPools
     private var exchange: Exchange?
@@ -200,8 +199,9 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     private var latency: DurationHistogram
     /// Identity headers, looked up once per connection or stream (the identity does not change within it).
     private var identityHeaders: [(String, String)]?
-    /// The connection's verified identity, read once after the handshake.
-    private lazy var peer: PeerIdentity? = connection?.identity
+    /// The connection's verified client: given at construction when the handler is built after the handshake
+    /// (HTTP/2 streams, HTTP/1.1 chosen by ALPN), else delivered by ``PeerVerifiedEvent``. Nil means unauthenticated.
+    private var peer: VerifiedPeer?
 
     final class Exchange {
         let head: HTTPRequestHead
@@ -233,9 +233,9 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         }
     }
 
-    init(state: any HTTPFront, connection: ConnectionIdentity?, runtime: ProxyRuntime, pools: UpstreamPools) {
+    init(state: any HTTPFront, peer: VerifiedPeer?, runtime: ProxyRuntime, pools: UpstreamPools) {
         self.state = state
-        self.connection = connection
+        self.peer = peer
         self.runtime = runtime
         self.pools = pools
         self.latency = runtime.metrics.latency(listener: state.name)
@@ -285,6 +285,15 @@ final class HTTPProxyHandler: ChannelInboundHandler {
            let handler = guardContext.handler as? HTTP1ConnectionGuard {
             timers = (handler, guardContext)
         }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let verified = event as? PeerVerifiedEvent {
+            peer = verified.peer
+            identityHeaders = nil
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -634,7 +643,7 @@ protocol HTTPFront: AnyObject, Sendable {
     var upstreamTLS: OutboundState? { get }
     /// The identity headers added for a verified client (none when the front forwards none), or why the identity
     /// cannot be forwarded.
-    func identityHeaders(for peer: PeerIdentity) -> Result<[(String, String)], ForwardedIdentity.Unrepresentable>
+    func identityHeaders(for peer: VerifiedPeer) -> Result<[(String, String)], ForwardedIdentity.Unrepresentable>
     var limits: ProxyLimits { get }
     /// Client headers removed besides the owned ones.
     var stripMatcher: HeaderNames.Matcher { get }

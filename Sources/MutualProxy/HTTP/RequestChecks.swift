@@ -18,7 +18,7 @@ struct Refusal: Error, Equatable, Sendable {
 /// head is within the header limits, the method is one the proxy forwards, `Host` is unambiguous, and the target
 /// normalizes (``RequestTarget``). Pure: no channel, no clock of its own; tested per case without sockets.
 enum RequestChecks {
-    static func check(head: HTTPRequestHead, peer: PeerIdentity?, limits: ProxyLimits, now: Date) -> Result<RequestTarget, Refusal> {
+    static func check(head: HTTPRequestHead, peer: VerifiedPeer?, limits: ProxyLimits, now: Date) -> Result<RequestTarget, Refusal> {
         // A certificate that expired while its connection stayed open: refuse and close, as revocation does.
         if let peer, now > peer.validUntil {
             return .failure(Refusal(

@@ -79,7 +79,7 @@ public final class OutboundState: Sendable {
     }
 
     /// Verifies the upstream's chain (serverAuth, a path to the server-CA bundle) and that it is one we expect.
-    func verifyUpstream(presented: [Certificate], now: Date = Date()) async -> Result<PeerIdentity, VerificationFailure> {
+    func verifyUpstream(presented: [Certificate], now: Date = Date()) async -> Result<VerifiedPeer, VerificationFailure> {
         guard let leaf = presented.first else { return .failure(.init(.noCertificate, "the upstream presented no certificate")) }
         if now > leaf.notValidAfter {
             return .failure(.init(.expired, "upstream certificate expired \(leaf.notValidAfter.relativeDescription(from: now)) (notAfter \(leaf.notValidAfter))"))
@@ -91,7 +91,7 @@ public final class OutboundState: Sendable {
         case .rejected(let reason, let code):
             return .failure(.init(HandshakeFailure(code), "upstream certificate rejected: \(reason)"))
         case .accepted(let chain):
-            guard let identity = try? PeerIdentity(validatedChain: chain) else {
+            guard let identity = try? VerifiedPeer(validatedChain: chain) else {
                 return .failure(.init(.malformed, "upstream certificate unreadable"))
             }
             for expectation in expected {
@@ -113,7 +113,7 @@ extension OutboundState: HTTPFront {
     var proxyIdentity: String? { credentials.identity }
     var addsForwardingHeaders: Bool { false }
     var upstreamTLS: OutboundState? { self }
-    func identityHeaders(for peer: PeerIdentity) -> Result<[(String, String)], ForwardedIdentity.Unrepresentable> { .success([]) }
+    func identityHeaders(for peer: VerifiedPeer) -> Result<[(String, String)], ForwardedIdentity.Unrepresentable> { .success([]) }
     var limits: ProxyLimits { ProxyLimits() }
     /// The local application is trusted: only the owned headers are removed.
     var stripMatcher: HeaderNames.Matcher { HeaderNames.Matcher(patterns: []) }

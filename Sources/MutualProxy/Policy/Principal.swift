@@ -56,7 +56,7 @@ public enum Principal: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
-    public func matches(_ peer: PeerIdentity) -> Bool {
+    public func matches(_ peer: VerifiedPeer) -> Bool {
         switch self {
         case .spiffeID(let id): return peer.spiffeID == id
         case .spiffePrefix(let prefix):
@@ -77,7 +77,7 @@ public enum Principal: Sendable, Hashable, CustomStringConvertible {
 
     /// The name of `peer` this principal matched, written as a principal (`spiffe://…`, `uri:…`, `dns:…`, `cn:…`,
     /// `ou:…`), or nil when it does not match. What the `x-client-identity` header carries.
-    public func matchedName(_ peer: PeerIdentity) -> String? {
+    public func matchedName(_ peer: VerifiedPeer) -> String? {
         guard matches(peer) else { return nil }
         switch self {
         case .spiffeID, .spiffePrefix: return peer.spiffeID

@@ -45,7 +45,7 @@ public struct RoutePolicy: Sendable {
 
     /// Decides on a request; `path` is the target's routing key (``RequestTarget/routingKey``), so letter case and
     /// `;parameters` cannot route a request around the rules of a prefix.
-    public func decide(method: String, path: String, peer: PeerIdentity?) -> Decision {
+    public func decide(method: String, path: String, peer: VerifiedPeer?) -> Decision {
         guard let route = routes.first(where: { $0.applies(method: method, path: path) }) else {
             return .deny(reason: "no route allows \(method) \(path) (default deny)")
         }
@@ -64,7 +64,7 @@ public struct RoutePolicy: Sendable {
     /// The verified principal of `peer` on an allowed route, for the `x-client-identity` header: the name the route's
     /// first matching rule matched (a SPIFFE ID, `uri:…`, `dns:…`, `cn:…`, `ou:…`); on an open route, or when no rule
     /// names it, the SPIFFE ID, else the first URI or DNS SAN in the same notation.
-    public func identity(of peer: PeerIdentity, route: String) -> String? {
+    public func identity(of peer: VerifiedPeer, route: String) -> String? {
         if let rule = routes.first(where: { $0.pathPrefix == route }), !rule.allowWithoutCertificate {
             for principal in rule.allow {
                 if let name = principal.matchedName(peer) { return name }

@@ -112,15 +112,13 @@ final class TCPInboundHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
 
     let state: InboundState
-    let connection: ConnectionIdentity
     let runtime: ProxyRuntime
     private var buffered: [ByteBuffer] = []
     private var connecting = false
     private let started = ContinuousClock.now
 
-    init(state: InboundState, connection: ConnectionIdentity, runtime: ProxyRuntime) {
+    init(state: InboundState, runtime: ProxyRuntime) {
         self.state = state
-        self.connection = connection
         self.runtime = runtime
     }
 
@@ -128,13 +126,21 @@ final class TCPInboundHandler: ChannelInboundHandler, RemovableChannelHandler {
         buffered.append(unwrapInboundIn(data))
     }
 
+    /// The verified client, from the handshake observer's ``PeerVerifiedEvent``.
+    private var peer: VerifiedPeer?
+    private var resumed = false
+
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let verified = event as? PeerVerifiedEvent {
+            peer = verified.peer
+            resumed = verified.resumed
+            return
+        }
         guard case TLSUserEvent.handshakeCompleted = event, !connecting else {
             context.fireUserInboundEventTriggered(event)
             return
         }
         connecting = true
-        let peer = connection.identity
         switch state.policy.decide(method: "CONNECT", path: "/", peer: peer) {
         case .allow:
             break
@@ -149,7 +155,7 @@ final class TCPInboundHandler: ChannelInboundHandler, RemovableChannelHandler {
             let version = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).tlsVersion
             header = ProxyProtocolV2.header(
                 source: context.channel.remoteAddress, destination: context.channel.localAddress, peer: peer,
-                tlsVersion: version, resumed: !connection.verified, allocator: context.channel.allocator
+                tlsVersion: version, resumed: resumed, allocator: context.channel.allocator
             )
         }
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
@@ -165,7 +171,6 @@ final class TCPInboundHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func connected(context: ChannelHandlerContext, result: Result<any Channel, any Error>, header: ByteBuffer?) {
-        let peer = connection.identity
         switch result {
         case .failure(let error):
             let reason = "upstream \(state.upstream.host):\(state.upstream.port) unreachable: \(HTTPProxyHandler.describe(error))"
@@ -178,6 +183,7 @@ final class TCPInboundHandler: ChannelInboundHandler, RemovableChannelHandler {
                 return
             }
             let name = state.name
+            let peer = self.peer
             let started = self.started
             let runtime = self.runtime
             let remote = context.channel.remoteAddress?.display
@@ -194,7 +200,7 @@ final class TCPInboundHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    private func log(peer: PeerIdentity?, decision: String, reason: String, status: Int, bytesIn: Int, bytesOut: Int, context: ChannelHandlerContext) {
+    private func log(peer: VerifiedPeer?, decision: String, reason: String, status: Int, bytesIn: Int, bytesOut: Int, context: ChannelHandlerContext) {
         runtime.accessLog.record(.init(
             listener: state.name, client: peer?.displayName, serial: peer?.serial, method: nil, path: nil, route: "tcp",
             decision: decision, reason: reason, status: status, bytesIn: bytesIn, bytesOut: bytesOut,
@@ -218,7 +224,7 @@ public enum ProxyProtocolV2 {
     static let clientCertSession: UInt8 = 0x04
 
     public static func header(
-        source: SocketAddress?, destination: SocketAddress?, peer: PeerIdentity, tlsVersion: TLSVersion?, resumed: Bool,
+        source: SocketAddress?, destination: SocketAddress?, peer: VerifiedPeer, tlsVersion: TLSVersion?, resumed: Bool,
         allocator: ByteBufferAllocator
     ) -> ByteBuffer {
         var addresses = allocator.buffer(capacity: 36)

@@ -30,7 +30,7 @@ public final class InboundState: Sendable {
     /// Identities verified by full handshakes on this TLS context, by leaf fingerprint. A resumed session (which
     /// skips certificate verification) is only accepted when its certificate is found here, then re-checked for
     /// expiry and revocation. Session tickets are bound to this context, so the cache never outlives them.
-    private let verifiedIdentities = Mutex<[String: PeerIdentity]>([:])
+    private let verifiedIdentities = Mutex<[String: VerifiedPeer]>([:])
     static let verifiedIdentityLimit = 10_000
     /// Intermediates clients send, parsed once and shared by every connection that presents the same DER (they are
     /// the same few certificates for a whole fleet): saves parsing time and memory per connection.
@@ -46,7 +46,7 @@ public final class InboundState: Sendable {
     /// Client headers removed before forwarding, besides the ones the proxy owns.
     let stripMatcher: HeaderNames.Matcher
 
-    func identityHeaders(for peer: PeerIdentity) -> Result<[(String, String)], ForwardedIdentity.Unrepresentable> {
+    func identityHeaders(for peer: VerifiedPeer) -> Result<[(String, String)], ForwardedIdentity.Unrepresentable> {
         guard forwardXFCC || forwardRFC9440 else { return .success([]) }
         if let cached = identityHeaderCache.withLock({ $0[peer.fingerprint] }) { return cached }
         let computed = Result {
@@ -150,7 +150,7 @@ public final class InboundState: Sendable {
 
     /// Verifies a presented client chain (leaf first): validity, clientAuth EKU, a path to a root in the bundle
     /// within max depth, revocation. The reason strings are what logs and metrics show.
-    func verify(presented: [Certificate], revocation: RevocationState, now: Date = Date()) async -> Result<PeerIdentity, VerificationFailure> {
+    func verify(presented: [Certificate], revocation: RevocationState, now: Date = Date()) async -> Result<VerifiedPeer, VerificationFailure> {
         guard let leaf = presented.first else {
             return .failure(.init(.noCertificate, "no client certificate presented"))
         }
@@ -180,7 +180,7 @@ public final class InboundState: Sendable {
                 return .failure(.init(kind, reason))
             }
             do {
-                let identity = try PeerIdentity(validatedChain: chain)
+                let identity = try VerifiedPeer(validatedChain: chain)
                 verifiedIdentities.withLock { cache in
                     if cache.count >= Self.verifiedIdentityLimit { cache.removeAll(keepingCapacity: true) }
                     cache[identity.fingerprint] = identity
@@ -193,7 +193,7 @@ public final class InboundState: Sendable {
     }
 
     /// The identity of a resumed session: found among those this context verified, and still valid and unrevoked.
-    func resumedIdentity(leafDER: [UInt8], revocation: RevocationState, now: Date = Date()) -> Result<PeerIdentity, VerificationFailure> {
+    func resumedIdentity(leafDER: [UInt8], revocation: RevocationState, now: Date = Date()) -> Result<VerifiedPeer, VerificationFailure> {
         let fingerprint = SHA256Hex.of(leafDER)
         guard let identity = verifiedIdentities.withLock({ $0[fingerprint] }) else {
             return .failure(.init(.invalidChain, "resumed TLS session carries a certificate this proxy did not verify; refusing it"))
@@ -230,7 +230,7 @@ public final class InboundSlot: Sendable {
 /// What one TLS connection learned during its handshake; written by the verification task, read on the event loop.
 final class ConnectionIdentity: Sendable {
     private struct State {
-        var identity: PeerIdentity?
+        var identity: VerifiedPeer?
         var failure: VerificationFailure?
         /// True once our verification callback ran (false after a resumed handshake).
         var verified = false
@@ -240,11 +240,11 @@ final class ConnectionIdentity: Sendable {
     }
 
     private let state = Mutex(State())
-    var identity: PeerIdentity? { state.withLock { $0.identity } }
+    var identity: VerifiedPeer? { state.withLock { $0.identity } }
     var failure: VerificationFailure? { state.withLock { $0.failure } }
     var verified: Bool { state.withLock { $0.verified } }
 
-    func set(_ result: Result<PeerIdentity, VerificationFailure>) {
+    func set(_ result: Result<VerifiedPeer, VerificationFailure>) {
         state.withLock {
             switch result {
             case .success(let identity): $0.identity = identity
@@ -255,7 +255,7 @@ final class ConnectionIdentity: Sendable {
         }
     }
 
-    func setResumed(_ identity: PeerIdentity) { state.withLock { $0.identity = identity } }
+    func setResumed(_ identity: VerifiedPeer) { state.withLock { $0.identity = identity } }
 
     /// Keeps `task` for cancellation unless the verification already ended (the task may finish before this runs).
     func track(_ task: Task<Void, Never>) {
@@ -286,7 +286,7 @@ public final class ConnectionRegistry: Sendable {
 
     /// Registers an established connection; it is closed when its chain's earliest notAfter passes (`onExpiry`
     /// runs first), so an open connection never outlives its certificate, in tcp mode as in http mode.
-    func register(_ channel: any Channel, identity: PeerIdentity, now: Date = Date(), onExpiry: (@Sendable () -> Void)? = nil) {
+    func register(_ channel: any Channel, identity: VerifiedPeer, now: Date = Date(), onExpiry: (@Sendable () -> Void)? = nil) {
         entries.withLock { $0[ObjectIdentifier(channel)] = Entry(channel: channel, chain: identity.chain) }
         let remaining = max(0, identity.validUntil.timeIntervalSince(now))
         let expiry = channel.eventLoop.scheduleTask(in: .nanoseconds(Int64(min(remaining, 400 * 86_400) * 1e9))) {

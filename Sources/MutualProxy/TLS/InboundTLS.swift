@@ -70,7 +70,8 @@ enum InboundPipeline {
         switch state.configuration.mode ?? .http {
         case .http:
             guard state.configuration.http2 != false else {
-                try configureHTTP1(channel.pipeline.syncOperations, state: state, connection: connection, runtime: runtime, pools: pools)
+                // Built before the handshake: the verified client arrives as a PeerVerifiedEvent.
+                try configureHTTP1(channel.pipeline.syncOperations, state: state, connection: connection, peer: nil, runtime: runtime, pools: pools)
                 return
             }
             // ALPN decides after the handshake: h2 gets one proxy handler per stream (each stream is an HTTP/1-style
@@ -94,7 +95,7 @@ enum InboundPipeline {
                                 })
                                 try sync.addHandler(EndStreamCoalescer())
                                 try sync.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
-                                try sync.addHandler(HTTPProxyHandler(state: state, connection: connection, runtime: runtime, pools: pools))
+                                try sync.addHandler(HTTPProxyHandler(state: state, peer: connection.identity, runtime: runtime, pools: pools))
                             }
                         }
                         try sync.addHandler(HTTP2ConnectionErrorLogger(listener: state.name, logger: runtime.logger))
@@ -105,12 +106,13 @@ enum InboundPipeline {
                 },
                 http1ChannelConfigurator: { channel in
                     channel.eventLoop.makeCompletedFuture {
-                        try configureHTTP1(channel.pipeline.syncOperations, state: state, connection: connection, runtime: runtime, pools: pools)
+                        // Built after the handshake (ALPN chose http/1.1): the verified client is known already.
+                        try configureHTTP1(channel.pipeline.syncOperations, state: state, connection: connection, peer: connection.identity, runtime: runtime, pools: pools)
                     }
                 }
             )
         case .tcp:
-            try sync.addHandler(TCPInboundHandler(state: state, connection: connection, runtime: runtime))
+            try sync.addHandler(TCPInboundHandler(state: state, runtime: runtime))
         }
     }
 
@@ -132,8 +134,8 @@ enum InboundPipeline {
     /// The HTTP/1.1 pipeline: connection timers, NIO's codec with the listener's header limits, parse errors answered
     /// with their code, then the proxy handler.
     static func configureHTTP1(
-        _ sync: ChannelPipeline.SynchronousOperations, state: InboundState, connection: ConnectionIdentity, runtime: ProxyRuntime,
-        pools: UpstreamPools
+        _ sync: ChannelPipeline.SynchronousOperations, state: InboundState, connection: ConnectionIdentity, peer: VerifiedPeer?,
+        runtime: ProxyRuntime, pools: UpstreamPools
     ) throws {
         let limits = state.limits
         try sync.addHandler(HTTP1ConnectionGuard(limits: limits) { reason, context in
@@ -158,7 +160,7 @@ enum InboundPipeline {
                 status: status, bytesIn: 0, bytesOut: 0, latency: .zero, peer: nil, code: code
             ))
         })
-        try sync.addHandler(HTTPProxyHandler(state: state, connection: connection, runtime: runtime, pools: pools))
+        try sync.addHandler(HTTPProxyHandler(state: state, peer: peer, runtime: runtime, pools: pools))
     }
 }
 
@@ -362,6 +364,8 @@ final class HandshakeObserver: ChannelInboundHandler, RemovableChannelHandler {
                     ])
                 }
             }
+            // The verified client goes down the pipeline as a value only the verifier creates; then the TLS event.
+            context.fireUserInboundEventTriggered(PeerVerifiedEvent(peer: connection.identity, resumed: !connection.verified))
             // Done: later reads no longer pass through this handler.
             context.fireUserInboundEventTriggered(event)
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)

@@ -7,7 +7,7 @@ import X509
 /// validated chain; policy and identity forwarding read it.
 /// A class: the proxy reads it on every request of a connection (policy, headers, access log), and copying a struct
 /// of a parsed certificate and a dozen strings cost a retain and release per field each time.
-public final class PeerIdentity: Sendable, Hashable {
+public final class VerifiedPeer: Sendable, Hashable {
     public let leaf: Certificate
     public let chain: [Certificate]
     /// The one `spiffe://` URI SAN, if the certificate is a SPIFFE X.509-SVID.
@@ -23,7 +23,9 @@ public final class PeerIdentity: Sendable, Hashable {
     public let validUntil: Date
 
     /// `chain` is leaf first, as validated (trust anchor excluded or included: both work).
-    public init(validatedChain chain: [Certificate]) throws {
+    /// Internal: only the verifier (the inbound handshake, the outbound upstream check) creates one, from a chain it
+    /// validated, so holding a `VerifiedPeer` means verification happened.
+    init(validatedChain chain: [Certificate]) throws {
         guard let leaf = chain.first else { throw PKIError(.malformedInput, "empty certificate chain") }
         self.leaf = leaf
         self.chain = chain
@@ -55,7 +57,7 @@ public final class PeerIdentity: Sendable, Hashable {
     }
 
     /// Two identities are the same when they carry the same certificate chain.
-    public static func == (lhs: PeerIdentity, rhs: PeerIdentity) -> Bool {
+    public static func == (lhs: VerifiedPeer, rhs: VerifiedPeer) -> Bool {
         lhs === rhs || (lhs.fingerprint == rhs.fingerprint && lhs.chain == rhs.chain)
     }
 
@@ -64,4 +66,13 @@ public final class PeerIdentity: Sendable, Hashable {
     /// The name logs and errors show: the certificate's identity by the one rule every role uses
     /// (``CertificateIdentity``), else `serial HEX`.
     public let displayName: String
+}
+
+/// Fired by the handshake observer when a handshake completed, just before `TLSUserEvent.handshakeCompleted`: the
+/// verified client (nil on a listener where the certificate is optional and none was sent) and whether the session
+/// was resumed. Handlers that exist before the handshake (HTTP/1.1 without ALPN, tcp mode) take the identity from it;
+/// handlers built after it are given the same value. Only this module creates one.
+struct PeerVerifiedEvent: Sendable {
+    let peer: VerifiedPeer?
+    let resumed: Bool
 }

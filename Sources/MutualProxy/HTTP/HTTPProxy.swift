@@ -195,6 +195,8 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     let runtime: ProxyRuntime
     let pools: UpstreamPools
     private var exchange: Exchange?
+    /// What happens to the exchange's parts: decided by the pure state machine, carried out here.
+    private var machine = ExchangeStateMachine()
     private var counters: [String: Counter] = [:]
     private var latency: DurationHistogram
     /// Identity headers, looked up once per connection or stream (the identity does not change within it).
@@ -213,17 +215,12 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         var code: String?
         var closeAfter = false
         var closeHTTP2Connection = false
-        var rejectStatus: HTTPResponseStatus?
         var upstream: UpstreamConnection?
+        /// Request parts held while the upstream connection is set up.
         var pending: [HTTPClientRequestPart] = []
-        var pendingBytes = 0
-        var requestEnded = false
-        var responseStarted = false
-        var responseEnded = false
         var status = 0
         var bytesIn = 0
         var bytesOut = 0
-        var upstreamReusable = true
 
         init(head: HTTPRequestHead, reason: String) {
             self.head = head
@@ -244,8 +241,6 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     private var loopPool: UpstreamPool?
     /// True while the client's reads are paused because the upstream is not taking the request body.
     private var clientPaused = false
-    /// Request bytes held while the upstream connection is being set up before the client is paused.
-    static let maximumPendingBytes = 1 << 20
 
     private func pauseClient(_ context: ChannelHandlerContext) {
         guard !clientPaused else { return }
@@ -265,12 +260,16 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     /// Streams a request body: what one read from the client brought goes to the upstream now, and the client is
     /// not read while the upstream cannot take more (or, before it is connected, once a megabyte is waiting).
     func channelReadComplete(context: ChannelHandlerContext) {
-        if let exchange, !exchange.requestEnded, exchange.rejectStatus == nil {
-            if let upstream = exchange.upstream {
+        if exchange != nil {
+            switch machine.receive(.clientReadComplete) {
+            case .pauseClient:
+                pauseClient(context)
+            case .flushUpstream:
+                guard let upstream = exchange?.upstream else { break }
                 upstream.channel.flush()
                 if !upstream.channel.isWritable { pauseClient(context) }
-            } else if exchange.pendingBytes > Self.maximumPendingBytes {
-                pauseClient(context)
+            default:
+                break
             }
         }
         context.fireChannelReadComplete()
@@ -297,43 +296,68 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let event: ExchangeStateMachine.Event
+        let upstreamPart: HTTPClientRequestPart
         switch unwrapInboundIn(data) {
         case .head(let head):
             begin(context: context, head: head)
+            return
         case .body(let buffer):
-            guard let exchange else { return }
-            exchange.bytesIn += buffer.readableBytes
-            guard exchange.rejectStatus == nil else { return }
-            send(.body(.byteBuffer(buffer)), exchange: exchange)
+            exchange?.bytesIn += buffer.readableBytes
+            event = .body(bytes: buffer.readableBytes)
+            upstreamPart = .body(.byteBuffer(buffer))
         case .end(let trailers):
-            guard let exchange else { return }
-            exchange.requestEnded = true
-            if let status = exchange.rejectStatus {
-                respondDirectly(context: context, exchange: exchange, status: status)
-                return
-            }
-            send(.end(trailers), exchange: exchange, flush: true)
+            event = .end
+            upstreamPart = .end(trailers)
+        }
+        guard let exchange else { return }
+        switch machine.receive(event) {
+        case .hold:
+            exchange.pending.append(upstreamPart)
+        case .forward(let flush):
+            guard let upstream = exchange.upstream else { return }
+            if flush { upstream.channel.writeAndFlush(upstreamPart, promise: nil) } else { upstream.channel.write(upstreamPart, promise: nil) }
+        case .answer(let status):
+            respondDirectly(context: context, exchange: exchange, status: HTTPResponseStatus(statusCode: Int(status)))
+        default:
+            break  // discarded: the proxy answers this request itself
         }
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         // The client caught up: read the upstream again.
-        if context.channel.isWritable, let upstream = exchange?.upstream { upstream.setReading(true) }
+        if context.channel.isWritable, exchange != nil, case .resumeUpstreamReads = machine.receive(.clientWritable) {
+            exchange?.upstream?.setReading(true)
+        }
         context.fireChannelWritabilityChanged()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        if let exchange, let upstream = exchange.upstream, !exchange.responseEnded {
+        if let exchange, case .abandon(let responseStarted) = machine.receive(.clientClosed) {
             // The client left mid-exchange: the upstream connection is in an unknown state, never reuse it.
-            upstream.handler.sink = nil
-            upstream.channel.close(promise: nil)
-            finish(exchange: exchange, status: exchange.responseStarted ? exchange.status : 499, reason: "client closed the connection")
+            if let upstream = exchange.upstream {
+                upstream.handler.sink = nil
+                upstream.channel.close(promise: nil)
+            }
+            finish(exchange: exchange, status: responseStarted ? exchange.status : 499, reason: "client closed the connection")
         }
         exchange = nil
         context.fireChannelInactive()
     }
 
     private func begin(context: ChannelHandlerContext, head: HTTPRequestHead) {
+        guard machine.state == .idle else {
+            // Cannot happen behind NIO's pipelining handler or on an HTTP/2 stream; fail closed if it does.
+            if case .closeClient = machine.receive(.head(refusal: nil)) {
+                if let upstream = exchange?.upstream {
+                    upstream.handler.sink = nil
+                    upstream.channel.close(promise: nil)
+                }
+                exchange = nil
+                context.close(promise: nil)
+            }
+            return
+        }
         let exchange = Exchange(head: head, reason: "")
         self.exchange = exchange
         if let (timers, timerContext) = timers { timers.headComplete(context: timerContext) }
@@ -341,7 +365,6 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         switch RequestChecks.check(head: head, peer: peer, limits: state.limits, now: runtime.now()) {
         case .failure(let refusal):
             refuse(exchange, refusal)
-            if exchange.requestEnded { respondDirectly(context: context, exchange: exchange, status: refusal.status) }
             return
         case .success(let normalized):
             target = normalized
@@ -380,8 +403,8 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             }
             upstreamHead.headers.add(name: ForwardedIdentity.identityHeader, value: name)
         }
+        guard case .acquireUpstream = machine.receive(.head(refusal: nil)), let pool = loopPool else { return }
         exchange.pending.append(.head(upstreamHead))
-        guard let pool = loopPool else { return }
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         pool.acquire { result in
             let (handler, context) = loopBound.value
@@ -395,9 +418,9 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         if refusal.closesHTTP2Connection { runtime.metrics.connectionClosed(listener: state.name, reason: refusal.code) }
         exchange.reason = refusal.reason
         exchange.code = refusal.code
-        exchange.rejectStatus = refusal.status
         exchange.closeAfter = refusal.closeConnection
         exchange.closeHTTP2Connection = refusal.closesHTTP2Connection
+        _ = machine.receive(.head(refusal: refusal.status.code))
     }
 
     private func forwardedHeaders(_ incoming: HTTPHeaders, context: ChannelHandlerContext) -> Result<HTTPHeaders, Refusal> {
@@ -462,14 +485,14 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         }
         switch result {
         case .failure(let error):
-            resumeClient(context)
-            exchange.pending = []
-            exchange.pendingBytes = 0
-            exchange.rejectStatus = .badGateway
             exchange.reason = "upstream \(state.upstream.host):\(state.upstream.port) unreachable: \(Self.describe(error))"
             runtime.logger.warning("upstream unreachable", metadata: ["listener": "\(state.name)", "error": "\(exchange.reason)"])
-            if exchange.requestEnded { respondDirectly(context: context, exchange: exchange, status: .badGateway) }
+            perform(machine.receive(.upstreamUnreachable), context: context, exchange: exchange)
         case .success(let upstream):
+            guard case .sendHeld = machine.receive(.upstreamConnected) else {
+                loopPool?.release(upstream)
+                return
+            }
             exchange.upstream = upstream
             let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
             upstream.handler.sink = { event in
@@ -478,19 +501,9 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             }
             let parts = exchange.pending
             exchange.pending = []
-            exchange.pendingBytes = 0
             for part in parts { upstream.channel.write(part, promise: nil) }
             upstream.channel.flush()
             if upstream.channel.isWritable { resumeClient(context) }
-        }
-    }
-
-    private func send(_ part: HTTPClientRequestPart, exchange: Exchange, flush: Bool = false) {
-        if let upstream = exchange.upstream {
-            if flush { upstream.channel.writeAndFlush(part, promise: nil) } else { upstream.channel.write(part, promise: nil) }
-        } else {
-            if case .body(.byteBuffer(let bytes)) = part { exchange.pendingBytes += bytes.readableBytes }
-            exchange.pending.append(part)
         }
     }
 
@@ -498,10 +511,10 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         guard self.exchange === exchange else { return }
         switch event {
         case .part(.head(let head)):
-            if head.status.code < 200 { return }  // informational responses are not relayed
-            exchange.responseStarted = true
+            guard case .relayResponseHead = machine.receive(.responseHead(informational: head.status.code < 200, keepAlive: head.isKeepAlive)) else {
+                return  // informational responses are not relayed
+            }
             exchange.status = Int(head.status.code)
-            exchange.upstreamReusable = head.isKeepAlive
             var response = HTTPResponseHead(version: exchange.head.version, status: head.status)
             var named = Set<String>()
             for value in head.headers["connection"] {
@@ -519,22 +532,19 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             if !exchange.keepAlive { response.headers.replaceOrAdd(name: "connection", value: "close") }
             context.write(wrapOutboundOut(.head(response)), promise: nil)
         case .part(.body(let buffer)):
+            guard case .relayResponseBody = machine.receive(.responseBody) else { return }
             exchange.bytesOut += buffer.readableBytes
             context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
         case .writable:
-            resumeClient(context)
+            perform(machine.receive(.upstreamWritable), context: context, exchange: exchange)
         case .readComplete:
-            // Relay a large response as it arrives instead of holding it until its end, and stop reading the
-            // upstream while the client is not taking it (its channel, or its HTTP/2 stream window, is full).
-            guard exchange.responseStarted, !exchange.responseEnded else { return }
-            context.flush()
-            if !context.channel.isWritable, let upstream = exchange.upstream { upstream.setReading(false) }
+            perform(machine.receive(.responseReadComplete), context: context, exchange: exchange)
         case .part(.end(let trailers)):
-            exchange.responseEnded = true
+            guard case .completeResponse(let reuse) = machine.receive(.responseEnd) else { return }
             resumeClient(context)  // an early answer (say 413) ends the exchange while the body is still coming
             let keepAlive = exchange.keepAlive
             if let upstream = exchange.upstream {
-                if exchange.upstreamReusable && exchange.requestEnded { loopPool?.release(upstream) } else {
+                if reuse { loopPool?.release(upstream) } else {
                     upstream.handler.sink = nil
                     upstream.channel.close(promise: nil)
                 }
@@ -545,19 +555,36 @@ final class HTTPProxyHandler: ChannelInboundHandler {
                 if !keepAlive { context.close(promise: nil) }
             }
         case .closed:
-            if exchange.responseEnded { return }
+            perform(machine.receive(.upstreamClosed), context: context, exchange: exchange)
+        }
+    }
+
+    /// Carries out the actions that several events share.
+    private func perform(_ action: ExchangeStateMachine.Action, context: ChannelHandlerContext, exchange: Exchange) {
+        switch action {
+        case .upstreamFailed(let unreachable, let answerNow):
             resumeClient(context)
-            if exchange.responseStarted {
-                // Truncated response: the client must not take it as complete.
-                self.exchange = nil
-                finish(exchange: exchange, status: exchange.status, reason: "upstream closed mid-response")
-                context.close(promise: nil)
-            } else {
-                exchange.upstream = nil
-                exchange.rejectStatus = .badGateway
+            exchange.pending = []
+            exchange.upstream = nil
+            if !unreachable {
                 exchange.reason = "upstream \(state.upstream.host):\(state.upstream.port) closed the connection before responding"
-                if exchange.requestEnded { respondDirectly(context: context, exchange: exchange, status: .badGateway) }
             }
+            if answerNow { respondDirectly(context: context, exchange: exchange, status: .badGateway) }
+        case .truncateResponse:
+            // Truncated response: the client must not take it as complete.
+            resumeClient(context)
+            self.exchange = nil
+            finish(exchange: exchange, status: exchange.status, reason: "upstream closed mid-response")
+            context.close(promise: nil)
+        case .resumeClient:
+            resumeClient(context)
+        case .flushClient:
+            // Relay a large response as it arrives instead of holding it until its end, and stop reading the
+            // upstream while the client is not taking it (its channel, or its HTTP/2 stream window, is full).
+            context.flush()
+            if !context.channel.isWritable, let upstream = exchange.upstream { upstream.setReading(false) }
+        default:
+            break
         }
     }
 

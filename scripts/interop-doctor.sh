@@ -153,6 +153,26 @@ cc -shared -fPIC -O2 -o "$T/shift.so" "$ROOT/scripts/clockshift/shift.c" -ldl
 LD_PRELOAD="$T/shift.so" MUTUAL_TEST_CLOCK_SHIFT=7200 "$MUTUAL" doctor "https://$A" --ca "$ROOTCA" --json --no-revocation > "$T/doctor.json" 2>&1
 got=$(codes)
 case " $got " in *" clock-skew "*) ok "this host's clock 2 h ahead: clock-skew named ($got)";; *) bad "clock: '$got' $(head -c 300 "$T/doctor.json")";; esac
+# Revocation as a relying party checks it: a CA whose certificates name its CRL and OCSP URLs, served for real.
+HP=$(free_port)
+M init --state-dir "$T/crlca" --name "CRL CA" --http-public-url "http://127.0.0.1:$HP" > /dev/null
+M issue --state-dir "$T/crlca" --profile server --dns web.test --out-dir "$T/crlweb" > /dev/null 2>&1
+"$MUTUAL" serve --state-dir "$T/crlca" --listen 127.0.0.1:0 --http-listen "127.0.0.1:$HP" > "$T/crlserve.log" 2>&1 & PIDS+=($!); CRLSERVE=$!
+for _ in $(seq 100); do grep -q "CRL and OCSP on" "$T/crlserve.log" && break; sleep 0.1; done
+P=$(free_port); server "$P" -cert "$T/crlweb/cert.pem" -key "$T/crlweb/key.pem" -cert_chain "$T/crlca/ca/intermediate.pem"
+revdoctor() { "$MUTUAL" doctor "https://127.0.0.1:$P" --servername web.test --ca "$T/crlca/ca/root.pem" --json > "$T/doctor.json" 2> "$T/doctor.err"; }
+revdoctor; rc=$?; got=$(codes)
+[ "$rc" = 0 ] && [ -z "$got" ] && ok "revocation checked through the certificate's OCSP and CRL URLs: healthy" || bad "revocation healthy: exit $rc, '$got' $(head -c 300 "$T/doctor.json")"
+M revoke --state-dir "$T/crlca" "$(openssl x509 -in "$T/crlweb/cert.pem" -noout -serial | cut -d= -f2)" --reason keyCompromise > /dev/null 2>&1
+for _ in $(seq 40); do revdoctor; got=$(codes); case " $got " in *" revoked "*) break;; esac; sleep 0.25; done
+[ "$got" = "revoked" ] && ok "a revoked server certificate: revoked, said once (CRL and OCSP agree)" || bad "revoked: '$got' $(head -c 300 "$T/doctor.json")"
+kill "$CRLSERVE"
+for _ in $(seq 100); do kill -0 "$CRLSERVE" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "$CRLSERVE" 2>/dev/null; then bad "serve did not stop within 10 s of SIGTERM"; kill -9 "$CRLSERVE"; else ok "serve stopped on SIGTERM"; fi
+wait "$CRLSERVE" 2>/dev/null
+revdoctor; got=$(codes)
+case " $got " in *" revocation-unchecked "*) ok "the revocation URLs unreachable: revocation-unchecked ($got)";; *) bad "unreachable: '$got'";; esac
+
 # The authority says at start-up when its own CA certificates are not valid by this host's clock (2 days behind).
 M init --state-dir "$T/late" --name "Late" > /dev/null
 LD_PRELOAD="$T/shift.so" MUTUAL_TEST_CLOCK_SHIFT=-172800 "$MUTUAL" serve --state-dir "$T/late" --listen 127.0.0.1:0 --http-listen off > "$T/late.log" 2>&1 & PIDS+=($!)

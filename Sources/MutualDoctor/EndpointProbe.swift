@@ -290,6 +290,8 @@ public struct EndpointProbe: Sendable {
             case .good:
                 break
             case .revoked(let time, let reason):
+                // Said once, whether the CRL or OCSP said it first.
+                if findings.contains(where: { $0.code == "revoked" && $0.subject == "server certificate" }) { break }
                 findings.append(Finding("revoked", .error, subject: "server certificate", "the server's certificate was revoked at \(time)\(reason.map { " (\($0.rawValue))" } ?? "") (OCSP \(url))", fix: "the server needs a new certificate"))
             case .failed(let why):
                 findings.append(Finding("revocation-unchecked", .warning, subject: "server certificate", "revocation could not be checked at \(url): \(why)", fix: "make the OCSP/CRL URL reachable from clients (mutual config --http-public-url)"))
@@ -304,6 +306,7 @@ public struct EndpointProbe: Sendable {
         case .fetched(let url, let crls):
             checks.crls = crls
             checks.crlPath = url
+            checks.crlsCoverEveryLevel = false
             return []
         case .failed(let url, let reason):
             return [Finding("revocation-unchecked", .warning, subject: subject, "the CRL at \(url) could not be fetched: \(reason)", fix: "make the CRL URL reachable from every relying party (mutual config --http-public-url)")]

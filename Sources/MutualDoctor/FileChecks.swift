@@ -28,6 +28,9 @@ public struct FileChecks: Sendable {
     /// CRLs a server enforces (`--crl`, or fetched from the certificate's distribution points), and where from.
     public var crls: [RevocationList] = []
     public var crlPath = "crl"
+    /// Whether every CA on the path needs a CRL among `crls`: true for a server's CRL file (nginx and OpenSSL check
+    /// every level), false for the CRL one certificate's distribution point names (it covers that certificate only).
+    public var crlsCoverEveryLevel = true
 
     public init(presented: [Certificate]) { self.presented = presented }
 
@@ -235,7 +238,7 @@ public struct FileChecks: Sendable {
                 ))
             }
         }
-        for level in levels where !covered.contains(level) {
+        for level in levels where crlsCoverEveryLevel && !covered.contains(level) {
             findings.append(Finding(
                 "crl-missing", .warning, subject: crlPath,
                 "no CRL from \(level), a CA on this certificate's path: a server that checks every level (nginx ssl_crl) refuses the certificate (unable to get certificate CRL)",

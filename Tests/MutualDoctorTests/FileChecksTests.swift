@@ -135,6 +135,12 @@ struct FileChecksTests {
         #expect(await codes([try crl(h.intermediate, h.intermediateKey, from: 7200, next: 9000), rootCRL]) == ["crl-not-yet-valid"])
         #expect(await codes([try crl(h.intermediate, try KeyType.p256.generate()), rootCRL]) == ["crl-signature-invalid", "crl-missing"])
         #expect(await codes([try crl(h.intermediate, h.intermediateKey)]) == ["crl-missing"], "nginx checks every level: the root's CRL is needed too")
+        // The CRL a certificate's distribution point names covers that certificate only: no level is missing.
+        var fetched = FileChecks(presented: [leaf, h.intermediate])
+        fetched.roots = [h.root]
+        fetched.crls = [try crl(h.intermediate, h.intermediateKey)]
+        fetched.crlsCoverEveryLevel = false
+        #expect(await fetched.run(now: now).findings.isEmpty)
         #expect(await codes([try crl(h.intermediate, h.intermediateKey, listing: [leaf]), rootCRL]) == ["revoked"])
         #expect(await codes([try crl(ca.certificate, ca.privateKey), try crl(h.intermediate, h.intermediateKey), rootCRL]) == ["crl-unrelated"])
     }

@@ -103,7 +103,11 @@ struct DoctorCommand: AsyncParsableCommand {
             checks.expectedIdentity = expectIdentity
             for path in crl {
                 let bytes = try inputFailure { try AtomicFile.read(path, limit: 16 << 20, what: "--crl") }
-                checks.crls += try inputFailure { try RevocationList.all(in: bytes) }
+                do {
+                    checks.crls += try RevocationList.all(in: bytes)
+                } catch {
+                    throw CommandFailure("--crl \(path): not a CRL (PEM X509 CRL blocks or one DER CRL): \((error as? PKIError)?.reason ?? "\(error)")", exitCode: 2)
+                }
             }
             checks.crlPath = crl.joined(separator: ", ")
             try report(await checks.run(now: .now), json: json)

@@ -284,6 +284,19 @@ struct CLITests {
         try "garbage".write(toFile: cli.home + "/g.pem", atomically: true, encoding: .utf8)
         #expect(try await cli.run(["doctor", "files", "--cert", cli.home + "/g.pem"]).status == 2)
         #expect(try await cli.run(["doctor", "files", "--cert", cli.home + "/missing.pem"]).status == 2)
+        // --crl: garbage, a truncated DER CRL, a PEM without a CRL block and a missing file are usage errors (2) that
+        // name the flag; the root CRL alone leaves the issuing CA's level without a CRL (crl-missing, 1).
+        let rootCRL = try await cli.run(["root-crl", "--json"])
+        let crlPath = ((try? JSONSerialization.jsonObject(with: Data(rootCRL.stdout.utf8))) as? [String: Any])?["path"] as? String ?? ""
+        let crlPEM = try String(contentsOfFile: crlPath, encoding: .utf8)
+        let der = try RevocationList.pemDocuments(crlPEM)[0]
+        try Data(der.prefix(der.count / 2)).write(to: URL(fileURLWithPath: cli.home + "/truncated.crl"))
+        for bad in [cli.home + "/g.pem", cli.home + "/truncated.crl", api + "/cert.pem", cli.home + "/missing.crl"] {
+            let result = try await cli.run(["doctor", "files", "--cert", api + "/chain.pem", "--crl", bad])
+            #expect(result.status == 2 && result.output.contains("--crl"), "\(bad): \(result.output)")
+        }
+        let (crlStatus, crlFound) = try await codes(["doctor", "files", "--cert", api + "/chain.pem", "--ca", root, "--crl", crlPath])
+        #expect(crlStatus == 1 && crlFound == ["crl-missing"], "\(crlFound)")
 
         // A proxy configuration with a leaf-only certificate and an open key; then one that does not parse.
         let yaml = """

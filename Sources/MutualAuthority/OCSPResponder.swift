@@ -30,7 +30,21 @@ public actor OCSPResponder {
     private var watermark: Int64 = 0
     private static let cacheLimit = 100_000
 
+    /// Reads a certificate's record by serial; the inventory, or in tests a reader that lets a revocation happen
+    /// while it is suspended.
+    let lookup: @Sendable (String) async throws -> CertificateRecord?
+
     public init(authority: Authority, responseValidity: ValidityDuration = .hours(1), signerValidity: ValidityDuration = .days(7)) {
+        self.init(authority: authority, responseValidity: responseValidity, signerValidity: signerValidity) { serial in
+            try await authority.store.certificate(serial: serial)
+        }
+    }
+
+    init(
+        authority: Authority, responseValidity: ValidityDuration, signerValidity: ValidityDuration,
+        lookup: @escaping @Sendable (String) async throws -> CertificateRecord?
+    ) {
+        self.lookup = lookup
         self.authority = authority
         self.responseValidity = responseValidity
         self.signerValidity = signerValidity
@@ -77,7 +91,11 @@ public actor OCSPResponder {
 
     /// Answers one DER request. Never throws: malformed input gets a `malformedRequest` response.
     public func respond(to requestDER: [UInt8], now: Date = .now) async -> Answer {
-        if let hit = cache[requestDER], hit.watermark == watermark,
+        // The revocation watermark this answer is computed under, taken before any suspension point: this actor is
+        // reentrant, so a revocation noted while the status is being read must leave the answer uncached under the
+        // new watermark (a "good" read before the revocation would otherwise be served from the cache after it).
+        let observed = watermark
+        if let hit = cache[requestDER], hit.watermark == observed,
             now < hit.producedAt.addingTimeInterval(responseValidity.timeInterval / 2)
         {
             return Answer(der: hit.der, maxAge: max(0, Int(hit.nextUpdate.timeIntervalSince(now))), cacheHit: true, outcome: "cached")
@@ -99,7 +117,7 @@ public actor OCSPResponder {
             var outcome = "good"
             for id in request.certIDs {
                 var status: OCSP.CertStatus = .unknown
-                if id.matches(issuer: issuer), let record = try await authority.store.certificate(serial: id.serialNumber.bytes.hexString) {
+                if id.matches(issuer: issuer), let record = try await lookup(id.serialNumber.bytes.hexString) {
                     if record.status == .revoked {
                         status = .revoked(time: record.revokedAt ?? now, reason: record.revocationReason.flatMap(RevocationReason.init(rawValue:)))
                     } else {
@@ -118,7 +136,7 @@ public actor OCSPResponder {
             )
             if request.nonce == nil {
                 if cache.count >= Self.cacheLimit { cache.removeAll(keepingCapacity: true) }
-                cache[requestDER] = CachedResponse(der: der, producedAt: now, nextUpdate: nextUpdate, watermark: watermark)
+                cache[requestDER] = CachedResponse(der: der, producedAt: now, nextUpdate: nextUpdate, watermark: observed)
             }
             return Answer(der: der, maxAge: request.nonce == nil ? Int(responseValidity.seconds) : 0, cacheHit: false, outcome: outcome)
         } catch {

@@ -1,5 +1,5 @@
 import Foundation
-import MutualAuthority
+@testable import MutualAuthority
 import MutualPKI
 import MutualStore
 import SwiftASN1
@@ -34,6 +34,42 @@ struct AuthorityTests {
         let statement = Authority.proofStatement(purpose: purpose, timestamp: timestamp, csrDER: serializer.serializedBytes)
         let signature = try key.sign(bytes: statement, signatureAlgorithm: key.preferredSignatureAlgorithm)
         return (timestamp, Array(signature.rawRepresentation))
+    }
+
+    /// Lets the test revoke a certificate while the responder is suspended reading its status.
+    final class RaceHolder: @unchecked Sendable {
+        var responder: OCSPResponder?
+        var armed = true
+    }
+
+    @Test("OCSP: a revocation noted while a status is being read leaves no stale 'good' in the cache (actor reentrancy)")
+    func ocspCacheRace() async throws {
+        try await withAuthority { authority, _ in
+            let key = try KeyType.p256.generate()
+            let issued = try await authority.issue(
+                IssuanceRequest(profile: .client, publicKey: key.publicKey, uris: ["spiffe://example.org/race"], validity: .hours(1)),
+                owner: nil, requester: "test"
+            )
+            let serial = issued.certificate.serialHex
+            let holder = RaceHolder()
+            // The first lookup reads the record (good), then — before returning it — the certificate is revoked and the
+            // responder told, as the revocation watcher does while a request is in flight.
+            let responder = OCSPResponder(authority: authority, responseValidity: .hours(1), signerValidity: .days(7)) { lookup in
+                let record = try await authority.store.certificate(serial: lookup)
+                if holder.armed {
+                    holder.armed = false
+                    _ = try await authority.revoke(serial: serial, reason: .keyCompromise, actor: "test")
+                    await holder.responder?.noteRevocation(sequence: try await authority.store.lastRevocationSequence())
+                }
+                return record
+            }
+            holder.responder = responder
+            let request = try OCSP.Request(certIDs: [try OCSP.CertID(issuer: authority.ca.certificate, serialNumber: issued.certificate.serialNumber)]).derEncoded()
+            let first = await responder.respond(to: request)
+            #expect(first.outcome == "good", "read before the revocation")
+            let second = await responder.respond(to: request)
+            #expect(!second.cacheHit && second.outcome == "revoked", "\(second.outcome), cache hit: \(second.cacheHit)")
+        }
     }
 
     @Test("a server certificate (no clientAuth) renews with a proof of possession; stale, forged, replayed, cross-purpose proofs and revoked certificates are refused by code")

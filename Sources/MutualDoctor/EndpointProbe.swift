@@ -192,7 +192,7 @@ public struct EndpointProbe: Sendable {
         server.certPath = "server certificate"
         server.roots = options.roots
         server.purpose = .server
-        if let name = options.serverName ?? ((try? Names.ipAddressBytes(options.host)) == nil ? options.host : nil) { server.dnsName = name }
+        if let name = sni { server.dnsName = name }
         server.expectedIdentity = options.expectedIdentity
         findings += await server.run(now: now).findings
         if options.roots == nil {

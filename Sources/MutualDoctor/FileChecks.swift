@@ -49,7 +49,7 @@ public struct FileChecks: Sendable {
     }
 
     static func describe(_ certificate: Certificate) -> String {
-        CertificateIdentity.of(certificate) ?? (certificate.subject.isEmpty ? "serial \(certificate.serialHex)" : certificate.subject.description)
+        CertificateIdentity.describe(certificate)
     }
 
     func keyFindings(_ leaf: Certificate) -> [Finding] {

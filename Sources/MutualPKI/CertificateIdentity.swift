@@ -22,6 +22,12 @@ public enum CertificateIdentity {
         return first ?? certificate.subject.lastCommonNameString
     }
 
+    /// The identity, else the subject DN, else `serial HEX`: how `mutual verify` and `mutual doctor` name a
+    /// certificate, CAs included.
+    public static func describe(_ certificate: Certificate) -> String {
+        of(certificate) ?? (certificate.subject.isEmpty ? "serial \(certificate.serialHex)" : certificate.subject.description)
+    }
+
     /// The identity, or `serial HEX` for a certificate that names nothing: what logs and messages show.
     public static func display(_ certificate: Certificate) -> String {
         of(certificate) ?? "serial \(certificate.serialHex)"

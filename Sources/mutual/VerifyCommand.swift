@@ -181,7 +181,7 @@ struct VerifyCommand: AsyncParsableCommand {
     /// How people name a certificate: its SPIFFE ID or first SAN, else its subject, else its serial (SAN-only leaves
     /// have an empty subject).
     static func identity(of certificate: Certificate) -> String {
-        CertificateIdentity.of(certificate) ?? (certificate.subject.isEmpty ? "serial \(certificate.serialHex)" : certificate.subject.description)
+        CertificateIdentity.describe(certificate)
     }
 
     static func isCA(_ certificate: Certificate) -> Bool {

@@ -210,59 +210,6 @@ final class HTTP2IdleGuard: ChannelInboundHandler, RemovableChannelHandler {
     }
 }
 
-/// Answers HTTP/1.1 parse errors (NIO's decoder throws them) with a status and a code instead of NIO's bare 400:
-/// header limits → 431 `headers_too_large`, anything else → 400 `malformed_request`. Sits after the pipelining
-/// handler, where NIO's own error handler would be; closes the connection after the answer.
-final class HTTP1ErrorResponder: ChannelDuplexHandler, RemovableChannelHandler {
-    typealias InboundIn = HTTPServerRequestPart
-    typealias InboundOut = HTTPServerRequestPart
-    typealias OutboundIn = HTTPServerResponsePart
-    typealias OutboundOut = HTTPServerResponsePart
-
-    private var responseInFlight = false
-    private var answered = false
-    let onRefusal: (String, Int) -> Void
-
-    init(onRefusal: @escaping (String, Int) -> Void) { self.onRefusal = onRefusal }
-
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        guard let parse = error as? HTTPParserError else {
-            context.fireErrorCaught(error)
-            return
-        }
-        guard !answered else { return }
-        answered = true
-        // Mid-response there is no way to answer; the connection just ends.
-        guard !responseInFlight else {
-            context.close(promise: nil)
-            return
-        }
-        let (status, code, reason): (HTTPResponseStatus, String, String) = parse == .headerOverflow
-            ? (.requestHeaderFieldsTooLarge, "headers_too_large", "the request's header fields exceed the listener's limits")
-            : (.badRequest, "malformed_request", "the request is not valid HTTP/1.1 (\(parse))")
-        onRefusal(code, Int(status.code))
-        let body = "{\"error\":\"\(code)\",\"reason\":\(AccessLog.quote(reason))}\n"
-        var head = HTTPResponseHead(version: .http1_1, status: status)
-        head.headers.add(name: "content-type", value: "application/json")
-        head.headers.add(name: "content-length", value: String(body.utf8.count))
-        head.headers.add(name: "connection", value: "close")
-        context.write(wrapOutboundOut(.head(head)), promise: nil)
-        context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
-        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
-            HTTP1ConnectionGuard.closeAfterAnswer(context)
-        }
-    }
-
-    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        switch unwrapOutboundIn(data) {
-        case .head: responseInFlight = true
-        case .end: responseInFlight = false
-        case .body: break
-        }
-        context.write(data, promise: promise)
-    }
-}
-
 /// The first look at an HTTP/2 request stream, before NIO's HTTP/2-to-HTTP/1 codec: what the codec would mishandle
 /// gets an explicit answer here.
 ///

@@ -70,9 +70,8 @@ final class UpstreamPool: @unchecked Sendable {
                         try channel.pipeline.syncOperations.addHandler(try tls.clientHandler(failure: failure))
                         try channel.pipeline.syncOperations.addHandler(HandshakeWaiter(promise: channel.eventLoop.makePromise()))
                     }
-                    // Header values reaching the encoder were validated by the inbound parser or are our own
-                    // (base64 / percent-encoded); validating again costs a byte scan of every header per request.
-                    try channel.pipeline.syncOperations.addHTTPClientHandlers(enableOutboundHeaderValidation: false)
+                    // No HTTP codec: the request goes out as bytes the proxy wrote, the response is framed by
+                    // ``ResponseFramer`` and relayed as the bytes that arrived.
                     try channel.pipeline.syncOperations.addHandler(UpstreamResponseHandler())
                 }
             }
@@ -106,7 +105,7 @@ final class UpstreamPool: @unchecked Sendable {
     func release(_ connection: UpstreamConnection) {
         loop.assertInEventLoop()
         connection.handler.sink = nil
-        guard connection.channel.isActive, !connection.closed, idle.count < maximumIdle else {
+        guard connection.channel.isActive, !connection.closed, connection.handler.reusable, idle.count < maximumIdle else {
             connection.channel.close(promise: nil)
             return
         }
@@ -136,12 +135,17 @@ final class UpstreamConnection {
     }
 }
 
-/// Hands upstream response parts to whichever downstream request currently owns the connection.
+/// Frames the upstream's responses (``ResponseFramer``) and hands their head, body bytes and end to whichever
+/// downstream exchange currently owns the connection.
 final class UpstreamResponseHandler: ChannelInboundHandler {
-    typealias InboundIn = HTTPClientResponsePart
+    typealias InboundIn = ByteBuffer
 
     enum Event {
-        case part(HTTPClientResponsePart)
+        case head(ResponseFramer.Head)
+        case body(ByteBuffer)
+        case end(trailers: HTTPHeaders?, reusable: Bool)
+        /// The upstream sent what cannot be framed; the connection is closing.
+        case malformed(ResponseFramer.FramingError)
         /// The end of one read from the upstream socket: time to flush what was relayed.
         case readComplete
         /// The upstream connection can take more of a request body again.
@@ -151,9 +155,56 @@ final class UpstreamResponseHandler: ChannelInboundHandler {
 
     var sink: ((Event) -> Void)?
     var closed = false
+    /// False once the upstream sent bytes outside a response (after its end, or with no request): not pooled again.
+    private(set) var reusable = true
+    private var framer: ResponseFramer?
+    /// The start of a response head that has not fully arrived.
+    private var partial: ByteBuffer?
+
+    /// Called as a request is sent: frame the next response.
+    func expectResponse(toHEAD: Bool, relayRaw: Bool) {
+        framer = ResponseFramer(requestWasHEAD: toHEAD, relayRaw: relayRaw)
+        partial = nil
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        sink?(.part(unwrapInboundIn(data)))
+        var buffer = unwrapInboundIn(data)
+        if var partial {
+            self.partial = nil
+            partial.writeImmutableBuffer(buffer)
+            buffer = partial
+        }
+        while framer != nil {
+            let event: ResponseFramer.Event?
+            do {
+                event = try framer!.next(&buffer)
+            } catch {
+                framer = nil
+                reusable = false
+                let sink = self.sink
+                self.sink = nil
+                sink?(.malformed(error))
+                context.close(promise: nil)
+                return
+            }
+            guard let event else { break }
+            switch event {
+            case .head(let head): sink?(.head(head))
+            case .body(let bytes): sink?(.body(bytes))
+            case .end(let trailers, let keepAlive):
+                framer = nil
+                if buffer.readableBytes > 0 || !keepAlive { reusable = false }
+                sink?(.end(trailers: trailers, reusable: reusable))
+            }
+        }
+        guard buffer.readableBytes > 0 else { return }
+        if framer != nil {
+            partial = buffer  // a head still arriving
+        } else {
+            // Bytes that belong to no request: the upstream and the proxy disagree on framing; never reuse.
+            reusable = false
+            context.close(promise: nil)
+        }
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -168,6 +219,12 @@ final class UpstreamResponseHandler: ChannelInboundHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         closed = true
+        // A body that runs until the upstream closes ends here.
+        if let end = framer?.upstreamClosed(), case .end(let trailers, _) = end {
+            framer = nil
+            reusable = false
+            sink?(.end(trailers: trailers, reusable: false))
+        }
         let sink = self.sink
         self.sink = nil
         sink?(.closed)
@@ -180,20 +237,23 @@ final class UpstreamResponseHandler: ChannelInboundHandler {
     }
 }
 
-/// The HTTP/1.1 front end of an inbound listener: per request, route policy on the verified identity, identity
-/// headers (clients' copies removed), forwarding over a pooled upstream connection, access log and metrics.
+/// The HTTP front end of a listener: per request, route policy on the verified identity, identity headers (clients'
+/// copies removed), forwarding over a pooled upstream connection, access log and metrics.
+///
+/// On an HTTP/1.x connection it is a byte-level relay: NIO's decoder parses the request (strictly, with the
+/// listener's limits), the head sent upstream and every response are written as bytes by the proxy itself
+/// (``HTTP1Wire``), and a response's body is relayed as the bytes the upstream sent, framed by ``ResponseFramer``.
+/// On an HTTP/2 stream the same exchange answers through NIO's HTTP/2-to-HTTP/1 codec.
 final class HTTPProxyHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
+    /// What an HTTP/2 stream's codec takes; on HTTP/1.x connections the handler writes `ByteBuffer`s.
     typealias OutboundOut = HTTPServerResponsePart
-
-    /// Hop-by-hop headers (RFC 9110 7.6.1) never forwarded in either direction.
-    static let hopByHop: Set<String> = ["connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authenticate", "proxy-authorization"]
-    /// Lengths of the hop-by-hop names: response header names of other lengths skip lower-casing entirely.
-    static let specialLengths: Set<Int> = Set(hopByHop.map(\.utf8.count))
 
     let state: any HTTPFront
     let runtime: ProxyRuntime
     let pools: UpstreamPools
+    /// One HTTP/2 stream (one exchange, answered through the stream codec) rather than an HTTP/1.x connection.
+    let isHTTP2Stream: Bool
     private var exchange: Exchange?
     /// What happens to the exchange's parts: decided by the pure state machine, carried out here.
     private var machine = ExchangeStateMachine()
@@ -216,11 +276,24 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         var closeAfter = false
         var closeHTTP2Connection = false
         var upstream: UpstreamConnection?
-        /// Request parts held while the upstream connection is set up.
-        var pending: [HTTPClientRequestPart] = []
+        /// Request bytes held while the upstream connection is set up.
+        var pending: [ByteBuffer] = []
+        /// How the request body goes upstream.
+        var upstreamBody: UpstreamBody = .asReceived
+        /// The client connection ends after this response (set with the response head).
+        var closeClientAfterResponse = false
         var status = 0
         var bytesIn = 0
         var bytesOut = 0
+
+        enum UpstreamBody {
+            /// Content-Length (or no body): the bytes as received.
+            case asReceived
+            /// Chunked upstream: each part becomes a chunk.
+            case chunked
+            /// No framing was announced (an HTTP/2 GET or HEAD without content-length): a body cannot be sent.
+            case none
+        }
 
         init(head: HTTPRequestHead, reason: String) {
             self.head = head
@@ -228,33 +301,59 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             self.keepAlive = head.version.major >= 2 || head.isKeepAlive
             self.reason = reason
         }
+
+        var isHTTP2: Bool { head.version.major >= 2 }
+        /// An HTTP/1.1 client takes the upstream's body bytes as they are; HTTP/2 and HTTP/1.0 clients get it de-chunked.
+        var relayRaw: Bool { head.version == .http1_1 }
     }
 
-    init(state: any HTTPFront, peer: VerifiedPeer?, runtime: ProxyRuntime, pools: UpstreamPools) {
+    init(state: any HTTPFront, peer: VerifiedPeer?, runtime: ProxyRuntime, pools: UpstreamPools, isHTTP2Stream: Bool = false) {
         self.state = state
         self.peer = peer
         self.runtime = runtime
         self.pools = pools
+        self.isHTTP2Stream = isHTTP2Stream
         self.latency = runtime.metrics.latency(listener: state.name)
     }
 
     private var loopPool: UpstreamPool?
-    /// True while the client's reads are paused because the upstream is not taking the request body.
-    private var clientPaused = false
+    /// Why the client is not being read: the upstream is not taking the request body, or a pipelined request waits
+    /// for the current exchange to end. Reading resumes when neither holds.
+    private var pausedForBackPressure = false
+    private var pausedForPipelining = false
+    private var readingPaused = false
+    /// HTTP/1.1 pipelining: what arrived after a request while its exchange is still open, handled in order once
+    /// it ends (NIO's pipelining handler did this before the relay wrote its own responses).
+    private var waiting: [Waiting] = []
+    private var draining = false
+    /// Shutting down: no new exchange; close once the current one is answered.
+    private var quiescing = false
+    /// An HTTP/1.1 parse error was answered; nothing more is read.
+    private var failed = false
+
+    enum Waiting {
+        case part(HTTPServerRequestPart)
+        case parseError(HTTPParserError)
+    }
+
+    private func updateReading(_ context: ChannelHandlerContext) {
+        let pause = pausedForBackPressure || pausedForPipelining
+        guard pause != readingPaused else { return }
+        readingPaused = pause
+        try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: !pause)
+        // A socket channel reads again by itself when autoRead is turned back on; an HTTP/2 stream channel does
+        // not (and its peer is waiting for the window update that reading brings), so ask for the read.
+        if !pause { context.read() }
+    }
 
     private func pauseClient(_ context: ChannelHandlerContext) {
-        guard !clientPaused else { return }
-        clientPaused = true
-        try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: false)
+        pausedForBackPressure = true
+        updateReading(context)
     }
 
     private func resumeClient(_ context: ChannelHandlerContext) {
-        guard clientPaused else { return }
-        clientPaused = false
-        try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: true)
-        // A socket channel reads again by itself when autoRead is turned back on; an HTTP/2 stream channel does
-        // not (and its peer is waiting for the window update that reading brings), so ask for the read.
-        context.read()
+        pausedForBackPressure = false
+        updateReading(context)
     }
 
     /// Streams a request body: what one read from the client brought goes to the upstream now, and the client is
@@ -292,35 +391,85 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             identityHeaders = nil
             return
         }
+        if event is ChannelShouldQuiesceEvent, !isHTTP2Stream {
+            // Graceful shutdown: an idle connection closes now, a busy one after its answer.
+            quiescing = true
+            waiting = []
+            if exchange == nil { context.close(promise: nil) }
+            return
+        }
         context.fireUserInboundEventTriggered(event)
     }
 
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        guard let parse = error as? HTTPParserError, !isHTTP2Stream else {
+            context.fireErrorCaught(error)
+            return
+        }
+        if exchange != nil || !waiting.isEmpty {
+            // Belongs after the requests already read.
+            waiting.append(.parseError(parse))
+            pausedForPipelining = true
+            updateReading(context)
+            return
+        }
+        parseFailed(context: context, error: parse)
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !failed else { return }
+        let part = unwrapInboundIn(data)
+        if !isHTTP2Stream, !waiting.isEmpty || (exchange != nil && part.isHead) {
+            // A pipelined request: held, and the client not read, until the current exchange ends.
+            waiting.append(.part(part))
+            pausedForPipelining = true
+            updateReading(context)
+            return
+        }
+        handle(part, context: context)
+    }
+
+    private func handle(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
         let event: ExchangeStateMachine.Event
-        let upstreamPart: HTTPClientRequestPart
-        switch unwrapInboundIn(data) {
+        switch part {
         case .head(let head):
             begin(context: context, head: head)
             return
         case .body(let buffer):
             exchange?.bytesIn += buffer.readableBytes
             event = .body(bytes: buffer.readableBytes)
-            upstreamPart = .body(.byteBuffer(buffer))
-        case .end(let trailers):
+        case .end:
             event = .end
-            upstreamPart = .end(trailers)
         }
         guard let exchange else { return }
         switch machine.receive(event) {
         case .hold:
-            exchange.pending.append(upstreamPart)
+            appendUpstream(part, exchange: exchange, context: context) { exchange.pending.append($0) }
         case .forward(let flush):
             guard let upstream = exchange.upstream else { return }
-            if flush { upstream.channel.writeAndFlush(upstreamPart, promise: nil) } else { upstream.channel.write(upstreamPart, promise: nil) }
+            appendUpstream(part, exchange: exchange, context: context) { upstream.channel.write(NIOAny($0), promise: nil) }
+            if flush { upstream.channel.flush() }
         case .answer(let status):
             respondDirectly(context: context, exchange: exchange, status: HTTPResponseStatus(statusCode: Int(status)))
         default:
             break  // discarded: the proxy answers this request itself
+        }
+    }
+
+    /// A request body part in the upstream's framing.
+    private func appendUpstream(_ part: HTTPServerRequestPart, exchange: Exchange, context: ChannelHandlerContext, _ emit: (ByteBuffer) -> Void) {
+        switch (part, exchange.upstreamBody) {
+        case (.body(let buffer), .asReceived):
+            emit(buffer)
+        case (.body(let buffer), .chunked):
+            guard buffer.readableBytes > 0 else { return }
+            emit(HTTP1Wire.chunkHeader(size: buffer.readableBytes, allocator: context.channel.allocator))
+            emit(buffer)
+            emit(HTTP1Wire.crlf)
+        case (.end(let trailers), .chunked):
+            emit(HTTP1Wire.lastChunk(trailers: trailers))
+        case (.body, .none), (.end, _), (.head, _):
+            break
         }
     }
 
@@ -335,24 +484,26 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     func channelInactive(context: ChannelHandlerContext) {
         if let exchange, case .abandon(let responseStarted) = machine.receive(.clientClosed) {
             // The client left mid-exchange: the upstream connection is in an unknown state, never reuse it.
-            if let upstream = exchange.upstream {
-                upstream.handler.sink = nil
-                upstream.channel.close(promise: nil)
-            }
+            closeUpstream(exchange)
             finish(exchange: exchange, status: responseStarted ? exchange.status : 499, reason: "client closed the connection")
         }
         exchange = nil
+        waiting = []
         context.fireChannelInactive()
+    }
+
+    private func closeUpstream(_ exchange: Exchange) {
+        guard let upstream = exchange.upstream else { return }
+        upstream.handler.sink = nil
+        upstream.channel.close(promise: nil)
+        exchange.upstream = nil
     }
 
     private func begin(context: ChannelHandlerContext, head: HTTPRequestHead) {
         guard machine.state == .idle else {
-            // Cannot happen behind NIO's pipelining handler or on an HTTP/2 stream; fail closed if it does.
+            // An HTTP/2 stream carries one request (and HTTP/1.1 pipelined heads wait in `waiting`); fail closed.
             if case .closeClient = machine.receive(.head(refusal: nil)) {
-                if let upstream = exchange?.upstream {
-                    upstream.handler.sink = nil
-                    upstream.channel.close(promise: nil)
-                }
+                if let exchange { closeUpstream(exchange) }
                 exchange = nil
                 context.close(promise: nil)
             }
@@ -381,7 +532,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             exchange.route = route
             exchange.reason = "allowed by \(by)"
         }
-        let forwarded: HTTPHeaders
+        var forwarded: HTTPHeaders
         switch forwardedHeaders(head.headers, context: context) {
         case .success(let headers): forwarded = headers
         case .failure(let refusal):
@@ -389,8 +540,6 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             refuse(exchange, refusal)
             return
         }
-        var upstreamHead = HTTPRequestHead(version: .http1_1, method: head.method, uri: target.forwarded)
-        upstreamHead.headers = forwarded
         if state.forwardIdentity, let peer, let route = exchange.route, let name = state.policy.identity(of: peer, route: route) {
             // A name with a control character cannot be carried in a header: refused, as for XFCC.
             guard !name.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) else {
@@ -401,15 +550,32 @@ final class HTTPProxyHandler: ChannelInboundHandler {
                 ))
                 return
             }
-            upstreamHead.headers.add(name: ForwardedIdentity.identityHeader, value: name)
+            forwarded.add(name: ForwardedIdentity.identityHeader, value: name)
         }
+        exchange.upstreamBody = Self.upstreamBody(for: head, forwarded: &forwarded)
         guard case .acquireUpstream = machine.receive(.head(refusal: nil)), let pool = loopPool else { return }
-        exchange.pending.append(.head(upstreamHead))
+        var bytes = context.channel.allocator.buffer(capacity: 256 + forwarded.count * 48)
+        HTTP1Wire.writeRequestHead(method: head.method.rawValue, target: target.forwarded, headers: forwarded, into: &bytes)
+        exchange.pending.append(bytes)
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         pool.acquire { result in
             let (handler, context) = loopBound.value
             handler.upstreamReady(context: context, exchange: exchange, result: result)
         }
+    }
+
+    /// How a request's body is framed upstream. HTTP/1.x requests keep theirs (NIO's decoder accepted their
+    /// Content-Length or chunked coding). HTTP/2 requests carry no chunked coding: one without content-length is
+    /// sent chunked (adding the field), except GET and HEAD, whose body is not sent (as NIO's encoder did, since an
+    /// upstream that does not read a GET's body would leave a chunk terminator on a pooled connection).
+    static func upstreamBody(for head: HTTPRequestHead, forwarded: inout HTTPHeaders) -> Exchange.UpstreamBody {
+        if head.version.major >= 2 {
+            if forwarded.contains(name: "content-length") { return .asReceived }
+            if head.method == .GET || head.method == .HEAD { return .none }
+            forwarded.add(name: "transfer-encoding", value: "chunked")
+            return .chunked
+        }
+        return forwarded.contains(name: "transfer-encoding") ? .chunked : .asReceived
     }
 
     /// Marks the exchange as answered by the proxy; the answer goes out once the request has been read.
@@ -455,7 +621,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         var forwardedFor: String?
         for (name, value) in incoming {
             let canonical = HeaderNames.canonical(name)
-            if hopByHop.contains(canonical) || named.contains(canonical) { continue }
+            if HTTP1Wire.hopByHop.contains(canonical) || named.contains(canonical) { continue }
             if ForwardedIdentity.ownedHeaders.contains(canonical) {
                 // Only the exact spelling of x-forwarded-for is kept (extended below); look-alikes are forgeries.
                 if canonical == "x-forwarded-for" && !name.utf8.contains(UInt8(ascii: "_")) {
@@ -494,14 +660,15 @@ final class HTTPProxyHandler: ChannelInboundHandler {
                 return
             }
             exchange.upstream = upstream
+            upstream.handler.expectResponse(toHEAD: exchange.head.method == .HEAD, relayRaw: exchange.relayRaw)
             let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
             upstream.handler.sink = { event in
                 let (handler, context) = loopBound.value
                 handler.upstreamEvent(context: context, exchange: exchange, event: event)
             }
-            let parts = exchange.pending
+            let held = exchange.pending
             exchange.pending = []
-            for part in parts { upstream.channel.write(part, promise: nil) }
+            for bytes in held { upstream.channel.write(NIOAny(bytes), promise: nil) }
             upstream.channel.flush()
             if upstream.channel.isWritable { resumeClient(context) }
         }
@@ -510,50 +677,68 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     private func upstreamEvent(context: ChannelHandlerContext, exchange: Exchange, event: UpstreamResponseHandler.Event) {
         guard self.exchange === exchange else { return }
         switch event {
-        case .part(.head(let head)):
-            guard case .relayResponseHead = machine.receive(.responseHead(informational: head.status.code < 200, keepAlive: head.isKeepAlive)) else {
-                return  // informational responses are not relayed
+        case .head(let head):
+            guard case .relayResponseHead = machine.receive(.responseHead(informational: false, keepAlive: head.keepAlive)) else { return }
+            exchange.status = head.status
+            if exchange.isHTTP2 {
+                context.write(wrapOutboundOut(.head(HTTP1Wire.responseHead(head, version: exchange.head.version))), promise: nil)
+                return
             }
-            exchange.status = Int(head.status.code)
-            var response = HTTPResponseHead(version: exchange.head.version, status: head.status)
-            var named = Set<String>()
-            for value in head.headers["connection"] {
-                for token in value.split(separator: ",") { named.insert(token.trimmingCharacters(in: .whitespaces).lowercased()) }
-            }
-            for (name, value) in head.headers {
-                guard Self.specialLengths.contains(name.utf8.count) || !named.isEmpty else {
-                    response.headers.add(name: name, value: value)
-                    continue
-                }
-                let lower = name.lowercased()
-                if Self.hopByHop.contains(lower) || named.contains(lower) { continue }
-                response.headers.add(name: name, value: value)
-            }
-            if !exchange.keepAlive { response.headers.replaceOrAdd(name: "connection", value: "close") }
-            context.write(wrapOutboundOut(.head(response)), promise: nil)
-        case .part(.body(let buffer)):
+            // The client learns where the body ends from the upstream's framing; when that is the upstream closing,
+            // or a chunked body goes to an HTTP/1.0 client de-chunked, from this connection closing.
+            let dechunked = !exchange.relayRaw && head.framing == .chunked
+            let close = !exchange.keepAlive || quiescing || head.framing == .untilClose || dechunked
+            exchange.closeClientAfterResponse = close
+            var bytes = context.channel.allocator.buffer(capacity: head.bytes.readableBytes + 32)
+            HTTP1Wire.writeResponseHead(
+                head, clientMinorVersion: exchange.head.version.minor, dropTransferEncoding: dechunked, close: close,
+                keepAlive: exchange.head.version.minor == 0 && !close, into: &bytes
+            )
+            context.write(NIOAny(bytes), promise: nil)
+        case .body(let bytes):
             guard case .relayResponseBody = machine.receive(.responseBody) else { return }
-            exchange.bytesOut += buffer.readableBytes
-            context.write(wrapOutboundOut(.body(.byteBuffer(buffer))), promise: nil)
+            exchange.bytesOut += bytes.readableBytes
+            if exchange.isHTTP2 {
+                context.write(wrapOutboundOut(.body(.byteBuffer(bytes))), promise: nil)
+            } else {
+                context.write(NIOAny(bytes), promise: nil)
+            }
         case .writable:
             perform(machine.receive(.upstreamWritable), context: context, exchange: exchange)
         case .readComplete:
             perform(machine.receive(.responseReadComplete), context: context, exchange: exchange)
-        case .part(.end(let trailers)):
+        case .end(let trailers, let reusable):
             guard case .completeResponse(let reuse) = machine.receive(.responseEnd) else { return }
             resumeClient(context)  // an early answer (say 413) ends the exchange while the body is still coming
-            let keepAlive = exchange.keepAlive
             if let upstream = exchange.upstream {
-                if reuse { loopPool?.release(upstream) } else {
+                exchange.upstream = nil
+                if reuse && reusable { loopPool?.release(upstream) } else {
                     upstream.handler.sink = nil
                     upstream.channel.close(promise: nil)
                 }
             }
             self.exchange = nil
             finish(exchange: exchange, status: exchange.status, reason: exchange.reason)
-            context.writeAndFlush(wrapOutboundOut(.end(trailers))).assumeIsolated().whenComplete { _ in
-                if !keepAlive { context.close(promise: nil) }
+            let written: EventLoopFuture<Void>
+            if exchange.isHTTP2 {
+                written = context.writeAndFlush(wrapOutboundOut(.end(trailers)))
+            } else {
+                written = context.writeAndFlush(NIOAny(ByteBuffer()))
             }
+            if !exchange.isHTTP2 && (exchange.closeClientAfterResponse || quiescing) {
+                waiting = []
+                written.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+            } else {
+                drainWaiting(context: context)
+            }
+        case .malformed(let error):
+            exchange.code = error.code
+            exchange.reason = "upstream \(state.upstream.host):\(state.upstream.port) sent a response the proxy cannot relay: \(error.reason)"
+            runtime.logger.warning("upstream response refused", metadata: [
+                "listener": "\(state.name)", "code": "\(error.code)", "error": "\(error.reason)",
+            ])
+            exchange.upstream = nil
+            perform(machine.receive(.upstreamClosed), context: context, exchange: exchange)
         case .closed:
             perform(machine.receive(.upstreamClosed), context: context, exchange: exchange)
         }
@@ -566,7 +751,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             resumeClient(context)
             exchange.pending = []
             exchange.upstream = nil
-            if !unreachable {
+            if !unreachable && exchange.code == nil {
                 exchange.reason = "upstream \(state.upstream.host):\(state.upstream.port) closed the connection before responding"
             }
             if answerNow { respondDirectly(context: context, exchange: exchange, status: .badGateway) }
@@ -574,7 +759,8 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             // Truncated response: the client must not take it as complete.
             resumeClient(context)
             self.exchange = nil
-            finish(exchange: exchange, status: exchange.status, reason: "upstream closed mid-response")
+            waiting = []
+            finish(exchange: exchange, status: exchange.status, reason: exchange.code == nil ? "upstream closed mid-response" : exchange.reason)
             context.close(promise: nil)
         case .resumeClient:
             resumeClient(context)
@@ -595,25 +781,97 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         let code = exchange.code ?? "bad_gateway"
         exchange.code = code
         let body = "{\"error\":\"\(code)\",\"reason\":\(AccessLog.quote(exchange.reason))}\n"
-        var head = HTTPResponseHead(version: exchange.head.version, status: status)
-        head.headers.add(name: "content-type", value: "application/json")
-        head.headers.add(name: "content-length", value: String(body.utf8.count))
-        let isHTTP2 = exchange.head.version.major >= 2
-        if (!exchange.keepAlive || exchange.closeAfter) && !isHTTP2 { head.headers.add(name: "connection", value: "close") }
-        context.write(wrapOutboundOut(.head(head)), promise: nil)
-        context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
+        let isHTTP2 = exchange.isHTTP2
+        let keepAlive = exchange.keepAlive && !(exchange.closeAfter && !isHTTP2) && !(quiescing && !isHTTP2)
         exchange.bytesOut = body.utf8.count
         finish(exchange: exchange, status: Int(status.code), reason: exchange.reason)
+        let written: EventLoopFuture<Void>
+        if isHTTP2 {
+            var head = HTTPResponseHead(version: exchange.head.version, status: status)
+            head.headers.add(name: "content-type", value: "application/json")
+            head.headers.add(name: "content-length", value: String(body.utf8.count))
+            context.write(wrapOutboundOut(.head(head)), promise: nil)
+            if exchange.head.method != .HEAD { context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil) }
+            written = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        } else {
+            var headers = [("content-type", "application/json")]
+            if !keepAlive { headers.append(("connection", "close")) } else if exchange.head.version.minor == 0 { headers.append(("connection", "keep-alive")) }
+            var bytes = context.channel.allocator.buffer(capacity: 256 + body.utf8.count)
+            HTTP1Wire.writeResponse(
+                version: exchange.head.version, status: status, headers: headers, body: body, omitBody: exchange.head.method == .HEAD, into: &bytes
+            )
+            written = context.writeAndFlush(NIOAny(bytes))
+        }
         // On HTTP/2 a refusal ends its stream; only one about the connection itself (an expired certificate) ends
         // the connection.
-        let keepAlive = exchange.keepAlive && !(exchange.closeAfter && !isHTTP2)
         let closeParent = exchange.closeHTTP2Connection && isHTTP2
-        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in
+        written.assumeIsolated().whenComplete { _ in
             // An HTTP/2 stream's refusal that ends the connection (an expired certificate) closes its parent.
             if closeParent { context.channel.parent?.close(promise: nil) }
             guard !keepAlive else { return }
             if isHTTP2 { context.close(promise: nil) } else { HTTP1ConnectionGuard.closeAfterAnswer(context) }
         }
+        if keepAlive { drainWaiting(context: context) } else { waiting = [] }
+    }
+
+    /// After an exchange ends: the pipelined requests that waited, in order, until one opens an exchange that does
+    /// not end at once; then the client is read again.
+    private func drainWaiting(context: ChannelHandlerContext) {
+        guard !draining else { return }
+        draining = true
+        defer { draining = false }
+        while let first = waiting.first {
+            if exchange != nil, case .part(let part) = first, part.isHead { break }
+            if exchange != nil, case .parseError = first { break }
+            waiting.removeFirst()
+            switch first {
+            case .part(let part): handle(part, context: context)
+            case .parseError(let error): parseFailed(context: context, error: error)
+            }
+        }
+        if waiting.isEmpty {
+            pausedForPipelining = false
+            updateReading(context)
+        }
+    }
+
+    /// NIO's decoder refused the client's bytes: header limits → 431 `headers_too_large`, anything else → 400
+    /// `malformed_request`, then the connection closes (its framing can no longer be trusted). An exchange still
+    /// open is abandoned (its upstream closed); a response already started cannot be replaced, so the connection
+    /// just ends.
+    private func parseFailed(context: ChannelHandlerContext, error: HTTPParserError) {
+        failed = true
+        waiting = []
+        let (status, code, reason): (HTTPResponseStatus, String, String) = error == .headerOverflow
+            ? (.requestHeaderFieldsTooLarge, "headers_too_large", "the request's header fields exceed the listener's limits")
+            : (.badRequest, "malformed_request", "the request is not valid HTTP/1.1 (\(error))")
+        runtime.metrics.requestRefused(listener: state.name, code: code)
+        var responseStarted = false
+        if let exchange {
+            self.exchange = nil
+            if case .relaying(_, .streaming) = machine.state { responseStarted = true }
+            _ = machine.receive(.clientClosed)
+            closeUpstream(exchange)
+            exchange.code = code
+            finish(exchange: exchange, status: responseStarted ? exchange.status : Int(status.code), reason: reason)
+        } else if runtime.accessLog.enabled {
+            runtime.accessLog.record(.init(
+                listener: state.name, client: peer?.displayName, serial: peer?.serial, method: nil, path: nil, route: nil,
+                decision: "bad_request", reason: "the request could not be parsed within the limits", status: Int(status.code),
+                bytesIn: 0, bytesOut: 0, latency: .zero, peer: nil, code: code
+            ))
+        }
+        guard !responseStarted else {
+            context.close(promise: nil)
+            return
+        }
+        let body = "{\"error\":\"\(code)\",\"reason\":\(AccessLog.quote(reason))}\n"
+        var bytes = context.channel.allocator.buffer(capacity: 256)
+        HTTP1Wire.writeResponse(
+            version: .http1_1, status: status, headers: [("content-type", "application/json"), ("connection", "close")], body: body,
+            omitBody: false, into: &bytes
+        )
+        context.writeAndFlush(NIOAny(bytes)).assumeIsolated().whenComplete { _ in HTTP1ConnectionGuard.closeAfterAnswer(context) }
     }
 
     private func finish(exchange: Exchange, status: Int, reason: String) {
@@ -652,6 +910,17 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         if error is ChannelError { return "\(error)" }
         return String(describing: error)
     }
+}
+
+extension HTTPProxyHandler {
+    /// NIO's request decoder (llhttp, strict) before the handler; no response encoder: the handler writes bytes.
+    static func addRequestDecoder(_ sync: ChannelPipeline.SynchronousOperations, limits: NIOHTTPDecoderLimitConfiguration = .init()) throws {
+        try sync.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, informationalResponseStrategy: .drop, limitConfiguration: limits)))
+    }
+}
+
+extension HTTPServerRequestPart {
+    var isHead: Bool { if case .head = self { true } else { false } }
 }
 
 /// What the HTTP front end needs from its listener: inbound listeners (TLS from clients, plain HTTP upstream) and

@@ -107,7 +107,7 @@ public final class ProxyServer: Service, Sendable {
             let http = state.configuration.mode == .http
             let channel = try await bind(address: address, name: state.name, what: "\(state.name).listen (--listen)", autoRead: http) { [runtime, pools] channel in
                 if http {
-                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                    try HTTPProxyHandler.addRequestDecoder(channel.pipeline.syncOperations)
                     try channel.pipeline.syncOperations.addHandler(HTTPProxyHandler(state: slot.current, peer: nil, runtime: runtime, pools: pools))
                 } else {
                     try channel.pipeline.syncOperations.addHandler(OutboundHandler(state: slot.current, runtime: runtime))

@@ -95,7 +95,7 @@ enum InboundPipeline {
                                 })
                                 try sync.addHandler(EndStreamCoalescer())
                                 try sync.addHandler(HTTP2FramePayloadToHTTP1ServerCodec())
-                                try sync.addHandler(HTTPProxyHandler(state: state, peer: connection.identity, runtime: runtime, pools: pools))
+                                try sync.addHandler(HTTPProxyHandler(state: state, peer: connection.identity, runtime: runtime, pools: pools, isHTTP2Stream: true))
                             }
                         }
                         try sync.addHandler(HTTP2ConnectionErrorLogger(listener: state.name, logger: runtime.logger))
@@ -131,8 +131,8 @@ enum InboundPipeline {
         return configuration
     }()
 
-    /// The HTTP/1.1 pipeline: connection timers, NIO's codec with the listener's header limits, parse errors answered
-    /// with their code, then the proxy handler.
+    /// The HTTP/1.1 pipeline: connection timers, NIO's request decoder with the listener's header limits, then the
+    /// proxy handler (which writes its responses as bytes and answers parse errors with their code).
     static func configureHTTP1(
         _ sync: ChannelPipeline.SynchronousOperations, state: InboundState, connection: ConnectionIdentity, peer: VerifiedPeer?,
         runtime: ProxyRuntime, pools: UpstreamPools
@@ -148,18 +148,7 @@ enum InboundPipeline {
         decoderLimits.maxHeaderFieldCount = limits.maxHeaderCount
         decoderLimits.maxHeaderListSize = limits.maxHeaderBytes
         decoderLimits.maxHeaderFieldSize = limits.maxHeaderBytes
-        try sync.configureHTTPServerPipeline(
-            withErrorHandling: false, withOutboundHeaderValidation: true, withEncoderConfiguration: .init(),
-            withDecoderLimitConfiguration: decoderLimits
-        )
-        try sync.addHandler(HTTP1ErrorResponder { code, status in
-            runtime.metrics.requestRefused(listener: state.name, code: code)
-            runtime.accessLog.record(.init(
-                listener: state.name, client: connection.identity?.displayName, serial: connection.identity?.serial, method: nil,
-                path: nil, route: nil, decision: "bad_request", reason: "the request could not be parsed within the limits",
-                status: status, bytesIn: 0, bytesOut: 0, latency: .zero, peer: nil, code: code
-            ))
-        })
+        try HTTPProxyHandler.addRequestDecoder(sync, limits: decoderLimits)
         try sync.addHandler(HTTPProxyHandler(state: state, peer: peer, runtime: runtime, pools: pools))
     }
 }

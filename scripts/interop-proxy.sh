@@ -114,6 +114,34 @@ for proto in --http1.1 --http2; do
     && ok "large upload ($proto) to a slow upstream: 16 MiB delivered, peak RSS grew ${grown} MiB (streamed with back-pressure)" \
     || bad "large upload ($proto): '$v' $(head -c 200 "$T/body"), peak RSS grew ${grown} MiB"
 done
+# The byte-level relay: chunked, length-less and HEAD responses from the backend, chunked uploads, and a response
+# that cannot be framed without guessing. HTTP/1.1 clients get the backend's chunked bytes as they are; HTTP/2 and
+# HTTP/1.0 clients get the content de-chunked.
+expected=$(python3 -c 'print("".join("chunk-%d;" % i for i in range(300)), end="")')
+for proto in --http1.1 --http2 --http1.0; do
+  v=$(curl -s $proto -D "$T/hdr" -o "$T/body" -w '%{http_code}' --cacert "$ROOT_PEM" $(as web) "https://localhost:$P/api/chunked/300")
+  te=$(grep -ci '^transfer-encoding: chunked' "$T/hdr")
+  want_te=0; [ "$proto" = --http1.1 ] && want_te=1
+  [ "$v" = 200 ] && [ "$(cat "$T/body")" = "$expected" ] && [ "$te" = "$want_te" ] \
+    && ok "chunked response from the backend ($proto): 300 chunks arrive whole (transfer-encoding relayed: $te)" \
+    || bad "chunked response ($proto): '$v' te=$te $(head -c 200 "$T/body")"
+done
+v=$(curl -s --http1.1 -o "$T/body" -o "$T/body2" -w '%{http_code} %{num_connects};' --cacert "$ROOT_PEM" $(as web) "https://localhost:$P/api/chunked/3" "https://localhost:$P/api/after-chunked")
+[ "$v" = "200 1;200 0;" ] && grep -q '"path": "/api/after-chunked"' "$T/body2" \
+  && ok "after a chunked response the client connection is reused for the next request" || bad "reuse after chunked: '$v'"
+v=$(curl -s --http1.1 -o "$T/body" -o "$T/body2" -w '%{http_code} %{num_connects};' --cacert "$ROOT_PEM" $(as web) "https://localhost:$P/api/close-delimited" "https://localhost:$P/api/next")
+[ "$v" = "200 1;200 1;" ] && [ "$(cat "$T/body")" = "until the backend closes" ] \
+  && ok "a response that ends when the backend closes is relayed whole, and the client connection closes after it" || bad "close-delimited: '$v' $(head -c 100 "$T/body")"
+v=$(curl -s --http1.1 --head --max-time 5 -o "$T/hdr" -w '%{http_code}' --cacert "$ROOT_PEM" $(as web) "https://localhost:$P/api/head")
+[ "$v" = 200 ] && grep -qi '^content-length: [1-9]' "$T/hdr" && ok "HEAD: the backend's head relayed (content-length kept), no body waited for" || bad "HEAD: '$v' $(cat "$T/hdr")"
+c=$(code $(as web) "https://localhost:$P/api/malformed")
+[ "$c" = 502 ] && python3 -c 'import json,sys; assert json.load(open(sys.argv[1]))["error"] == "upstream_malformed_response"' "$T/body" \
+  && ok "a backend response with both Content-Length and Transfer-Encoding: 502 upstream_malformed_response" || bad "malformed backend response: $c $(cat "$T/body")"
+head -c 300000 /dev/urandom > "$T/chunky"
+for proto in --http1.1 --http2; do
+  v=$(curl -s $proto -H 'transfer-encoding: chunked' --data-binary @"$T/chunky" -o "$T/body" -w '%{http_code}' --cacert "$ROOT_PEM" $(as web) "https://localhost:$P/api/chunked-upload")
+  [ "$v" = 200 ] && grep -q '"body_bytes": 300000' "$T/body" && ok "chunked upload ($proto): the backend reads all 300,000 bytes" || bad "chunked upload ($proto): '$v' $(head -c 200 "$T/body")"
+done
 c=$(code $(as other) "https://localhost:$P/api")
 [ "$c" = 403 ] && grep -q 'ns/batch/sa/job is not allowed' "$T/body" && ok "disallowed identity: 403 naming the identity and the allow list" || bad "disallowed got $c $(cat "$T/body")"
 c=$(code "https://localhost:$P/api"); [ "$c" = 000 ] && ok "no client certificate: handshake refused" || bad "no cert got $c"

@@ -19,9 +19,22 @@ def echo_backend():
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
+        def read_chunked(self):
+            body = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return body
+                body += self.rfile.read(size)
+                self.rfile.readline()
+
         def handle_any(self):
             length = int(self.headers.get("content-length") or 0)
-            if "/slow-upload" in self.path:
+            if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
+                body_in = self.read_chunked()
+            elif "/slow-upload" in self.path:
                 # A slow consumer: reads the request body at about 16 MiB/s, 64 KiB at a time.
                 got = 0
                 while got < length:
@@ -30,6 +43,30 @@ def echo_backend():
                 body_in = b"\0" * got
             else:
                 body_in = self.rfile.read(length) if length else b""
+            if "/chunked/" in self.path:
+                # A chunked response of N chunks and a trailer, as a streaming backend sends it.
+                self.send_response(200)
+                self.send_header("content-type", "text/plain")
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                for i in range(int(self.path.rsplit("/", 1)[1])):
+                    piece = ("chunk-%d;" % i).encode()
+                    self.wfile.write(b"%x;ext=1\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.write(b"0\r\nx-trailer: done\r\n\r\n")
+                return
+            if "/close-delimited" in self.path:
+                # No length: the body ends when the backend closes the connection.
+                self.send_response(200)
+                self.send_header("content-type", "text/plain")
+                self.end_headers()
+                self.wfile.write(b"until the backend closes")
+                self.close_connection = True
+                return
+            if "/malformed" in self.path:
+                # Content-Length and Transfer-Encoding together: a response no proxy can frame without guessing.
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\nhello")
+                self.close_connection = True
+                return
             if "/big/" in self.path:
                 # A large body, written as fast as the socket takes it: N bytes in 64 KiB chunks.
                 size = int(self.path.rsplit("/", 1)[1])
@@ -51,9 +88,10 @@ def echo_backend():
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
 
-        do_GET = do_POST = do_PUT = do_DELETE = handle_any
+        do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = handle_any
 
         def log_message(self, *args):
             pass

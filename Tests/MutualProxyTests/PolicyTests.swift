@@ -146,9 +146,10 @@ struct VerifiedPeerDeliveryTests {
         if let event = peerEvent { channel.pipeline.fireUserInboundEventTriggered(PeerVerifiedEvent(peer: event, resumed: false)) }
         try channel.writeInbound(HTTPServerRequestPart.head(.init(version: .http1_1, method: .GET, uri: "/x", headers: ["host": "a"])))
         try channel.writeInbound(HTTPServerRequestPart.end(nil))
-        guard case .head(let head)? = try channel.readOutbound(as: HTTPServerResponsePart.self) else { return 0 }
+        // The HTTP/1.1 front writes its answer as bytes: the status line's code.
+        guard let answer = try channel.readOutbound(as: ByteBuffer.self) else { return 0 }
         _ = try? channel.finish()
-        return head.status.code
+        return UInt(String(buffer: answer).split(separator: " ").dropFirst().first ?? "") ?? 0
     }
 
     @Test("no event: unauthenticated (401); an event with a verified peer the route does not allow: 403; nil peer: 401")

@@ -161,13 +161,14 @@ struct ResponseFramer {
                 guard buffer.readableBytes > 0 else { return nil }
                 return .body(buffer.readSlice(length: buffer.readableBytes)!)
             case .chunkSize, .chunkData, .chunkDataCR, .chunkDataLF, .trailers:
-                let start = buffer.readerIndex
+                // Bytes before the reader index cannot be read back: keep the unread view (no copy) to slice from.
+                let unread = buffer
                 var content: ByteBuffer?
                 let walked = try walkChunked(&buffer, content: &content, dechunk: !relayRaw)
                 if relayRaw {
                     // Everything walked is handed on as it arrived; the framing only says where the message ends.
                     guard walked > 0 else { return nil }
-                    return .body(buffer.getSlice(at: start, length: walked)!)
+                    return .body(unread.getSlice(at: unread.readerIndex, length: walked)!)
                 }
                 if let content { return .body(content) }
                 if case .complete = state { continue }

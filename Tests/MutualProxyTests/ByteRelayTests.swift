@@ -280,7 +280,7 @@ struct HTTP1FrontTests {
     @Test("bytes that are not HTTP/1.1 get 400 malformed_request; a head over the limit 431 headers_too_large")
     func parseErrors() throws {
         let garbage = try channel()
-        try? garbage.writeInbound(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n"))
+        _ = try? garbage.writeInbound(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n"))
         let out = try written(garbage)
         #expect(statuses(out) == ["HTTP/1.1 400 Bad Request"])
         #expect(codes(out) == ["malformed_request"])
@@ -288,7 +288,7 @@ struct HTTP1FrontTests {
         _ = try? garbage.finish()
 
         let large = try channel()
-        try? large.writeInbound(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + String(repeating: "a", count: 200_000) + "\r\n\r\n"))
+        _ = try? large.writeInbound(ByteBuffer(string: "GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + String(repeating: "a", count: 200_000) + "\r\n\r\n"))
         let largeOut = try written(large)
         #expect(statuses(largeOut) == ["HTTP/1.1 431 Request Header Fields Too Large"])
         #expect(codes(largeOut) == ["headers_too_large"])
@@ -296,7 +296,7 @@ struct HTTP1FrontTests {
 
         // A valid request, then garbage in the same read: the first is answered, then the parse error.
         let both = try channel()
-        try? both.writeInbound(ByteBuffer(string: "GET /ok HTTP/1.1\r\nHost: a\r\n\r\n\u{1}\u{2}garbage\r\n\r\n"))
+        _ = try? both.writeInbound(ByteBuffer(string: "GET /ok HTTP/1.1\r\nHost: a\r\n\r\n\u{1}\u{2}garbage\r\n\r\n"))
         let two = try written(both)
         #expect(statuses(two) == ["HTTP/1.1 401 Unauthorized", "HTTP/1.1 400 Bad Request"])
         #expect(codes(two) == ["client_certificate_required", "malformed_request"])
@@ -310,6 +310,44 @@ struct HTTP1FrontTests {
         let out = try written(channel)
         #expect(statuses(out) == ["HTTP/1.0 401 Unauthorized"])
         #expect(fields(out)["connection"] == "close")
+        _ = try? channel.finish()
+    }
+}
+
+@Suite("HTTP/2 flush consolidation: the responses of one tick leave in one write (in memory)")
+struct FlushConsolidatorTests {
+    /// Counts the flushes that reach the socket side.
+    final class FlushCounter: ChannelOutboundHandler {
+        typealias OutboundIn = NIOAny
+        var flushes = 0
+        func flush(context: ChannelHandlerContext) {
+            flushes += 1
+            context.flush()
+        }
+    }
+
+    @Test("three streams flushing in one tick: one flush after the tick, every byte out, none before")
+    func consolidates() throws {
+        let counter = FlushCounter()
+        let channel = EmbeddedChannel()
+        try channel.pipeline.syncOperations.addHandler(counter)
+        try channel.pipeline.syncOperations.addHandler(FlushConsolidator())
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+        for stream in 1...3 {
+            channel.write(ByteBuffer(string: "response \(stream)"), promise: nil)
+            channel.flush()
+        }
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil, "held until the tick ends")
+        channel.embeddedEventLoop.run()
+        #expect(counter.flushes == 1)
+        var out: [String] = []
+        while let buffer = try channel.readOutbound(as: ByteBuffer.self) { out.append(String(buffer: buffer)) }
+        #expect(out == ["response 1", "response 2", "response 3"])
+        // A close with a flush pending sends what is held first.
+        channel.write(ByteBuffer(string: "last"), promise: nil)
+        channel.flush()
+        _ = channel.close()
+        #expect(counter.flushes == 2)
         _ = try? channel.finish()
     }
 }

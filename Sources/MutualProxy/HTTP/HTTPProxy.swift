@@ -9,7 +9,16 @@ import Synchronization
 /// Idle upstream HTTP/1.1 connections, one pool per (event loop, upstream): a request borrows a connection on its
 /// own loop (no thread hop), returns it after a complete keep-alive response.
 public final class UpstreamPools: Sendable {
-    private let pools = Mutex<[String: UpstreamPool]>([:])
+    private let pools = Mutex<[Key: UpstreamPool]>([:])
+
+    /// One pool per event loop, upstream address and (for mTLS upstreams) credential state: a reload starts fresh
+    /// connections with the new certificate.
+    struct Key: Hashable {
+        let loop: ObjectIdentifier
+        let host: String
+        let port: Int
+        let tls: ObjectIdentifier?
+    }
     /// Idle connections kept per loop and upstream.
     let maximumIdle: Int
 
@@ -17,9 +26,7 @@ public final class UpstreamPools: Sendable {
 
     func pool(for loop: any EventLoop, front: any HTTPFront) -> UpstreamPool {
         let upstream = front.upstream
-        // mTLS upstreams get a pool per credential state: a reload starts fresh connections with the new certificate.
-        let tlsKey = front.upstreamTLS.map { "\(ObjectIdentifier($0))" } ?? "plain"
-        let key = "\(ObjectIdentifier(loop))|\(upstream.host)|\(upstream.port)|\(tlsKey)"
+        let key = Key(loop: ObjectIdentifier(loop), host: upstream.host, port: upstream.port, tls: front.upstreamTLS.map(ObjectIdentifier.init))
         return pools.withLock { pools in
             if let pool = pools[key] { return pool }
             let pool = UpstreamPool(loop: loop, host: upstream.host, port: upstream.port, maximumIdle: maximumIdle, tls: front.upstreamTLS)
@@ -719,16 +726,16 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             }
             self.exchange = nil
             finish(exchange: exchange, status: exchange.status, reason: exchange.reason)
-            let written: EventLoopFuture<Void>
             if exchange.isHTTP2 {
-                written = context.writeAndFlush(wrapOutboundOut(.end(trailers)))
-            } else {
-                written = context.writeAndFlush(NIOAny(ByteBuffer()))
-            }
-            if !exchange.isHTTP2 && (exchange.closeClientAfterResponse || quiescing) {
+                context.writeAndFlush(wrapOutboundOut(.end(trailers)), promise: nil)
+                drainWaiting(context: context)
+            } else if exchange.closeClientAfterResponse || quiescing {
+                // The body's bytes are written already; close once they are out.
                 waiting = []
-                written.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+                context.writeAndFlush(NIOAny(ByteBuffer())).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
             } else {
+                // The response's last bytes went out with the body; nothing to write, only to flush.
+                context.flush()
                 drainWaiting(context: context)
             }
         case .malformed(let error):

@@ -80,6 +80,7 @@ enum InboundPipeline {
                 h2ChannelConfigurator: { channel in
                     channel.eventLoop.makeCompletedFuture {
                         let sync = channel.pipeline.syncOperations
+                        try sync.addHandler(FlushConsolidator())
                         _ = try sync.configureHTTP2Pipeline(
                             mode: .server, connectionConfiguration: http2Connection, streamConfiguration: .init()
                         ) { stream in

@@ -95,9 +95,9 @@ struct ExchangeStateMachine: Sendable, Equatable {
             state = .connecting(heldBytes: 0, requestEnded: false)
             return .acquireUpstream
         case (_, .head):
-            // A head while an exchange is open: NIO's HTTP/1.1 server pipeline holds pipelined requests back and an
-            // HTTP/2 stream carries one request, so this is a protocol violation: end the connection rather than
-            // mix two exchanges.
+            // A head while an exchange is open: the HTTP/1.1 handler holds pipelined requests back until the
+            // exchange ends and an HTTP/2 stream carries one request, so this is a protocol violation: end the
+            // connection rather than mix two exchanges.
             state = .idle
             return .closeClient
 

@@ -31,6 +31,11 @@ public final class InboundState: Sendable {
     /// skips certificate verification) is only accepted when its certificate is found here, then re-checked for
     /// expiry and revocation. Session tickets are bound to this context, so the cache never outlives them.
     private let verifiedIdentities = Mutex<[String: VerifiedPeer]>([:])
+    /// Chains this context verified, by ``chainKey(_:)`` of the presented DER: a client that reconnects with the same
+    /// chain is checked only for what can change since (time and revocation), not parsed and path-validated again,
+    /// and its connections share one ``VerifiedPeer``. Bounded like `verifiedIdentities`; a reload builds a new state
+    /// (new roots, empty cache).
+    private let verifiedChains = Mutex<[[UInt8]: VerifiedPeer]>([:])
     static let verifiedIdentityLimit = 10_000
     /// Intermediates clients send, parsed once and shared by every connection that presents the same DER (they are
     /// the same few certificates for a whole fleet): saves parsing time and memory per connection.
@@ -189,6 +194,33 @@ public final class InboundState: Sendable {
             } catch {
                 return .failure(.init(.malformed, "client certificate: \(error)"))
             }
+        }
+    }
+
+    /// The key of a presented chain: SHA-256 over every certificate's DER, each preceded by its length.
+    static func chainKey(_ presentedDER: [[UInt8]]) -> [UInt8] {
+        var hasher = SHA256()
+        for der in presentedDER {
+            withUnsafeBytes(of: UInt32(der.count).bigEndian) { hasher.update(bufferPointer: $0) }
+            hasher.update(data: der)
+        }
+        return Array(hasher.finalize())
+    }
+
+    /// A chain verified before, still inside its validity window: its identity if unrevoked, the revocation
+    /// failure if revoked since; nil when it was not verified here or its time checks need the full verification
+    /// (which names the exact reason).
+    func cachedVerification(chainKey: [UInt8], revocation: RevocationState, now: Date = Date()) -> Result<VerifiedPeer, VerificationFailure>? {
+        guard let peer = verifiedChains.withLock({ $0[chainKey] }), now >= peer.validFrom, now <= peer.validUntil else { return nil }
+        if let (kind, reason) = revocation.check(chain: peer.chain, now: now) { return .failure(.init(kind, reason)) }
+        return .success(peer)
+    }
+
+    /// Remembers a chain the full verification accepted.
+    func rememberVerified(chainKey: [UInt8], peer: VerifiedPeer) {
+        verifiedChains.withLock { cache in
+            if cache.count >= Self.verifiedIdentityLimit { cache.removeAll(keepingCapacity: true) }
+            cache[chainKey] = peer
         }
     }
 

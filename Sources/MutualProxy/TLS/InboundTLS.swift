@@ -43,8 +43,20 @@ enum InboundPipeline {
         let revocation = runtime.revocation
         let verify: NIOSSLCustomVerificationCallbackWithMetadata = { presented, promise in
             let certificates: [Certificate]
+            let key: [UInt8]
             do {
-                certificates = try state.parse(presentedDER: presented.map { try $0.toDERBytes() })
+                let der = try presented.map { try $0.toDERBytes() }
+                key = InboundState.chainKey(der)
+                // A chain this context verified before: decided now, on the event loop, without a task.
+                if let cached = state.cachedVerification(chainKey: key, revocation: revocation) {
+                    connection.set(cached)
+                    switch cached {
+                    case .success: promise.succeed(.certificateVerified(VerificationMetadata(nil)))
+                    case .failure: promise.succeed(.failed)
+                    }
+                    return
+                }
+                certificates = try state.parse(presentedDER: der)
             } catch {
                 connection.set(.failure(VerificationFailure(.malformed, "client certificate could not be parsed: \(error)")))
                 promise.succeed(.failed)
@@ -54,7 +66,9 @@ enum InboundPipeline {
                 let result = await state.verify(presented: certificates, revocation: revocation)
                 connection.set(result)
                 switch result {
-                case .success: promise.succeed(.certificateVerified(VerificationMetadata(nil)))
+                case .success(let peer):
+                    state.rememberVerified(chainKey: key, peer: peer)
+                    promise.succeed(.certificateVerified(VerificationMetadata(nil)))
                 case .failure: promise.succeed(.failed)
                 }
             })

@@ -21,6 +21,8 @@ public final class VerifiedPeer: Sendable, Hashable {
     public let fingerprint: String
     /// The earliest notAfter in the chain: the identity is not valid past it, even on an open connection.
     public let validUntil: Date
+    /// The latest notBefore in the chain: the identity is not valid before it.
+    public let validFrom: Date
 
     /// `chain` is leaf first, as validated (trust anchor excluded or included: both work).
     /// Internal: only the verifier (the inbound handshake, the outbound upstream check) creates one, from a chain it
@@ -53,6 +55,7 @@ public final class VerifiedPeer: Sendable, Hashable {
         self.serial = leaf.serialHex
         self.fingerprint = SHA256.hash(data: try leaf.derBytes).hexString
         self.validUntil = chain.map(\.notValidAfter).min() ?? leaf.notValidAfter
+        self.validFrom = chain.map(\.notValidBefore).max() ?? leaf.notValidBefore
         self.displayName = CertificateIdentity.display(leaf)
     }
 

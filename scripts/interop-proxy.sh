@@ -142,6 +142,24 @@ for proto in --http1.1 --http2; do
   v=$(curl -s $proto -H 'transfer-encoding: chunked' --data-binary @"$T/chunky" -o "$T/body" -w '%{http_code}' --cacert "$ROOT_PEM" $(as web) "https://localhost:$P/api/chunked-upload")
   [ "$v" = 200 ] && grep -q '"body_bytes": 300000' "$T/body" && ok "chunked upload ($proto): the backend reads all 300,000 bytes" || bad "chunked upload ($proto): '$v' $(head -c 200 "$T/body")"
 done
+python3 - "$P" "$ROOT_PEM" "$T/web/chain.pem" "$T/web/key.pem" > "$T/trailers.out" 2>&1 <<'PY' && ok "chunked upload with trailers: the backend gets x-checksum, never a forged x-forwarded-client-cert trailer" || bad "request trailers: $(tail -c 400 "$T/trailers.out")"
+import json, socket, ssl, sys
+port, ca, cert, key = sys.argv[1:5]
+ctx = ssl.create_default_context(cafile=ca); ctx.load_cert_chain(cert, key)
+with ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(port))), server_hostname="localhost") as tls:
+    tls.sendall(b"POST /api/trailers HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                b"5\r\nhello\r\n0\r\nx-checksum: 42\r\nX-Forwarded-Client-Cert: By=evil;URI=spiffe://example.org/ns/admin\r\n\r\n")
+    data = b""
+    while True:
+        chunk = tls.recv(65536)
+        if not chunk: break
+        data += chunk
+head, _, body = data.partition(b"\r\n\r\n")
+assert head.startswith(b"HTTP/1.1 200"), head
+seen = json.loads(body)
+assert seen["body_bytes"] == 5, seen
+assert seen["trailers"] == [["x-checksum", "42"]], seen["trailers"]
+PY
 c=$(code $(as other) "https://localhost:$P/api")
 [ "$c" = 403 ] && grep -q 'ns/batch/sa/job is not allowed' "$T/body" && ok "disallowed identity: 403 naming the identity and the allow list" || bad "disallowed got $c $(cat "$T/body")"
 c=$(code "https://localhost:$P/api"); [ "$c" = 000 ] && ok "no client certificate: handshake refused" || bad "no cert got $c"

@@ -24,13 +24,17 @@ def echo_backend():
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip(), 16)
                 if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return body
+                    while True:
+                        line = self.rfile.readline()
+                        if line in (b"\r\n", b"\n", b""):
+                            return body
+                        name, _, value = line.decode(errors="replace").partition(":")
+                        self.trailers.append([name.strip().lower(), value.strip()])
                 body += self.rfile.read(size)
                 self.rfile.readline()
 
         def handle_any(self):
+            self.trailers = []
             length = int(self.headers.get("content-length") or 0)
             if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
                 body_in = self.read_chunked()
@@ -83,6 +87,7 @@ def echo_backend():
                 "path": self.path, "method": self.command, "body_bytes": len(body_in),
                 "headers": {k.lower(): v for k, v in self.headers.items()},
                 "all_headers": [[k.lower(), v] for k, v in self.headers.items()],
+                "trailers": self.trailers,
             }).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")

@@ -203,6 +203,18 @@ struct HTTP1WireTests {
         #expect(String(buffer: HTTP1Wire.chunkHeader(size: 255, allocator: .init())) == "ff\r\n")
     }
 
+    @Test("request trailers lose forged identity fields in every spelling, hop-by-hop fields and the strip list")
+    func trailers() {
+        let strip = HeaderNames.Matcher(patterns: ForwardedIdentity.defaultStrippedHeaders)
+        let incoming: HTTPHeaders = [
+            "x-checksum": "abc", "X-Forwarded-Client-Cert": "By=evil", "client_cert": ":Zm9v:", "x-client-identity": "spiffe://evil",
+            "te": "trailers", "x-forwarded-for": "6.6.6.6",
+        ]
+        let kept = HTTPProxyHandler.forwardTrailers(incoming, strip: strip)
+        #expect(kept.map(\.name) == ["x-checksum"])
+        #expect(String(buffer: HTTP1Wire.lastChunk(trailers: kept)) == "0\r\nx-checksum: abc\r\n\r\n")
+    }
+
     @Test("HTTP/2 requests: a body without content-length goes chunked (not for GET or HEAD); HTTP/1.1 keeps its framing")
     func upstreamBody() {
         let h2 = HTTPVersion(major: 2, minor: 0)

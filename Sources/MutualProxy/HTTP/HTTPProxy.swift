@@ -264,7 +264,12 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     private var exchange: Exchange?
     /// What happens to the exchange's parts: decided by the pure state machine, carried out here.
     private var machine = ExchangeStateMachine()
-    private var counters: [String: Counter] = [:]
+    private var counters: [CounterKey: Counter] = [:]
+
+    struct CounterKey: Hashable {
+        let status: Int
+        let route: String?
+    }
     private var latency: DurationHistogram
     /// Identity headers, looked up once per connection or stream (the identity does not change within it).
     private var identityHeaders: [(String, String)]?
@@ -278,6 +283,8 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         let keepAlive: Bool
         var route: String?
         var reason: String
+        /// The rule that allowed the request; the access log's reason is written from it only when a line is logged.
+        var allowedBy: String?
         /// The refusal's stable code, when the proxy answers itself.
         var code: String?
         var closeAfter = false
@@ -413,6 +420,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             context.fireErrorCaught(error)
             return
         }
+        guard !failed else { return }  // answered once; the connection is closing
         if exchange != nil || !waiting.isEmpty {
             // Belongs after the requests already read.
             waiting.append(.parseError(parse))
@@ -454,7 +462,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             appendUpstream(part, exchange: exchange, context: context) { exchange.pending.append($0) }
         case .forward(let flush):
             guard let upstream = exchange.upstream else { return }
-            appendUpstream(part, exchange: exchange, context: context) { upstream.channel.write(NIOAny($0), promise: nil) }
+            appendUpstream(part, exchange: exchange, context: context) { upstream.channel.write($0, promise: nil) }
             if flush { upstream.channel.flush() }
         case .answer(let status):
             respondDirectly(context: context, exchange: exchange, status: HTTPResponseStatus(statusCode: Int(status)))
@@ -474,7 +482,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             emit(buffer)
             emit(HTTP1Wire.crlf)
         case (.end(let trailers), .chunked):
-            emit(HTTP1Wire.lastChunk(trailers: trailers))
+            emit(HTTP1Wire.lastChunk(trailers: trailers.map { Self.forwardTrailers($0, strip: state.stripMatcher) }))
         case (.body, .none), (.end, _), (.head, _):
             break
         }
@@ -537,7 +545,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             return
         case .allow(let route, let by):
             exchange.route = route
-            exchange.reason = "allowed by \(by)"
+            exchange.allowedBy = by
         }
         var forwarded: HTTPHeaders
         switch forwardedHeaders(head.headers, context: context) {
@@ -651,6 +659,21 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         return headers
     }
 
+    /// A request's trailer fields as sent upstream: the same removals as for its head (hop-by-hop fields, every
+    /// spelling of a header the proxy owns, the strip list), and nothing added: a backend that merges trailers into
+    /// the headers must not find a forged identity there.
+    static func forwardTrailers(_ incoming: HTTPHeaders, strip: HeaderNames.Matcher) -> HTTPHeaders {
+        var trailers = HTTPHeaders()
+        for (name, value) in incoming {
+            let canonical = HeaderNames.canonical(name)
+            if HTTP1Wire.hopByHop.contains(canonical) || ForwardedIdentity.ownedHeaders.contains(canonical) || strip.matches(canonical: canonical) {
+                continue
+            }
+            trailers.add(name: name, value: value)
+        }
+        return trailers
+    }
+
     private func upstreamReady(context: ChannelHandlerContext, exchange: Exchange, result: Result<UpstreamConnection, any Error>) {
         guard self.exchange === exchange, context.channel.isActive else {
             if case .success(let upstream) = result { loopPool?.release(upstream) }
@@ -675,7 +698,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             }
             let held = exchange.pending
             exchange.pending = []
-            for bytes in held { upstream.channel.write(NIOAny(bytes), promise: nil) }
+            for bytes in held { upstream.channel.write(bytes, promise: nil) }
             upstream.channel.flush()
             if upstream.channel.isWritable { resumeClient(context) }
         }
@@ -885,7 +908,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         if let (timers, timerContext) = timers { timers.exchangeFinished(context: timerContext) }
         let elapsed = ContinuousClock.now - exchange.started
         latency.record(elapsed)
-        let key = "\(status)|\(exchange.route ?? "none")"
+        let key = CounterKey(status: status, route: exchange.route)
         if let counter = counters[key] {
             counter.increment()
         } else {
@@ -894,6 +917,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             counter.increment()
         }
         guard runtime.accessLog.enabled else { return }
+        let reason = reason.isEmpty ? exchange.allowedBy.map { "allowed by \($0)" } ?? reason : reason
         let peer = self.peer
         let decision: String
         switch status {

@@ -58,20 +58,6 @@ struct ResponseFramer {
         func value(_ field: Field) -> String { bytes.getString(at: field.valueStart, length: field.valueLength) ?? "" }
         var reason: String { bytes.getString(at: reasonStart, length: reasonLength) ?? "" }
 
-        /// Whether a field's name equals `lowercased` (ASCII, case-insensitive), without making a string.
-        func name(_ field: Field, is lowercased: String) -> Bool {
-            guard field.nameLength == lowercased.utf8.count else { return false }
-            return bytes.withUnsafeReadableBytes { raw in
-                let base = field.nameStart - bytes.readerIndex
-                var index = 0
-                for expected in lowercased.utf8 {
-                    if Self.lower(raw[base + index]) != expected { return false }
-                    index += 1
-                }
-                return true
-            }
-        }
-
         static func lower(_ byte: UInt8) -> UInt8 { byte >= 65 && byte <= 90 ? byte | 0x20 : byte }
     }
 
@@ -118,9 +104,8 @@ struct ResponseFramer {
         self.relayRaw = relayRaw
     }
 
+    /// The response's end has been given.
     var isComplete: Bool { if case .done = state { true } else { false } }
-    /// Whether a head has been read (a failure after it cannot be answered with a status any more).
-    var headRead: Bool { if case .head = state { false } else { true } }
 
     /// The next event from `buffer` (consuming what it covers), or nil when more bytes are needed. After `.end`,
     /// bytes left in `buffer` belong to no response.

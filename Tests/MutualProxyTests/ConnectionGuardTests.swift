@@ -64,6 +64,34 @@ struct ConnectionGuardTests {
         #expect(reasons == ["idle_timeout", "request_head_timeout"])
     }
 
+    @Test("connections on one event loop share one timer sweep; each is closed at its own deadline and leaves it")
+    func sharedSweep() throws {
+        var limits = ProxyLimits()
+        limits.idleTimeout = 20
+        limits.requestHeadTimeout = 5
+        var reasons: [String] = []
+        let loop = EmbeddedEventLoop()
+        func connection() throws -> EmbeddedChannel {
+            let channel = EmbeddedChannel(loop: loop)
+            try channel.pipeline.syncOperations.addHandler(HTTP1ConnectionGuard(limits: limits) { reason, _ in reasons.append(reason) })
+            try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
+            return channel
+        }
+        let idle = try connection()
+        let slow = try connection()
+        let closedEarly = try connection()
+        let sweep = HTTP1TimerSweep.on(loop, interval: HTTP1TimerState(limits: limits, now: loop.now).checkInterval)
+        #expect(sweep.count == 3, "one sweep for the loop's connections")
+        try slow.writeInbound(ByteBuffer(string: "GET / HTTP/1.1\r\n"))  // a head begins and never ends
+        _ = try closedEarly.close().wait()
+        #expect(sweep.count == 2, "a closed connection leaves the sweep")
+        loop.advanceTime(by: .seconds(6))
+        #expect(idle.isActive && !slow.isActive && reasons == ["request_head_timeout"])
+        loop.advanceTime(by: .seconds(15))
+        #expect(!idle.isActive && reasons == ["request_head_timeout", "idle_timeout"])
+        #expect(sweep.count == 0)
+    }
+
     @Test("an HTTP/2 connection without streams is closed after the idle timeout; an open stream keeps it")
     func http2Idle() throws {
         var closed = 0

@@ -305,6 +305,72 @@ struct GatewaySocketTests {
         await fixture.stop()
     }
 
+    /// Collects every byte a TLS connection receives until it closes.
+    final class ByteCollector: ChannelInboundHandler, Sendable {
+        typealias InboundIn = ByteBuffer
+        let closed: EventLoopPromise<String>
+        private let bytes = NIOLockedValueBox<[UInt8]>([])
+        init(closed: EventLoopPromise<String>) { self.closed = closed }
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            let buffer = unwrapInboundIn(data)
+            bytes.withLockedValue { $0 += buffer.readableBytesView }
+        }
+        func errorCaught(context: ChannelHandlerContext, error: any Error) { context.close(promise: nil) }
+        func channelInactive(context: ChannelHandlerContext) {
+            closed.succeed(bytes.withLockedValue { String(decoding: $0, as: UTF8.self) })
+        }
+    }
+
+    /// Splits bytes into HTTP/1.1 responses framed by Content-Length (all the proxy's answers here have one).
+    static func responses(_ bytes: [UInt8]) -> [(status: Int, body: String)] {
+        var result: [(status: Int, body: String)] = []
+        var index = 0
+        let separator: [UInt8] = Array("\r\n\r\n".utf8)
+        while index < bytes.count {
+            guard let end = (index...(bytes.count - 4)).first(where: { Array(bytes[$0..<($0 + 4)]) == separator }) else { break }
+            let head = String(decoding: bytes[index..<end], as: UTF8.self).split(separator: "\r\n")
+            let status = head.first.flatMap { Int($0.split(separator: " ")[1]) } ?? 0
+            let length = head.dropFirst().compactMap { line -> Int? in
+                let parts = line.split(separator: ":", maxSplits: 1)
+                return parts.count == 2 && parts[0].lowercased() == "content-length" ? Int(parts[1].trimmingCharacters(in: .whitespaces)) : nil
+            }.first ?? 0
+            let bodyEnd = min(bytes.count, end + 4 + length)
+            result.append((status, String(decoding: bytes[(end + 4)..<bodyEnd], as: UTF8.self).trimmingCharacters(in: .newlines)))
+            index = bodyEnd
+        }
+        return result
+    }
+
+    @Test("HTTP/1.1 pipelining is bounded: 32 requests wait behind the one being answered, the next gets 429 pipeline_too_deep, then the connection closes")
+    func pipelineDepth() async throws {
+        let fixture = try await Self.start()
+        let context = try Self.tls(fixture, chain: fixture.good.chain, key: fixture.good.key)
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let closed = loop.makePromise(of: String.self)
+        let channel = try await ClientBootstrap(group: loop)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: context, serverHostname: "localhost"))
+                    try channel.pipeline.syncOperations.addHandler(ByteCollector(closed: closed))
+                }
+            }
+            .connect(host: "127.0.0.1", port: fixture.port).get()
+        // 100 requests in one write: the first opens an exchange (its upstream connection takes a loop tick), the
+        // others arrive in the same read while it is open.
+        let requests = (0..<100).map { "GET /r\($0) HTTP/1.1\r\nHost: localhost\r\n\r\n" }.joined()
+        try await channel.writeAndFlush(ByteBuffer(string: requests)).get()
+        let out = try await closed.futureResult.get()
+        let responses = Self.responses(Array(out.utf8))
+        #expect(responses.count == 1 + HTTPProxyHandler.maxWaitingRequests + 1, "\(responses.count) responses")
+        #expect(responses.dropLast().allSatisfy { $0.status == 200 })
+        #expect(responses.dropLast().map(\.body) == (0...HTTPProxyHandler.maxWaitingRequests).map { "/r\($0)" }, "answered in order, each once")
+        #expect(responses.last?.status == 429)
+        let code = responses.last.flatMap { try? JSONSerialization.jsonObject(with: Data($0.body.utf8)) as? [String: Any] }?["error"] as? String
+        #expect(code == "pipeline_too_deep")
+        #expect(fixture.metric("mutual_proxy_requests_refused_total", "code=\"pipeline_too_deep\"") == 1)
+        await fixture.stop()
+    }
+
     @Test("over HTTP/1.1: too many headers get 431, spellings of a denied path never reach the upstream, the forwarded target is normalized")
     func http1Requests() async throws {
         let fixture = try await Self.start { listener in

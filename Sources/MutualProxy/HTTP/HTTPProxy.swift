@@ -339,6 +339,13 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     /// HTTP/1.1 pipelining: what arrived after a request while its exchange is still open, handled in order once
     /// it ends (NIO's pipelining handler did this before the relay wrote its own responses).
     private var waiting: [Waiting] = []
+    /// Request heads in `waiting`. At most `maxWaitingRequests` wait; the one after them is answered 429
+    /// `pipeline_too_deep` (after the answers to those before it) and the connection closes, so what one read of
+    /// tiny pipelined requests can make the proxy hold is bounded per connection.
+    private var waitingHeads = 0
+    /// The pipelining limit was reached: nothing more the decoder produces is kept.
+    private var overflowed = false
+    static let maxWaitingRequests = 32
     private var draining = false
     /// Shutting down: no new exchange; close once the current one is answered.
     private var quiescing = false
@@ -348,6 +355,13 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     enum Waiting {
         case part(HTTPServerRequestPart)
         case parseError(HTTPParserError)
+        /// More requests were pipelined than may wait.
+        case tooDeep
+    }
+
+    private func clearWaiting() {
+        waiting = []
+        waitingHeads = 0
     }
 
     private func updateReading(_ context: ChannelHandlerContext) {
@@ -408,7 +422,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         if event is ChannelShouldQuiesceEvent, !isHTTP2Stream {
             // Graceful shutdown: an idle connection closes now, a busy one after its answer.
             quiescing = true
-            waiting = []
+            clearWaiting()
             if exchange == nil { context.close(promise: nil) }
             return
         }
@@ -420,7 +434,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             context.fireErrorCaught(error)
             return
         }
-        guard !failed else { return }  // answered once; the connection is closing
+        guard !failed, !overflowed else { return }  // answered once, or refused further on; the connection is closing
         if exchange != nil || !waiting.isEmpty {
             // Belongs after the requests already read.
             waiting.append(.parseError(parse))
@@ -432,10 +446,20 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard !failed else { return }
+        guard !failed, !overflowed else { return }
         let part = unwrapInboundIn(data)
         if !isHTTP2Stream, !waiting.isEmpty || (exchange != nil && part.isHead) {
             // A pipelined request: held, and the client not read, until the current exchange ends.
+            if part.isHead {
+                if waitingHeads >= Self.maxWaitingRequests {
+                    waiting.append(.tooDeep)
+                    overflowed = true
+                    pausedForPipelining = true
+                    updateReading(context)
+                    return
+                }
+                waitingHeads += 1
+            }
             waiting.append(.part(part))
             pausedForPipelining = true
             updateReading(context)
@@ -503,7 +527,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             finish(exchange: exchange, status: responseStarted ? exchange.status : 499, reason: "client closed the connection")
         }
         exchange = nil
-        waiting = []
+        clearWaiting()
         context.fireChannelInactive()
     }
 
@@ -754,7 +778,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
                 drainWaiting(context: context)
             } else if exchange.closeClientAfterResponse || quiescing {
                 // The body's bytes are written already; close once they are out.
-                waiting = []
+                clearWaiting()
                 context.writeAndFlush(NIOAny(ByteBuffer())).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
             } else {
                 // The response's last bytes went out with the body; nothing to write, only to flush.
@@ -789,7 +813,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             // Truncated response: the client must not take it as complete.
             resumeClient(context)
             self.exchange = nil
-            waiting = []
+            clearWaiting()
             finish(exchange: exchange, status: exchange.status, reason: exchange.code == nil ? "upstream closed mid-response" : exchange.reason)
             context.close(promise: nil)
         case .resumeClient:
@@ -841,7 +865,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             guard !keepAlive else { return }
             if isHTTP2 { context.close(promise: nil) } else { HTTP1ConnectionGuard.closeAfterAnswer(context) }
         }
-        if keepAlive { drainWaiting(context: context) } else { waiting = [] }
+        if keepAlive { drainWaiting(context: context) } else { clearWaiting() }
     }
 
     /// After an exchange ends: the pipelined requests that waited, in order, until one opens an exchange that does
@@ -853,10 +877,19 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         while let first = waiting.first {
             if exchange != nil, case .part(let part) = first, part.isHead { break }
             if exchange != nil, case .parseError = first { break }
+            if exchange != nil, case .tooDeep = first { break }
             waiting.removeFirst()
             switch first {
-            case .part(let part): handle(part, context: context)
-            case .parseError(let error): parseFailed(context: context, error: error)
+            case .part(let part):
+                if part.isHead { waitingHeads -= 1 }
+                handle(part, context: context)
+            case .parseError(let error):
+                parseFailed(context: context, error: error)
+            case .tooDeep:
+                failConnection(
+                    context: context, status: .tooManyRequests, code: "pipeline_too_deep",
+                    reason: "more than \(Self.maxWaitingRequests) requests were pipelined behind one still being answered"
+                )
             }
         }
         if waiting.isEmpty {
@@ -870,11 +903,17 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     /// open is abandoned (its upstream closed); a response already started cannot be replaced, so the connection
     /// just ends.
     private func parseFailed(context: ChannelHandlerContext, error: HTTPParserError) {
-        failed = true
-        waiting = []
         let (status, code, reason): (HTTPResponseStatus, String, String) = error == .headerOverflow
             ? (.requestHeaderFieldsTooLarge, "headers_too_large", "the request's header fields exceed the listener's limits")
             : (.badRequest, "malformed_request", "the request is not valid HTTP/1.1 (\(error))")
+        failConnection(context: context, status: status, code: code, reason: reason)
+    }
+
+    /// Answers the client once with `status` and `code`, then closes: the connection's input can no longer be
+    /// handled (a parse error, or too many pipelined requests).
+    private func failConnection(context: ChannelHandlerContext, status: HTTPResponseStatus, code: String, reason: String) {
+        failed = true
+        clearWaiting()
         runtime.metrics.requestRefused(listener: state.name, code: code)
         var responseStarted = false
         if let exchange {
@@ -887,7 +926,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         } else if runtime.accessLog.enabled {
             runtime.accessLog.record(.init(
                 listener: state.name, client: peer?.displayName, serial: peer?.serial, method: nil, path: nil, route: nil,
-                decision: "bad_request", reason: "the request could not be parsed within the limits", status: Int(status.code),
+                decision: "bad_request", reason: reason, status: Int(status.code),
                 bytesIn: 0, bytesOut: 0, latency: .zero, peer: nil, code: code
             ))
         }
@@ -921,7 +960,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         let peer = self.peer
         let decision: String
         switch status {
-        case 400, 405, 431: decision = "bad_request"
+        case 400, 405, 429, 431: decision = "bad_request"
         case 401: decision = "unauthenticated"
         case 403: decision = "deny"
         default: decision = exchange.route == nil ? "error" : "allow"

@@ -52,6 +52,8 @@ public struct AuthorityServer: Sendable {
         public var httpPublicURL: String?
         /// Lifetime of published CRLs (a new one is made at half of it, and after every revocation).
         public var crlValidity: ValidityDuration = .hours(24)
+        /// ACME provisioners served at `/acme/<name>/directory`.
+        public var acmeProvisioners: [ACMEProvisioner] = []
 
         public init(
             host: String = "127.0.0.1", port: Int = 9443, publicURL: URL? = nil,
@@ -176,6 +178,16 @@ public struct AuthorityServer: Sendable {
         revocation.registerSignedObjects(on: router)
         revocation.registerEvents(on: router)
         revocation.registerChainCRLs(on: router)
+        var acme: ACMEService?
+        if !configuration.acmeProvisioners.isEmpty {
+            let service = try await ACMEService.make(
+                authority: authority, provisioners: configuration.acmeProvisioners, validator: ACMENetworkValidator(), logger: logger
+            )
+            let host = configuration.publicURL?.host ?? configuration.host
+            ACMERoutes(service: service, fallbackAuthority: host.contains(":") ? "[\(host)]:\(configuration.port)" : "\(host):\(configuration.port)")
+                .register(on: router)
+            acme = service
+        }
         let timeout = TimeAmount.nanoseconds(Int64(configuration.idleTimeout.components.seconds) * 1_000_000_000)
         let app = Application(
             router: router,
@@ -220,6 +232,7 @@ public struct AuthorityServer: Sendable {
             try await tasks.next()
             tasks.cancelAll()
         }
+        await acme?.waitForValidations()
     }
 
     enum RevocationURLPlan {

@@ -105,6 +105,47 @@ enum Schema {
                     "CREATE INDEX certificates_requester ON certificates (requester)"
                 ]
             ),
+            (
+                5,
+                [
+                    // ACME (RFC 8555): each object's JSON in `body`; the columns queried or updated conditionally
+                    // beside it.
+                    """
+                    CREATE TABLE acme_accounts (
+                        id TEXT PRIMARY KEY,
+                        provisioner TEXT NOT NULL,
+                        thumbprint TEXT NOT NULL,
+                        status TEXT NOT NULL,
+                        body TEXT NOT NULL,
+                        created_at \(t.bigint) NOT NULL
+                    )
+                    """,
+                    "CREATE UNIQUE INDEX acme_accounts_key ON acme_accounts (provisioner, thumbprint)",
+                    """
+                    CREATE TABLE acme_orders (
+                        id TEXT PRIMARY KEY,
+                        account_id TEXT NOT NULL,
+                        status TEXT NOT NULL,
+                        expires \(t.bigint) NOT NULL,
+                        body TEXT NOT NULL,
+                        created_at \(t.bigint) NOT NULL
+                    )
+                    """,
+                    "CREATE INDEX acme_orders_account ON acme_orders (account_id, created_at)",
+                    """
+                    CREATE TABLE acme_authorizations (
+                        id TEXT PRIMARY KEY,
+                        order_id TEXT NOT NULL,
+                        account_id TEXT NOT NULL,
+                        status TEXT NOT NULL,
+                        body TEXT NOT NULL
+                    )
+                    """,
+                    "CREATE INDEX acme_authorizations_order ON acme_authorizations (order_id)",
+                    "CREATE TABLE acme_used_nonces (nonce TEXT PRIMARY KEY, expires_at \(t.bigint) NOT NULL)",
+                    "CREATE INDEX acme_used_nonces_expiry ON acme_used_nonces (expires_at)",
+                ]
+            ),
         ]
     }
 

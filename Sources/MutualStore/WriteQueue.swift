@@ -19,6 +19,9 @@ actor WriteQueue {
         case createToken(TokenRecord, AuditEntry)
         case revokeToken(id: String, time: Date, AuditEntry)
         case storeCRL(StoredCRL)
+        /// ACME changes, with a certificate to record and audit events, all in one transaction.
+        case acme([ACMEStep], CertificateRecord?, [AuditEntry])
+        case metadataIfAbsent(key: String, value: String)
     }
 
     enum Outcome: Sendable {
@@ -28,7 +31,7 @@ actor WriteQueue {
 
     static let headKey = "audit_head"
 
-    private let db: any SQLDatabase
+    let db: any SQLDatabase
     private let begin: String
     private let lock: String?
     private let logger: Logger
@@ -199,6 +202,14 @@ actor WriteQueue {
                 }
                 try await db.raw("UPDATE tokens SET revoked_at = \(bind: Int64(time.timeIntervalSince1970)) WHERE id = \(bind: id)").run()
                 chain(entry)
+                outcomes.append(.done)
+            case .acme(let steps, let record, let entries):
+                for step in steps { try await apply(step) }
+                if let record { certificates.append(record) }
+                for entry in entries { chain(entry) }
+                outcomes.append(.done)
+            case .metadataIfAbsent(let key, let value):
+                try await db.raw("INSERT INTO metadata (key, value) VALUES (\(bind: key), \(bind: value)) ON CONFLICT (key) DO NOTHING").run()
                 outcomes.append(.done)
             case .storeCRL(let crl):
                 // The primary key on the number makes "one CRL per number" hold across writers.

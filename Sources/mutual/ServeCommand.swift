@@ -41,6 +41,18 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "Lifetime of the authority's own TLS certificate.", transform: ValidityDuration.argument)
     var serverCertValidity: ValidityDuration = .hours(24)
 
+    @Option(help: "Serve an ACME provisioner (RFC 8555) with this name at /acme/NAME/directory: DNS names and IP addresses inside the CA's constraints, http-01, no account binding (repeatable).")
+    var acme: [String] = []
+
+    @Option(help: "Port the ACME validator connects to for http-01 challenges.")
+    var acmeHttpPort: Int = 80
+
+    @Option(help: "Port the ACME validator connects to for tls-alpn-01 challenges.")
+    var acmeTlsPort: Int = 443
+
+    @Option(help: "Lifetime of certificates issued over ACME.", transform: ValidityDuration.argument)
+    var acmeValidity: ValidityDuration = .days(7)
+
     @Option(help: "Log level: trace|debug|info|notice|warning|error|critical.")
     var logLevel: String = "info"
 
@@ -58,6 +70,19 @@ struct ServeCommand: AsyncParsableCommand {
             }
             url = parsed
         }
+        for (flag, port) in [("--acme-http-port", acmeHttpPort), ("--acme-tls-port", acmeTlsPort)] where !(1...65535).contains(port) {
+            throw CommandFailure("\(flag) must be a port between 1 and 65535 (got \(port))", exitCode: 2)
+        }
+        if Set(acme).count != acme.count { throw CommandFailure("--acme names must be distinct", exitCode: 2) }
+        let acmeProvisioners = try await failing {
+            try acme.map { name in
+                var provisioner = try ACMEProvisioner(name: name)
+                provisioner.httpPort = acmeHttpPort
+                provisioner.tlsPort = acmeTlsPort
+                provisioner.validity = acmeValidity
+                return provisioner
+            }
+        }
         var logger = Logger(label: "mutual.serve")
         logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
         let authority = try await stateOptions.openAuthority()
@@ -67,12 +92,16 @@ struct ServeCommand: AsyncParsableCommand {
         configuration.httpListen = http
         configuration.httpPublicURL = httpPublicURL
         configuration.crlValidity = crlValidity
+        configuration.acmeProvisioners = acmeProvisioners
         let server = AuthorityServer(authority: authority, configuration: configuration, logger: logger)
         await Self.warnAboutCA(stateOptions.state, logger: logger)
         do {
             try await server.run(onListening: { port in
                 let line = "mutual serve: listening on https://\(host.contains(":") ? "[\(host)]" : host):\(port)\n  trust anchor: \(stateOptions.state.rootCertificatePath)\n"
                 FileHandle.standardOutput.write(Data(line.utf8))
+                for name in acme {
+                    FileHandle.standardOutput.write(Data("  ACME directory: https://\(host.contains(":") ? "[\(host)]" : host):\(port)/acme/\(name)/directory\n".utf8))
+                }
             }, onHTTPListening: { port in
                 FileHandle.standardOutput.write(Data("mutual serve: CRL and OCSP on http://\(http?.host ?? ""):\(port) (/crl, /crl.pem, /ocsp, /roots.pem)\n".utf8))
             })

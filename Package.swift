@@ -204,6 +204,8 @@ let package = Package(
             name: "MutualAuthorityTests",
             dependencies: [
                 "MutualAuthority", "MutualPKI", "MutualStore", "TestSupport",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "_CryptoExtras", package: "swift-crypto"),
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
                 .product(name: "SQLiteKit", package: "sqlite-kit"),

@@ -216,6 +216,7 @@ let package = Package(
             dependencies: [
                 "MutualServer", "MutualClient", "MutualAuthority", "MutualPKI", "MutualStore", "MutualAgent", "TestSupport",
                 .product(name: "X509", package: "swift-certificates"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# ACME (RFC 8555) against the clients users already run: certbot (PyPI) and lego (Debian), each against a real
+# `mutual serve --acme` on 127.0.0.1 with the validator pointed at unprivileged ports chosen at run time.
+# certbot: register, certonly --standalone for a DNS name and for an IP address, renew, revoke, a failed validation;
+# lego: http-01 with an ECDSA account key. Every certificate lands in the inventory with its ACME account as owner.
+# Prints "N passed, N failed"; stops every process it started.
+set -uo pipefail
+: "${MUTUAL:?}" "${VENV:?}"
+. "$(dirname "$0")/harness.sh"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+M() { "$MUTUAL" "$@"; }
+
+M init --state-dir "$T/ca" --name "ACME Interop" > /dev/null
+HP=$(free_port)
+M serve --state-dir "$T/ca" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --acme test --acme-http-port "$HP" > "$T/serve.log" 2>&1 & PIDS+=($!)
+for _ in $(seq 100); do grep -q "ACME directory" "$T/serve.log" && break; sleep 0.1; done
+DIR=$(grep -o 'https://[^ ]*/acme/test/directory' "$T/serve.log")
+[ -n "$DIR" ] || { bad "mutual serve did not start: $(cat "$T/serve.log")"; echo "$pass passed, $fail failed"; exit 1; }
+ROOT_PEM="$T/ca/ca/root.pem"
+export REQUESTS_CA_BUNDLE="$ROOT_PEM"   # certbot trusts the authority's root for the ACME API
+CB=("$VENV/bin/certbot" --non-interactive --config-dir "$T/cb/conf" --work-dir "$T/cb/work" --logs-dir "$T/cb/logs" --server "$DIR")
+STANDALONE=(--standalone --http-01-address 127.0.0.1 --http-01-port "$HP")
+
+owner_of() {  # identity → owner in the inventory (the newest valid certificate)
+  M list --state-dir "$T/ca" --json 2>/dev/null | python3 -c "
+import json, sys
+rows = [r for r in json.load(sys.stdin) if r['identity'] == sys.argv[1]]
+print(rows[-1]['owner'] if rows else '')" "$1"
+}
+
+start=$(date +%s.%N)
+if timeout 120 "${CB[@]}" register --agree-tos -m ops@example.org > "$T/cb-register.log" 2>&1; then ok "certbot register (RS256 account key)"; else bad "certbot register: $(tail -5 "$T/cb-register.log")"; fi
+if timeout 120 "${CB[@]}" certonly "${STANDALONE[@]}" -d localhost --cert-name dns > "$T/cb-dns.log" 2>&1; then
+  took=$(python3 -c "print(round($(date +%s.%N) - $start, 2))")
+  ok "certbot certonly --standalone for a DNS name (register → certificate in ${took}s)"
+else bad "certbot certonly for localhost: $(tail -8 "$T/cb-dns.log")"; fi
+check "the certbot certificate verifies against the root with openssl" openssl verify -CAfile "$ROOT_PEM" -untrusted "$T/cb/conf/live/dns/chain.pem" "$T/cb/conf/live/dns/cert.pem"
+check "it is a server certificate for localhost" bash -c "openssl x509 -in '$T/cb/conf/live/dns/cert.pem' -noout -ext subjectAltName,extendedKeyUsage | grep -q 'DNS:localhost' && openssl x509 -in '$T/cb/conf/live/dns/cert.pem' -noout -ext extendedKeyUsage | grep -q 'Server Authentication'"
+owner=$(owner_of localhost)
+case "$owner" in acme:test/*) ok "inventory: owner of the localhost certificate is its ACME account ($owner)";; *) bad "inventory owner '$owner'";; esac
+
+if timeout 120 "${CB[@]}" certonly "${STANDALONE[@]}" --ip-address 127.0.0.1 --cert-name ip > "$T/cb-ip.log" 2>&1; then ok "certbot certonly --standalone for an IP address"; else bad "certbot for 127.0.0.1: $(tail -8 "$T/cb-ip.log")"; fi
+check "the IP certificate names IP Address:127.0.0.1" bash -c "openssl x509 -in '$T/cb/conf/live/ip/cert.pem' -noout -ext subjectAltName | grep -q 'IP Address:127.0.0.1'"
+
+before=$(openssl x509 -in "$T/cb/conf/live/dns/cert.pem" -noout -serial)
+if timeout 120 "${CB[@]}" renew --force-renewal --no-random-sleep-on-renew --cert-name dns "${STANDALONE[@]}" > "$T/cb-renew.log" 2>&1 \
+   && [ "$(openssl x509 -in "$T/cb/conf/live/dns/cert.pem" -noout -serial)" != "$before" ]; then ok "certbot renew: a new certificate"; else bad "certbot renew: $(tail -8 "$T/cb-renew.log")"; fi
+
+serial=$(openssl x509 -in "$T/cb/conf/live/ip/cert.pem" -noout -serial | cut -d= -f2 | tr A-F a-f)
+if timeout 60 "${CB[@]}" revoke --cert-name ip --reason keycompromise --no-delete-after-revoke > "$T/cb-revoke.log" 2>&1; then ok "certbot revoke"; else bad "certbot revoke: $(tail -5 "$T/cb-revoke.log")"; fi
+check "the revoked certificate is revoked (keyCompromise) in the inventory" bash -c "'$MUTUAL' show --state-dir '$T/ca' $serial --json | python3 -c 'import json,sys; r=json.load(sys.stdin); sys.exit(0 if r[\"status\"]==\"revoked\" and r.get(\"revocation_reason\")==\"keyCompromise\" else 1)'"
+
+# A validation that cannot succeed: certbot listens on another port than the one the validator connects to.
+WRONG=$(free_port)
+if timeout 120 "${CB[@]}" certonly --standalone --http-01-address 127.0.0.1 --http-01-port "$WRONG" -d localhost --cert-name never > "$T/cb-fail.log" 2>&1; then
+  bad "certbot succeeded although nothing answered the validator"
+else
+  if grep -q "Type:   connection" "$T/cb-fail.log" && grep -qi "connection refused" "$T/cb-fail.log"; then ok "a refused validation: certbot reports type connection (connection refused), the order does not hang"; else bad "failed validation reported as: $(grep -iE 'type|detail' "$T/cb-fail.log" | head -3)"; fi
+fi
+
+# lego: http-01 with an ECDSA (P-256) account key.
+if LEGO_CA_CERTIFICATES="$ROOT_PEM" timeout 120 lego --server "$DIR" --email ops@example.org --accept-tos --key-type ec256 --path "$T/lego" \
+     --http --http.port "127.0.0.1:$HP" --domains localhost --domains 127.0.0.1 run > "$T/lego.log" 2>&1; then
+  ok "lego run (http-01, ECDSA account key) for a DNS name and an IP address"
+else bad "lego: $(tail -8 "$T/lego.log")"; fi
+check "the lego certificate verifies with openssl" openssl verify -CAfile "$ROOT_PEM" -untrusted "$T/ca/ca/intermediate.pem" "$T/lego/certificates/localhost.crt"
+
+kill "${PIDS[0]}" 2>/dev/null
+echo "$pass passed, $fail failed"
+[ "$fail" -eq 0 ]

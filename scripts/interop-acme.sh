@@ -46,6 +46,20 @@ before=$(openssl x509 -in "$T/cb/conf/live/dns/cert.pem" -noout -serial)
 if timeout 120 "${CB[@]}" renew --force-renewal --no-random-sleep-on-renew --cert-name dns "${STANDALONE[@]}" > "$T/cb-renew.log" 2>&1 \
    && [ "$(openssl x509 -in "$T/cb/conf/live/dns/cert.pem" -noout -serial)" != "$before" ]; then ok "certbot renew: a new certificate"; else bad "certbot renew: $(tail -8 "$T/cb-renew.log")"; fi
 
+# ARI (RFC 9773): certbot asks renewal-info before renewing, and a fresh certificate is not due. Once the certificate
+# is revoked with `mutual revoke`, certbot renews it (it sees the revocation through the authority's OCSP responder;
+# its next ARI question waits for the Retry-After it was given).
+current=$(openssl x509 -in "$T/cb/conf/live/dns/cert.pem" -noout -serial | cut -d= -f2 | tr A-F a-f)
+timeout 120 "${CB[@]}" renew --no-random-sleep-on-renew --cert-name dns "${STANDALONE[@]}" > "$T/cb-ari1.log" 2>&1
+after=$(openssl x509 -in "$T/cb/conf/live/dns/cert.pem" -noout -serial | cut -d= -f2 | tr A-F a-f)
+if [ "$after" = "$current" ] && grep -qE '"GET /acme/test/renewal-info/[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+ HTTP/1.1" 200' "$T"/cb/logs/letsencrypt.log*; then
+  ok "certbot renew: asked renewal-info (ARI), a fresh certificate is not due"
+else bad "certbot renew of a fresh certificate: $(tail -5 "$T/cb-ari1.log")"; fi
+M revoke --state-dir "$T/ca" --reason keyCompromise "$current" > /dev/null
+timeout 120 "${CB[@]}" renew --no-random-sleep-on-renew --cert-name dns "${STANDALONE[@]}" > "$T/cb-ari2.log" 2>&1
+after=$(openssl x509 -in "$T/cb/conf/live/dns/cert.pem" -noout -serial | cut -d= -f2 | tr A-F a-f)
+[ "$after" != "$current" ] && ok "certbot renew after mutual revoke: renewed at once" || bad "certbot did not renew the revoked certificate: $(tail -5 "$T/cb-ari2.log")"
+
 serial=$(openssl x509 -in "$T/cb/conf/live/ip/cert.pem" -noout -serial | cut -d= -f2 | tr A-F a-f)
 if timeout 60 "${CB[@]}" revoke --cert-name ip --reason keycompromise --no-delete-after-revoke > "$T/cb-revoke.log" 2>&1; then ok "certbot revoke"; else bad "certbot revoke: $(tail -5 "$T/cb-revoke.log")"; fi
 check "the revoked certificate is revoked (keyCompromise) in the inventory" bash -c "'$MUTUAL' show --state-dir '$T/ca' $serial --json | python3 -c 'import json,sys; r=json.load(sys.stdin); sys.exit(0 if r[\"status\"]==\"revoked\" and r.get(\"revocation_reason\")==\"keyCompromise\" else 1)'"
@@ -65,6 +79,7 @@ if LEGO_CA_CERTIFICATES="$ROOT_PEM" timeout 120 lego --server "$DIR" --email ops
 else bad "lego: $(tail -8 "$T/lego.log")"; fi
 check "the lego certificate verifies with openssl" openssl verify -CAfile "$ROOT_PEM" -untrusted "$T/ca/ca/intermediate.pem" "$T/lego/certificates/localhost.crt"
 
+[ -n "${KEEP:-}" ] && cp -r "$T" /tmp/acme-keep
 kill "${PIDS[0]}" 2>/dev/null
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

@@ -184,7 +184,7 @@ struct ACMETests {
             let directory = await client.raw("directory", Data(), contentType: "", method: "GET")
             #expect(directory.status == 200)
             #expect(directory.json["newAccount"] as? String == TestACMEClient.base + "/acme/test/new-account")
-            #expect(directory.json["keyChange"] == nil, "not advertised unless implemented")
+            #expect(directory.json["keyChange"] as? String == TestACMEClient.base + "/acme/test/key-change")
             let created = try await client.register()
             #expect(created.status == 201)
             #expect(created.header("replay-nonce") != nil)
@@ -461,6 +461,94 @@ struct ACMETests {
             let later = try await client.post(authzURL, nil)
             #expect(later.json["status"] as? String == "invalid")
             #expect(try await client.post(order.header("location")!, nil).json["status"] as? String == "invalid")
+        }
+    }
+
+    static func date(_ text: String) -> Date? {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        return formatter.date(from: text)
+    }
+
+    /// Issues one certificate for `name` through `client`'s account; returns it.
+    static func issue(_ client: TestACMEClient, _ setup: Setup, name: String, replaces: String? = nil) async throws -> Certificate {
+        var payload: [String: Any] = ["identifiers": [["type": "dns", "value": name]]]
+        if let replaces { payload["replaces"] = replaces }
+        let order = try await client.post("new-order", payload)
+        #expect(order.status == 201, "\(String(decoding: order.body, as: UTF8.self))")
+        for authzURL in order.json["authorizations"] as? [String] ?? [] {
+            let authz = try await client.post(authzURL, nil)
+            let challenge = (authz.json["challenges"] as! [[String: Any]])[0]
+            let thumbprint = try ACMEAccountKey(jwk: client.jwk).thumbprint
+            setup.validator.served.withLock { $0[name] = "\(challenge["token"] as! String).\(thumbprint)" }
+            _ = try await client.post(challenge["url"] as! String, [String: Any]())
+        }
+        await setup.service.waitForValidations()
+        let done = try await client.post(order.header("location")! + "/finalize", ["csr": try csrDER(try KeyType.p256.generate(), dns: [name])])
+        let pem = try await client.post(try #require(done.json["certificate"] as? String), nil)
+        return try PEMBundle.certificates(fromPEM: String(decoding: pem.body, as: UTF8.self))[0]
+    }
+
+    @Test("ARI: renewal-info gives a window late in the lifetime, in the past once revoked; replaces links the new certificate to the old in the inventory, once")
+    func renewalInformation() async throws {
+        try await Self.withService { setup in
+            var client = TestACMEClient(service: setup.service)
+            _ = try await client.register()
+            let directory = await client.raw("directory", Data(), contentType: "", method: "GET")
+            #expect(directory.json["renewalInfo"] as? String == TestACMEClient.base + "/acme/test/renewal-info")
+            let old = try await Self.issue(client, setup, name: "ari.example.org")
+            let certID = try #require(ACMERenewalInfo.certID(old))
+            let info = await client.raw("renewal-info/" + certID, Data(), contentType: "", method: "GET")
+            #expect(info.status == 200)
+            let window = try #require(info.json["suggestedWindow"] as? [String: String])
+            let start = try #require(Self.date( window["start"]!)), end = try #require(Self.date( window["end"]!))
+            let lifetime = old.notValidAfter.timeIntervalSince(old.notValidBefore)
+            #expect(start > old.notValidBefore.addingTimeInterval(lifetime / 2) && end < old.notValidAfter && start < end)
+            #expect(info.header("retry-after").flatMap(Int.init) != nil)
+            #expect(await client.raw("renewal-info/AAAA", Data(), contentType: "", method: "GET").problem == "malformed")
+            #expect(await client.raw("renewal-info/AAAA.AAAA", Data(), contentType: "", method: "GET").status == 404)
+
+            var stranger = TestACMEClient(service: setup.service)
+            _ = try await stranger.register()
+            #expect(try await stranger.post("new-order", ["identifiers": [["type": "dns", "value": "ari.example.org"]], "replaces": certID]).problem == "malformed")
+            let renewed = try await Self.issue(client, setup, name: "ari.example.org", replaces: certID)
+            let successors = try await setup.authority.store.successors(of: old.serialHex).map(\.serial)
+            #expect(successors == [renewed.serialHex], "the replacement is the old certificate's successor")
+            #expect(try await client.post("new-order", ["identifiers": [["type": "dns", "value": "ari.example.org"]], "replaces": certID]).problem == "alreadyReplaced")
+
+            _ = try await setup.authority.revoke(serial: renewed.serialHex, reason: .keyCompromise, actor: "test")
+            let revoked = await client.raw("renewal-info/" + ACMERenewalInfo.certID(renewed)!, Data(), contentType: "", method: "GET")
+            let revokedEnd = Self.date( (revoked.json["suggestedWindow"] as! [String: String])["end"]!)!
+            #expect(revokedEnd < Date(), "a revoked certificate's window is already past: renew now")
+        }
+    }
+
+    @Test("keyChange: the account moves to the new key (the old one no longer signs for it); a key of another account is a 409 naming it; a forged inner JWS is refused")
+    func keyRollover() async throws {
+        try await Self.withService { setup in
+            var client = TestACMEClient(service: setup.service)
+            _ = try await client.register()
+            var other = TestACMEClient(service: setup.service)
+            _ = try await other.register()
+            var next = TestACMEClient(service: setup.service)
+            next.kid = client.kid
+            func inner(_ signer: TestACMEClient, account: String, oldKey: [String: Any]) throws -> Any {
+                let body = try signer.jws("key-change", payload: ["account": account, "oldKey": oldKey], nonce: "", useJWK: true) { $0["nonce"] = nil }
+                return try JSONSerialization.jsonObject(with: body)
+            }
+            // The new key belongs to another account: 409 with its location.
+            let taken = try await client.post("key-change", try inner(other, account: client.kid!, oldKey: client.jwk))
+            #expect(taken.status == 409 && taken.header("location") == other.kid)
+            // oldKey that is not the account's key; account URL of someone else.
+            #expect(try await client.post("key-change", try inner(next, account: client.kid!, oldKey: other.jwk)).problem == "malformed")
+            #expect(try await client.post("key-change", try inner(next, account: other.kid!, oldKey: client.jwk)).problem == "malformed")
+            let changed = try await client.post("key-change", try inner(next, account: client.kid!, oldKey: client.jwk))
+            #expect(changed.status == 200, "\(String(decoding: changed.body, as: UTF8.self))")
+            #expect(try await client.post(client.kid!, nil).problem == "malformed", "the old key no longer verifies")
+            #expect(try await next.post(client.kid!, nil).status == 200, "the new key signs for the account")
+            let found = try await next.post("new-account", ["onlyReturnExisting": true], useJWK: true)
+            #expect(found.header("location") == client.kid)
+            #expect(try await setup.authority.store.auditEvents(limit: 50).contains { $0.action == "acme-key-change" })
         }
     }
 

@@ -94,6 +94,8 @@ public struct ACMEOrder: Codable, Sendable, Equatable {
     public var error: ACMEProblemDocument?
     public var certificateSerial: String?
     public var createdAt: Date
+    /// The serial of the certificate this order replaces (RFC 9773 `replaces`).
+    public var replaces: String? = nil
 }
 
 /// Random identifiers and tokens: 128 bits (tokens 256 bits, RFC 8555 8.1 asks for at least 128), base64url.

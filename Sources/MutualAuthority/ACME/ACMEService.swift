@@ -98,6 +98,8 @@ public final class ACMEService: Sendable {
         let rest = Array(parts[3...])
         do {
             switch (method, rest.first ?? "") {
+            case ("GET", "renewal-info") where rest.count == 2:
+                return try await renewalInfo(certID: rest[1], urls: urls)
             case ("GET", "directory"):
                 return try respond(200, json: directory(provisioner, urls), urls: urls)
             case ("HEAD", "new-nonce"):
@@ -110,10 +112,10 @@ public final class ACMEService: Sendable {
                 }
                 return try await post(rest: rest, path: path, provisioner: provisioner, urls: urls, body: body)
             default:
-                let known = ["directory", "new-nonce", "new-account", "new-order", "revoke-cert", "account", "order", "authz", "chall", "cert"]
+                let known = ["directory", "new-nonce", "new-account", "new-order", "revoke-cert", "key-change", "account", "order", "authz", "chall", "cert", "renewal-info"]
                 if known.contains(rest.first ?? "") {
                     var response = problemResponse(ACMEProblem(.malformed, "\(method) is not allowed here: ACME resources are read with POST-as-GET", status: 405), urls: urls)
-                    response.headers.append(("allow", rest.first == "directory" ? "GET" : rest.first == "new-nonce" ? "GET, HEAD" : "POST"))
+                    response.headers.append(("allow", ["directory", "renewal-info"].contains(rest.first ?? "") ? "GET" : rest.first == "new-nonce" ? "GET, HEAD" : "POST"))
                     return response
                 }
                 throw ACMEProblem(.malformed, "no such ACME resource", status: 404)
@@ -161,6 +163,7 @@ public final class ACMEService: Sendable {
             return try await challenge(request, account: account, authzID: rest[1], type: rest[2], provisioner: provisioner, urls: urls, now: now)
         case ("cert", 2): return try await certificate(account: account, orderID: rest[1], urls: urls)
         case ("revoke-cert", 1): return try await revoke(request, account: account, jwk: nil, urls: urls, now: now)
+        case ("key-change", 1): return try await keyChange(request, account: account, urls: urls, now: now)
         default: throw ACMEProblem(.malformed, "no such ACME resource", status: 404)
         }
     }
@@ -202,11 +205,12 @@ public final class ACMEService: Sendable {
         if let terms = provisioner.termsOfService { meta["termsOfService"] = terms }
         return [
             "newNonce": urls.url("new-nonce"), "newAccount": urls.url("new-account"), "newOrder": urls.url("new-order"),
-            "revokeCert": urls.url("revoke-cert"), "meta": meta,
+            "revokeCert": urls.url("revoke-cert"), "keyChange": urls.url("key-change"), "renewalInfo": urls.url("renewal-info"),
+            "meta": meta,
         ]
     }
 
-    private func accountJSON(_ account: ACMEAccount, urls: ACMEURLs) -> [String: Any] {
+    func accountJSON(_ account: ACMEAccount, urls: ACMEURLs) -> [String: Any] {
         [
             "status": account.status, "contact": account.contact, "orders": urls.url("account/\(account.id)/orders"),
             "termsOfServiceAgreed": account.termsOfServiceAgreed, "createdAt": Self.time(account.createdAt),
@@ -377,6 +381,7 @@ public final class ACMEService: Sendable {
             }
         }
         let identifiers = try checkedIdentifiers(payload["identifiers"], provisioner: provisioner)
+        let replaces = try await replacedSerial(payload["replaces"], account: account)
         let expires = now.addingTimeInterval(provisioner.orderLifetime.timeInterval)
         let orderID = ACMERandom.id()
         var steps: [ACMEStep] = []
@@ -395,7 +400,7 @@ public final class ACMEService: Sendable {
         let order = ACMEOrder(
             id: orderID, accountID: account.id, provisioner: provisioner.name, status: ACMEStatus.pending, expires: expires,
             identifiers: identifiers, authorizations: authorizationIDs, profile: payload["profile"] as? String, error: nil,
-            certificateSerial: nil, createdAt: now
+            certificateSerial: nil, createdAt: now, replaces: replaces
         )
         steps.insert(.insertOrder(ACMERow(id: orderID, status: order.status, body: try Self.encode(order)), accountID: account.id, expires: expires, created: now), at: 0)
         try await authority.store.acme(steps, audit: [AuditEntry(time: now, actor: account.owner, action: "acme-order", subject: orderID, details: [
@@ -732,7 +737,7 @@ public final class ACMEService: Sendable {
         return headers
     }
 
-    private func respond(_ status: Int, json: [String: Any], urls: ACMEURLs, location: String? = nil) throws -> ACMEResponse {
+    func respond(_ status: Int, json: [String: Any], urls: ACMEURLs, location: String? = nil) throws -> ACMEResponse {
         var headers = commonHeaders(urls) + [("content-type", "application/json"), ("cache-control", "no-store")]
         if let location { headers.append(("location", location)) }
         return ACMEResponse(status: status, headers: headers, body: try JSONSerialization.data(withJSONObject: json, options: [.sortedKeys, .withoutEscapingSlashes]))
@@ -813,13 +818,15 @@ extension Authority {
         orderChange: (CertificateRecord) throws -> (ACMEStep, ACMEOrder)
     ) async throws -> ACMEOrder {
         let certificate = try ca.issue(request, now: now)
-        let record = try Self.makeRecord(certificate, profile: request.profile, owner: account.owner, requester: account.owner, issuerDescription: issuerDescription)
+        // A replacement is the replaced certificate's successor in the inventory's renewal lineage.
+        let requester = order.replaces.map { "cert:\($0)" } ?? account.owner
+        let record = try Self.makeRecord(certificate, profile: request.profile, owner: account.owner, requester: requester, issuerDescription: issuerDescription)
         let (step, updated) = try orderChange(record)
         try await store.acme([step], certificate: record, audit: [
             AuditEntry(time: now, actor: account.owner, action: "issue", subject: record.serial, details: [
                 "profile": request.profile.rawValue, "serial": record.serial, "identity": record.identity, "owner": account.owner,
                 "acme_order": order.id, "not_after": AuditChain.format(certificate.notValidAfter),
-            ]),
+            ].merging(order.replaces.map { ["replaces": $0] } ?? [:]) { $1 }),
             AuditEntry(time: now, actor: account.owner, action: "acme-order", subject: order.id, details: ["status": "valid", "serial": record.serial]),
         ])
         return updated

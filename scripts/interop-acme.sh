@@ -79,7 +79,27 @@ if LEGO_CA_CERTIFICATES="$ROOT_PEM" timeout 120 lego --server "$DIR" --email ops
 else bad "lego: $(tail -8 "$T/lego.log")"; fi
 check "the lego certificate verifies with openssl" openssl verify -CAfile "$ROOT_PEM" -untrusted "$T/ca/ca/intermediate.pem" "$T/lego/certificates/localhost.crt"
 
+# External Account Binding: a second authority whose provisioner requires it; the key comes from `mutual acme eab`.
+M init --state-dir "$T/eabca" --name "ACME EAB" > /dev/null
+M serve --state-dir "$T/eabca" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --acme teams --acme-eab --acme-http-port "$HP" > "$T/serve-eab.log" 2>&1 & PIDS+=($!)
+for _ in $(seq 100); do grep -q "ACME directory" "$T/serve-eab.log" && break; sleep 0.1; done
+EDIR=$(grep -o 'https://[^ ]*/acme/teams/directory' "$T/serve-eab.log")
+export REQUESTS_CA_BUNDLE="$T/eabca/ca/root.pem"
+CBE=("$VENV/bin/certbot" --non-interactive --config-dir "$T/cbe/conf" --work-dir "$T/cbe/work" --logs-dir "$T/cbe/logs" --server "$EDIR")
+if timeout 120 "${CBE[@]}" register --agree-tos -m ops@example.org > "$T/cbe-none.log" 2>&1; then bad "registration without EAB was accepted"
+elif grep -q "externalAccountRequired\|External account binding\|eab" "$T/cbe-none.log"; then ok "certbot register without EAB: refused (externalAccountRequired)"
+else bad "registration without EAB refused, but not for EAB: $(tail -3 "$T/cbe-none.log")"; fi
+M acme eab create --state-dir "$T/eabca" --provisioner teams --owner team-payments --json > "$T/eab.json"
+KID=$(python3 -c "import json; print(json.load(open('$T/eab.json'))['kid'])"); HMAC=$(python3 -c "import json; print(json.load(open('$T/eab.json'))['hmac_key'])")
+if timeout 120 "${CBE[@]}" certonly "${STANDALONE[@]}" --agree-tos -m ops@example.org --eab-kid "$KID" --eab-hmac-key "$HMAC" -d localhost --cert-name eab > "$T/cbe.log" 2>&1; then
+  ok "certbot with --eab-kid/--eab-hmac-key: account bound, certificate issued"
+else bad "certbot with EAB: $(tail -8 "$T/cbe.log")"; fi
+owner=$(M list --state-dir "$T/eabca" --json 2>/dev/null | python3 -c "import json,sys; print([r['owner'] for r in json.load(sys.stdin) if r['identity']=='localhost'][-1])" 2>/dev/null)
+[ "$owner" = team-payments ] && ok "the EAB key's owner owns the certificate (team-payments)" || bad "owner '$owner'"
+check "mutual acme eab list shows the key bound" bash -c "'$MUTUAL' acme eab list --state-dir '$T/eabca' --json | python3 -c 'import json,sys; k=json.load(sys.stdin)[0]; sys.exit(0 if k[\"account\"] else 1)'"
+check "mutual acme accounts and orders list the account and its valid order" bash -c "'$MUTUAL' acme accounts --state-dir '$T/eabca' --json | grep -q team-payments && '$MUTUAL' acme orders --state-dir '$T/eabca' --json | python3 -c 'import json,sys; o=json.load(sys.stdin); sys.exit(0 if [x[\"status\"] for x in o] == [\"valid\"] else 1)'"
+
 [ -n "${KEEP:-}" ] && cp -r "$T" /tmp/acme-keep
-kill "${PIDS[0]}" 2>/dev/null
+kill "${PIDS[@]}" 2>/dev/null
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

@@ -25,6 +25,29 @@ public enum ACMEStep: Sendable {
     case updateOrder(ACMERow, from: [String])
     case insertAuthorization(ACMERow, orderID: String, accountID: String)
     case updateAuthorization(ACMERow, from: [String])
+    case insertEAB(ACMEEABKey)
+    /// Binds an unused EAB key to an account; `.conflict` if it is bound already.
+    case bindEAB(kid: String, accountID: String)
+}
+
+/// An External Account Binding key: made by an operator for a team, bound to the first account that uses it.
+public struct ACMEEABKey: Sendable, Equatable {
+    public var kid: String
+    public var provisioner: String
+    public var owner: String
+    /// The HMAC key, base64url.
+    public var hmacKey: String
+    public var createdAt: Date
+    public var accountID: String?
+
+    public init(kid: String, provisioner: String, owner: String, hmacKey: String, createdAt: Date, accountID: String? = nil) {
+        self.kid = kid
+        self.provisioner = provisioner
+        self.owner = owner
+        self.hmacKey = hmacKey
+        self.createdAt = createdAt
+        self.accountID = accountID
+    }
 }
 
 extension WriteQueue {
@@ -70,6 +93,14 @@ extension WriteQueue {
                 INSERT INTO acme_authorizations (id, order_id, account_id, status, body)
                 VALUES (\(bind: row.id), \(bind: orderID), \(bind: accountID), \(bind: row.status), \(bind: row.body))
                 """).run()
+        case .insertEAB(let key):
+            try await db.raw("""
+                INSERT INTO acme_eab_keys (kid, provisioner, owner, hmac_key, created_at)
+                VALUES (\(bind: key.kid), \(bind: key.provisioner), \(bind: key.owner), \(bind: key.hmacKey), \(bind: Int64(key.createdAt.timeIntervalSince1970)))
+                """).run()
+        case .bindEAB(let kid, let accountID):
+            let bound = try await db.raw("UPDATE acme_eab_keys SET account_id = \(bind: accountID) WHERE kid = \(bind: kid) AND account_id IS NULL RETURNING kid").all()
+            guard !bound.isEmpty else { throw StoreError(.conflict, "EAB key \(kid) is already bound to an account") }
         case .updateAuthorization(let row, let from):
             try await conditionalUpdate(
                 "UPDATE acme_authorizations SET status = \(bind: row.status), body = \(bind: row.body) WHERE id = \(bind: row.id)",
@@ -143,6 +174,23 @@ extension Store {
 
     public func acmeAuthorizations(order: String) async throws -> [ACMERow] {
         try await reader.raw("SELECT id, status, body FROM acme_authorizations WHERE order_id = \(bind: order) ORDER BY id").all().map(Self.decodeACME)
+    }
+
+    public func acmeEABKey(kid: String) async throws -> ACMEEABKey? {
+        try await reader.raw("SELECT * FROM acme_eab_keys WHERE kid = \(bind: kid)").first().map(Self.decodeEAB)
+    }
+
+    public func acmeEABKeys() async throws -> [ACMEEABKey] {
+        try await reader.raw("SELECT * FROM acme_eab_keys ORDER BY created_at, kid").all().map(Self.decodeEAB)
+    }
+
+    static func decodeEAB(_ row: any SQLRow) throws -> ACMEEABKey {
+        ACMEEABKey(
+            kid: try row.decode(column: "kid", as: String.self), provisioner: try row.decode(column: "provisioner", as: String.self),
+            owner: try row.decode(column: "owner", as: String.self), hmacKey: try row.decode(column: "hmac_key", as: String.self),
+            createdAt: Date(timeIntervalSince1970: Double(try row.decode(column: "created_at", as: Int64.self))),
+            accountID: try row.decode(column: "account_id", as: String?.self)
+        )
     }
 
     static func decodeACME(_ row: any SQLRow) throws -> ACMERow {

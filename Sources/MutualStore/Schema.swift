@@ -144,6 +144,18 @@ enum Schema {
                     "CREATE INDEX acme_authorizations_order ON acme_authorizations (order_id)",
                     "CREATE TABLE acme_used_nonces (nonce TEXT PRIMARY KEY, expires_at \(t.bigint) NOT NULL)",
                     "CREATE INDEX acme_used_nonces_expiry ON acme_used_nonces (expires_at)",
+                    // External Account Binding keys (RFC 8555 7.3.4): the HMAC key is needed to check bindings, so it
+                    // is stored; each binds one account.
+                    """
+                    CREATE TABLE acme_eab_keys (
+                        kid TEXT PRIMARY KEY,
+                        provisioner TEXT NOT NULL,
+                        owner TEXT NOT NULL,
+                        hmac_key TEXT NOT NULL,
+                        created_at \(t.bigint) NOT NULL,
+                        account_id TEXT
+                    )
+                    """,
                 ]
             ),
         ]

@@ -50,6 +50,9 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "Port the ACME validator connects to for tls-alpn-01 challenges.")
     var acmeTlsPort: Int = 443
 
+    @Flag(help: "ACME accounts need an External Account Binding key (made with `mutual acme eab create`).")
+    var acmeEab = false
+
     @Option(help: "Lifetime of certificates issued over ACME.", transform: ValidityDuration.argument)
     var acmeValidity: ValidityDuration = .days(7)
 
@@ -80,6 +83,7 @@ struct ServeCommand: AsyncParsableCommand {
                 provisioner.httpPort = acmeHttpPort
                 provisioner.tlsPort = acmeTlsPort
                 provisioner.validity = acmeValidity
+                provisioner.requireEAB = acmeEab
                 return provisioner
             }
         }

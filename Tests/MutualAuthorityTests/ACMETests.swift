@@ -133,14 +133,18 @@ struct ACMETests {
         let dir: String
     }
 
-    static func withService(permittedDNS: [String] = [], clock: @escaping @Sendable () -> Date = { Date() }, _ body: (Setup) async throws -> Void) async throws {
+    static func withService(
+        permittedDNS: [String] = [], requireEAB: Bool = false, clock: @escaping @Sendable () -> Date = { Date() }, _ body: (Setup) async throws -> Void
+    ) async throws {
         let dir = TestPKI.temporaryDirectory("acme")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let state = StateDirectory(path: dir + "/state")
         _ = try await Authority.initialize(state: state, name: "ACME", keyType: .p256, constraints: .init(permittedDNS: permittedDNS), passphrase: nil, actor: "test")
         let authority = try await Authority.open(state: state)
         let validator = TableValidator()
-        let service = try await ACMEService.make(authority: authority, provisioners: [try ACMEProvisioner(name: "test")], validator: validator, clock: clock)
+        var provisioner = try ACMEProvisioner(name: "test")
+        provisioner.requireEAB = requireEAB
+        let service = try await ACMEService.make(authority: authority, provisioners: [provisioner], validator: validator, clock: clock)
         do {
             try await body(Setup(authority: authority, service: service, validator: validator, dir: dir))
             await service.waitForValidations()
@@ -549,6 +553,41 @@ struct ACMETests {
             let found = try await next.post("new-account", ["onlyReturnExisting": true], useJWK: true)
             #expect(found.header("location") == client.kid)
             #expect(try await setup.authority.store.auditEvents(limit: 50).contains { $0.action == "acme-key-change" })
+        }
+    }
+
+    /// An externalAccountBinding JWS over `client`'s key, MACed with `key` (base64url) under `kid`.
+    static func binding(_ client: TestACMEClient, kid: String, key: String, alg: String = "HS256", url: String? = nil, jwk: [String: Any]? = nil) throws -> [String: Any] {
+        let protected64 = Base64URL.encode(try JSONSerialization.data(withJSONObject: ["alg": alg, "kid": kid, "url": url ?? TestACMEClient.base + "/acme/test/new-account"]))
+        let payload64 = Base64URL.encode(try JSONSerialization.data(withJSONObject: jwk ?? client.jwk))
+        let mac = HMAC<SHA256>.authenticationCode(for: Data((protected64 + "." + payload64).utf8), using: SymmetricKey(data: Base64URL.decode(key)!))
+        return ["protected": protected64, "payload": payload64, "signature": Base64URL.encode(Data(mac))]
+    }
+
+    @Test("External Account Binding: required when configured; a wrong MAC, another key's binding, a wrong url or a used key are refused; the team owns the account's certificates")
+    func externalAccountBinding() async throws {
+        try await Self.withService(requireEAB: true) { setup in
+            let directory = await TestACMEClient(service: setup.service).raw("directory", Data(), contentType: "", method: "GET")
+            #expect((directory.json["meta"] as? [String: Any])?["externalAccountRequired"] as? Bool == true)
+            let eab = try await ACMEService.createEABKey(store: setup.authority.store, provisioner: "test", owner: "team-payments", actor: "test")
+            var client = TestACMEClient(service: setup.service)
+            #expect(try await client.post("new-account", ["termsOfServiceAgreed": true], useJWK: true).problem == "externalAccountRequired")
+            let wrongKey = Base64URL.encode(SymmetricKey(size: .bits256).withUnsafeBytes { Data($0) })
+            #expect(try await client.post("new-account", ["externalAccountBinding": try Self.binding(client, kid: eab.kid, key: wrongKey)], useJWK: true).problem == "unauthorized")
+            #expect(try await client.post("new-account", ["externalAccountBinding": try Self.binding(client, kid: "unknown", key: eab.hmacKey)], useJWK: true).problem == "unauthorized")
+            let other = TestACMEClient(service: setup.service)
+            #expect(try await client.post("new-account", ["externalAccountBinding": try Self.binding(client, kid: eab.kid, key: eab.hmacKey, jwk: other.jwk)], useJWK: true).problem == "malformed")
+            #expect(try await client.post("new-account", ["externalAccountBinding": try Self.binding(client, kid: eab.kid, key: eab.hmacKey, url: "https://elsewhere/new-account")], useJWK: true).problem == "malformed")
+            #expect(try await client.post("new-account", ["externalAccountBinding": try Self.binding(client, kid: eab.kid, key: eab.hmacKey, alg: "none")], useJWK: true).problem == "badSignatureAlgorithm")
+            #expect(try await client.post("new-account", ["externalAccountBinding": "garbage"], useJWK: true).problem == "malformed")
+            let bound = try await client.post("new-account", ["externalAccountBinding": try Self.binding(client, kid: eab.kid, key: eab.hmacKey)], useJWK: true)
+            #expect(bound.status == 201, "\(String(decoding: bound.body, as: UTF8.self))")
+            client.kid = bound.header("location")
+            #expect(try await setup.authority.store.acmeEABKey(kid: eab.kid)?.accountID == String(client.kid!.split(separator: "/").last!))
+            // The key binds one account only.
+            #expect(try await other.post("new-account", ["externalAccountBinding": try Self.binding(other, kid: eab.kid, key: eab.hmacKey)], useJWK: true).problem == "unauthorized")
+            let certificate = try await Self.issue(client, setup, name: "pay.example.org")
+            #expect(try await setup.authority.store.certificate(serial: certificate.serialHex)?.owner == "team-payments")
         }
     }
 

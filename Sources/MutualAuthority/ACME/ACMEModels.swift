@@ -27,6 +27,8 @@ public struct ACMEProvisioner: Sendable, Equatable {
     public var httpPort = 80
     public var tlsPort = 443
     public var termsOfService: String?
+    /// Accounts need an External Account Binding made with `mutual acme eab create`.
+    public var requireEAB = false
     /// Orders and authorizations expire this long after they are made.
     public var orderLifetime: ValidityDuration = .hours(8)
 

@@ -199,7 +199,7 @@ public final class ACMEService: Sendable {
 
     private func directory(_ provisioner: ACMEProvisioner, _ urls: ACMEURLs) -> [String: Any] {
         var meta: [String: Any] = [
-            "externalAccountRequired": false,
+            "externalAccountRequired": provisioner.requireEAB,
             "profiles": [provisioner.profile.rawValue: "Mutual's \(provisioner.profile.rawValue) profile, \(provisioner.validity) certificates"],
         ]
         if let terms = provisioner.termsOfService { meta["termsOfService"] = terms }
@@ -254,24 +254,86 @@ public final class ACMEService: Sendable {
             throw ACMEProblem(.userActionRequired, "agree to the terms of service (termsOfServiceAgreed: true)")
         }
         let id = ACMERandom.id()
+        var binding: ACMEEABKey?
+        if let external = payload["externalAccountBinding"] {
+            binding = try await checkedBinding(external, accountKey: key, provisioner: provisioner, urls: urls)
+        } else if provisioner.requireEAB {
+            throw ACMEProblem(.externalAccountRequired, "provisioner \(provisioner.name) requires an external account binding: an operator makes one with `mutual acme eab create --provisioner \(provisioner.name) --owner TEAM`")
+        }
         let account = ACMEAccount(
             id: id, provisioner: provisioner.name, status: ACMEStatus.valid, contact: contact, jwk: key.canonicalJSON,
-            thumbprint: thumbprint, termsOfServiceAgreed: agreed, owner: "acme:\(provisioner.name)/\(id)", createdAt: now
+            thumbprint: thumbprint, termsOfServiceAgreed: agreed, owner: binding?.owner ?? "acme:\(provisioner.name)/\(id)", createdAt: now
         )
+        var steps: [ACMEStep] = [.insertAccount(ACMERow(id: id, status: account.status, body: try Self.encode(account)), provisioner: provisioner.name, thumbprint: thumbprint, created: now)]
+        var details = ["provisioner": provisioner.name, "thumbprint": thumbprint, "contact": contact.joined(separator: ","), "status": "valid", "owner": account.owner]
+        if let binding {
+            steps.append(.bindEAB(kid: binding.kid, accountID: id))
+            details["eab_kid"] = binding.kid
+        }
         do {
-            try await authority.store.acme(
-                [.insertAccount(ACMERow(id: id, status: account.status, body: try Self.encode(account)), provisioner: provisioner.name, thumbprint: thumbprint, created: now)],
-                audit: [AuditEntry(time: now, actor: account.owner, action: "acme-account", subject: id, details: [
-                    "provisioner": provisioner.name, "thumbprint": thumbprint, "contact": contact.joined(separator: ","), "status": "valid",
-                ])]
-            )
+            try await authority.store.acme(steps, audit: [AuditEntry(time: now, actor: "acme:\(provisioner.name)/\(id)", action: "acme-account", subject: id, details: details)])
         } catch let error as StoreError where error.code == .conflict {
             // The same key registered concurrently (here or on another replica): that account is the answer.
-            guard let row = try await authority.store.acmeAccount(provisioner: provisioner.name, thumbprint: thumbprint) else { throw error }
+            guard let row = try await authority.store.acmeAccount(provisioner: provisioner.name, thumbprint: thumbprint) else {
+                throw ACMEProblem(.unauthorized, "the external account binding key was used by another account meanwhile")
+            }
             let existing = try Self.decode(ACMEAccount.self, row.body)
             return try respond(200, json: accountJSON(existing, urls: urls), urls: urls, location: urls.url("account/\(existing.id)"))
         }
         return try respond(201, json: accountJSON(account, urls: urls), urls: urls, location: urls.url("account/\(id)"))
+    }
+
+    /// Checks an External Account Binding (RFC 8555 7.3.4): a JWS MACed with the operator-issued key over the new
+    /// account's key, for this provisioner's newAccount URL, with a key that has bound no account yet.
+    func checkedBinding(_ value: Any, accountKey: ACMEAccountKey, provisioner: ACMEProvisioner, urls: ACMEURLs) async throws -> ACMEEABKey {
+        guard let object = value as? [String: Any], let protected64 = object["protected"] as? String, let payload64 = object["payload"] as? String,
+              let signature64 = object["signature"] as? String, let protectedBytes = Base64URL.decode(protected64),
+              let header = try? JSONSerialization.jsonObject(with: protectedBytes) as? [String: Any],
+              let payload = Base64URL.decode(payload64), let signature = Base64URL.decode(signature64) else {
+            throw ACMEProblem(.malformed, "externalAccountBinding must be a flattened JWS (protected, payload, signature)")
+        }
+        guard let alg = header["alg"] as? String, ["HS256", "HS384", "HS512"].contains(alg) else {
+            throw ACMEProblem(.badSignatureAlgorithm, "the external account binding must be MACed with HS256, HS384 or HS512")
+        }
+        guard header["nonce"] == nil else { throw ACMEProblem(.malformed, "the external account binding must not carry a nonce") }
+        guard header["url"] as? String == urls.url("new-account") else {
+            throw ACMEProblem(.malformed, "the external account binding's 'url' must be the newAccount URL")
+        }
+        guard let kid = header["kid"] as? String, kid.count <= 100, let eab = try await authority.store.acmeEABKey(kid: kid),
+              eab.provisioner == provisioner.name else {
+            throw ACMEProblem(.unauthorized, "unknown external account binding key for provisioner \(provisioner.name)")
+        }
+        guard eab.accountID == nil else { throw ACMEProblem(.unauthorized, "external account binding key \(kid) is already bound to an account") }
+        guard let jwk = try? JSONSerialization.jsonObject(with: payload) as? [String: Any], try ACMEAccountKey(jwk: jwk).thumbprint == accountKey.thumbprint else {
+            throw ACMEProblem(.malformed, "the external account binding must sign the account's own key")
+        }
+        guard let keyBytes = Base64URL.decode(eab.hmacKey) else { throw ACMEProblem(.serverInternal, "stored EAB key is unreadable") }
+        let input = Data((protected64 + "." + payload64).utf8)
+        let key = SymmetricKey(data: keyBytes)
+        let valid: Bool
+        switch alg {
+        case "HS384": valid = HMAC<SHA384>.isValidAuthenticationCode(signature, authenticating: input, using: key)
+        case "HS512": valid = HMAC<SHA512>.isValidAuthenticationCode(signature, authenticating: input, using: key)
+        default: valid = HMAC<SHA256>.isValidAuthenticationCode(signature, authenticating: input, using: key)
+        }
+        guard valid else { throw ACMEProblem(.unauthorized, "the external account binding's MAC does not verify with key \(kid)") }
+        return eab
+    }
+
+    /// Makes an EAB key for a provisioner and owner (`mutual acme eab create`); the HMAC key is returned once.
+    public static func createEABKey(store: Store, provisioner: String, owner: String, actor: String, now: Date = Date()) async throws -> ACMEEABKey {
+        _ = try ACMEProvisioner(name: provisioner)
+        guard !owner.isEmpty, owner.count <= 100, !owner.contains(where: { $0.isNewline }) else {
+            throw PKIError(.malformedInput, "--owner must be 1 to 100 characters on one line")
+        }
+        let key = ACMEEABKey(
+            kid: ACMERandom.id(), provisioner: provisioner, owner: owner,
+            hmacKey: Base64URL.encode(SymmetricKey(size: .bits256).withUnsafeBytes { Data($0) }), createdAt: now
+        )
+        try await store.acme([.insertEAB(key)], audit: [AuditEntry(time: now, actor: actor, action: "acme-eab-create", subject: key.kid, details: [
+            "provisioner": provisioner, "owner": owner,
+        ])])
+        return key
     }
 
     private func accountUpdate(_ request: ACMESignedRequest, account: ACMEAccount, id: String, urls: ACMEURLs, now: Date) async throws -> ACMEResponse {
@@ -772,7 +834,7 @@ public final class ACMEService: Sendable {
         return String(decoding: try encoder.encode(value), as: UTF8.self)
     }
 
-    static func decode<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
+    public static func decode<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
         let decoder = JSONDecoder()
         decoder.dateDecodingStrategy = .secondsSince1970
         return try decoder.decode(type, from: Data(text.utf8))

@@ -11,8 +11,8 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 M() { "$MUTUAL" "$@"; }
 
 M init --state-dir "$T/ca" --name "ACME Interop" > /dev/null
-HP=$(free_port)
-M serve --state-dir "$T/ca" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --acme test --acme-http-port "$HP" > "$T/serve.log" 2>&1 & PIDS+=($!)
+HP=$(free_port); TP=$(free_port)
+M serve --state-dir "$T/ca" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --acme test --acme-http-port "$HP" --acme-tls-port "$TP" > "$T/serve.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 100); do grep -q "ACME directory" "$T/serve.log" && break; sleep 0.1; done
 DIR=$(grep -o 'https://[^ ]*/acme/test/directory' "$T/serve.log")
 [ -n "$DIR" ] || { bad "mutual serve did not start: $(cat "$T/serve.log")"; echo "$pass passed, $fail failed"; exit 1; }
@@ -77,6 +77,10 @@ if LEGO_CA_CERTIFICATES="$ROOT_PEM" timeout 120 lego --server "$DIR" --email ops
      --http --http.port "127.0.0.1:$HP" --domains localhost --domains 127.0.0.1 run > "$T/lego.log" 2>&1; then
   ok "lego run (http-01, ECDSA account key) for a DNS name and an IP address"
 else bad "lego: $(tail -8 "$T/lego.log")"; fi
+if LEGO_CA_CERTIFICATES="$ROOT_PEM" timeout 120 lego --server "$DIR" --email ops@example.org --accept-tos --key-type ec384 --path "$T/lego-tls" \
+     --tls --tls.port "127.0.0.1:$TP" --domains localhost run > "$T/lego-tls.log" 2>&1; then
+  ok "lego run with tls-alpn-01 (ALPN acme-tls/1 on the validator's TLS port)"
+else bad "lego tls-alpn-01: $(tail -8 "$T/lego-tls.log")"; fi
 check "the lego certificate verifies with openssl" openssl verify -CAfile "$ROOT_PEM" -untrusted "$T/ca/ca/intermediate.pem" "$T/lego/certificates/localhost.crt"
 
 # External Account Binding: a second authority whose provisioner requires it; the key comes from `mutual acme eab`.

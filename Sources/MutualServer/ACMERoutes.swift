@@ -1,10 +1,16 @@
 import AsyncHTTPClient
+import Crypto
 import Foundation
 import HTTPTypes
 import Hummingbird
 import MutualAuthority
+import MutualPKI
 import NIOCore
 import NIOPosix
+import NIOSSL
+import NIOTLS
+import SwiftASN1
+import X509
 
 /// Serves `/acme/<provisioner>/...` through the ACME service; the service decides everything, this only translates
 /// HTTP in and out.
@@ -54,6 +60,8 @@ struct ACMENetworkValidator: ACMEValidator {
         switch challenge.type {
         case "http-01":
             return await http01(token: challenge.token, identifier: identifier, keyAuthorization: keyAuthorization, port: provisioner.httpPort)
+        case "tls-alpn-01":
+            return await tlsALPN01(identifier: identifier, keyAuthorization: keyAuthorization, port: provisioner.tlsPort)
         default:
             return ACMEProblem(.serverInternal, "challenge type \(challenge.type) is not implemented by this server")
         }
@@ -109,5 +117,133 @@ struct ACMENetworkValidator: ACMEValidator {
             return ACMEProblem(.dns, "\(target): the name does not resolve (\(resolution))", status: 403)
         }
         return ACMEProblem(.connection, "could not fetch from \(target): \(error)", status: 403)
+    }
+}
+
+extension ACMENetworkValidator {
+    /// id-pe-acmeIdentifier (RFC 8737 6.1).
+    static let acmeIdentifierOID: ASN1ObjectIdentifier = [1, 3, 6, 1, 5, 5, 7, 1, 31]
+
+    /// The SNI for an identifier: the name, or for an IP address its reverse-mapping name (RFC 8738 6).
+    static func serverName(for identifier: ACMEIdentifier) -> String {
+        guard identifier.type == "ip", let bytes = try? Names.ipAddressBytes(identifier.value) else { return identifier.value }
+        if bytes.count == 4 { return bytes.reversed().map(String.init).joined(separator: ".") + ".in-addr.arpa" }
+        let nibbles = bytes.flatMap { [$0 >> 4, $0 & 0x0F] }
+        return nibbles.reversed().map { String($0, radix: 16) }.joined(separator: ".") + ".ip6.arpa"
+    }
+
+    /// tls-alpn-01 (RFC 8737): a TLS handshake to `identifier:port` with ALPN `acme-tls/1` and the identifier as SNI;
+    /// the server must negotiate that protocol and present a certificate for exactly the identifier with a critical
+    /// acmeIdentifier extension holding SHA-256 of the key authorization.
+    func tlsALPN01(identifier: ACMEIdentifier, keyAuthorization: String, port: Int) async -> ACMEProblem? {
+        let target = "\(identifier.type == "ip" && identifier.value.contains(":") ? "[\(identifier.value)]" : identifier.value):\(port)"
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        configuration.certificateVerification = .none  // the certificate is self-signed by design; its contents are checked below
+        configuration.applicationProtocols = ["acme-tls/1"]
+        var outcome = await handshake(identifier: identifier, port: port, target: target, configuration: configuration)
+        if case .failure(let problem) = outcome, problem.kind == .tls {
+            // BoringSSL insists on the keyUsage a cipher needs (digitalSignature for ECDHE and TLS 1.3), which some
+            // clients' challenge certificates lack (lego's RSA certificate has keyEncipherment only). RFC 8737 puts no
+            // rule on keyUsage, and Go-based validators accept such certificates, so retry once with TLS 1.2 and RSA
+            // key transport, for which keyEncipherment is the right bit.
+            var legacy = configuration
+            legacy.maximumTLSVersion = .tlsv12
+            legacy.cipherSuites = "AES128-GCM-SHA256:AES256-GCM-SHA384"
+            if case .success(let certificate) = await handshake(identifier: identifier, port: port, target: target, configuration: legacy) {
+                outcome = .success(certificate)
+            }
+        }
+        switch outcome {
+        case .failure(let problem): return problem
+        case .success(let certificate):
+            return Self.checkALPNCertificate(certificate, identifier: identifier, keyAuthorization: keyAuthorization, target: target)
+        }
+    }
+
+    /// One handshake with ALPN acme-tls/1: the certificate presented, or why there is none.
+    private func handshake(identifier: ACMEIdentifier, port: Int, target: String, configuration: TLSConfiguration) async -> Result<Certificate, ACMEProblem> {
+        let context: NIOSSLContext
+        do { context = try NIOSSLContext(configuration: configuration) } catch {
+            return .failure(ACMEProblem(.serverInternal, "cannot set up TLS for validation: \(error)"))
+        }
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let negotiated = loop.makePromise(of: String?.self)
+        let channel: any Channel
+        do {
+            channel = try await ClientBootstrap(group: loop)
+                .connectTimeout(.seconds(5))
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: context, serverHostname: Self.serverName(for: identifier)))
+                        try channel.pipeline.syncOperations.addHandler(HandshakeOutcome(promise: negotiated))
+                    }
+                }
+                .connect(host: identifier.value, port: port).get()
+        } catch {
+            negotiated.fail(ChannelError.alreadyClosed)
+            return .failure(Self.problem(for: error, target: target))
+        }
+        defer { channel.close(promise: nil) }
+        let timeout = loop.scheduleTask(in: .seconds(10)) { negotiated.fail(ChannelError.connectTimeout(.seconds(10))) }
+        defer { timeout.cancel() }
+        let protocolName: String?
+        do {
+            protocolName = try await negotiated.futureResult.get()
+        } catch {
+            return .failure(ACMEProblem(.tls, "the TLS handshake with \(target) failed: \(error)", status: 403))
+        }
+        guard protocolName == "acme-tls/1" else {
+            return .failure(ACMEProblem(.tls, "\(target) did not negotiate the acme-tls/1 protocol (ALPN)", status: 403))
+        }
+        guard let peer = try? await channel.nioSSL_peerCertificate().get(), let der = try? peer.toDERBytes(),
+              let certificate = try? Certificate(derEncoded: der) else {
+            return .failure(ACMEProblem(.tls, "\(target) presented no certificate", status: 403))
+        }
+        return .success(certificate)
+    }
+
+    /// The certificate rules of RFC 8737 3: exactly the identifier as SAN, and the critical acmeIdentifier extension
+    /// with SHA-256 of the key authorization.
+    static func checkALPNCertificate(_ certificate: Certificate, identifier: ACMEIdentifier, keyAuthorization: String, target: String) -> ACMEProblem? {
+        let names = (try? certificate.extensions.subjectAlternativeNames).flatMap { $0.map(Array.init) } ?? []
+        let matches: Bool
+        if identifier.type == "ip" {
+            let bytes = (try? Names.ipAddressBytes(identifier.value)) ?? []
+            matches = names.count == 1 && names.first.map { if case .ipAddress(let ip) = $0 { return Array(ip.bytes) == bytes } else { return false } } == true
+        } else {
+            matches = names.count == 1 && names.first.map { if case .dnsName(let name) = $0 { return name.lowercased() == identifier.value } else { return false } } == true
+        }
+        guard matches else {
+            return ACMEProblem(.incorrectResponse, "the certificate from \(target) must name exactly \(identifier.value) in its subjectAltName", status: 403)
+        }
+        guard let ext = certificate.extensions.first(where: { $0.oid == acmeIdentifierOID }) else {
+            return ACMEProblem(.incorrectResponse, "the certificate from \(target) has no acmeIdentifier extension", status: 403)
+        }
+        guard ext.critical else {
+            return ACMEProblem(.incorrectResponse, "the acmeIdentifier extension from \(target) must be critical", status: 403)
+        }
+        let expected = Array(SHA256.hash(data: Data(keyAuthorization.utf8)))
+        guard let value = try? ASN1OctetString(derEncoded: ext.value), Array(value.bytes) == expected else {
+            return ACMEProblem(.incorrectResponse, "the acmeIdentifier extension from \(target) does not hold the key authorization's digest", status: 403)
+        }
+        return nil
+    }
+
+    /// Reports the protocol ALPN negotiated once the handshake completes, or the error that ended it.
+    final class HandshakeOutcome: ChannelInboundHandler, Sendable {
+        typealias InboundIn = ByteBuffer
+        let promise: EventLoopPromise<String?>
+        init(promise: EventLoopPromise<String?>) { self.promise = promise }
+        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+            if case TLSUserEvent.handshakeCompleted(let negotiated) = event { promise.succeed(negotiated) }
+            context.fireUserInboundEventTriggered(event)
+        }
+        func errorCaught(context: ChannelHandlerContext, error: any Error) {
+            promise.fail(error)
+            context.close(promise: nil)
+        }
+        func channelInactive(context: ChannelHandlerContext) {
+            promise.fail(ChannelError.eof)
+        }
     }
 }

@@ -41,7 +41,7 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "Lifetime of the authority's own TLS certificate.", transform: ValidityDuration.argument)
     var serverCertValidity: ValidityDuration = .hours(24)
 
-    @Option(help: "Serve an ACME provisioner (RFC 8555) with this name at /acme/NAME/directory: DNS names and IP addresses inside the CA's constraints, http-01, no account binding (repeatable).")
+    @Option(help: "Serve an ACME provisioner (RFC 8555) with this name at /acme/NAME/directory: DNS names and IP addresses inside the CA's constraints, http-01 and tls-alpn-01, no account binding unless --acme-eab (repeatable).")
     var acme: [String] = []
 
     @Option(help: "Port the ACME validator connects to for http-01 challenges.")

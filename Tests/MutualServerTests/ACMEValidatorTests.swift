@@ -1,10 +1,15 @@
+import Crypto
 import Foundation
 import MutualAuthority
+import MutualPKI
 @testable import MutualServer
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
+import SwiftASN1
 import Testing
+import X509
 
 /// The http-01 check against real HTTP servers on 127.0.0.1: each way a challenge can fail gets its ACME type.
 @Suite("ACME http-01 validator over real sockets")
@@ -78,5 +83,92 @@ struct ACMEValidatorTests {
         let problem = await Self.check(port: port)
         #expect(problem?.kind == .connection)
         #expect(problem?.detail.hasPrefix("could not connect to 127.0.0.1:\(port)") == true)
+    }
+}
+
+/// tls-alpn-01 against real TLS servers on 127.0.0.1 built as RFC 8737 says, and as it must not be.
+@Suite("ACME tls-alpn-01 validator over real sockets")
+struct ACMEALPNValidatorTests {
+    static let keyAuthorization = "tok.thumb"
+
+    /// A self-signed certificate with `sans` and, unless nil, the acmeIdentifier extension holding `digest`.
+    static func certificate(key: Certificate.PrivateKey, sans: [GeneralName], digest: [UInt8]?, critical: Bool = true, keyUsage: KeyUsage? = nil) throws -> Certificate {
+        var extensions = Certificate.Extensions()
+        if let keyUsage { try extensions.append(Certificate.Extension(keyUsage, critical: true)) }
+        try extensions.append(Certificate.Extension(SubjectAlternativeNames(sans), critical: false))
+        if let digest {
+            var serializer = DER.Serializer()
+            try serializer.serialize(ASN1OctetString(contentBytes: ArraySlice(digest)))
+            try extensions.append(Certificate.Extension(oid: ACMENetworkValidator.acmeIdentifierOID, critical: critical, value: ArraySlice(serializer.serializedBytes)))
+        }
+        let name = try DistinguishedName { CommonName("acme") }
+        return try Certificate(
+            version: .v3, serialNumber: .init(), publicKey: key.publicKey, notValidBefore: Date().addingTimeInterval(-60),
+            notValidAfter: Date().addingTimeInterval(3600), issuer: name, subject: name, signatureAlgorithm: key.preferredSignatureAlgorithm,
+            extensions: extensions, issuerPrivateKey: key
+        )
+    }
+
+    static func serve(_ certificate: Certificate, key: Certificate.PrivateKey, alpn: [String] = ["acme-tls/1"]) async throws -> any Channel {
+        var configuration = TLSConfiguration.makeServerConfiguration(
+            certificateChain: [.certificate(try NIOSSLCertificate(bytes: try certificate.derBytes, format: .der))],
+            privateKey: .privateKey(try NIOSSLPrivateKey(bytes: Array(try KeyFile.pem(for: key, passphrase: nil).utf8), format: .pem))
+        )
+        configuration.applicationProtocols = alpn
+        let context = try NIOSSLContext(configuration: configuration)
+        return try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context)) }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+    }
+
+    @Test("the right certificate passes, for an IP (reverse-name SNI) and for localhost; a wrong digest, a non-critical extension, none, extra names, no acme-tls/1 fail with their types")
+    func certificates() async throws {
+        let key = try KeyType.p256.generate()
+        let digest = Array(SHA256.hash(data: Data(Self.keyAuthorization.utf8)))
+        let ip = GeneralName.ipAddress(ASN1OctetString(contentBytes: [127, 0, 0, 1]))
+        let cases: [(String, Certificate, [String], String?)] = [
+            ("right", try Self.certificate(key: key, sans: [ip], digest: digest), ["acme-tls/1"], nil),
+            ("wrong digest", try Self.certificate(key: key, sans: [ip], digest: Array(repeating: 0, count: 32)), ["acme-tls/1"], "incorrectResponse"),
+            ("not critical", try Self.certificate(key: key, sans: [ip], digest: digest, critical: false), ["acme-tls/1"], "incorrectResponse"),
+            ("no extension", try Self.certificate(key: key, sans: [ip], digest: nil), ["acme-tls/1"], "incorrectResponse"),
+            ("extra name", try Self.certificate(key: key, sans: [ip, .dnsName("other.test")], digest: digest), ["acme-tls/1"], "incorrectResponse"),
+            ("no acme-tls/1", try Self.certificate(key: key, sans: [ip], digest: digest), ["http/1.1"], "tls"),
+        ]
+        for (label, certificate, alpn, expected) in cases {
+            let server = try await Self.serve(certificate, key: key, alpn: alpn)
+            let problem = await ACMENetworkValidator().tlsALPN01(
+                identifier: ACMEIdentifier(type: "ip", value: "127.0.0.1"), keyAuthorization: Self.keyAuthorization, port: server.localAddress!.port!
+            )
+            #expect(problem?.kind.rawValue == expected, "\(label): \(problem?.detail ?? "valid")")
+            try await server.close()
+        }
+        let named = try await Self.serve(try Self.certificate(key: key, sans: [.dnsName("localhost")], digest: digest), key: key)
+        #expect(await ACMENetworkValidator().tlsALPN01(identifier: ACMEIdentifier(type: "dns", value: "localhost"), keyAuthorization: Self.keyAuthorization, port: named.localAddress!.port!) == nil)
+        try await named.close()
+        #expect(ACMENetworkValidator.serverName(for: ACMEIdentifier(type: "ip", value: "127.0.0.1")) == "1.0.0.127.in-addr.arpa")
+        #expect(ACMENetworkValidator.serverName(for: ACMEIdentifier(type: "ip", value: "2001:db8::1")).hasSuffix(".8.b.d.0.1.0.0.2.ip6.arpa"))
+    }
+
+    @Test("an RSA challenge certificate with keyEncipherment only (as lego makes it) is accepted over TLS 1.2 RSA key transport")
+    func keyEnciphermentOnly() async throws {
+        let key = try KeyType.rsa2048.generate()
+        let digest = Array(SHA256.hash(data: Data(Self.keyAuthorization.utf8)))
+        let certificate = try Self.certificate(key: key, sans: [.dnsName("localhost")], digest: digest, keyUsage: KeyUsage(keyEncipherment: true))
+        let server = try await Self.serve(certificate, key: key)
+        let problem = await ACMENetworkValidator().tlsALPN01(identifier: ACMEIdentifier(type: "dns", value: "localhost"), keyAuthorization: Self.keyAuthorization, port: server.localAddress!.port!)
+        #expect(problem == nil, "\(problem?.detail ?? "")")
+        try await server.close()
+    }
+
+    @Test("nothing listening: connection")
+    func refused() async throws {
+        let key = try KeyType.p256.generate()
+        let server = try await Self.serve(try Self.certificate(key: key, sans: [.dnsName("localhost")], digest: nil), key: key)
+        let port = server.localAddress!.port!
+        try await server.close()
+        let problem = await ACMENetworkValidator().tlsALPN01(identifier: ACMEIdentifier(type: "ip", value: "127.0.0.1"), keyAuthorization: "x", port: port)
+        #expect(problem?.kind == .connection)
     }
 }

@@ -23,7 +23,7 @@ public struct ACMEProvisioner: Sendable, Equatable {
     public var permittedDNS: [String] = []
     public var profile: CertificateProfile = .server
     public var validity: ValidityDuration = .days(7)
-    public var challenges: [String] = ["http-01"]
+    public var challenges: [String] = ["http-01", "tls-alpn-01"]
     public var httpPort = 80
     public var tlsPort = 443
     public var termsOfService: String?

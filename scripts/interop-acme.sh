@@ -11,8 +11,9 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 M() { "$MUTUAL" "$@"; }
 
 M init --state-dir "$T/ca" --name "ACME Interop" > /dev/null
-HP=$(free_port); TP=$(free_port)
-M serve --state-dir "$T/ca" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --acme test --acme-http-port "$HP" --acme-tls-port "$TP" > "$T/serve.log" 2>&1 & PIDS+=($!)
+HP=$(free_port); TP=$(free_port); DNSPORT=$(free_port)
+M serve --state-dir "$T/ca" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --acme test --acme-http-port "$HP" --acme-tls-port "$TP" \
+  --acme-dns-resolver "127.0.0.1:$DNSPORT" > "$T/serve.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 100); do grep -q "ACME directory" "$T/serve.log" && break; sleep 0.1; done
 DIR=$(grep -o 'https://[^ ]*/acme/test/directory' "$T/serve.log")
 [ -n "$DIR" ] || { bad "mutual serve did not start: $(cat "$T/serve.log")"; echo "$pass passed, $fail failed"; exit 1; }
@@ -83,6 +84,33 @@ if LEGO_CA_CERTIFICATES="$ROOT_PEM" timeout 120 lego --server "$DIR" --email ops
 else bad "lego tls-alpn-01: $(tail -8 "$T/lego-tls.log")"; fi
 check "the lego certificate verifies with openssl" openssl verify -CAfile "$ROOT_PEM" -untrusted "$T/ca/ca/intermediate.pem" "$T/lego/certificates/localhost.crt"
 
+# dns-01 against a real DNS server: certbot's manual auth hook (re)starts dnsmasq on 127.0.0.1 with the TXT records
+# it was given, as a DNS provider's API would publish them; a wildcard name needs dns-01.
+mkdir -p "$T/dns"
+cat > "$T/dns/hook.sh" <<HOOK
+#!/usr/bin/env bash
+echo "\$CERTBOT_DOMAIN \${WRONG_TXT:-\$CERTBOT_VALIDATION}" >> "$T/dns/records"
+[ -f "$T/dns/pid" ] && kill "\$(cat "$T/dns/pid")" 2>/dev/null && sleep 0.3
+args=()
+while read -r d v; do args+=("--txt-record=_acme-challenge.\$d,\$v"); done < "$T/dns/records"
+exec dnsmasq --port=$DNSPORT --listen-address=127.0.0.1 --bind-interfaces --no-resolv --no-hosts -C /dev/null --user=root --pid-file="$T/dns/pid" "\${args[@]}"
+HOOK
+chmod +x "$T/dns/hook.sh"
+stop_dns() { [ -f "$T/dns/pid" ] && kill "$(cat "$T/dns/pid")" 2>/dev/null; rm -f "$T/dns/pid" "$T/dns/records"; }
+if timeout 120 "${CB[@]}" certonly --manual --preferred-challenges dns --manual-auth-hook "$T/dns/hook.sh" \
+     -d dns01.example.org -d '*.dns01.example.org' --cert-name wild > "$T/cb-dns01.log" 2>&1; then
+  ok "certbot dns-01 (manual hook publishing TXT records in dnsmasq) for a name and its wildcard"
+else bad "certbot dns-01: $(tail -8 "$T/cb-dns01.log")"; fi
+stop_dns
+check "the wildcard certificate names *.dns01.example.org" bash -c "openssl x509 -in '$T/cb/conf/live/wild/cert.pem' -noout -ext subjectAltName | grep -q 'DNS:\*.dns01.example.org'"
+if WRONG_TXT=not-the-digest timeout 120 "${CB[@]}" certonly --manual --preferred-challenges dns --manual-auth-hook "$T/dns/hook.sh" \
+     -d wrong.example.org --cert-name wrong > "$T/cb-dns01-wrong.log" 2>&1; then
+  bad "a wrong TXT record was accepted"
+else
+  grep -q "Type:   incorrectResponse" "$T/cb-dns01-wrong.log" && ok "a wrong TXT record: incorrectResponse, the order fails" || bad "wrong TXT reported as: $(grep -iE 'type|detail' "$T/cb-dns01-wrong.log" | head -3)"
+fi
+stop_dns
+
 # External Account Binding: a second authority whose provisioner requires it; the key comes from `mutual acme eab`.
 M init --state-dir "$T/eabca" --name "ACME EAB" > /dev/null
 M serve --state-dir "$T/eabca" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --acme teams --acme-eab --acme-http-port "$HP" > "$T/serve-eab.log" 2>&1 & PIDS+=($!)
@@ -104,6 +132,7 @@ check "mutual acme eab list shows the key bound" bash -c "'$MUTUAL' acme eab lis
 check "mutual acme accounts and orders list the account and its valid order" bash -c "'$MUTUAL' acme accounts --state-dir '$T/eabca' --json | grep -q team-payments && '$MUTUAL' acme orders --state-dir '$T/eabca' --json | python3 -c 'import json,sys; o=json.load(sys.stdin); sys.exit(0 if [x[\"status\"] for x in o] == [\"valid\"] else 1)'"
 
 [ -n "${KEEP:-}" ] && cp -r "$T" /tmp/acme-keep
+stop_dns
 kill "${PIDS[@]}" 2>/dev/null
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

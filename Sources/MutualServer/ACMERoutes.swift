@@ -5,6 +5,7 @@ import HTTPTypes
 import Hummingbird
 import MutualAuthority
 import MutualPKI
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import NIOSSL
@@ -60,6 +61,8 @@ struct ACMENetworkValidator: ACMEValidator {
         switch challenge.type {
         case "http-01":
             return await http01(token: challenge.token, identifier: identifier, keyAuthorization: keyAuthorization, port: provisioner.httpPort)
+        case "dns-01":
+            return await dns01(identifier: identifier, keyAuthorization: keyAuthorization, resolver: provisioner.dnsResolver)
         case "tls-alpn-01":
             return await tlsALPN01(identifier: identifier, keyAuthorization: keyAuthorization, port: provisioner.tlsPort)
         default:
@@ -167,7 +170,7 @@ extension ACMENetworkValidator {
             return .failure(ACMEProblem(.serverInternal, "cannot set up TLS for validation: \(error)"))
         }
         let loop = MultiThreadedEventLoopGroup.singleton.next()
-        let negotiated = loop.makePromise(of: String?.self)
+        let negotiated = loop.makePromise(of: HandshakeOutcome.Result.self)
         let channel: any Channel
         do {
             channel = try await ClientBootstrap(group: loop)
@@ -186,17 +189,16 @@ extension ACMENetworkValidator {
         defer { channel.close(promise: nil) }
         let timeout = loop.scheduleTask(in: .seconds(10)) { negotiated.fail(ChannelError.connectTimeout(.seconds(10))) }
         defer { timeout.cancel() }
-        let protocolName: String?
+        let result: HandshakeOutcome.Result
         do {
-            protocolName = try await negotiated.futureResult.get()
+            result = try await negotiated.futureResult.get()
         } catch {
             return .failure(ACMEProblem(.tls, "the TLS handshake with \(target) failed: \(error)", status: 403))
         }
-        guard protocolName == "acme-tls/1" else {
+        guard result.protocolName == "acme-tls/1" else {
             return .failure(ACMEProblem(.tls, "\(target) did not negotiate the acme-tls/1 protocol (ALPN)", status: 403))
         }
-        guard let peer = try? await channel.nioSSL_peerCertificate().get(), let der = try? peer.toDERBytes(),
-              let certificate = try? Certificate(derEncoded: der) else {
+        guard let der = result.certificate, let certificate = try? Certificate(derEncoded: der) else {
             return .failure(ACMEProblem(.tls, "\(target) presented no certificate", status: 403))
         }
         return .success(certificate)
@@ -229,13 +231,21 @@ extension ACMENetworkValidator {
         return nil
     }
 
-    /// Reports the protocol ALPN negotiated once the handshake completes, or the error that ended it.
+    /// Reports the protocol ALPN negotiated and the certificate presented, taken when the handshake completes (the
+    /// peer may close the connection right after it), or the error that ended it.
     final class HandshakeOutcome: ChannelInboundHandler, Sendable {
         typealias InboundIn = ByteBuffer
-        let promise: EventLoopPromise<String?>
-        init(promise: EventLoopPromise<String?>) { self.promise = promise }
+        struct Result: Sendable {
+            var protocolName: String?
+            var certificate: [UInt8]?
+        }
+        let promise: EventLoopPromise<Result>
+        init(promise: EventLoopPromise<Result>) { self.promise = promise }
         func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-            if case TLSUserEvent.handshakeCompleted(let negotiated) = event { promise.succeed(negotiated) }
+            if case TLSUserEvent.handshakeCompleted(let negotiated) = event {
+                let handler = try? context.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self)
+                promise.succeed(Result(protocolName: negotiated, certificate: try? handler?.peerCertificate?.toDERBytes()))
+            }
             context.fireUserInboundEventTriggered(event)
         }
         func errorCaught(context: ChannelHandlerContext, error: any Error) {
@@ -245,5 +255,107 @@ extension ACMENetworkValidator {
         func channelInactive(context: ChannelHandlerContext) {
             promise.fail(ChannelError.eof)
         }
+    }
+}
+
+extension ACMENetworkValidator {
+    /// dns-01 (RFC 8555 8.4): the TXT records of `_acme-challenge.<name>` at the configured resolver must include
+    /// base64url(SHA-256(key authorization)). UDP first; over TCP when the answer is truncated.
+    func dns01(identifier: ACMEIdentifier, keyAuthorization: String, resolver: String?) async -> ACMEProblem? {
+        guard let resolver, let (host, port) = try? AuthorityServer.Configuration.parseListen(resolver) else {
+            return ACMEProblem(.serverInternal, "dns-01 needs a resolver (--acme-dns-resolver HOST:PORT)")
+        }
+        let name = "_acme-challenge." + identifier.value
+        let expected = Base64URL.encode(Data(SHA256.hash(data: Data(keyAuthorization.utf8))))
+        let id = UInt16.random(in: 0...UInt16.max)
+        let answer: DNSMessage.Answer
+        do {
+            let query = try DNSMessage.query(id: id, name: name)
+            var reply = try await DNSTransport.udp(query, host: host, port: port)
+            var parsed = try DNSMessage.parse(reply, expectedID: id, name: name)
+            if parsed.truncated {
+                reply = try await DNSTransport.tcp(query, host: host, port: port)
+                parsed = try DNSMessage.parse(reply, expectedID: id, name: name)
+            }
+            answer = parsed
+        } catch let error as DNSMessage.ParseError {
+            return ACMEProblem(.dns, "the resolver \(resolver) sent an unusable answer for \(name): \(error.reason)", status: 403)
+        } catch {
+            return ACMEProblem(.dns, "the resolver \(resolver) did not answer for \(name): \(error)", status: 403)
+        }
+        switch answer.rcode {
+        case 0: break
+        case 3: return ACMEProblem(.dns, "\(name) does not exist (NXDOMAIN at \(resolver)): no TXT record is set", status: 403)
+        default: return ACMEProblem(.dns, "the resolver \(resolver) answered rcode \(answer.rcode) for \(name)", status: 403)
+        }
+        guard !answer.txt.isEmpty else {
+            return ACMEProblem(.dns, "no TXT record at \(name)", status: 403)
+        }
+        guard answer.txt.contains(expected) else {
+            return ACMEProblem(.incorrectResponse, "the TXT records at \(name) (\(answer.txt.map { "\"\($0.prefix(60))\"" }.joined(separator: ", "))) do not include the digest of the key authorization", status: 403)
+        }
+        return nil
+    }
+}
+
+/// One DNS exchange over UDP or TCP (RFC 1035 4.2), bounded by a timeout.
+enum DNSTransport {
+    struct Timeout: Error, CustomStringConvertible { var description: String { "no answer within 5 seconds" } }
+
+    final class Collector: ChannelInboundHandler, Sendable {
+        typealias InboundIn = AddressedEnvelope<ByteBuffer>
+        let promise: EventLoopPromise<[UInt8]>
+        init(promise: EventLoopPromise<[UInt8]>) { self.promise = promise }
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            promise.succeed(Array(unwrapInboundIn(data).data.readableBytesView))
+        }
+        func errorCaught(context: ChannelHandlerContext, error: any Error) { promise.fail(error) }
+    }
+
+    static func udp(_ query: [UInt8], host: String, port: Int) async throws -> [UInt8] {
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let reply = loop.makePromise(of: [UInt8].self)
+        let remote = try SocketAddress.makeAddressResolvingHost(host, port: port)
+        let channel = try await DatagramBootstrap(group: loop)
+            .channelInitializer { channel in channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(Collector(promise: reply)) } }
+            .bind(host: remote.protocol == .inet6 ? "::" : "0.0.0.0", port: 0).get()
+        defer { channel.close(promise: nil) }
+        let timeout = loop.scheduleTask(in: .seconds(5)) { reply.fail(Timeout()) }
+        defer { timeout.cancel() }
+        try await channel.writeAndFlush(AddressedEnvelope(remoteAddress: remote, data: ByteBuffer(bytes: query))).get()
+        return try await reply.futureResult.get()
+    }
+
+    /// Collects a length-prefixed DNS message from a TCP stream.
+    final class StreamCollector: ChannelInboundHandler, Sendable {
+        typealias InboundIn = ByteBuffer
+        let promise: EventLoopPromise<[UInt8]>
+        private let buffer = NIOLockedValueBox<[UInt8]>([])
+        init(promise: EventLoopPromise<[UInt8]>) { self.promise = promise }
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            let bytes = buffer.withLockedValue { stored -> [UInt8]? in
+                stored += unwrapInboundIn(data).readableBytesView
+                guard stored.count >= 2 else { return nil }
+                let length = Int(stored[0]) << 8 | Int(stored[1])
+                return stored.count >= 2 + length ? Array(stored[2..<(2 + length)]) : nil
+            }
+            if let bytes { promise.succeed(bytes) }
+        }
+        func errorCaught(context: ChannelHandlerContext, error: any Error) { promise.fail(error) }
+        func channelInactive(context: ChannelHandlerContext) { promise.fail(ChannelError.eof) }
+    }
+
+    static func tcp(_ query: [UInt8], host: String, port: Int) async throws -> [UInt8] {
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let reply = loop.makePromise(of: [UInt8].self)
+        let channel = try await ClientBootstrap(group: loop)
+            .connectTimeout(.seconds(5))
+            .channelInitializer { channel in channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(StreamCollector(promise: reply)) } }
+            .connect(host: host, port: port).get()
+        defer { channel.close(promise: nil) }
+        let timeout = loop.scheduleTask(in: .seconds(5)) { reply.fail(Timeout()) }
+        defer { timeout.cancel() }
+        try await channel.writeAndFlush(ByteBuffer(bytes: [UInt8(query.count >> 8), UInt8(query.count & 0xFF)] + query)).get()
+        return try await reply.futureResult.get()
     }
 }

@@ -50,6 +50,9 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "Port the ACME validator connects to for tls-alpn-01 challenges.")
     var acmeTlsPort: Int = 443
 
+    @Option(help: "Resolver the ACME validator asks for dns-01 TXT records, HOST:PORT; offers dns-01 (and wildcard names) when set.")
+    var acmeDnsResolver: String?
+
     @Flag(help: "ACME accounts need an External Account Binding key (made with `mutual acme eab create`).")
     var acmeEab = false
 
@@ -77,6 +80,9 @@ struct ServeCommand: AsyncParsableCommand {
             throw CommandFailure("\(flag) must be a port between 1 and 65535 (got \(port))", exitCode: 2)
         }
         if Set(acme).count != acme.count { throw CommandFailure("--acme names must be distinct", exitCode: 2) }
+        if let acmeDnsResolver, (try? AuthorityServer.Configuration.parseListen(acmeDnsResolver)) == nil || acmeDnsResolver.hasSuffix(":0") {
+            throw CommandFailure("--acme-dns-resolver '\(acmeDnsResolver.prefix(80))': expected HOST:PORT, e.g. 127.0.0.1:53", exitCode: 2)
+        }
         let acmeProvisioners = try await failing {
             try acme.map { name in
                 var provisioner = try ACMEProvisioner(name: name)
@@ -84,6 +90,10 @@ struct ServeCommand: AsyncParsableCommand {
                 provisioner.tlsPort = acmeTlsPort
                 provisioner.validity = acmeValidity
                 provisioner.requireEAB = acmeEab
+                if let acmeDnsResolver {
+                    provisioner.dnsResolver = acmeDnsResolver
+                    provisioner.challenges.append("dns-01")
+                }
                 return provisioner
             }
         }

@@ -134,7 +134,7 @@ struct ACMETests {
     }
 
     static func withService(
-        permittedDNS: [String] = [], requireEAB: Bool = false, clock: @escaping @Sendable () -> Date = { Date() }, _ body: (Setup) async throws -> Void
+        permittedDNS: [String] = [], requireEAB: Bool = false, dnsResolver: String? = nil, clock: @escaping @Sendable () -> Date = { Date() }, _ body: (Setup) async throws -> Void
     ) async throws {
         let dir = TestPKI.temporaryDirectory("acme")
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -144,6 +144,10 @@ struct ACMETests {
         let validator = TableValidator()
         var provisioner = try ACMEProvisioner(name: "test")
         provisioner.requireEAB = requireEAB
+        if let dnsResolver {
+            provisioner.dnsResolver = dnsResolver
+            provisioner.challenges.append("dns-01")
+        }
         let service = try await ACMEService.make(authority: authority, provisioners: [provisioner], validator: validator, clock: clock)
         do {
             try await body(Setup(authority: authority, service: service, validator: validator, dir: dir))
@@ -588,6 +592,41 @@ struct ACMETests {
             #expect(try await other.post("new-account", ["externalAccountBinding": try Self.binding(other, kid: eab.kid, key: eab.hmacKey)], useJWK: true).problem == "unauthorized")
             let certificate = try await Self.issue(client, setup, name: "pay.example.org")
             #expect(try await setup.authority.store.certificate(serial: certificate.serialHex)?.owner == "team-payments")
+        }
+    }
+
+    @Test("wildcards: refused without dns-01; with it, the authorization is for the base name, marked wildcard, with dns-01 only, and the certificate names *.name")
+    func wildcards() async throws {
+        try await Self.withService { setup in
+            var client = TestACMEClient(service: setup.service)
+            _ = try await client.register()
+            #expect(try await client.post("new-order", ["identifiers": [["type": "dns", "value": "*.wild.example.org"]]]).problem == "rejectedIdentifier")
+        }
+        try await Self.withService(dnsResolver: "127.0.0.1:53") { setup in
+            var client = TestACMEClient(service: setup.service)
+            _ = try await client.register()
+            let order = try await client.post("new-order", ["identifiers": [["type": "dns", "value": "*.wild.example.org"], ["type": "dns", "value": "plain.example.org"]]])
+            #expect(order.status == 201)
+            var types: [String: [String]] = [:]
+            for url in order.json["authorizations"] as! [String] {
+                let authz = try await client.post(url, nil)
+                let value = (authz.json["identifier"] as! [String: String])["value"]!
+                types[value] = (authz.json["challenges"] as! [[String: Any]]).map { $0["type"] as! String }
+                if value == "wild.example.org" { #expect(authz.json["wildcard"] as? Bool == true) }
+                let challenge = (authz.json["challenges"] as! [[String: Any]]).first { $0["type"] as? String == "dns-01" }!
+                let thumbprint = try ACMEAccountKey(jwk: client.jwk).thumbprint
+                setup.validator.served.withLock { $0[value] = "\(challenge["token"] as! String).\(thumbprint)" }
+                _ = try await client.post(challenge["url"] as! String, [String: Any]())
+            }
+            #expect(types["wild.example.org"] == ["dns-01"])
+            #expect(types["plain.example.org"] == ["http-01", "tls-alpn-01", "dns-01"])
+            await setup.service.waitForValidations()
+            let done = try await client.post(order.header("location")! + "/finalize", ["csr": try Self.csrDER(try KeyType.p256.generate(), dns: ["*.wild.example.org", "plain.example.org"])])
+            #expect(done.json["status"] as? String == "valid", "\(String(decoding: done.body, as: UTF8.self))")
+            let pem = try await client.post(done.json["certificate"] as! String, nil)
+            let certificate = try PEMBundle.certificates(fromPEM: String(decoding: pem.body, as: UTF8.self))[0]
+            let names = try certificate.extensions.subjectAlternativeNames.map { Array($0) } ?? []
+            #expect(names.contains(.dnsName("*.wild.example.org")))
         }
     }
 

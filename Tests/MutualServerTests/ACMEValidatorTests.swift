@@ -7,6 +7,7 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 import NIOSSL
+import NIOTLS
 import SwiftASN1
 import Testing
 import X509
@@ -109,7 +110,16 @@ struct ACMEALPNValidatorTests {
         )
     }
 
-    static func serve(_ certificate: Certificate, key: Certificate.PrivateKey, alpn: [String] = ["acme-tls/1"]) async throws -> any Channel {
+    /// Closes the connection as soon as the handshake is done, as Go's tls-alpn-01 responders (lego) do.
+    final class CloseAfterHandshake: ChannelInboundHandler, Sendable {
+        typealias InboundIn = ByteBuffer
+        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+            if case TLSUserEvent.handshakeCompleted = event { context.close(promise: nil) }
+            context.fireUserInboundEventTriggered(event)
+        }
+    }
+
+    static func serve(_ certificate: Certificate, key: Certificate.PrivateKey, alpn: [String] = ["acme-tls/1"], closeAfterHandshake: Bool = false) async throws -> any Channel {
         var configuration = TLSConfiguration.makeServerConfiguration(
             certificateChain: [.certificate(try NIOSSLCertificate(bytes: try certificate.derBytes, format: .der))],
             privateKey: .privateKey(try NIOSSLPrivateKey(bytes: Array(try KeyFile.pem(for: key, passphrase: nil).utf8), format: .pem))
@@ -118,7 +128,10 @@ struct ACMEALPNValidatorTests {
         let context = try NIOSSLContext(configuration: configuration)
         return try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context)) }
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context))
+                    if closeAfterHandshake { try channel.pipeline.syncOperations.addHandler(CloseAfterHandshake()) }
+                }
             }
             .bind(host: "127.0.0.1", port: 0).get()
     }
@@ -160,6 +173,18 @@ struct ACMEALPNValidatorTests {
         let problem = await ACMENetworkValidator().tlsALPN01(identifier: ACMEIdentifier(type: "dns", value: "localhost"), keyAuthorization: Self.keyAuthorization, port: server.localAddress!.port!)
         #expect(problem == nil, "\(problem?.detail ?? "")")
         try await server.close()
+    }
+
+    @Test("a responder that closes right after the handshake (as lego's does) is still judged by the certificate it presented")
+    func closedAfterHandshake() async throws {
+        let key = try KeyType.p256.generate()
+        let digest = Array(SHA256.hash(data: Data(Self.keyAuthorization.utf8)))
+        for _ in 0..<20 {
+            let server = try await Self.serve(try Self.certificate(key: key, sans: [.dnsName("localhost")], digest: digest), key: key, closeAfterHandshake: true)
+            let problem = await ACMENetworkValidator().tlsALPN01(identifier: ACMEIdentifier(type: "dns", value: "localhost"), keyAuthorization: Self.keyAuthorization, port: server.localAddress!.port!)
+            #expect(problem == nil, "\(problem?.detail ?? "")")
+            try await server.close()
+        }
     }
 
     @Test("nothing listening: connection")

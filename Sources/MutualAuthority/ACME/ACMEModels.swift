@@ -27,6 +27,8 @@ public struct ACMEProvisioner: Sendable, Equatable {
     public var httpPort = 80
     public var tlsPort = 443
     public var termsOfService: String?
+    /// The resolver dns-01 asks (`host:port`); dns-01 (and wildcard names) are offered only with one.
+    public var dnsResolver: String?
     /// Accounts need an External Account Binding made with `mutual acme eab create`.
     public var requireEAB = false
     /// Orders and authorizations expire this long after they are made.
@@ -82,6 +84,8 @@ public struct ACMEAuthorization: Codable, Sendable, Equatable {
     public var status: String
     public var expires: Date
     public var challenges: [ACMEChallenge]
+    /// For `*.name` in the order: the authorization is for `name`, by dns-01 only.
+    public var wildcard: Bool? = nil
 }
 
 public struct ACMEOrder: Codable, Sendable, Equatable {

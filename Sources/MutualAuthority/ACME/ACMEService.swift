@@ -393,11 +393,11 @@ public final class ACMEService: Sendable {
             }
             switch type {
             case "dns" where provisioner.allowDNS:
-                guard !value.hasPrefix("*.") else {
+                if value.hasPrefix("*."), !provisioner.challenges.contains("dns-01") {
                     refuse(.rejectedIdentifier, "\(value): wildcard names need the dns-01 challenge, which this provisioner does not offer")
                     continue
                 }
-                guard let name = try? Names.normalizedDNSName(value, allowWildcard: false) else {
+                guard let name = try? Names.normalizedDNSName(value, allowWildcard: true) else {
                     refuse(.rejectedIdentifier, "'\(value.prefix(80))' is not a valid DNS name")
                     continue
                 }
@@ -449,12 +449,16 @@ public final class ACMEService: Sendable {
         var steps: [ACMEStep] = []
         var authorizationIDs: [String] = []
         for identifier in identifiers {
-            let challenges = provisioner.challenges.filter { $0 != "http-01" || true }.map {
+            // A wildcard is authorized for its base name, and only DNS can show control of every name under it.
+            let wildcard = identifier.type == "dns" && identifier.value.hasPrefix("*.")
+            let types = wildcard ? ["dns-01"] : provisioner.challenges
+            let challenges = types.map {
                 ACMEChallenge(type: $0, token: ACMERandom.token(), status: ACMEStatus.pending, validated: nil, error: nil)
             }
             let authorization = ACMEAuthorization(
-                id: ACMERandom.id(), orderID: orderID, accountID: account.id, identifier: identifier, status: ACMEStatus.pending,
-                expires: expires, challenges: challenges
+                id: ACMERandom.id(), orderID: orderID, accountID: account.id,
+                identifier: wildcard ? ACMEIdentifier(type: "dns", value: String(identifier.value.dropFirst(2))) : identifier,
+                status: ACMEStatus.pending, expires: expires, challenges: challenges, wildcard: wildcard ? true : nil
             )
             authorizationIDs.append(authorization.id)
             steps.append(.insertAuthorization(ACMERow(id: authorization.id, status: authorization.status, body: try Self.encode(authorization)), orderID: orderID, accountID: account.id))
@@ -572,11 +576,13 @@ public final class ACMEService: Sendable {
     // MARK: Authorizations and challenges
 
     private func authorizationJSON(_ authorization: ACMEAuthorization, urls: ACMEURLs) -> [String: Any] {
-        [
+        var json: [String: Any] = [
             "identifier": ["type": authorization.identifier.type, "value": authorization.identifier.value],
             "status": authorization.status, "expires": Self.time(authorization.expires),
             "challenges": authorization.challenges.map { challengeJSON($0, authorizationID: authorization.id, urls: urls) },
         ]
+        if authorization.wildcard == true { json["wildcard"] = true }
+        return json
     }
 
     private func challengeJSON(_ challenge: ACMEChallenge, authorizationID: String, urls: ACMEURLs) -> [String: Any] {
@@ -702,7 +708,7 @@ public final class ACMEService: Sendable {
         } catch let error as PKIError {
             throw ACMEProblem(.badCSR, error.reason)
         }
-        var requested = Set(issuance.dnsNames.compactMap { try? Names.normalizedDNSName($0, allowWildcard: false) }.map { ACMEIdentifier(type: "dns", value: $0) })
+        var requested = Set(issuance.dnsNames.compactMap { try? Names.normalizedDNSName($0, allowWildcard: true) }.map { ACMEIdentifier(type: "dns", value: $0) })
         requested.formUnion(issuance.ipAddresses.compactMap { try? Names.ipAddressBytes($0) }.map { ACMEIdentifier(type: "ip", value: Names.ipAddressString($0)) })
         let ordered = Set(order.identifiers)
         guard issuance.uris.isEmpty, requested.count == issuance.dnsNames.count + issuance.ipAddresses.count, requested == ordered else {

@@ -176,6 +176,25 @@ extension Store {
         try await reader.raw("SELECT id, status, body FROM acme_authorizations WHERE order_id = \(bind: order) ORDER BY id").all().map(Self.decodeACME)
     }
 
+    /// Orders an account created since `since`, and the oldest of them (for Retry-After).
+    public func acmeOrderCount(account: String, since: Date) async throws -> (count: Int, oldest: Date?) {
+        let row = try await reader.raw("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM acme_orders WHERE account_id = \(bind: account) AND created_at >= \(bind: Int64(since.timeIntervalSince1970))").first()
+        let count = try row.map { Int(try $0.decode(column: "n", as: Int64.self)) } ?? 0
+        let oldest = try row.flatMap { try $0.decodeNil(column: "oldest") ? nil : Date(timeIntervalSince1970: Double(try $0.decode(column: "oldest", as: Int64.self))) }
+        return (count, oldest)
+    }
+
+    /// Certificates recorded since `since` that name `san` (`dns:name`, `ip:address`), and the oldest of them.
+    public func certificateCount(san: String, since: Date) async throws -> (count: Int, oldest: Date?) {
+        // `sans` is a JSON array of strings; a name in quotes matches one whole element. Names never hold quotes or
+        // LIKE wildcards (they are validated DNS names or IP addresses), so no escaping is needed beyond refusing them.
+        guard !san.contains(where: { $0 == "\"" || $0 == "%" || $0 == "_" || $0 == "\\" }) else { return (0, nil) }
+        let row = try await reader.raw("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM certificates WHERE created_at >= \(bind: Int64(since.timeIntervalSince1970)) AND sans LIKE \(bind: "%\"" + san + "\"%")").first()
+        let count = try row.map { Int(try $0.decode(column: "n", as: Int64.self)) } ?? 0
+        let oldest = try row.flatMap { try $0.decodeNil(column: "oldest") ? nil : Date(timeIntervalSince1970: Double(try $0.decode(column: "oldest", as: Int64.self))) }
+        return (count, oldest)
+    }
+
     public func acmeEABKey(kid: String) async throws -> ACMEEABKey? {
         try await reader.raw("SELECT * FROM acme_eab_keys WHERE kid = \(bind: kid)").first().map(Self.decodeEAB)
     }

@@ -134,7 +134,7 @@ struct ACMETests {
     }
 
     static func withService(
-        permittedDNS: [String] = [], requireEAB: Bool = false, dnsResolver: String? = nil, clock: @escaping @Sendable () -> Date = { Date() }, _ body: (Setup) async throws -> Void
+        permittedDNS: [String] = [], requireEAB: Bool = false, dnsResolver: String? = nil, limits: (orders: Int?, perIdentifier: Int?) = (300, 100), clock: @escaping @Sendable () -> Date = { Date() }, _ body: (Setup) async throws -> Void
     ) async throws {
         let dir = TestPKI.temporaryDirectory("acme")
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -144,6 +144,8 @@ struct ACMETests {
         let validator = TableValidator()
         var provisioner = try ACMEProvisioner(name: "test")
         provisioner.requireEAB = requireEAB
+        provisioner.ordersPerAccountPerHour = limits.orders
+        provisioner.certificatesPerIdentifierPerHour = limits.perIdentifier
         if let dnsResolver {
             provisioner.dnsResolver = dnsResolver
             provisioner.challenges.append("dns-01")
@@ -627,6 +629,25 @@ struct ACMETests {
             let certificate = try PEMBundle.certificates(fromPEM: String(decoding: pem.body, as: UTF8.self))[0]
             let names = try certificate.extensions.subjectAlternativeNames.map { Array($0) } ?? []
             #expect(names.contains(.dnsName("*.wild.example.org")))
+        }
+    }
+
+    @Test("rate limits: orders per account and certificates per identifier per hour give rateLimited (429) with Retry-After; other accounts and names go on")
+    func rateLimits() async throws {
+        try await Self.withService(limits: (orders: 3, perIdentifier: 1)) { setup in
+            var client = TestACMEClient(service: setup.service)
+            _ = try await client.register()
+            _ = try await Self.issue(client, setup, name: "once.example.org")
+            let again = try await client.post("new-order", ["identifiers": [["type": "dns", "value": "once.example.org"]]])
+            #expect(again.problem == "rateLimited" && again.status == 429)
+            #expect((again.header("retry-after").flatMap(Int.init) ?? 0) > 3000, "the certificate leaves the window in about an hour")
+            #expect(try await client.post("new-order", ["identifiers": [["type": "dns", "value": "two.example.org"]]]).status == 201)
+            #expect(try await client.post("new-order", ["identifiers": [["type": "dns", "value": "three.example.org"]]]).status == 201)
+            let fourth = try await client.post("new-order", ["identifiers": [["type": "dns", "value": "four.example.org"]]])
+            #expect(fourth.problem == "rateLimited" && fourth.header("retry-after") != nil)
+            var other = TestACMEClient(service: setup.service)
+            _ = try await other.register()
+            #expect(try await other.post("new-order", ["identifiers": [["type": "dns", "value": "four.example.org"]]]).status == 201)
         }
     }
 

@@ -29,6 +29,10 @@ public struct ACMEProvisioner: Sendable, Equatable {
     public var termsOfService: String?
     /// The resolver dns-01 asks (`host:port`); dns-01 (and wildcard names) are offered only with one.
     public var dnsResolver: String?
+    /// New orders one account may make per hour (nil: no limit).
+    public var ordersPerAccountPerHour: Int? = 300
+    /// Certificates naming one identifier per hour, across accounts (nil: no limit).
+    public var certificatesPerIdentifierPerHour: Int? = 100
     /// Accounts need an External Account Binding made with `mutual acme eab create`.
     public var requireEAB = false
     /// Orders and authorizations expire this long after they are made.

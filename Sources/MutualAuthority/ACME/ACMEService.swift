@@ -443,6 +443,7 @@ public final class ACMEService: Sendable {
             }
         }
         let identifiers = try checkedIdentifiers(payload["identifiers"], provisioner: provisioner)
+        try await checkRateLimits(account: account, identifiers: identifiers, provisioner: provisioner, now: now)
         let replaces = try await replacedSerial(payload["replaces"], account: account)
         let expires = now.addingTimeInterval(provisioner.orderLifetime.timeInterval)
         let orderID = ACMERandom.id()
@@ -473,6 +474,28 @@ public final class ACMEService: Sendable {
             "identifiers": identifiers.map { "\($0.type):\($0.value)" }.joined(separator: ","), "status": order.status,
         ])])
         return try respond(201, json: orderJSON(order, urls: urls), urls: urls, location: urls.url("order/\(orderID)"))
+    }
+
+    /// Orders per account and certificates per identifier, each over the last hour: over the limit, `rateLimited` with
+    /// Retry-After saying when the oldest counted one leaves the window.
+    func checkRateLimits(account: ACMEAccount, identifiers: [ACMEIdentifier], provisioner: ACMEProvisioner, now: Date) async throws {
+        let window: TimeInterval = 3600
+        let since = now.addingTimeInterval(-window)
+        func retry(_ oldest: Date?) -> Int { max(1, Int(((oldest ?? now).addingTimeInterval(window)).timeIntervalSince(now).rounded(.up))) }
+        if let limit = provisioner.ordersPerAccountPerHour {
+            let (count, oldest) = try await authority.store.acmeOrderCount(account: account.id, since: since)
+            if count >= limit {
+                throw ACMEProblem(.rateLimited, "account \(account.id) made \(count) orders in the last hour; the limit is \(limit)", retryAfter: retry(oldest))
+            }
+        }
+        if let limit = provisioner.certificatesPerIdentifierPerHour {
+            for identifier in identifiers {
+                let (count, oldest) = try await authority.store.certificateCount(san: "\(identifier.type):\(identifier.value)", since: since)
+                if count >= limit {
+                    throw ACMEProblem(.rateLimited, "\(count) certificates named \(identifier.value) in the last hour; the limit is \(limit)", retryAfter: retry(oldest))
+                }
+            }
+        }
     }
 
     private func orderJSON(_ order: ACMEOrder, urls: ACMEURLs) -> [String: Any] {

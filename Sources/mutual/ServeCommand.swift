@@ -20,14 +20,17 @@ struct ServeCommand: AsyncParsableCommand {
 
     @OptionGroup var stateOptions: StateOptions
 
-    @Option(help: "Address to listen on, HOST:PORT (port 0 picks a free port; the chosen one is printed).")
-    var listen: String = "127.0.0.1:9443"
+    @Option(help: "Settings and ACME provisioners in a YAML file (docs/acme.md); a flag given here wins over the file.")
+    var config: String?
+
+    @Option(help: "Address to listen on, HOST:PORT (port 0 picks a free port; the chosen one is printed). Default 127.0.0.1:9443.")
+    var listen: String?
 
     @Option(help: "URL clients use to reach this authority; its host is put in the server certificate.")
     var publicURL: String?
 
-    @Option(help: "Plain-HTTP listener for /crl, /crl.pem, /ocsp and /roots.pem only, HOST:PORT, or 'off'.")
-    var httpListen: String = "127.0.0.1:9080"
+    @Option(help: "Plain-HTTP listener for /crl, /crl.pem, /ocsp and /roots.pem only, HOST:PORT, or 'off'. Default 127.0.0.1:9080.")
+    var httpListen: String?
 
     @Option(help: "Base URL placed in certificates for the CRL (URL/crl) and OCSP (URL/ocsp); default http://<http-listen>.")
     var httpPublicURL: String?
@@ -35,11 +38,11 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "Allow /v1/renew-expired for certificates expired at most this long ago (off by default).", transform: ValidityDuration.argument)
     var renewExpiredGrace: ValidityDuration?
 
-    @Option(help: "Lifetime of each published CRL of the issuing CA (a new one is signed at half of it and after every revocation).", transform: ValidityDuration.argument)
-    var crlValidity: ValidityDuration = .hours(24)
+    @Option(help: "Lifetime of each published CRL of the issuing CA (a new one is signed at half of it and after every revocation). Default 24h.", transform: ValidityDuration.argument)
+    var crlValidity: ValidityDuration?
 
-    @Option(help: "Lifetime of the authority's own TLS certificate.", transform: ValidityDuration.argument)
-    var serverCertValidity: ValidityDuration = .hours(24)
+    @Option(help: "Lifetime of the authority's own TLS certificate. Default 24h.", transform: ValidityDuration.argument)
+    var serverCertValidity: ValidityDuration?
 
     @Option(help: "Serve an ACME provisioner (RFC 8555) with this name at /acme/NAME/directory: DNS names and IP addresses inside the CA's constraints, http-01 and tls-alpn-01, no account binding unless --acme-eab (repeatable).")
     var acme: [String] = []
@@ -59,11 +62,25 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "Lifetime of certificates issued over ACME.", transform: ValidityDuration.argument)
     var acmeValidity: ValidityDuration = .days(7)
 
-    @Option(help: "Log level: trace|debug|info|notice|warning|error|critical.")
-    var logLevel: String = "info"
+    @Option(help: "Log level: trace|debug|info|notice|warning|error|critical. Default info.")
+    var logLevel: String?
 
     func run() async throws {
         GlobalExecutor.adoptEventLoops()
+        var file = AuthorityFile()
+        if let config {
+            do { file = try AuthorityFile.load(path: config) } catch let problem as AuthorityFile.Problem {
+                throw CommandFailure("\(config): \(problem)", exitCode: 2)
+            }
+        }
+        let listen = self.listen ?? file.listen ?? "127.0.0.1:9443"
+        let httpListen = self.httpListen ?? file.httpListen ?? "127.0.0.1:9080"
+        let publicURL = self.publicURL ?? file.publicURL
+        let httpPublicURL = self.httpPublicURL ?? file.httpPublicURL
+        let renewExpiredGrace = self.renewExpiredGrace ?? file.renewExpiredGrace
+        let crlValidity = self.crlValidity ?? file.crlValidity ?? .hours(24)
+        let serverCertValidity = self.serverCertValidity ?? file.serverCertValidity ?? .hours(24)
+        let logLevel = self.logLevel ?? file.logLevel ?? "info"
         let (host, port) = try await failing { try AuthorityServer.Configuration.parseListen(listen) }
         let http = httpListen == "off" ? nil : try await failing { try AuthorityServer.Configuration.parseListen(httpListen) }
         if let httpPublicURL {
@@ -79,7 +96,8 @@ struct ServeCommand: AsyncParsableCommand {
         for (flag, port) in [("--acme-http-port", acmeHttpPort), ("--acme-tls-port", acmeTlsPort)] where !(1...65535).contains(port) {
             throw CommandFailure("\(flag) must be a port between 1 and 65535 (got \(port))", exitCode: 2)
         }
-        if Set(acme).count != acme.count { throw CommandFailure("--acme names must be distinct", exitCode: 2) }
+        let allNames = acme + file.acme.map { $0.name }
+        if Set(allNames).count != allNames.count { throw CommandFailure("ACME provisioner names must be distinct (--acme and the file's acme list)", exitCode: 2) }
         if let acmeDnsResolver, (try? AuthorityServer.Configuration.parseListen(acmeDnsResolver)) == nil || acmeDnsResolver.hasSuffix(":0") {
             throw CommandFailure("--acme-dns-resolver '\(acmeDnsResolver.prefix(80))': expected HOST:PORT, e.g. 127.0.0.1:53", exitCode: 2)
         }
@@ -106,14 +124,14 @@ struct ServeCommand: AsyncParsableCommand {
         configuration.httpListen = http
         configuration.httpPublicURL = httpPublicURL
         configuration.crlValidity = crlValidity
-        configuration.acmeProvisioners = acmeProvisioners
+        configuration.acmeProvisioners = file.acme + acmeProvisioners
         let server = AuthorityServer(authority: authority, configuration: configuration, logger: logger)
         await Self.warnAboutCA(stateOptions.state, logger: logger)
         do {
             try await server.run(onListening: { port in
                 let line = "mutual serve: listening on https://\(host.contains(":") ? "[\(host)]" : host):\(port)\n  trust anchor: \(stateOptions.state.rootCertificatePath)\n"
                 FileHandle.standardOutput.write(Data(line.utf8))
-                for name in acme {
+                for name in allNames {
                     FileHandle.standardOutput.write(Data("  ACME directory: https://\(host.contains(":") ? "[\(host)]" : host):\(port)/acme/\(name)/directory\n".utf8))
                 }
             }, onHTTPListening: { port in

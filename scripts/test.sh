@@ -80,4 +80,6 @@ log "ACME: certbot (register, DNS name, IP address, renew, revoke, a refused val
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-acme.sh" || status=1
 log "replicas: two authorities on one PostgreSQL under load, with revocations, a SIGKILL and a database restart"
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" PG_DIR="$PG_DIR" DURATION="${REPLICA_SECONDS:-60}" bash "$ROOT/scripts/replicas.sh" || status=1
+log "ACME on two replicas: 20 concurrent certbot and lego runs across them on one PostgreSQL, nonces shared"
+MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" PG_DIR="$PG_DIR" bash "$ROOT/scripts/acme-replicas.sh" || status=1
 exit $status

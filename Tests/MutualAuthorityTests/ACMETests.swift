@@ -176,6 +176,7 @@ struct ACMETests {
             setup.validator.served.withLock { $0[identifier] = "\(challenge["token"] as! String).\(thumbprint)" }
             let started = try await client.post(challenge["url"] as! String, [String: Any]())
             #expect(started.status == 200)
+            #expect(started.json["status"] as? String == "valid", "a quick check is answered with its outcome")
             #expect(started.headers.contains { $0.0 == "link" && $0.1.hasSuffix(";rel=\"up\"") })
         }
         await setup.service.waitForValidations()

@@ -678,10 +678,17 @@ public final class ACMEService: Sendable {
         }
         let keyAuthorization = authorization.challenges[index].token + "." + account.thumbprint
         let started = authorization
-        running.start { [self] in
+        let validation = running.start { [self] in
             await self.finishValidation(started, index: index, keyAuthorization: keyAuthorization, provisioner: provisioner, account: account)
         }
-        var response = try respond(200, json: challengeJSON(authorization.challenges[index], authorizationID: authzID, urls: urls), urls: urls)
+        // Most checks take milliseconds: answer with the outcome when it comes within a second, so the client's first
+        // poll finds it; a slow check goes on after the answer ("processing"), and the client polls as usual.
+        var reported = authorization.challenges[index]
+        if await ValidationTasks.completes(validation, within: .seconds(1)),
+           let row = try await authority.store.acmeAuthorization(id: authzID) {
+            reported = try await current(row, now: clock()).challenges[index]
+        }
+        var response = try respond(200, json: challengeJSON(reported, authorizationID: authzID, urls: urls), urls: urls)
         response.headers += up
         return response
     }
@@ -882,13 +889,38 @@ final class ValidationTasks: Sendable {
     private let tasks = Mutex<[UInt64: Task<Void, Never>]>([:])
     private let counter = Mutex<UInt64>(0)
 
-    func start(_ body: @escaping @Sendable () async -> Void) {
+    @discardableResult
+    func start(_ body: @escaping @Sendable () async -> Void) -> Task<Void, Never> {
         let id = counter.withLock { $0 += 1; return $0 }
         let task = Task {
             await body()
             _ = self.tasks.withLock { $0.removeValue(forKey: id) }
         }
         tasks.withLock { $0[id] = task }
+        return task
+    }
+
+    /// Whether `task` finishes within `limit`; it runs on either way.
+    static func completes(_ task: Task<Void, Never>, within limit: Duration) async -> Bool {
+        let waiting = FirstOutcome()
+        return await withCheckedContinuation { continuation in
+            waiting.set(continuation)
+            Task {
+                await task.value
+                waiting.resume(true)
+            }
+            Task {
+                try? await Task.sleep(for: limit)
+                waiting.resume(false)
+            }
+        }
+    }
+
+    /// Resumes a continuation with the first outcome only.
+    final class FirstOutcome: Sendable {
+        private let continuation = Mutex<CheckedContinuation<Bool, Never>?>(nil)
+        func set(_ value: CheckedContinuation<Bool, Never>) { continuation.withLock { $0 = value } }
+        func resume(_ value: Bool) { continuation.withLock { $0?.resume(returning: value); $0 = nil } }
     }
 
     func waitAll() async {

@@ -110,6 +110,35 @@ struct CLITests {
         }
     }
 
+    @Test("serve refuses a bad --config file, bad ACME flags and duplicate provisioner names with exit 2; acme eab create refuses bad names")
+    func serveACMEBadInput() async throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        let state = cli.home + "/state"
+        #expect(try await cli.run(["init", "--state-dir", state, "--name", "ACME CLI"]).status == 0)
+        let bad = cli.home + "/bad.yaml", dup = cli.home + "/dup.yaml"
+        try "acme:\n  - name: web\n    chalenges: [http-01]\n".write(toFile: bad, atomically: true, encoding: .utf8)
+        try "acme:\n  - name: web\n".write(toFile: dup, atomically: true, encoding: .utf8)
+        for (arguments, expected) in [
+            (["--config", bad], "acme[0].chalenges"),
+            (["--config", cli.home + "/missing.yaml"], "missing.yaml"),
+            (["--config", dup, "--acme", "web"], "distinct"),
+            (["--acme", "Bad Name"], "provisioner name"),
+            (["--acme", "web", "--acme-http-port", "0"], "--acme-http-port"),
+            (["--acme", "web", "--acme-dns-resolver", "nowhere"], "--acme-dns-resolver"),
+        ] {
+            let result = try await cli.run(["serve", "--state-dir", state, "--listen", "127.0.0.1:0", "--http-listen", "off"] + arguments)
+            #expect(result.status == 2, "\(arguments): \(result.status) \(result.output)")
+            #expect(result.stderr.contains(expected), "\(arguments): \(result.stderr)")
+        }
+        let eab = try await cli.run(["acme", "eab", "create", "--state-dir", state, "--provisioner", "no such!", "--owner", "t"])
+        #expect(eab.status != 0)
+        let good = try await cli.run(["acme", "eab", "create", "--state-dir", state, "--provisioner", "web", "--owner", "team", "--json"])
+        #expect(good.status == 0 && good.stdout.contains("hmac_key"))
+        let list = try await cli.run(["acme", "eab", "list", "--state-dir", state, "--json"])
+        #expect(list.status == 0 && !list.stdout.contains("hmac"), "the HMAC key is shown once only")
+    }
+
     @Test("serve and proxy on a busy port: exit 2 naming the flag and the address, before saying they listen")
     func busyPorts() async throws {
         let cli = CLI()

@@ -17,6 +17,7 @@ import X509
 /// HTTP in and out.
 struct ACMERoutes: Sendable {
     let service: ACMEService
+    let metrics: ServerMetrics
     /// `host:port` to use when a request carries no Host (HTTP/1.0).
     let fallbackAuthority: String
 
@@ -38,6 +39,18 @@ struct ACMERoutes: Sendable {
             method: request.method.rawValue, path: request.uri.path, base: "https://\(authority)",
             contentType: request.headers[.contentType], body: Data(buffer: body)
         )
+        // Label values come from a fixed set: a known provisioner and resource, or "unknown".
+        let parts = request.uri.path.split(separator: "/").map(String.init)
+        let provisioner = parts.count > 1 && service.provisioners[parts[1]] != nil ? parts[1] : "unknown"
+        let resources: Set<String> = ["directory", "new-nonce", "new-account", "new-order", "revoke-cert", "key-change", "account", "order", "authz", "chall", "cert", "renewal-info"]
+        let resource = parts.count > 2 && resources.contains(parts[2]) ? parts[2] : "unknown"
+        let outcome = answer.status < 400 ? "ok" : answer.status >= 500 ? "error" : "refused"
+        metrics.countACME(provisioner: provisioner, resource: resource, outcome: outcome, type: answer.problem?.kind.rawValue ?? "none")
+        if let problem = answer.problem, answer.status < 500 {
+            context.logger.info("ACME request refused", metadata: [
+                "path": "\(request.uri.path.prefix(200))", "status": "\(answer.status)", "code": "\(problem.kind.rawValue)", "reason": "\(problem.detail)",
+            ])
+        }
         var fields = HTTPFields()
         for (name, value) in answer.headers {
             if let field = HTTPField.Name(name) { fields.append(HTTPField(name: field, value: value)) }

@@ -184,7 +184,7 @@ public struct AuthorityServer: Sendable {
                 authority: authority, provisioners: configuration.acmeProvisioners, validator: ACMENetworkValidator(), logger: logger
             )
             let host = configuration.publicURL?.host ?? configuration.host
-            ACMERoutes(service: service, fallbackAuthority: host.contains(":") ? "[\(host)]:\(configuration.port)" : "\(host):\(configuration.port)")
+            ACMERoutes(service: service, metrics: metrics, fallbackAuthority: host.contains(":") ? "[\(host)]:\(configuration.port)" : "\(host):\(configuration.port)")
                 .register(on: router)
             acme = service
         }

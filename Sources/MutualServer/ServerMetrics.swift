@@ -24,6 +24,14 @@ final class ServerMetrics: Sendable {
     }
 
     /// `mutual_tls_handshake_failures_total{reason}`: BoringSSL's reason code for each failed handshake.
+    /// ACME requests by provisioner, resource (`new-order`, `chall`, ...), outcome and problem type (`none` on success).
+    func countACME(provisioner: String, resource: String, outcome: String, type: String) {
+        registry.makeCounter(
+            descriptor: .init(metricName: "mutual_acme_requests", unitName: "total", helpText: "ACME requests by provisioner, resource, outcome and problem type"),
+            labels: [("provisioner", provisioner), ("resource", resource), ("outcome", outcome), ("type", type)]
+        ).increment()
+    }
+
     func countHandshakeFailure(reason: String) {
         registry.makeCounter(
             descriptor: .init(metricName: "mutual_tls_handshake_failures", unitName: "total", helpText: "Failed TLS handshakes on the authority's listener by BoringSSL reason"),

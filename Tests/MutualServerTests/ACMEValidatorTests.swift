@@ -197,3 +197,31 @@ struct ACMEALPNValidatorTests {
         #expect(problem?.kind == .connection)
     }
 }
+
+/// The ACME routes inside a real `mutual serve` over TLS: JSON out, problems in, each counted by its type.
+@Suite("ACME over the authority's HTTPS listener", .serialized)
+struct ACMEServerTests {
+    @Test("the directory over TLS names this host; a garbage POST is a malformed problem; an unknown provisioner 404; each counted by type in /metrics")
+    func directoryAndMetrics() async throws {
+        let server = try await ServerHarness.start(acme: [try ACMEProvisioner(name: "web")])
+        do {
+            let (status, directory) = try await server.curl("/acme/web/directory")
+            #expect(status == 200)
+            let json = try JSONSerialization.jsonObject(with: Data(directory.utf8)) as? [String: Any]
+            #expect(json?["newOrder"] as? String == server.baseURL + "/acme/web/new-order")
+            let (refused, problem) = try await server.curl("/acme/web/new-order", method: "POST", body: "garbage", contentType: "application/jose+json")
+            #expect(refused == 400)
+            #expect((try JSONSerialization.jsonObject(with: Data(problem.utf8)) as? [String: Any])?["type"] as? String == "urn:ietf:params:acme:error:malformed")
+            let (missing, _) = try await server.curl("/acme/nope/directory")
+            #expect(missing == 404)
+            let (_, metrics) = try await server.curl("/metrics")
+            #expect(metrics.contains("mutual_acme_requests_total{provisioner=\"web\",resource=\"directory\",outcome=\"ok\",type=\"none\"} 1"))
+            #expect(metrics.contains("mutual_acme_requests_total{provisioner=\"web\",resource=\"new-order\",outcome=\"refused\",type=\"malformed\"} 1"))
+            #expect(metrics.contains("mutual_acme_requests_total{provisioner=\"unknown\",resource=\"directory\",outcome=\"refused\",type=\"malformed\"} 1"))
+        } catch {
+            await server.stop()
+            throw error
+        }
+        await server.stop()
+    }
+}

@@ -23,7 +23,7 @@ final class ServerHarness: @unchecked Sendable {
     var baseURL: String { "https://127.0.0.1:\(port)" }
     var httpURL: String { "http://127.0.0.1:\(httpPort)" }
 
-    static func start(renewExpiredGrace: ValidityDuration? = nil, idleTimeout: Duration = .seconds(30)) async throws -> ServerHarness {
+    static func start(renewExpiredGrace: ValidityDuration? = nil, idleTimeout: Duration = .seconds(30), acme: [ACMEProvisioner] = []) async throws -> ServerHarness {
         let dir = TestPKI.temporaryDirectory("server")
         let state = StateDirectory(path: dir + "/state")
         _ = try await Authority.initialize(state: state, name: "Server Test", keyType: .p256, constraints: .init(), passphrase: nil, actor: "test")
@@ -33,6 +33,7 @@ final class ServerHarness: @unchecked Sendable {
         logger.logLevel = .critical
         var configuration = AuthorityServer.Configuration(host: "127.0.0.1", port: 0, renewExpiredGrace: renewExpiredGrace, idleTimeout: idleTimeout)
         configuration.httpListen = ("127.0.0.1", 0)
+        configuration.acmeProvisioners = acme
         let server = AuthorityServer(authority: authority, configuration: configuration, logger: logger)
         let (stream, continuation) = AsyncStream<(String, Int)>.makeStream()
         harness.task = Task {

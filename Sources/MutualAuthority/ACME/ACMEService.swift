@@ -17,6 +17,8 @@ public struct ACMEResponse: Sendable {
     public var status: Int
     public var headers: [(String, String)]
     public var body: Data
+    /// The refusal's type, for metrics and logs (nil on success).
+    public var problem: ACMEProblem?
 
     init(status: Int, headers: [(String, String)] = [], body: Data = Data()) {
         self.status = status
@@ -845,7 +847,9 @@ public final class ACMEService: Sendable {
         var headers = commonHeaders(urls) + [("content-type", "application/problem+json"), ("cache-control", "no-store")]
         if let retry = problem.retryAfter { headers.append(("retry-after", String(retry))) }
         let body = (try? JSONSerialization.data(withJSONObject: Self.problemJSON(problem.document), options: [.sortedKeys, .withoutEscapingSlashes])) ?? Data()
-        return ACMEResponse(status: problem.status, headers: headers, body: body)
+        var response = ACMEResponse(status: problem.status, headers: headers, body: body)
+        response.problem = problem
+        return response
     }
 
     static func problemJSON(_ document: ACMEProblemDocument) -> [String: Any] {

@@ -40,7 +40,8 @@ struct DocsExamplesTests {
     @Test("every YAML example in README.md and docs/ is a configuration the proxy accepts")
     func yamlExamples() throws {
         let files = ["README.md"] + (try FileManager.default.contentsOfDirectory(atPath: Self.root.appendingPathComponent("docs").path))
-            .filter { $0.hasSuffix(".md") }.sorted().map { "docs/" + $0 }
+            // docs/acme.md shows the authority's file, checked by AuthorityFileTests.
+            .filter { $0.hasSuffix(".md") && $0 != "acme.md" }.sorted().map { "docs/" + $0 }
         var checked = 0
         for file in files {
             for block in try Self.yamlBlocks(in: file) {

@@ -46,6 +46,26 @@ struct AuthorityFileTests {
         #expect(try AuthorityFile.parse(yaml: "") == AuthorityFile())
     }
 
+    @Test("every YAML example in docs/acme.md is a file mutual serve --config accepts")
+    func documentedExamples() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let lines = try String(contentsOf: root.appendingPathComponent("docs/acme.md"), encoding: .utf8).components(separatedBy: "\n")
+        var blocks: [String] = []
+        var current: [String]?
+        for line in lines {
+            let trimmed = line.trimmingCharacters(in: .whitespaces)
+            if current == nil, trimmed == "```yaml" { current = [] } else if current != nil, trimmed == "```" {
+                blocks.append(current!.joined(separator: "\n"))
+                current = nil
+            } else if current != nil { current!.append(line) }
+        }
+        #expect(!blocks.isEmpty)
+        for block in blocks {
+            let file = try AuthorityFile.parse(yaml: block)
+            #expect(!file.acme.isEmpty)
+        }
+    }
+
     @Test("mistakes are refused with their path: unknown keys, wrong types, dns-01 without a resolver, duplicate names, bad values, garbage")
     func mistakes() throws {
         let cases: [(String, String)] = [

@@ -75,7 +75,7 @@ public struct AuthorityFile: Sendable, Equatable {
     static func provisioner(_ value: Any, _ path: String) throws -> ACMEProvisioner {
         let map = try Self.map(value, path)
         try Self.known(map, [
-            "name", "identifiers", "dns-names", "profile", "validity", "challenges", "external-account-required", "http-port",
+            "name", "identifiers", "dns-names", "profile", "profiles", "validity", "challenges", "external-account-required", "http-port",
             "tls-port", "dns-resolver", "terms-of-service", "rate-limits",
         ], path)
         guard let name = try Self.string(map["name"], path + ".name") else { throw Problem(path: path + ".name", reason: "is required") }
@@ -95,11 +95,22 @@ public struct AuthorityFile: Sendable, Equatable {
                 }
             }
         }
-        if let profile = try Self.string(map["profile"], path + ".profile") {
-            guard let parsed = CertificateProfile(rawValue: profile), parsed == .server || parsed == .client else {
-                throw Problem(path: path + ".profile", reason: "ACME issues the server or client profile (got '\(profile.prefix(20))')")
+        func acmeProfile(_ name: String, _ keyPath: String) throws -> CertificateProfile {
+            guard let parsed = CertificateProfile(rawValue: name), parsed == .server || parsed == .client else {
+                throw Problem(path: keyPath, reason: "ACME issues the server or client profile (got '\(name.prefix(20))')")
             }
-            provisioner.profile = parsed
+            return parsed
+        }
+        if map["profile"] != nil, map["profiles"] != nil {
+            throw Problem(path: path + ".profiles", reason: "give profile or profiles, not both")
+        }
+        if let profile = try Self.string(map["profile"], path + ".profile") {
+            provisioner.profiles = [try acmeProfile(profile, path + ".profile")]
+        }
+        if let names = try Self.strings(map["profiles"], path + ".profiles") {
+            let parsed = try names.map { try acmeProfile($0, path + ".profiles") }
+            guard !parsed.isEmpty, Set(parsed).count == parsed.count else { throw Problem(path: path + ".profiles", reason: "list server, client or both, each once") }
+            provisioner.profiles = parsed
         }
         if let validity = try Self.duration(map["validity"], path + ".validity") { provisioner.validity = validity }
         if let challenges = try Self.strings(map["challenges"], path + ".challenges") {

@@ -134,7 +134,7 @@ struct ACMETests {
     }
 
     static func withService(
-        permittedDNS: [String] = [], requireEAB: Bool = false, dnsResolver: String? = nil, limits: (orders: Int?, perIdentifier: Int?) = (300, 100), clock: @escaping @Sendable () -> Date = { Date() }, _ body: (Setup) async throws -> Void
+        permittedDNS: [String] = [], requireEAB: Bool = false, dnsResolver: String? = nil, limits: (orders: Int?, perIdentifier: Int?) = (300, 100), profiles: [CertificateProfile] = [.server], clock: @escaping @Sendable () -> Date = { Date() }, _ body: (Setup) async throws -> Void
     ) async throws {
         let dir = TestPKI.temporaryDirectory("acme")
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -144,6 +144,7 @@ struct ACMETests {
         let validator = TableValidator()
         var provisioner = try ACMEProvisioner(name: "test")
         provisioner.requireEAB = requireEAB
+        provisioner.profiles = profiles
         provisioner.ordersPerAccountPerHour = limits.orders
         provisioner.certificatesPerIdentifierPerHour = limits.perIdentifier
         if let dnsResolver {
@@ -482,8 +483,9 @@ struct ACMETests {
     }
 
     /// Issues one certificate for `name` through `client`'s account; returns it.
-    static func issue(_ client: TestACMEClient, _ setup: Setup, name: String, replaces: String? = nil) async throws -> Certificate {
+    static func issue(_ client: TestACMEClient, _ setup: Setup, name: String, replaces: String? = nil, profile: String? = nil) async throws -> Certificate {
         var payload: [String: Any] = ["identifiers": [["type": "dns", "value": name]]]
+        if let profile { payload["profile"] = profile }
         if let replaces { payload["replaces"] = replaces }
         let order = try await client.post("new-order", payload)
         #expect(order.status == 201, "\(String(decoding: order.body, as: UTF8.self))")
@@ -649,6 +651,22 @@ struct ACMETests {
             var other = TestACMEClient(service: setup.service)
             _ = try await other.register()
             #expect(try await other.post("new-order", ["identifiers": [["type": "dns", "value": "four.example.org"]]]).status == 201)
+        }
+    }
+
+    @Test("profiles: the directory lists the provisioner's; an order names one (client gets clientAuth) or gets the first; others are invalidProfile")
+    func orderProfiles() async throws {
+        try await Self.withService(profiles: [.server, .client]) { setup in
+            var client = TestACMEClient(service: setup.service)
+            _ = try await client.register()
+            let directory = await client.raw("directory", Data(), contentType: "", method: "GET")
+            #expect(((directory.json["meta"] as? [String: Any])?["profiles"] as? [String: String]).map { Set($0.keys) } == ["server", "client"])
+            let forClient = try await Self.issue(client, setup, name: "device.example.org", profile: "client")
+            #expect(try forClient.extensions.extendedKeyUsage.map(Array.init) == [.clientAuth])
+            let byDefault = try await Self.issue(client, setup, name: "web.example.org")
+            #expect(try byDefault.extensions.extendedKeyUsage.map(Array.init) == [.serverAuth])
+            #expect(try await client.post("new-order", ["identifiers": [["type": "dns", "value": "x.example.org"]], "profile": "admin"]).problem == "invalidProfile")
+            #expect(try await setup.authority.store.certificate(serial: forClient.serialHex)?.profile == "client")
         }
     }
 

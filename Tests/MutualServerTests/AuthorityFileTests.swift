@@ -29,7 +29,7 @@ struct AuthorityFileTests {
                   certificates-per-identifier-per-hour: none
               - name: devices
                 identifiers: [ip]
-                profile: client
+                profiles: [client, server]
                 tls-port: 8443
             """)
         #expect(file.listen == "127.0.0.1:8443" && file.httpListen == "off" && file.logLevel == "debug")
@@ -41,7 +41,7 @@ struct AuthorityFileTests {
         #expect(web.requireEAB && web.httpPort == 8080 && web.termsOfService == "https://ca.example.org/terms")
         #expect(web.ordersPerAccountPerHour == 10 && web.certificatesPerIdentifierPerHour == nil)
         let devices = file.acme[1]
-        #expect(devices.profile == .client && !devices.allowDNS && devices.tlsPort == 8443)
+        #expect(devices.profiles == [.client, .server] && !devices.allowDNS && devices.tlsPort == 8443)
         #expect(devices.challenges == ["http-01", "tls-alpn-01"], "the safe defaults")
         #expect(try AuthorityFile.parse(yaml: "") == AuthorityFile())
     }
@@ -80,6 +80,8 @@ struct AuthorityFileTests {
             ("acme:\n  - name: a\n    http-port: 70000", "acme[0].http-port"),
             ("acme:\n  - name: a\n    validity: forever", "acme[0].validity"),
             ("acme:\n  - name: a\n    profile: workload", "acme[0].profile"),
+            ("acme:\n  - name: a\n    profiles: [server, server]", "acme[0].profiles"),
+            ("acme:\n  - name: a\n    profile: server\n    profiles: [client]", "acme[0].profiles"),
             ("acme:\n  - name: a\n    external-account-required: maybe", "acme[0].external-account-required"),
             ("acme:\n  - name: a\n    dns-names: [bad_name]", "acme[0].dns-names"),
             ("acme: {name: a}", "acme"),

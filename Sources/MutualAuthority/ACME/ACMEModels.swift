@@ -21,7 +21,13 @@ public struct ACMEProvisioner: Sendable, Equatable {
     public var allowIP = true
     /// DNS name constraints (`example.org` covers it and its subdomains); empty: whatever the CA may certify.
     public var permittedDNS: [String] = []
-    public var profile: CertificateProfile = .server
+    /// The profiles orders may name (RFC 8555 profiles extension); the first is used when an order names none.
+    public var profiles: [CertificateProfile] = [.server]
+    /// The default profile.
+    public var profile: CertificateProfile {
+        get { profiles[0] }
+        set { profiles = [newValue] + profiles.filter { $0 != newValue } }
+    }
     public var validity: ValidityDuration = .days(7)
     public var challenges: [String] = ["http-01", "tls-alpn-01"]
     public var httpPort = 80

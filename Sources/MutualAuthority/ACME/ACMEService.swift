@@ -202,7 +202,9 @@ public final class ACMEService: Sendable {
     private func directory(_ provisioner: ACMEProvisioner, _ urls: ACMEURLs) -> [String: Any] {
         var meta: [String: Any] = [
             "externalAccountRequired": provisioner.requireEAB,
-            "profiles": [provisioner.profile.rawValue: "Mutual's \(provisioner.profile.rawValue) profile, \(provisioner.validity) certificates"],
+            "profiles": Dictionary(uniqueKeysWithValues: provisioner.profiles.map {
+                ($0.rawValue, "Mutual's \($0.rawValue) profile (\($0 == .client ? "clientAuth" : "serverAuth")), \(provisioner.validity) certificates")
+            }),
         ]
         if let terms = provisioner.termsOfService { meta["termsOfService"] = terms }
         return [
@@ -439,10 +441,12 @@ public final class ACMEService: Sendable {
         if payload["notBefore"] != nil || payload["notAfter"] != nil {
             throw ACMEProblem(.malformed, "notBefore and notAfter are not accepted: provisioner \(provisioner.name) issues \(provisioner.validity) certificates")
         }
-        if let profile = payload["profile"] {
-            guard profile as? String == provisioner.profile.rawValue else {
-                throw ACMEProblem(.invalidProfile, "profile '\(String(describing: profile).prefix(40))' is not offered; this provisioner offers '\(provisioner.profile.rawValue)'")
+        var profile = provisioner.profile
+        if let requested = payload["profile"] {
+            guard let name = requested as? String, let chosen = provisioner.profiles.first(where: { $0.rawValue == name }) else {
+                throw ACMEProblem(.invalidProfile, "profile '\(String(describing: requested).prefix(40))' is not offered; this provisioner offers \(provisioner.profiles.map { "'\($0.rawValue)'" }.joined(separator: ", "))")
             }
+            profile = chosen
         }
         let identifiers = try checkedIdentifiers(payload["identifiers"], provisioner: provisioner)
         try await checkRateLimits(account: account, identifiers: identifiers, provisioner: provisioner, now: now)
@@ -468,7 +472,7 @@ public final class ACMEService: Sendable {
         }
         let order = ACMEOrder(
             id: orderID, accountID: account.id, provisioner: provisioner.name, status: ACMEStatus.pending, expires: expires,
-            identifiers: identifiers, authorizations: authorizationIDs, profile: payload["profile"] as? String, error: nil,
+            identifiers: identifiers, authorizations: authorizationIDs, profile: profile.rawValue, error: nil,
             certificateSerial: nil, createdAt: now, replaces: replaces
         )
         steps.insert(.insertOrder(ACMERow(id: orderID, status: order.status, body: try Self.encode(order)), accountID: account.id, expires: expires, created: now), at: 0)
@@ -736,7 +740,8 @@ public final class ACMEService: Sendable {
         let issuance: IssuanceRequest
         do {
             let csr = try CSRDecoder.decode(Array(der))
-            issuance = try IssuanceRequest(verifiedCSR: csr, profile: provisioner.profile, validity: provisioner.validity)
+            let profile = order.profile.flatMap { name in provisioner.profiles.first { $0.rawValue == name } } ?? provisioner.profile
+            issuance = try IssuanceRequest(verifiedCSR: csr, profile: profile, validity: provisioner.validity)
         } catch let error as PKIError {
             throw ACMEProblem(.badCSR, error.reason)
         }

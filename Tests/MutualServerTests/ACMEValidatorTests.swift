@@ -68,6 +68,7 @@ struct ACMEValidatorTests {
             let problem = await Self.check(port: server.localAddress!.port!)
             #expect(problem?.kind.rawValue == expected, "\(answer.status.code): \(problem?.detail ?? "valid")")
             #expect(problem == nil || problem?.status == 403)
+            #expect(problem?.detail.contains("tok.other") != true, "the answer's body is never echoed to the client")
             try await server.close()
         }
         // A DNS identifier goes through name resolution: localhost resolves here.

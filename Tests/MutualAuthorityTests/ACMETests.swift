@@ -597,6 +597,14 @@ struct ACMETests {
             #expect(try await other.post("new-account", ["externalAccountBinding": try Self.binding(other, kid: eab.kid, key: eab.hmacKey)], useJWK: true).problem == "unauthorized")
             let certificate = try await Self.issue(client, setup, name: "pay.example.org")
             #expect(try await setup.authority.store.certificate(serial: certificate.serialHex)?.owner == "team-payments")
+            // A second key of the same team binds a second account: same owner, but it did not obtain the certificate.
+            let second = try await ACMEService.createEABKey(store: setup.authority.store, provisioner: "test", owner: "team-payments", actor: "test")
+            var teammate = TestACMEClient(service: setup.service)
+            let created = try await teammate.post("new-account", ["externalAccountBinding": try Self.binding(teammate, kid: second.kid, key: second.hmacKey)], useJWK: true)
+            teammate.kid = created.header("location")
+            let der = Base64URL.encode(Data(try certificate.derBytes))
+            #expect(try await teammate.post("revoke-cert", ["certificate": der]).problem == "unauthorized")
+            #expect(try await client.post("revoke-cert", ["certificate": der]).status == 200)
         }
     }
 

@@ -812,7 +812,10 @@ public final class ACMEService: Sendable {
             throw ACMEProblem(.malformed, "this certificate was not issued by this authority", status: 404)
         }
         if let account {
-            guard record.owner == account.owner else {
+            // The account that finalized the order for it (not merely one with the same owner: a team's EAB keys may
+            // bind several accounts).
+            let orders = try await authority.store.acmeOrders(account: account.id, limit: 100_000)
+            guard orders.contains(where: { row in row.status == ACMEStatus.valid && (try? Self.decode(ACMEOrder.self, row.body))?.certificateSerial == record.serial }) else {
                 throw ACMEProblem(.unauthorized, "account \(account.id) did not obtain certificate \(record.serial)")
             }
         } else if let jwk {

@@ -473,6 +473,8 @@ struct ACMETests {
             let later = try await client.post(authzURL, nil)
             #expect(later.json["status"] as? String == "invalid")
             #expect(try await client.post(order.header("location")!, nil).json["status"] as? String == "invalid")
+            let audited = try await setup.authority.store.auditEvents(limit: 100).filter { $0.action == "acme-authorization" && $0.subject == id }
+            #expect(audited.count == 1, "the failure of the interrupted validation is in the audit trail")
         }
     }
 

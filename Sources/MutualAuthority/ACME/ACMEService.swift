@@ -587,7 +587,11 @@ public final class ACMEService: Sendable {
         }
         guard let next else { return authorization }
         do {
-            try await authority.store.acme([.updateAuthorization(ACMERow(id: next.id, status: next.status, body: try Self.encode(next)), from: [stored])])
+            try await authority.store.acme([.updateAuthorization(ACMERow(id: next.id, status: next.status, body: try Self.encode(next)), from: [stored])], audit: [
+                AuditEntry(time: now, actor: "acme", action: "acme-authorization", subject: next.id, details: [
+                    "status": next.status, "reason": next.status == ACMEStatus.expired ? "expired unvalidated" : "validation interrupted",
+                ]),
+            ])
         } catch let error as StoreError where error.code == .conflict {
             guard let again = try await authority.store.acmeAuthorization(id: next.id) else { throw error }
             return try await current(again, now: now)

@@ -12,7 +12,7 @@ M() { "$MUTUAL" "$@"; }
 
 M init --state-dir "$T/ca" --name "ACME Interop" > /dev/null
 HP=$(free_port); TP=$(free_port); DNSPORT=$(free_port)
-M serve --state-dir "$T/ca" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --acme test --acme-http-port "$HP" --acme-tls-port "$TP" \
+"$MUTUAL" serve --state-dir "$T/ca" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --acme test --acme-http-port "$HP" --acme-tls-port "$TP" \
   --acme-dns-resolver "127.0.0.1:$DNSPORT" > "$T/serve.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 100); do grep -q "ACME directory" "$T/serve.log" && break; sleep 0.1; done
 DIR=$(grep -o 'https://[^ ]*/acme/test/directory' "$T/serve.log")
@@ -113,7 +113,7 @@ stop_dns
 
 # External Account Binding: a second authority whose provisioner requires it; the key comes from `mutual acme eab`.
 M init --state-dir "$T/eabca" --name "ACME EAB" > /dev/null
-M serve --state-dir "$T/eabca" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --acme teams --acme-eab --acme-http-port "$HP" > "$T/serve-eab.log" 2>&1 & PIDS+=($!)
+"$MUTUAL" serve --state-dir "$T/eabca" --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --acme teams --acme-eab --acme-http-port "$HP" > "$T/serve-eab.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 100); do grep -q "ACME directory" "$T/serve-eab.log" && break; sleep 0.1; done
 EDIR=$(grep -o 'https://[^ ]*/acme/teams/directory' "$T/serve-eab.log")
 export REQUESTS_CA_BUNDLE="$T/eabca/ca/root.pem"
@@ -133,6 +133,9 @@ check "mutual acme accounts and orders list the account and its valid order" bas
 
 [ -n "${KEEP:-}" ] && cp -r "$T" /tmp/acme-keep
 stop_dns
-kill "${PIDS[@]}" 2>/dev/null
+# Stop the authorities here and wait for them (bounded), so none outlives the script.
+for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+for _ in $(seq 100); do alive=0; for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done; [ "$alive" = 0 ] && break; sleep 0.1; done
+for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

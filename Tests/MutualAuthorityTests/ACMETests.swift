@@ -319,6 +319,26 @@ struct ACMETests {
         }
     }
 
+    @Test("a request that is not signed by its account is refused without recording its nonce (a stranger cannot make the server write)")
+    func unsignedRequestsWriteNothing() async throws {
+        try await Self.withService { setup in
+            var client = TestACMEClient(service: setup.service)
+            _ = try await client.register()
+            let stranger = TestACMEClient(service: setup.service)
+            let nonce = await client.nonce()
+            let before = try await setup.authority.store.auditEvents().count
+            var forged = stranger
+            forged.kid = client.kid
+            #expect(await client.raw(client.kid!, try forged.jws(client.kid!, payload: nil, nonce: nonce)).problem == "malformed")
+            #expect(await client.raw(client.kid!, try forged.jws(client.kid!, payload: nil, nonce: nonce) { $0["kid"] = TestACMEClient.base + "/acme/test/account/nope" }).problem == "accountDoesNotExist")
+            // The nonce was not spent by the refused requests: the account's own request with it succeeds, once.
+            let signed = try client.jws(client.kid!, payload: nil, nonce: nonce)
+            #expect(await client.raw(client.kid!, signed).status == 200)
+            #expect(await client.raw(client.kid!, signed).problem == "badNonce")
+            #expect(try await setup.authority.store.auditEvents().count == before)
+        }
+    }
+
     @Test("orders outside policy are refused before any challenge: outside the CA's constraints, wildcard, bad names, unknown types, notAfter, unknown profile")
     func orderPolicy() async throws {
         try await Self.withService(permittedDNS: ["example.org"]) { setup in

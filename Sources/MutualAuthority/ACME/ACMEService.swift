@@ -138,9 +138,15 @@ public final class ACMEService: Sendable {
         guard request.url == urls.base + path else {
             throw ACMEProblem(.unauthorized, "the JWS 'url' (\(request.url.prefix(120))) is not the URL this request was sent to")
         }
-        try await consume(nonce: request.nonce, now: now)
+        // The nonce's HMAC and age are checked first (no I/O); it is recorded as used only once the request is known
+        // to be signed by its account, so a stranger cannot make the server write to its database at will.
+        let nonceExpiry = try checkedNonce(request.nonce, now: now)
         let resource = rest.first ?? ""
         if case .jwk(let key) = request.signer {
+            guard resource == "new-account" || resource == "revoke-cert" else {
+                throw ACMEProblem(.malformed, "this request must be signed with the account's 'kid', not a 'jwk'")
+            }
+            try await use(nonce: request.nonce, expires: nonceExpiry, now: now)
             switch resource {
             case "new-account": return try await newAccount(request, key: key, provisioner: provisioner, urls: urls, now: now)
             case "revoke-cert": return try await revoke(request, account: nil, jwk: key, urls: urls, now: now)
@@ -153,6 +159,7 @@ public final class ACMEService: Sendable {
         }
         let account = try await account(kid: kid, urls: urls, provisioner: provisioner)
         try request.verify(with: try account.key())
+        try await use(nonce: request.nonce, expires: nonceExpiry, now: now)
         switch (resource, rest.count) {
         case ("account", 2): return try await accountUpdate(request, account: account, id: rest[1], urls: urls, now: now)
         case ("account", 3) where rest[2] == "orders": return try await accountOrders(account: account, id: rest[1], urls: urls)
@@ -171,10 +178,14 @@ public final class ACMEService: Sendable {
     }
 
     /// A nonce is accepted once: it must be ours, fresh, and not used before on any replica.
-    private func consume(nonce: String, now: Date) async throws {
+    private func checkedNonce(_ nonce: String, now: Date) throws -> Date {
         guard let expires = nonces.expiry(of: nonce, now: now) else {
             throw ACMEProblem(.badNonce, "the nonce is not one this server issued, or it is stale; get a new one")
         }
+        return expires
+    }
+
+    private func use(nonce: String, expires: Date, now: Date) async throws {
         do {
             try await authority.store.acme([.useNonce(nonce, expires: expires, now: now)])
         } catch let error as StoreError where error.code == .conflict {

@@ -267,6 +267,8 @@ public final class Authority: Sendable {
 
     /// Metadata key holding the plain-HTTP base URL placed in certificates (CRL distribution point, OCSP in AIA).
     public static let httpPublicURLKey = "http_public_url"
+    /// Where `mutual serve` last served its dashboard, for the links `mutual dashboard login` prints.
+    public static let dashboardURLKey = "dashboard_url"
     /// Metadata key: "true" when a person set the URL, "false" when `serve` derived it from its listener.
     public static let httpPublicURLExplicitKey = "http_public_url_explicit"
 

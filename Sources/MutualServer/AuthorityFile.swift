@@ -16,6 +16,8 @@ public struct AuthorityFile: Sendable, Equatable {
     public var serverCertValidity: ValidityDuration?
     public var logLevel: String?
     public var acme: [ACMEProvisioner] = []
+    /// `dashboard: false` turns the dashboard off.
+    public var dashboard: Bool?
 
     public init() {}
 
@@ -43,7 +45,7 @@ public struct AuthorityFile: Sendable, Equatable {
         do { root = try Yams.load(yaml: text) } catch { throw Problem(path: "", reason: "not valid YAML: \(error)") }
         guard let root else { return AuthorityFile() }
         let top = try Self.map(root, "")
-        try Self.known(top, ["listen", "public-url", "http-listen", "http-public-url", "renew-expired-grace", "crl-validity", "server-cert-validity", "log-level", "acme"], "")
+        try Self.known(top, ["listen", "public-url", "http-listen", "http-public-url", "renew-expired-grace", "crl-validity", "server-cert-validity", "log-level", "dashboard", "acme"], "")
         var file = AuthorityFile()
         file.listen = try Self.string(top["listen"], "listen")
         file.publicURL = try Self.string(top["public-url"], "public-url")
@@ -54,6 +56,10 @@ public struct AuthorityFile: Sendable, Equatable {
         file.crlValidity = try Self.duration(top["crl-validity"], "crl-validity")
         file.serverCertValidity = try Self.duration(top["server-cert-validity"], "server-cert-validity")
         file.logLevel = try Self.string(top["log-level"], "log-level")
+        if let dashboard = top["dashboard"] {
+            guard let enabled = dashboard as? Bool else { throw Problem(path: "dashboard", reason: "must be true or false") }
+            file.dashboard = enabled
+        }
         if let level = file.logLevel, !["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(level) {
             throw Problem(path: "log-level", reason: "'\(level.prefix(20))' is not one of trace|debug|info|notice|warning|error|critical")
         }

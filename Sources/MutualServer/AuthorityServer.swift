@@ -54,6 +54,8 @@ public struct AuthorityServer: Sendable {
         public var crlValidity: ValidityDuration = .hours(24)
         /// ACME provisioners served at `/acme/<name>/directory`.
         public var acmeProvisioners: [ACMEProvisioner] = []
+        /// The dashboard at `/dashboard/` (on by default; it shows nothing without a login or the admin certificate).
+        public var dashboard = true
 
         public init(
             host: String = "127.0.0.1", port: Int = 9443, publicURL: URL? = nil,
@@ -178,6 +180,13 @@ public struct AuthorityServer: Sendable {
         revocation.registerSignedObjects(on: router)
         revocation.registerEvents(on: router)
         revocation.registerChainCRLs(on: router)
+        if configuration.dashboard {
+            let dashboard = DashboardService(
+                authority: authority, publisher: publisher, metrics: metrics, logger: logger,
+                afterRevocation: { [authority, feed] in await Self.pushRecentRevocations(authority: authority, feed: feed) }
+            )
+            DashboardRoutes(service: dashboard).register(on: router)
+        }
         var acme: ACMEService?
         if !configuration.acmeProvisioners.isEmpty {
             let service = try await ACMEService.make(
@@ -196,8 +205,14 @@ public struct AuthorityServer: Sendable {
                 tls: .init(tlsConfiguration: try credentials.tlsConfiguration()), metrics: metrics
             ),
             configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: nil),
-            onServerRunning: { channel in
+            onServerRunning: { [configuration, authority] channel in
                 let port = channel.localAddress?.port ?? 0
+                if configuration.dashboard {
+                    // `mutual dashboard login` prints links to this address.
+                    let base = configuration.publicURL.map { $0.absoluteString.hasSuffix("/") ? String($0.absoluteString.dropLast()) : $0.absoluteString }
+                        ?? "https://\(configuration.host.contains(":") ? "[\(configuration.host)]" : configuration.host):\(port)"
+                    try? await authority.store.setMetadata([Authority.dashboardURLKey: base + "/dashboard/"], audit: nil)
+                }
                 await onListening(port)
             },
             logger: logger
@@ -233,6 +248,15 @@ public struct AuthorityServer: Sendable {
             tasks.cancelAll()
         }
         await acme?.waitForValidations()
+    }
+
+    /// Tells event-stream subscribers of the latest revocations now rather than at the watcher's next poll
+    /// (subscribers drop duplicates by sequence).
+    static func pushRecentRevocations(authority: Authority, feed: RevocationFeed) async {
+        if let latest = try? await authority.store.lastRevocationSequence(),
+           let recent = try? await authority.store.revocations(after: max(0, latest - 16)) {
+            await feed.publish(recent.map { .event($0) })
+        }
     }
 
     enum RevocationURLPlan {

@@ -207,10 +207,7 @@ struct AuthorityRoutes: Sendable {
             let record = try await authority.revoke(serial: body.serial, reason: reason, requestedBy: presented)
             // Push the event to subscribers now rather than at the watcher's next poll (subscribers drop duplicates by
             // sequence), then bring the CRL up to date.
-            if let latest = try? await authority.store.lastRevocationSequence(),
-               let recent = try? await authority.store.revocations(after: max(0, latest - 16)) {
-                await feed.publish(recent.map { .event($0) })
-            }
+            await AuthorityServer.pushRecentRevocations(authority: authority, feed: feed)
             _ = try? await publisher.publish()
             return try json(CertificateRecordView(record, now: .now))
         }

@@ -23,7 +23,6 @@ final class ServerMetrics: Sendable {
         ).increment()
     }
 
-    /// `mutual_tls_handshake_failures_total{reason}`: BoringSSL's reason code for each failed handshake.
     /// ACME requests by provisioner, resource (`new-order`, `chall`, ...), outcome and problem type (`none` on success).
     func countACME(provisioner: String, resource: String, outcome: String, type: String) {
         registry.makeCounter(
@@ -32,6 +31,15 @@ final class ServerMetrics: Sendable {
         ).increment()
     }
 
+    /// `mutual_dashboard_requests_total{page, outcome, code}`: dashboard pages and actions, refusals by code.
+    func countDashboard(page: String, outcome: String, code: String) {
+        registry.makeCounter(
+            descriptor: .init(metricName: "mutual_dashboard_requests", unitName: "total", helpText: "Dashboard requests by page, outcome and refusal code"),
+            labels: [("page", page), ("outcome", outcome), ("code", code)]
+        ).increment()
+    }
+
+    /// `mutual_tls_handshake_failures_total{reason}`: BoringSSL's reason code for each failed handshake.
     func countHandshakeFailure(reason: String) {
         registry.makeCounter(
             descriptor: .init(metricName: "mutual_tls_handshake_failures", unitName: "total", helpText: "Failed TLS handshakes on the authority's listener by BoringSSL reason"),

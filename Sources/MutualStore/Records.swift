@@ -84,6 +84,15 @@ public struct CertificateFilter: Sendable, Hashable {
     public var expiringBefore: Date?
     public var identity: String?
     public var status: StatusFilter?
+    /// Only certificates of this owner (team).
+    public var owner: String?
+    /// Only certificates whose serial starts with this (lowercase hex).
+    public var serialPrefix: String?
+    public var profile: String?
+    /// Only certificates of this issuer (its subject, as recorded).
+    public var issuer: String?
+    /// Latest expiry first instead of soonest first.
+    public var newestFirst = false
     /// Reference time for `valid`/`expired`.
     public var now: Date
     public var limit: Int

@@ -158,6 +158,31 @@ enum Schema {
                     """,
                 ]
             ),
+            (
+                6,
+                [
+                    // The dashboard's filters, aggregates and lineage each served by an index, so its pages stay fast
+                    // with a large inventory.
+                    "CREATE INDEX certificates_owner ON certificates (owner, not_after)",
+                    "CREATE INDEX certificates_profile ON certificates (profile, not_after)",
+                    "CREATE INDEX certificates_issuer ON certificates (issuer, not_after)",
+                    "CREATE INDEX certificates_not_before ON certificates (not_before)",
+                    "CREATE INDEX certificates_revoked ON certificates (revoked_at)",
+                    "CREATE INDEX audit_events_subject ON audit_events (subject, sequence)",
+                    // One-time dashboard login codes (`mutual dashboard login`): only the SHA-256 of the code is kept.
+                    """
+                    CREATE TABLE dashboard_logins (
+                        code_hash TEXT PRIMARY KEY,
+                        role TEXT NOT NULL,
+                        actor TEXT NOT NULL,
+                        session_seconds \(t.bigint) NOT NULL,
+                        expires_at \(t.bigint) NOT NULL,
+                        created_at \(t.bigint) NOT NULL,
+                        used_at \(t.bigint)
+                    )
+                    """,
+                ]
+            ),
         ]
     }
 

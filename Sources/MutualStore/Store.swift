@@ -162,13 +162,32 @@ public final class Store: Sendable {
         case nil:
             break
         }
+        if let owner = filter.owner {
+            query.appendInterpolation(unsafeRaw: " AND c.owner = ")
+            query.appendInterpolation(bind: owner)
+        }
+        if let profile = filter.profile {
+            query.appendInterpolation(unsafeRaw: " AND c.profile = ")
+            query.appendInterpolation(bind: profile)
+        }
+        if let issuer = filter.issuer {
+            query.appendInterpolation(unsafeRaw: " AND c.issuer = ")
+            query.appendInterpolation(bind: issuer)
+        }
+        if let prefix = filter.serialPrefix?.lowercased(), !prefix.isEmpty {
+            // A range on the primary key: served by its index, unlike substr().
+            query.appendInterpolation(unsafeRaw: " AND c.serial >= ")
+            query.appendInterpolation(bind: prefix)
+            query.appendInterpolation(unsafeRaw: " AND c.serial < ")
+            query.appendInterpolation(bind: prefix + "g")
+        }
         if let before = filter.expiringBefore {
             query.appendInterpolation(unsafeRaw: " AND c.not_after <= ")
             query.appendInterpolation(bind: Int64(before.timeIntervalSince1970))
             query.appendInterpolation(unsafeRaw: " AND c.not_after > ")
             query.appendInterpolation(bind: now)
         }
-        query.appendInterpolation(unsafeRaw: " ORDER BY c.not_after ASC, c.serial ASC LIMIT ")
+        query.appendInterpolation(unsafeRaw: filter.newestFirst ? " ORDER BY c.not_after DESC, c.serial DESC LIMIT " : " ORDER BY c.not_after ASC, c.serial ASC LIMIT ")
         query.appendInterpolation(bind: max(0, min(filter.limit, 100_000)))
         query.appendInterpolation(unsafeRaw: " OFFSET ")
         query.appendInterpolation(bind: max(0, filter.offset))

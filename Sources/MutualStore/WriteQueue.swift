@@ -22,11 +22,15 @@ actor WriteQueue {
         /// ACME changes, with a certificate to record and audit events, all in one transaction.
         case acme([ACMEStep], CertificateRecord?, [AuditEntry])
         case metadataIfAbsent(key: String, value: String)
+        case dashboardLogin(DashboardLogin, AuditEntry)
+        /// Redeems a login code; the closure makes the audit entry from the outcome.
+        case redeemDashboardLogin(codeHash: String, now: Date, @Sendable (DashboardLoginOutcome) -> AuditEntry?)
     }
 
     enum Outcome: Sendable {
         case done
         case record(CertificateRecord)
+        case login(DashboardLoginOutcome)
     }
 
     static let headKey = "audit_head"
@@ -208,6 +212,14 @@ actor WriteQueue {
                 if let record { certificates.append(record) }
                 for entry in entries { chain(entry) }
                 outcomes.append(.done)
+            case .dashboardLogin(let login, let entry):
+                try await insertDashboardLogin(login)
+                chain(entry)
+                outcomes.append(.done)
+            case .redeemDashboardLogin(let codeHash, let now, let audit):
+                let outcome = try await redeem(codeHash: codeHash, now: now)
+                if let entry = audit(outcome) { chain(entry) }
+                outcomes.append(.login(outcome))
             case .metadataIfAbsent(let key, let value):
                 try await db.raw("INSERT INTO metadata (key, value) VALUES (\(bind: key), \(bind: value)) ON CONFLICT (key) DO NOTHING").run()
                 outcomes.append(.done)

@@ -62,6 +62,9 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "Lifetime of certificates issued over ACME.", transform: ValidityDuration.argument)
     var acmeValidity: ValidityDuration = .days(7)
 
+    @Flag(help: "Do not serve the dashboard at /dashboard/ (served by default; sign in with `mutual dashboard login`).")
+    var noDashboard = false
+
     @Option(help: "Log level: trace|debug|info|notice|warning|error|critical. Default info.")
     var logLevel: String?
 
@@ -125,12 +128,17 @@ struct ServeCommand: AsyncParsableCommand {
         configuration.httpPublicURL = httpPublicURL
         configuration.crlValidity = crlValidity
         configuration.acmeProvisioners = file.acme + acmeProvisioners
+        configuration.dashboard = !noDashboard && file.dashboard != false
         let server = AuthorityServer(authority: authority, configuration: configuration, logger: logger)
+        let dashboardOn = configuration.dashboard
         await Self.warnAboutCA(stateOptions.state, logger: logger)
         do {
             try await server.run(onListening: { port in
                 let line = "mutual serve: listening on https://\(host.contains(":") ? "[\(host)]" : host):\(port)\n  trust anchor: \(stateOptions.state.rootCertificatePath)\n"
                 FileHandle.standardOutput.write(Data(line.utf8))
+                if dashboardOn {
+                    FileHandle.standardOutput.write(Data("  dashboard: https://\(host.contains(":") ? "[\(host)]" : host):\(port)/dashboard/ (sign in: mutual dashboard login)\n".utf8))
+                }
                 for name in allNames {
                     FileHandle.standardOutput.write(Data("  ACME directory: https://\(host.contains(":") ? "[\(host)]" : host):\(port)/acme/\(name)/directory\n".utf8))
                 }

@@ -123,7 +123,7 @@ extension Store {
         for row in try await reader.raw("""
             SELECT (not_after - \(bind: t)) / \(bind: day) AS d, COUNT(*) AS n FROM certificates
             WHERE status = 'valid' AND not_after > \(bind: t) AND not_after <= \(bind: t + Int64(timelineDays) * day)
-            GROUP BY (not_after - \(bind: t)) / \(bind: day)
+            GROUP BY d
             """).all() {
             let index = Int(try row.decode(column: "d", as: Int64.self))
             if result.expiriesPerDay.indices.contains(index) { result.expiriesPerDay[index] += try int(row, "n") }
@@ -143,7 +143,7 @@ extension Store {
         for row in try await reader.raw("""
             SELECT (not_before - \(bind: start)) / \(bind: day) AS d, COUNT(*) AS n FROM certificates
             WHERE not_before > \(bind: start) AND not_before <= \(bind: t)
-            GROUP BY (not_before - \(bind: start)) / \(bind: day)
+            GROUP BY d
             """).all() {
             let index = Int(try row.decode(column: "d", as: Int64.self))
             if result.issuedPerDay.indices.contains(index) { result.issuedPerDay[index] += try int(row, "n") }

@@ -169,6 +169,80 @@ struct StoreTests {
         }
     }
 
+    @Test("dashboard queries: overview aggregates, owner/profile/serial filters, revocations with who, audit by subject", arguments: Backend.available)
+    func dashboardQueries(backend: Backend) async throws {
+        try await withStore(backend) { store, _ in
+            let base = Date(timeIntervalSince1970: 1_800_000_000)  // every record's notBefore
+            let day = 86_400.0
+            // 0-5 expire 1..6 days after base; 6 renews 5 (so 5 is superseded once expired); 7 expires at 40 days.
+            for n in 0..<6 {
+                try await store.recordIssuance(Self.record(n, notAfter: base.addingTimeInterval(Double(n + 1) * day)), audit: Self.entry("issue", Self.record(n).serial))
+            }
+            try await store.recordIssuance(Self.record(6, notAfter: base.addingTimeInterval(30 * day), renewing: 5), audit: Self.entry("issue", Self.record(6).serial))
+            try await store.recordIssuance(Self.record(7, notAfter: base.addingTimeInterval(40 * day)), audit: Self.entry("issue", Self.record(7).serial))
+            _ = try await store.revoke(serial: Self.record(0).serial, reason: "keyCompromise", at: base, audit: AuditEntry(time: base, actor: "ops:alice", action: "revoke", subject: Self.record(0).serial))
+            let now = base.addingTimeInterval(6.5 * day)
+            let o = try await store.overview(now: now)
+            // valid: 6 (30 d) and 7 (40 d); lapsed: 1-4; superseded: 5; revoked: 0.
+            #expect(o.valid == 2)
+            #expect(o.expired == 4)
+            #expect(o.superseded == 1)
+            #expect(o.revoked == 1)
+            #expect(o.expiringIn7Days == 0)
+            #expect(o.expiringIn30Days == 1)
+            #expect(o.expiriesPerDay[23] == 1)  // 30 d - 6.5 d = 23.5 days from now
+            #expect(o.expiriesPerDay[33] == 1)
+            #expect(o.expiriesPerDay.reduce(0, +) == 2)
+            // Every record's notBefore (base) is 6.5 days ago: the bucket of day 30 - 7 = 23.
+            #expect(o.issuedPerDay[23] == 8)
+            #expect(o.byProfile.map(\.profile) == ["workload"])
+            // 7 is at 6.5 / 40 of its lifetime, 6 at 6.5 / 30: neither past two thirds.
+            #expect(o.missedRenewals == 0)
+            let late = try await store.overview(now: base.addingTimeInterval(29 * day))
+            #expect(late.missedRenewals == 2)
+            #expect(late.missedRenewalSample.map(\.serial) == [Self.record(6).serial, Self.record(7).serial])
+
+            #expect(try await store.certificates(.init(now: now, limit: 100).with { $0.owner = "team-1" }).map(\.serial) == [1, 4, 7].map { Self.record($0).serial })
+            #expect(try await store.certificates(.init(now: now).with { $0.serialPrefix = Self.record(7).serial.uppercased() }).map(\.serial) == [Self.record(7).serial])
+            #expect(try await store.certificates(.init(now: now).with { $0.serialPrefix = String(Self.record(7).serial.prefix(31)) }).count == 8)
+            #expect(try await store.certificates(.init(now: now).with { $0.profile = "server" }).isEmpty)
+            #expect(try await store.certificates(.init(now: now).with { $0.issuer = "CN=Test Issuing CA"; $0.newestFirst = true }).first?.serial == Self.record(7).serial)
+            let revocations = try await store.revocationEntries(limit: 10, offset: 0)
+            #expect(revocations.map(\.record.serial) == [Self.record(0).serial])
+            #expect(revocations.first?.revokedBy == "ops:alice")
+            #expect(try await store.auditEvents(subject: Self.record(0).serial).map(\.action) == ["issue", "revoke"])
+            let newest = try await store.auditEvents(before: nil, limit: 2)
+            #expect(newest.count == 2 && newest[0].sequence > newest[1].sequence)
+            #expect(try await store.auditEvents(before: newest[1].sequence, limit: 1000).count == Int(newest[1].sequence) - 1)
+        }
+    }
+
+    @Test("dashboard login codes: redeemed once, by the first of concurrent redeemers; late and unknown codes refused", arguments: Backend.available)
+    func dashboardLogins(backend: Backend) async throws {
+        try await withStore(backend) { store, _ in
+            let now = Date(timeIntervalSince1970: 1_800_000_000)
+            let login = DashboardLogin(codeHash: String(repeating: "a", count: 64), role: "admin", actor: "dashboard:alice", sessionSeconds: 3600,
+                                       expiresAt: now.addingTimeInterval(900), createdAt: now)
+            try await store.createDashboardLogin(login, audit: Self.entry("dashboard-login-create", "dashboard"))
+            let outcomes = try await withThrowingTaskGroup(of: DashboardLoginOutcome.self) { group in
+                for _ in 0..<8 {
+                    group.addTask { try await store.redeemDashboardLogin(codeHash: login.codeHash, now: now) { _ in Self.entry("dashboard-login", "dashboard") } }
+                }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            #expect(outcomes.filter { $0 == .redeemed(login) }.count == 1)
+            #expect(outcomes.filter { $0 == .alreadyUsed }.count == 7)
+            #expect(try await store.redeemDashboardLogin(codeHash: String(repeating: "b", count: 64), now: now) { _ in nil } == .unknown)
+            var second = login
+            second.codeHash = String(repeating: "c", count: 64)
+            try await store.createDashboardLogin(second, audit: Self.entry("dashboard-login-create", "dashboard"))
+            #expect(try await store.redeemDashboardLogin(codeHash: second.codeHash, now: now.addingTimeInterval(900)) { _ in nil } == .expired)
+            // A day after expiry the code is forgotten altogether.
+            #expect(try await store.redeemDashboardLogin(codeHash: second.codeHash, now: now.addingTimeInterval(2 * 86_400)) { _ in nil } == .unknown)
+            if case .broken(let sequence, let reason) = try await store.verifyAudit() { Issue.record("audit broken at \(sequence): \(reason)") }
+        }
+    }
+
     @Test("renewal lineage: routine rotations are superseded, the one that lapsed is expired; identity patterns; serial prefixes", arguments: Backend.available)
     func lineage(backend: Backend) async throws {
         try await withStore(backend) { store, _ in
@@ -329,5 +403,13 @@ enum PSQL {
         guard process.terminationStatus == 0 else {
             throw StoreError(.queryFailed, "psql failed (\(process.terminationStatus)) running: \(sql.prefix(80))")
         }
+    }
+}
+
+extension CertificateFilter {
+    func with(_ change: (inout CertificateFilter) -> Void) -> CertificateFilter {
+        var copy = self
+        change(&copy)
+        return copy
     }
 }

@@ -27,6 +27,18 @@ struct DashboardCommand: AsyncParsableCommand {
         @Option(help: "Dashboard address to print (default: where `mutual serve` last served it).") var url: String?
         @Flag(help: "Print JSON.") var json = false
 
+        /// Input mistakes are refused before anything is stored.
+        func validate() throws {
+            if let name, name.isEmpty || name.count > 64 || !name.allSatisfy({ $0.isLetter || $0.isNumber || "-_.@:".contains($0) }) {
+                throw ValidationError("--as '\(name.prefix(64))': 1 to 64 letters, digits or - _ . @ :")
+            }
+            if let url, URL(string: url).map({ $0.scheme == "https" && $0.host != nil }) != true {
+                throw ValidationError("invalid --url '\(url.prefix(100))': expected https://HOST:PORT/dashboard/")
+            }
+            guard (60...86_400).contains(ttl.timeInterval) else { throw ValidationError("--ttl must be between 1m and 24h (a login link is for now, not for later)") }
+            guard (60...(12 * 3600)).contains(session.timeInterval) else { throw ValidationError("--session must be between 1m and 12h") }
+        }
+
         func run() async throws {
             let authority = try await stateOptions.openAuthority()
             let base: String

@@ -139,6 +139,33 @@ struct CLITests {
         #expect(list.status == 0 && !list.stdout.contains("hmac"), "the HMAC key is shown once only")
     }
 
+    @Test("dashboard login: prints a one-time link to where serve recorded its dashboard; bad input exits 2 and stores nothing")
+    func dashboardLogin() async throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        let state = cli.home + "/state"
+        #expect(try await cli.run(["init", "--state-dir", state, "--name", "Dashboard CLI"]).status == 0)
+        for arguments in [["--ttl", "10s"], ["--ttl", "2d"], ["--ttl", "banana"], ["--session", "13h"], ["--as", "a b"], ["--as", "<x>"],
+                          ["--url", "http://ca.example.org/dashboard/"], ["--url", "not a url"]] {
+            let result = try await cli.run(["dashboard", "login", "--state-dir", state] + arguments)
+            #expect(result.status == 2, "\(arguments): \(result.status) \(result.output)")
+            #expect(result.stderr.contains(arguments[0]), "\(arguments): the message names the flag: \(result.stderr)")
+        }
+        let audit = try await cli.run(["audit", "list", "--state-dir", state, "--json"])
+        #expect(!audit.stdout.contains("dashboard-login-create"), "a refused command stores no code")
+        let good = try await cli.run(["dashboard", "login", "--state-dir", state, "--read-only", "--as", "auditor", "--url", "https://ca.example.org:9443/dashboard/", "--json"])
+        #expect(good.status == 0, "\(good.output)")
+        struct View: Decodable { var url: String; var role: String; var actor: String }
+        let view = try JSONDecoder().decode(View.self, from: Data(good.stdout.utf8))
+        #expect(view.url.hasPrefix("https://ca.example.org:9443/dashboard/login?code=mdl_"))
+        #expect(view.role == "read-only")
+        #expect(view.actor == "dashboard:auditor")
+        let plain = try await cli.run(["dashboard", "login", "--state-dir", state])
+        #expect(plain.stdout.hasPrefix("https://127.0.0.1:9443/dashboard/login?code=mdl_"), "the default before serve has recorded an address")
+        let after = try await cli.run(["audit", "list", "--state-dir", state, "--json"])
+        #expect(!after.stdout.contains(String(view.url.split(separator: "=").last ?? "")), "the code is not in the audit trail")
+    }
+
     @Test("serve and proxy on a busy port: exit 2 naming the flag and the address, before saying they listen")
     func busyPorts() async throws {
         let cli = CLI()

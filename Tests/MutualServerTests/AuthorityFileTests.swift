@@ -10,6 +10,7 @@ struct AuthorityFileTests {
     func full() throws {
         let file = try AuthorityFile.parse(yaml: """
             listen: 127.0.0.1:8443
+            dashboard: false
             http-listen: off
             public-url: https://ca.example.org:8443
             crl-validity: 12h
@@ -33,6 +34,7 @@ struct AuthorityFileTests {
                 tls-port: 8443
             """)
         #expect(file.listen == "127.0.0.1:8443" && file.httpListen == "off" && file.logLevel == "debug")
+        #expect(file.dashboard == false)
         #expect(file.crlValidity == .hours(12))
         #expect(file.acme.map(\.name) == ["web", "devices"])
         let web = file.acme[0]
@@ -87,6 +89,8 @@ struct AuthorityFileTests {
             ("acme: {name: a}", "acme"),
             ("listen: nowhere", "listen"),
             ("log-level: loud", "log-level"),
+            ("dashboard: maybe", "dashboard"),
+            ("dashboard: {on: true}", "dashboard"),
             ("- just\n- a list", ""),
             ("listen: [unclosed", ""),
         ]

@@ -14,7 +14,7 @@ import X509
 
 struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "bench", abstract: "Benchmarks of this machine's Mutual.", subcommands: [BenchIssue.self, BenchCAServer.self, BenchCRL.self, BenchRevokeEvent.self, BenchTLSFloor.self]
+        commandName: "bench", abstract: "Benchmarks of this machine's Mutual.", subcommands: [BenchIssue.self, BenchCAServer.self, BenchCRL.self, BenchRevokeEvent.self, BenchTLSFloor.self, BenchDashboard.self]
     )
 }
 

@@ -333,7 +333,7 @@ struct DashboardTests {
         #expect(detail.contains("&#39;"))
     }
 
-    @Test("every page carries the security headers: a CSP without inline script, no framing, no referrer, no caching")
+    @Test("every page carries the security headers: a CSP without inline script, no framing, no referrer to other sites, no caching")
     func securityHeaders() async throws {
         let f = try await DashboardFixture()
         defer { Task { await f.close() } }
@@ -348,7 +348,7 @@ struct DashboardTests {
             #expect(!csp.contains("unsafe-inline"))
             #expect(!csp.contains("script-src"))
             #expect(answer.header("X-Frame-Options") == "DENY")
-            #expect(answer.header("Referrer-Policy") == "no-referrer")
+            #expect(answer.header("Referrer-Policy") == "same-origin")
             #expect(answer.header("Cache-Control") == "no-store")
             #expect(answer.header("X-Content-Type-Options") == "nosniff")
             #expect(answer.header("Server-Timing")?.hasPrefix("app;dur=") == true)

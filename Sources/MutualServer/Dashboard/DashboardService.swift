@@ -306,7 +306,9 @@ final class DashboardService: Sendable {
         ("Content-Security-Policy", "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
         ("X-Content-Type-Options", "nosniff"),
         ("X-Frame-Options", "DENY"),
-        ("Referrer-Policy", "no-referrer"),
+        // Not `no-referrer`: under it browsers send `Origin: null` with the dashboard's own forms, which the origin
+        // check must refuse. `same-origin` still sends nothing to other sites.
+        ("Referrer-Policy", "same-origin"),
         ("Cache-Control", "no-store"),
         ("Cross-Origin-Opener-Policy", "same-origin"),
         ("Cross-Origin-Resource-Policy", "same-origin"),
@@ -368,5 +370,35 @@ final class DashboardService: Sendable {
             throw DashboardRefusal(status: 404, code: "not-found", message: "no certificate with serial \(serial) in the inventory")
         }
         return record
+    }
+}
+
+/// Renders dashboard pages in process, as a signed-in read-only viewer: for `mutual bench dashboard`, which times the
+/// server's work per page without a browser or a socket in the way.
+public struct DashboardProbe: Sendable {
+    let service: DashboardService
+    let cookie: String
+
+    public init(authority: Authority) async throws {
+        var logger = Logger(label: "mutual.bench.dashboard")
+        logger.logLevel = .warning
+        service = DashboardService(authority: authority, publisher: RevocationPublisher(authority: authority), metrics: nil, logger: logger)
+        let code = try await authority.createDashboardLogin(name: "bench", readOnly: true, ttl: .minutes(15), session: .hours(12), actor: "bench")
+        let answer = await service.handle(DashboardRequest(method: "GET", path: "/dashboard/login", query: ["code": code.code]))
+        guard answer.status == 303, let setCookie = answer.header("Set-Cookie"),
+              let value = setCookie.split(separator: ";").first?.split(separator: "=", maxSplits: 1).last else {
+            throw DashboardRefusal(status: answer.status, code: answer.problemCode ?? "login-failed", message: "the probe could not sign in")
+        }
+        cookie = String(value)
+    }
+
+    /// Renders `target` (a path with an optional query); returns the status and the size of the page.
+    public func render(_ target: String) async -> (status: Int, bytes: Int) {
+        let path = target.split(separator: "?", maxSplits: 1).first.map(String.init) ?? target
+        let query = target.contains("?") ? DashboardService.urlEncoded(String(target.split(separator: "?", maxSplits: 1)[1])) ?? [:] : [:]
+        let answer = await service.handle(DashboardRequest(
+            method: "GET", path: path, query: query, headers: ["cookie": "\(DashboardService.cookieName)=\(cookie)", "host": "bench"]
+        ))
+        return (answer.status, answer.body.count)
     }
 }

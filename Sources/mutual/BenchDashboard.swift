@@ -113,47 +113,48 @@ struct BenchDashboard: AsyncParsableCommand {
     static func fill(authority: Authority, count: Int, start: Int, now: Date) async throws -> (issued: Int, revoked: Int, seconds: Double) {
         guard count > 0 else { return (0, 0, 0) }
         let started = ContinuousClock.now
-        let workers = 64
-        let perWorker = ((count + workers - 1) / workers + 2) / 3 * 3
+        let workers = min(64, count)
         let totals = try await withThrowingTaskGroup(of: (Int, Int).self) { group in
             for worker in 0..<workers {
-                let lower = start + worker * perWorker
-                guard lower < start + count else { break }
-                let range = lower..<min(start + count, lower + perWorker)
+                // Each worker issues its quota from series of its own (numbered worker, worker + 64, ...).
+                let quota = count / workers + (worker < count % workers ? 1 : 0)
                 group.addTask {
                     var issued = 0, revoked = 0
+                    var series = start / 3 + worker
                     var previous: (serial: String, at: Date, lifetime: Double)?
-                    for i in range {
-                        let series = i / 3
+                    while issued < quota {
                         let team = String(format: "team-%02d", series % 12)
                         let lifetime = lifetimes[series % lifetimes.count]
-                        let position = i % 3
-                        var at: Date
-                        var requester = "bench"
-                        if position > 0, let previous {
-                            // One series in 8 lapses: its second certificate is never issued, so the first expires alone.
-                            if series % 8 == 5 { continue }
-                            at = previous.at.addingTimeInterval(previous.lifetime * 2 / 3)
-                            requester = "cert:\(previous.serial)"
-                        } else {
-                            at = now.addingTimeInterval(-Double((series &* 7919) % 100) * day - Double(series % 86_400))
+                        // One series in 8 lapses: only its first certificate is issued, so it expires alone.
+                        let length = series % 8 == 5 ? 1 : 3
+                        for position in 0..<length where issued < quota {
+                            var at: Date
+                            var requester = "bench"
+                            if position > 0, let previous {
+                                at = previous.at.addingTimeInterval(previous.lifetime * 2 / 3)
+                                requester = "cert:\(previous.serial)"
+                            } else {
+                                at = now.addingTimeInterval(-Double((series &* 7919) % 100) * day - Double(series % 86_400))
+                            }
+                            if at > now { at = now }
+                            let key = try KeyType.p256.generate()
+                            let request: IssuanceRequest
+                            if series % 5 == 0 {
+                                request = IssuanceRequest(profile: .server, publicKey: key.publicKey, dnsNames: ["svc-\(series).\(team).bench.test"], validity: lifetime)
+                            } else {
+                                request = IssuanceRequest(profile: .workload, publicKey: key.publicKey, uris: ["spiffe://bench.test/\(team)/svc-\(series)"], validity: lifetime)
+                            }
+                            let record = try await authority.issue(request, owner: series % 25 == 24 ? nil : team, requester: requester, now: at,
+                                                                   maximumValidityOverride: .days(90)).record
+                            issued += 1
+                            previous = (record.serial, at, lifetime.timeInterval)
+                            if issued % 50 == 7 {
+                                _ = try await authority.revoke(serial: record.serial, reason: .keyCompromise, actor: "bench", now: at.addingTimeInterval(60))
+                                revoked += 1
+                            }
                         }
-                        if at > now { at = now }
-                        let key = try KeyType.p256.generate()
-                        let request: IssuanceRequest
-                        if series % 5 == 0 {
-                            request = IssuanceRequest(profile: .server, publicKey: key.publicKey, dnsNames: ["svc-\(series).\(team).bench.test"], validity: lifetime)
-                        } else {
-                            request = IssuanceRequest(profile: .workload, publicKey: key.publicKey, uris: ["spiffe://bench.test/\(team)/svc-\(series)"], validity: lifetime)
-                        }
-                        let record = try await authority.issue(request, owner: series % 25 == 24 ? nil : team, requester: requester, now: at,
-                                                               maximumValidityOverride: .days(90)).record
-                        issued += 1
-                        previous = (record.serial, at, lifetime.timeInterval)
-                        if i % 50 == 7 {
-                            _ = try await authority.revoke(serial: record.serial, reason: .keyCompromise, actor: "bench", now: at.addingTimeInterval(60))
-                            revoked += 1
-                        }
+                        previous = nil
+                        series += workers
                     }
                     return (issued, revoked)
                 }

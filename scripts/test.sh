@@ -19,6 +19,8 @@ command -v jq >/dev/null 2>&1 || need_apt+=(jq)
 command -v lego >/dev/null 2>&1 || need_apt+=(lego)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need_apt+=(dnsmasq-base)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need_apt+=(iproute2)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
@@ -32,10 +34,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
   [ "$created_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
 fi
-if [ ! -x "$VENV/bin/lint_pkix_cert" ] || [ ! -x "$VENV/bin/openapi-spec-validator" ] || [ ! -x "$VENV/bin/certbot" ] || ! "$VENV/bin/python3" -c 'import h2' 2>/dev/null; then
-  log "installing pkilint, openapi-spec-validator, h2 and certbot into $VENV (pip)"
+if [ ! -x "$VENV/bin/lint_pkix_cert" ] || [ ! -x "$VENV/bin/openapi-spec-validator" ] || [ ! -x "$VENV/bin/certbot" ] || ! "$VENV/bin/python3" -c 'import h2, selenium' 2>/dev/null; then
+  log "installing pkilint, openapi-spec-validator, h2, certbot and selenium into $VENV (pip)"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check pkilint cryptography openapi-spec-validator h2 certbot
+  "$VENV/bin/pip" install -q --disable-pip-version-check pkilint cryptography openapi-spec-validator h2 certbot selenium
 fi
 
 # ---- a throwaway PostgreSQL cluster (127.0.0.1, free port, unprivileged user), removed on exit
@@ -78,6 +80,8 @@ log "agent: enrollment, renewal, crash safety, revocation, and a sidecar proxy r
 MUTUAL="$ROOT/.build/debug/mutual" AGENT_SECONDS="${AGENT_SECONDS:-180}" bash "$ROOT/scripts/interop-agent.sh" || status=1
 log "ACME: certbot (register, DNS name, IP address, renew, revoke, a refused validation) and lego against mutual serve --acme"
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-acme.sh" || status=1
+log "dashboard: headless Chromium (selenium) signs in with a link, searches, revokes with confirmation, reads revocations and the audit trail; read-only, cross-site forms, used and expired links refused; screenshots"
+MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-dashboard.sh" || status=1
 log "replicas: two authorities on one PostgreSQL under load, with revocations, a SIGKILL and a database restart"
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" PG_DIR="$PG_DIR" DURATION="${REPLICA_SECONDS:-60}" bash "$ROOT/scripts/replicas.sh" || status=1
 log "ACME on two replicas: 20 concurrent certbot and lego runs across them on one PostgreSQL, nonces shared"

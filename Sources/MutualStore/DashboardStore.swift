@@ -114,7 +114,7 @@ extension Store {
         let ended = try int(counts, "ended")
         let lapsed = try await reader.raw("""
             SELECT COUNT(*) AS n FROM certificates c
-            WHERE c.status = 'valid' AND c.not_after <= \(bind: t) AND NOT \(unsafeRaw: Self.hasSuccessor)
+            WHERE c.status = 'valid' AND c.not_after <= \(bind: t) AND c.renewed = 0
             """).first()
         result.expired = try int(lapsed, "n")
         result.superseded = ended - result.expired
@@ -153,13 +153,13 @@ extension Store {
         let missedCount = try await reader.raw("""
             SELECT COUNT(*) AS n FROM certificates c
             WHERE c.status = 'valid' AND c.not_after > \(bind: t) AND 3 * (\(bind: t) - c.not_before) > 2 * (c.not_after - c.not_before)
-              AND NOT \(unsafeRaw: Self.hasSuccessor)
+              AND c.renewed = 0
             """).first()
         result.missedRenewals = try int(missedCount, "n")
         result.missedRenewalSample = try await reader.raw("""
             SELECT c.*, NULL AS successor FROM certificates c
             WHERE c.status = 'valid' AND c.not_after > \(bind: t) AND 3 * (\(bind: t) - c.not_before) > 2 * (c.not_after - c.not_before)
-              AND NOT \(unsafeRaw: Self.hasSuccessor)
+              AND c.renewed = 0
             ORDER BY c.not_after ASC, c.serial ASC LIMIT \(bind: sample)
             """).all().map(Self.decodeCertificate)
         return result

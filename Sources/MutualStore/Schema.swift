@@ -163,6 +163,13 @@ enum Schema {
                 [
                     // The dashboard's filters, aggregates and lineage each served by an index, so its pages stay fast
                     // with a large inventory.
+                    // Whether a certificate has been renewed (some row's requester is `cert:<its serial>`), kept with
+                    // each insert: lapses and missed renewals are then index ranges, not a lookup per row.
+                    "ALTER TABLE certificates ADD COLUMN renewed \(t.bigint) NOT NULL DEFAULT 0",
+                    "UPDATE certificates SET renewed = 1 WHERE serial IN (SELECT substr(requester, 6) FROM certificates WHERE requester LIKE 'cert:%')",
+                    "CREATE INDEX certificates_lifecycle ON certificates (status, renewed, not_after, not_before)",
+                    // Covers the overview's counts by owner and profile of the valid certificates.
+                    "CREATE INDEX certificates_valid_cover ON certificates (status, not_after, owner, profile)",
                     "CREATE INDEX certificates_owner ON certificates (owner, not_after)",
                     "CREATE INDEX certificates_profile ON certificates (profile, not_after)",
                     "CREATE INDEX certificates_issuer ON certificates (issuer, not_after)",

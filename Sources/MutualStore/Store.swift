@@ -15,9 +15,12 @@ public final class Store: Sendable {
     let queue: WriteQueue
     private let closeAction: @Sendable () async throws -> Void
     let logger: Logger
+    /// Text compares byte by byte (SQLite), so prefix ranges can use an index.
+    let byteOrderedText: Bool
 
-    init(writer: any SQLDatabase, reader: any SQLDatabase, begin: String, lock: String? = nil, logger: Logger,
+    init(writer: any SQLDatabase, reader: any SQLDatabase, begin: String, lock: String? = nil, logger: Logger, byteOrderedText: Bool = false,
          close: @escaping @Sendable () async throws -> Void) {
+        self.byteOrderedText = byteOrderedText
         self.writer = writer
         self.reader = reader
         self.queue = WriteQueue(db: writer, begin: begin, lock: lock, logger: logger)
@@ -57,7 +60,7 @@ public final class Store: Sendable {
             throw StoreError(.unavailable, "\(path) is not a usable Mutual database: \(error)")
         }
         return Store(
-            writer: writer.sql(), reader: reader.sql(), begin: "BEGIN IMMEDIATE", logger: logger,
+            writer: writer.sql(), reader: reader.sql(), begin: "BEGIN IMMEDIATE", logger: logger, byteOrderedText: true,
             close: {
                 try await reader.close()
                 try await writer.close()
@@ -128,7 +131,18 @@ public final class Store: Sendable {
 
     /// The newest successor of each row (renewal lineage), served by the index on `requester`.
     static let successorColumn = "(SELECT s.serial FROM certificates s WHERE s.requester = 'cert:' || c.serial ORDER BY s.not_before DESC, s.serial LIMIT 1) AS successor"
-    static let hasSuccessor = "EXISTS (SELECT 1 FROM certificates s WHERE s.requester = 'cert:' || c.serial)"
+    /// Kept by every insert (``WriteQueue``): 1 once a certificate renewed from this one is recorded.
+    static let hasSuccessor = "c.renewed = 1"
+
+    /// The smallest string above every string that starts with `prefix` (its last scalar plus one); nil if none.
+    static func prefixUpperBound(_ prefix: String) -> String? {
+        var scalars = Array(prefix.unicodeScalars)
+        guard let last = scalars.popLast(), let next = Unicode.Scalar(last.value + 1) else { return nil }
+        scalars.append(next)
+        var text = ""
+        text.unicodeScalars.append(contentsOf: scalars)
+        return text
+    }
 
     /// Lists certificates by soonest expiry first, filtered through the indexes on expiry, identity and status.
     public func certificates(_ filter: CertificateFilter) async throws -> [CertificateRecord] {
@@ -140,6 +154,14 @@ public final class Store: Sendable {
                 query.appendInterpolation(unsafeRaw: " AND c.identity = ")
                 query.appendInterpolation(bind: name)
             case .prefix(let prefix):
+                if byteOrderedText, let upper = Self.prefixUpperBound(prefix) {
+                    // A range on the identity index; SQLite compares text byte by byte, so [prefix, upper) is
+                    // exactly the identities that start with prefix. (PostgreSQL's collation may not be byte order.)
+                    query.appendInterpolation(unsafeRaw: " AND c.identity >= ")
+                    query.appendInterpolation(bind: prefix)
+                    query.appendInterpolation(unsafeRaw: " AND c.identity < ")
+                    query.appendInterpolation(bind: upper)
+                }
                 query.appendInterpolation(unsafeRaw: " AND substr(c.identity, 1, \(prefix.count)) = ")
                 query.appendInterpolation(bind: prefix)
             case .suffix(let suffix):
@@ -152,7 +174,7 @@ public final class Store: Sendable {
             query.appendInterpolation(unsafeRaw: " AND c.status = 'valid' AND c.not_after > ")
             query.appendInterpolation(bind: now)
         case .expired?:
-            query.appendInterpolation(unsafeRaw: " AND NOT \(Self.hasSuccessor) AND c.status = 'valid' AND c.not_after <= ")
+            query.appendInterpolation(unsafeRaw: " AND c.renewed = 0 AND c.status = 'valid' AND c.not_after <= ")
             query.appendInterpolation(bind: now)
         case .superseded?:
             query.appendInterpolation(unsafeRaw: " AND \(Self.hasSuccessor) AND c.status = 'valid' AND c.not_after <= ")

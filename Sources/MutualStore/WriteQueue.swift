@@ -296,6 +296,11 @@ actor WriteQueue {
             }
         }
 
+        // Renewal lineage: the predecessors of what was just recorded are renewed now (same transaction).
+        for predecessor in Set(certificates.compactMap(\.predecessor)) {
+            try await db.raw("UPDATE certificates SET renewed = 1 WHERE serial = \(bind: predecessor) AND renewed = 0").run()
+        }
+
         for chunk in stride(from: 0, to: events.count, by: 100) {
             var insert = db.insert(into: "audit_events").columns(
                 "sequence", "time", "actor", "action", "subject", "details", "previous_hash", "hash"

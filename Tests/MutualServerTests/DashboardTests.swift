@@ -446,6 +446,20 @@ struct DashboardTests {
         }
     }
 
+    @Test("metric labels come from a fixed set, never from the request's path")
+    func metricLabels() {
+        let cases: [(String, String)] = [
+            ("/dashboard/", "overview"), ("/dashboard/certificates", "inventory"), ("/dashboard/certificates/ab12", "certificate"),
+            ("/dashboard/certificates/ab12/pem", "pem"), ("/dashboard/certificates/ab12/revoke", "revoke"),
+            ("/dashboard/certificates/ab12/\(UUID().uuidString)", "unknown"), ("/dashboard/tokens/x/disable", "disable"),
+            ("/dashboard/tokens/x/\(UUID().uuidString)", "unknown"), ("/dashboard/\(UUID().uuidString)", "unknown"),
+            ("/dashboard/audit", "audit"), ("/dashboard/login", "login"), ("/elsewhere", "unknown"),
+        ]
+        for (path, label) in cases {
+            #expect(DashboardService.pageName(path.split(separator: "/").map(String.init)) == label, "\(path)")
+        }
+    }
+
     @Test("a certificate page: decoded fields, lineage both ways and its audit events")
     func certificatePage() async throws {
         let f = try await DashboardFixture()

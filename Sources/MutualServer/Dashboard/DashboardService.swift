@@ -100,11 +100,18 @@ final class DashboardService: Sendable {
         return response
     }
 
+    /// The metric label of a path: one of a fixed set, never text from the request (which would make a label per
+    /// request).
     static func pageName(_ parts: [String]) -> String {
+        guard parts.first == "dashboard" else { return "unknown" }
         guard parts.count >= 2 else { return "overview" }
-        switch parts[1] {
-        case "certificates": return parts.count == 2 ? "inventory" : (parts.count >= 4 ? parts[3] : "certificate")
-        case "revocations", "tokens", "audit", "login", "logout", "static": return parts[1]
+        switch (parts[1], parts.count) {
+        case ("certificates", 2): return "inventory"
+        case ("certificates", 3): return "certificate"
+        case ("certificates", 4) where ["pem", "revoke"].contains(parts[3]): return parts[3]
+        case ("tokens", 2): return "tokens"
+        case ("tokens", 4) where parts[3] == "disable": return "disable"
+        case ("revocations", 2), ("audit", 2), ("login", 2), ("logout", 2), ("static", 3): return parts[1]
         default: return "unknown"
         }
     }

@@ -8,6 +8,17 @@ public struct DashboardLoginCode: Sendable {
     /// `mdl_<43 base64url characters>`: shown once; the database keeps only its SHA-256.
     public var code: String
     public var login: DashboardLogin
+
+    /// 32 random bytes, base64url (43 characters): login codes, session ids, anti-forgery tokens.
+    public static func randomToken() -> String {
+        var generator = SystemRandomNumberGenerator()
+        return Base64URL.encode((0..<32).map { _ in UInt8.random(in: 0...255, using: &generator) })
+    }
+
+    /// SHA-256 of a code or session id, lowercase hex: what is stored or used as a key instead of the secret.
+    public static func digest(_ secret: String) -> String {
+        SHA256.hash(data: Data(secret.utf8)).hexString
+    }
 }
 
 extension Authority {
@@ -25,11 +36,8 @@ extension Authority {
         guard session.timeInterval >= 60, session.timeInterval <= 12 * 3600 else {
             throw PKIError(.invalidDuration, "--session must be between 1m and 12h")
         }
-        var generator = SystemRandomNumberGenerator()
-        let random = Data((0..<32).map { _ in UInt8.random(in: 0...255, using: &generator) })
-        let code = "mdl_" + random.base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
-            .replacingOccurrences(of: "=", with: "")
-        let digest = SHA256.hash(data: Data(code.utf8)).map { String(format: "%02x", $0) }.joined()
+        let code = "mdl_" + DashboardLoginCode.randomToken()
+        let digest = DashboardLoginCode.digest(code)
         let login = DashboardLogin(
             codeHash: digest, role: readOnly ? "read-only" : "admin", actor: "dashboard:\(trimmed)",
             sessionSeconds: Int64(session.timeInterval), expiresAt: now.addingTimeInterval(ttl.timeInterval), createdAt: now

@@ -1,5 +1,6 @@
 import Crypto
 import Foundation
+import MutualAuthority
 import MutualStore
 import Synchronization
 
@@ -34,16 +35,9 @@ final class DashboardSessions: Sendable {
     private let csrfKey = SymmetricKey(size: .bits256)
     static let maximumSessions = 10_000
 
-    static func random() -> String {
-        var generator = SystemRandomNumberGenerator()
-        let bytes = (0..<32).map { _ in UInt8.random(in: 0...255, using: &generator) }
-        return Data(bytes).base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
-            .replacingOccurrences(of: "=", with: "")
-    }
+    static func random() -> String { DashboardLoginCode.randomToken() }
 
-    static func digest(_ text: String) -> String {
-        SHA256.hash(data: Data(text.utf8)).map { String(format: "%02x", $0) }.joined()
-    }
+    static func digest(_ text: String) -> String { DashboardLoginCode.digest(text) }
 
     /// Starts a session for a redeemed login; returns the cookie value and the viewer.
     func start(_ login: DashboardLogin, now: Date) -> (cookie: String, viewer: DashboardViewer) {
@@ -84,6 +78,6 @@ final class DashboardSessions: Sendable {
     /// The viewer for an admin client certificate: its anti-forgery token is bound to the certificate.
     func certificateViewer(serial: String) -> DashboardViewer {
         let mac = HMAC<SHA256>.authenticationCode(for: Data("cert:\(serial)".utf8), using: csrfKey)
-        return DashboardViewer(role: .admin, actor: "dashboard:cert:\(serial)", csrf: Data(mac).map { String(format: "%02x", $0) }.joined())
+        return DashboardViewer(role: .admin, actor: "dashboard:cert:\(serial)", csrf: Base64URL.encode(Data(mac)))
     }
 }

@@ -60,6 +60,11 @@ pass=$((pass + $(grep -c '^ok ' "$T/browser.log")))
 fail=$((fail + $(grep -c '^FAIL ' "$T/browser.log")))
 if [ "$browser_status" -ne 0 ] && ! grep -q '^dashboard browser:' "$T/browser.log"; then bad "the browser script did not finish: $(tail -20 "$T/browser.log")"; fi
 
+# A client holding the admin certificate (curl here, a browser with admin/ imported likewise) needs no login; another
+# certificate of the same CA does.
+check "the admin client certificate opens the dashboard over real TLS without a login" bash -c "curl -sk --cert '$S/admin/chain.pem' --key '$S/admin/key.pem' '$BASE/dashboard/' | grep -q 'data-page=\"overview\"'"
+check "a workload certificate is not enough (401 login-required)" bash -c "curl -sk -D - -o /dev/null --cert '$T/victim/chain.pem' --key '$T/victim/key.pem' '$BASE/dashboard/' | tr -d '\r' | grep -qi '^mutual-problem: urn:mutual:problem:login-required'"
+
 # What the operator sees from the outside.
 check "the dashboard's refusals are counted by code in /metrics" bash -c "curl -sk '$BASE/metrics' | grep -q 'mutual_dashboard_requests_total{page=\"login\",outcome=\"refused\",code=\"login-used\"}'"
 check "every login and the revocation are in the audit trail (mutual audit verify intact)" bash -c "'$MUTUAL' audit list --state-dir '$S' --json | grep -q dashboard-login && '$MUTUAL' audit verify --state-dir '$S' > /dev/null"

@@ -169,7 +169,8 @@ extension Store {
     public func revocationEntries(limit: Int, offset: Int) async throws -> [RevocationEntry] {
         try await reader.raw("""
             SELECT c.*, \(unsafeRaw: Self.successorColumn),
-              (SELECT a.actor FROM audit_events a WHERE a.subject = c.serial AND a.action = 'revoke' ORDER BY a.sequence DESC LIMIT 1) AS revoked_by
+              (SELECT a.actor FROM audit_events a WHERE a.subject = c.serial AND a.action = 'revoke' AND a.\(unsafeRaw: Self.unrecordedActions)
+               ORDER BY a.sequence DESC LIMIT 1) AS revoked_by
             FROM certificates c WHERE c.status = 'revoked'
             ORDER BY c.revoked_at DESC, c.serial ASC LIMIT \(bind: max(0, limit)) OFFSET \(bind: max(0, offset))
             """).all().map { RevocationEntry(record: try Self.decodeCertificate($0), revokedBy: try $0.decode(column: "revoked_by", as: String?.self)) }
@@ -184,9 +185,16 @@ extension Store {
         return try await reader.raw("SELECT * FROM audit_events ORDER BY sequence DESC LIMIT \(bind: limit)").all().map(Self.decodeAudit)
     }
 
-    /// The audit events about one subject (a serial, `token:<id>`), oldest first.
+    /// The audit events about one subject (a serial, `token:<id>`), oldest first: for a certificate, the event that
+    /// recorded it (by the number on its row) and every later one about it.
     public func auditEvents(subject: String, limit: Int = 200) async throws -> [AuditEvent] {
-        try await reader.raw("SELECT * FROM audit_events WHERE subject = \(bind: subject) ORDER BY sequence ASC LIMIT \(bind: limit)").all().map(Self.decodeAudit)
+        let recorded = try await reader.raw("""
+            SELECT a.* FROM audit_events a JOIN certificates c ON a.sequence = c.issued_event WHERE c.serial = \(bind: subject)
+            """).all().map(Self.decodeAudit)
+        let others = try await reader.raw("""
+            SELECT * FROM audit_events WHERE subject = \(bind: subject) AND \(unsafeRaw: Self.unrecordedActions) ORDER BY sequence ASC LIMIT \(bind: limit)
+            """).all().map(Self.decodeAudit)
+        return Array((recorded + others).sorted { $0.sequence < $1.sequence }.prefix(limit))
     }
 
     /// Stores a login code with its audit event.

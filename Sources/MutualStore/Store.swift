@@ -129,6 +129,12 @@ public final class Store: Sendable {
             """).all().map(Self.decodeCertificate)
     }
 
+    /// The audit events indexed by subject (migration 6's partial index): all but those that record a certificate,
+    /// whose number is kept on the certificate's row (`issued_event`). Queries repeat this text so that the database
+    /// can use the index.
+    static let unrecordedActions = "action NOT IN ('issue', 'renew', 'renew-expired')"
+    static let recordingActions: Set<String> = ["issue", "renew", "renew-expired"]
+
     /// The newest successor of each row (renewal lineage), served by the index on `requester`.
     static let successorColumn = "(SELECT s.serial FROM certificates s WHERE s.requester = 'cert:' || c.serial ORDER BY s.not_before DESC, s.serial LIMIT 1) AS successor"
     /// Kept by every insert (``WriteQueue``): 1 once a certificate renewed from this one is recorded.

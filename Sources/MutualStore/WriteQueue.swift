@@ -268,11 +268,14 @@ actor WriteQueue {
             }
         }
 
+        // The event that recorded each certificate, by number (see Store.unrecordedActions).
+        var recordedBy: [String: Int64] = [:]
+        for event in events where Store.recordingActions.contains(event.action) { recordedBy[event.subject] = event.sequence }
         for chunk in stride(from: 0, to: certificates.count, by: 50) {
             let rows = certificates[chunk..<min(chunk + 50, certificates.count)]
             var insert = db.insert(into: "certificates").columns(
                 "serial", "issuer", "subject", "sans", "identity", "profile", "owner", "requester", "not_before",
-                "not_after", "fingerprint", "der", "status", "revoked_at", "revocation_reason", "created_at"
+                "not_after", "fingerprint", "der", "status", "revoked_at", "revocation_reason", "created_at", "issued_event"
             )
             let created = Int64(Date().timeIntervalSince1970)
             for r in rows {
@@ -283,7 +286,7 @@ actor WriteQueue {
                     SQLBind(Int64(r.notBefore.timeIntervalSince1970)), SQLBind(Int64(r.notAfter.timeIntervalSince1970)),
                     SQLBind(r.fingerprint), SQLBind(Data(r.der)), SQLBind(r.status.rawValue),
                     SQLBind(r.revokedAt.map { Int64($0.timeIntervalSince1970) }), SQLBind(r.revocationReason),
-                    SQLBind(created),
+                    SQLBind(created), SQLBind(recordedBy[r.serial]),
                 ] as [any SQLExpression])
             }
             do {

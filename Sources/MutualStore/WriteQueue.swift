@@ -300,8 +300,16 @@ actor WriteQueue {
         }
 
         // Renewal lineage: the predecessors of what was just recorded are renewed now (same transaction).
-        for predecessor in Set(certificates.compactMap(\.predecessor)) {
-            try await db.raw("UPDATE certificates SET renewed = 1 WHERE serial = \(bind: predecessor) AND renewed = 0").run()
+        // One statement per 100 (a statement per renewal cost a quarter of the renewal throughput).
+        let predecessors = Array(Set(certificates.compactMap(\.predecessor))).sorted()
+        for chunk in stride(from: 0, to: predecessors.count, by: 100) {
+            var update = SQLQueryString("UPDATE certificates SET renewed = 1 WHERE renewed = 0 AND serial IN (")
+            for (index, serial) in predecessors[chunk..<min(chunk + 100, predecessors.count)].enumerated() {
+                if index > 0 { update.appendLiteral(", ") }
+                update.appendInterpolation(bind: serial)
+            }
+            update.appendLiteral(")")
+            try await db.raw(update).run()
         }
 
         for chunk in stride(from: 0, to: events.count, by: 100) {

@@ -432,7 +432,7 @@ struct DashboardTests {
         let byIssuer = await f.get("/dashboard/certificates?issuer=\(HTML.query(db.issuer))&identity=db.example.org", cookie: cookie)
         #expect(byIssuer.text.contains(db.serial.prefix(16)))
         let none = await f.get("/dashboard/certificates?issuer=CN%3Dnobody", cookie: cookie)
-        #expect(none.text.contains("No certificate matches."))
+        #expect(!none.text.contains("<tbody>"))
         for bad in ["status=bogus", "serial=xyz", "page=0", "page=abc", "order=sideways", "expiring=forever", "owner=" + String(repeating: "a", count: 600)] {
             let answer = await f.get("/dashboard/certificates?\(bad)", cookie: cookie)
             #expect(answer.status == 400, "\(bad.prefix(30))")
@@ -496,6 +496,6 @@ struct DashboardTests {
         let workload = try await f.authority.issue(IssuanceRequest(profile: .client, publicKey: .init(key.publicKey), commonName: "someone"), owner: nil, requester: "t", now: f.now)
         let refused = await f.get("/dashboard/", peer: workload.certificate)
         #expect(refused.problemCode == "login-required")
-        #expect(refused.text.contains("not the admin certificate"))
+        #expect(refused.text.contains("data-reason=\"certificate-not-admin\""))
     }
 }

@@ -44,6 +44,9 @@ struct DashboardRefusal: Error, Sendable {
     var status: Int
     var code: String
     var message: String
+    /// A finer stable reason where one code covers several (`login-required` because the client certificate was not
+    /// the admin's: `certificate-not-admin`), in the page's `data-reason`.
+    var reason: String? = nil
 }
 
 /// The dashboard: server-rendered pages over the inventory, revocations, tokens and audit trail, and the two actions
@@ -155,6 +158,7 @@ final class DashboardService: Sendable {
     /// The admin client certificate of this connection when there is one; else the session of the cookie.
     func viewer(for request: DashboardRequest) async throws -> DashboardViewer {
         var certificateNote = ""
+        var reason: String?
         if let certificate = request.peerCertificate {
             do {
                 let record = try await authority.checkPresented(certificate, now: now())
@@ -162,8 +166,10 @@ final class DashboardService: Sendable {
                     return sessions.certificateViewer(serial: record.serial)
                 }
                 certificateNote = " The client certificate presented (\(record.profile) certificate \(record.serial)) is not the admin certificate."
+                reason = "certificate-not-admin"
             } catch let error as AuthorityError {
                 certificateNote = " The client certificate presented was refused: \(error.reason)."
+                reason = "certificate-\(error.code.name)"
             }
         }
         if let cookie = Self.cookie(Self.cookieName, in: request.headers["cookie"]), let viewer = sessions.viewer(cookie: cookie, now: now()) {
@@ -171,7 +177,8 @@ final class DashboardService: Sendable {
         }
         throw DashboardRefusal(
             status: 401, code: "login-required",
-            message: "Sign in with a link from `mutual dashboard login` (or present the admin client certificate).\(certificateNote)"
+            message: "Sign in with a link from `mutual dashboard login` (or present the admin client certificate).\(certificateNote)",
+            reason: reason
         )
     }
 
@@ -321,7 +328,8 @@ final class DashboardService: Sendable {
         ("Cross-Origin-Resource-Policy", "same-origin"),
     ]
 
-    func page(title: String, active: String, body: String, viewer: DashboardViewer?, status: Int = 200, problem: String? = nil) -> DashboardResponse {
+    func page(title: String, active: String, body: String, viewer: DashboardViewer?, status: Int = 200, problem: String? = nil,
+              reason: String? = nil) -> DashboardResponse {
         var html = """
             <!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
             <title>\(HTML.escape(title)) · Mutual</title><link rel="stylesheet" href="/dashboard/static/style.css"></head><body>
@@ -338,7 +346,8 @@ final class DashboardService: Sendable {
                 html += "<form method=\"post\" action=\"/dashboard/logout\"><input type=\"hidden\" name=\"csrf\" value=\"\(HTML.escape(viewer.csrf))\"><button type=\"submit\">Log out</button></form>"
             }
         }
-        html += "</header><main id=\"main\" data-page=\"\(HTML.escape(active.lowercased()))\"\(problem.map { " data-problem=\"\(HTML.escape($0))\"" } ?? "")>"
+        html += "</header><main id=\"main\" data-page=\"\(HTML.escape(active.lowercased()))\"\(problem.map { " data-problem=\"\(HTML.escape($0))\"" } ?? "")"
+        html += "\(reason.map { " data-reason=\"\(HTML.escape($0))\"" } ?? "")>"
         html += body + "</main></body></html>"
         var headers = Self.securityHeaders + [("Content-Type", "text/html; charset=utf-8")]
         if let problem { headers.append(("Mutual-Problem", "urn:mutual:problem:\(problem)")) }
@@ -351,7 +360,7 @@ final class DashboardService: Sendable {
             <div class="banner bad" role="alert"><p>\(HTML.escape(refusal.message))</p><p class="code">code: \(HTML.escape(refusal.code))</p></div>
             <p><a href="/dashboard/">Back to the overview</a></p>
             """
-        return page(title: "Refused", active: "", body: body, viewer: viewer, status: refusal.status, problem: refusal.code)
+        return page(title: "Refused", active: "", body: body, viewer: viewer, status: refusal.status, problem: refusal.code, reason: refusal.reason)
     }
 
     func redirect(_ location: String) -> DashboardResponse {

@@ -80,6 +80,8 @@ log "agent: enrollment, renewal, crash safety, revocation, and a sidecar proxy r
 MUTUAL="$ROOT/.build/debug/mutual" AGENT_SECONDS="${AGENT_SECONDS:-180}" bash "$ROOT/scripts/interop-agent.sh" || status=1
 log "ACME: certbot (register, DNS name, IP address, renew, revoke, a refused validation) and lego against mutual serve --acme"
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-acme.sh" || status=1
+log "ML-DSA certificates (RFC 9881): an ML-DSA-65/87 hierarchy built by Mutual, checked by python cryptography 50"
+VENV="$VENV" bash "$ROOT/scripts/interop-pq.sh" || status=1
 log "dashboard: headless Chromium (selenium) signs in with a link, searches, revokes with confirmation, reads revocations and the audit trail; read-only, cross-site forms, used and expired links refused; screenshots"
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-dashboard.sh" || status=1
 log "replicas: two authorities on one PostgreSQL under load, with revocations, a SIGKILL and a database restart"

@@ -1,0 +1,262 @@
+import Crypto
+import Foundation
+import SwiftASN1
+import X509
+
+/// ML-DSA (FIPS 204) in X.509, as RFC 9881 specifies it: the algorithm identifiers have no parameters, the
+/// SubjectPublicKeyInfo holds the raw public key, the signature is the raw ML-DSA signature (empty context).
+///
+/// Hand-written with swift-asn1 because swift-certificates 1.21 cannot hold an ML-DSA key or signature (its key and
+/// algorithm types are closed enums); swift-crypto provides ML-DSA-65 and ML-DSA-87 (no ML-DSA-44). Kept to building,
+/// parsing and checking signatures; names and extensions reuse swift-certificates' own DER types.
+public enum MLDSAVariant: String, CaseIterable, Sendable, Codable {
+    case mlDSA65 = "ml-dsa-65"
+    case mlDSA87 = "ml-dsa-87"
+
+    /// id-ml-dsa-65 / id-ml-dsa-87 (NIST, RFC 9881).
+    public var oid: ASN1ObjectIdentifier {
+        switch self {
+        case .mlDSA65: [2, 16, 840, 1, 101, 3, 4, 3, 18]
+        case .mlDSA87: [2, 16, 840, 1, 101, 3, 4, 3, 19]
+        }
+    }
+
+    public init?(oid: ASN1ObjectIdentifier) {
+        guard let variant = Self.allCases.first(where: { $0.oid == oid }) else { return nil }
+        self = variant
+    }
+
+    /// FIPS 204 sizes: public key and signature, in bytes.
+    public var publicKeySize: Int { self == .mlDSA65 ? 1952 : 2592 }
+    public var signatureSize: Int { self == .mlDSA65 ? 3309 : 4627 }
+
+    /// Whether `signature` over `message` verifies under the raw public key `publicKey`.
+    public func isValidSignature(_ signature: [UInt8], for message: [UInt8], publicKey: [UInt8]) -> Bool {
+        guard publicKey.count == publicKeySize, signature.count == signatureSize else { return false }
+        switch self {
+        case .mlDSA65: return (try? MLDSA65.PublicKey(rawRepresentation: publicKey))?.isValidSignature(signature, for: message) ?? false
+        case .mlDSA87: return (try? MLDSA87.PublicKey(rawRepresentation: publicKey))?.isValidSignature(signature, for: message) ?? false
+        }
+    }
+}
+
+/// An ML-DSA private key, kept as its 32-byte seed (the form RFC 9881 recommends for PKCS#8).
+public struct MLDSASigningKey: Sendable {
+    enum Key: Sendable {
+        case k65(MLDSA65.PrivateKey)
+        case k87(MLDSA87.PrivateKey)
+    }
+
+    let key: Key
+    public var variant: MLDSAVariant { if case .k65 = key { .mlDSA65 } else { .mlDSA87 } }
+
+    public init(generating variant: MLDSAVariant) throws {
+        switch variant {
+        case .mlDSA65: key = .k65(try MLDSA65.PrivateKey())
+        case .mlDSA87: key = .k87(try MLDSA87.PrivateKey())
+        }
+    }
+
+    public init(variant: MLDSAVariant, seed: [UInt8]) throws {
+        guard seed.count == 32 else { throw PKIError(.malformedInput, "an ML-DSA seed is 32 bytes (got \(seed.count))") }
+        switch variant {
+        case .mlDSA65: key = .k65(try MLDSA65.PrivateKey(seedRepresentation: seed, publicKey: nil))
+        case .mlDSA87: key = .k87(try MLDSA87.PrivateKey(seedRepresentation: seed, publicKey: nil))
+        }
+    }
+
+    public var seed: [UInt8] {
+        switch key {
+        case .k65(let k): Array(k.seedRepresentation)
+        case .k87(let k): Array(k.seedRepresentation)
+        }
+    }
+
+    public var publicKey: [UInt8] {
+        switch key {
+        case .k65(let k): Array(k.publicKey.rawRepresentation)
+        case .k87(let k): Array(k.publicKey.rawRepresentation)
+        }
+    }
+
+    public func sign(_ message: [UInt8]) throws -> [UInt8] {
+        switch key {
+        case .k65(let k): Array(try k.signature(for: message))
+        case .k87(let k): Array(try k.signature(for: message))
+        }
+    }
+
+    /// SubjectPublicKeyInfo: SEQUENCE { SEQUENCE { OID }, BIT STRING raw key }.
+    public var subjectPublicKeyInfo: [UInt8] {
+        get throws { try MLDSACertificate.subjectPublicKeyInfo(variant: variant, publicKey: publicKey) }
+    }
+}
+
+/// A certificate whose signature is ML-DSA, or whose subject key is (the outer structure, read without
+/// swift-certificates): what building, chain checks and the tests need.
+public struct MLDSACertificate: Sendable, Hashable {
+    public var der: [UInt8]
+    /// The TBSCertificate, exactly as signed.
+    public var tbsBytes: [UInt8]
+    public var signatureAlgorithm: ASN1ObjectIdentifier
+    public var signature: [UInt8]
+    public var serialNumber: [UInt8]
+    public var issuer: DistinguishedName
+    public var subject: DistinguishedName
+    public var notBefore: Date
+    public var notAfter: Date
+    /// The whole SubjectPublicKeyInfo, its algorithm, and the key bits (the raw key for ML-DSA).
+    public var subjectPublicKeyInfo: [UInt8]
+    public var subjectPublicKeyAlgorithm: ASN1ObjectIdentifier
+    public var subjectPublicKey: [UInt8]
+    public var extensions: [Certificate.Extension]
+
+    /// The subject key's ML-DSA variant, if it is one.
+    public var subjectKeyVariant: MLDSAVariant? { MLDSAVariant(oid: subjectPublicKeyAlgorithm) }
+
+    /// Whether this certificate's signature verifies under an ML-DSA issuer key.
+    public func isSigned(by issuerVariant: MLDSAVariant, publicKey: [UInt8]) -> Bool {
+        signatureAlgorithm == issuerVariant.oid && issuerVariant.isValidSignature(signature, for: tbsBytes, publicKey: publicKey)
+    }
+
+    /// Whether `issuer` (an ML-DSA certificate) signed this one: names chain and the signature verifies.
+    public func isIssued(by issuer: MLDSACertificate) -> Bool {
+        guard let variant = issuer.subjectKeyVariant, self.issuer == issuer.subject else { return false }
+        return isSigned(by: variant, publicKey: issuer.subjectPublicKey)
+    }
+
+    static func subjectPublicKeyInfo(variant: MLDSAVariant, publicKey: [UInt8]) throws -> [UInt8] {
+        var serializer = DER.Serializer()
+        try serializer.appendConstructedNode(identifier: .sequence) { spki in
+            try spki.appendConstructedNode(identifier: .sequence) { try $0.serialize(variant.oid) }
+            try spki.serialize(ASN1BitString(bytes: publicKey[...]))
+        }
+        return serializer.serializedBytes
+    }
+
+    /// Builds and signs a v3 certificate with an ML-DSA issuer key. The subject key may be of any algorithm: pass its
+    /// DER SubjectPublicKeyInfo (an ML-DSA key's comes from ``MLDSASigningKey/subjectPublicKeyInfo``).
+    public static func build(
+        serialNumber: [UInt8], issuer: DistinguishedName, subject: DistinguishedName, notBefore: Date, notAfter: Date,
+        subjectPublicKeyInfo: [UInt8], extensions: [Certificate.Extension], issuerKey: MLDSASigningKey
+    ) throws -> MLDSACertificate {
+        guard !serialNumber.isEmpty, serialNumber.count <= 20, serialNumber[0] & 0x80 == 0 else {
+            throw PKIError(.malformedInput, "a serial number is 1 to 20 bytes and positive")
+        }
+        guard notAfter > notBefore else { throw PKIError(.malformedInput, "notAfter must follow notBefore") }
+        var tbs = DER.Serializer()
+        try tbs.appendConstructedNode(identifier: .sequence) { t in
+            try t.serialize(explicitlyTaggedWithTagNumber: 0, tagClass: .contextSpecific) { try $0.serialize(2) }
+            try t.serialize(ArraySlice(serialNumber))
+            try t.appendConstructedNode(identifier: .sequence) { try $0.serialize(issuerKey.variant.oid) }
+            try t.serialize(issuer)
+            try t.appendConstructedNode(identifier: .sequence) { validity in
+                try Self.serializeTime(notBefore, into: &validity)
+                try Self.serializeTime(notAfter, into: &validity)
+            }
+            try t.serialize(subject)
+            t.serializeRawBytes(subjectPublicKeyInfo)
+            if !extensions.isEmpty {
+                try t.serialize(explicitlyTaggedWithTagNumber: 3, tagClass: .contextSpecific) { try $0.serializeSequenceOf(extensions) }
+            }
+        }
+        let tbsBytes = tbs.serializedBytes
+        let signature = try issuerKey.sign(tbsBytes)
+        var certificate = DER.Serializer()
+        try certificate.appendConstructedNode(identifier: .sequence) { c in
+            c.serializeRawBytes(tbsBytes)
+            try c.appendConstructedNode(identifier: .sequence) { try $0.serialize(issuerKey.variant.oid) }
+            try c.serialize(ASN1BitString(bytes: signature[...]))
+        }
+        return try MLDSACertificate(derEncoded: certificate.serializedBytes)
+    }
+
+    /// RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050.
+    static func serializeTime(_ date: Date, into serializer: inout DER.Serializer) throws {
+        let c = Calendar.utc.dateComponents([.year, .month, .day, .hour, .minute, .second], from: date)
+        if c.year! < 2050 {
+            try serializer.serialize(try UTCTime(year: c.year!, month: c.month!, day: c.day!, hours: c.hour!, minutes: c.minute!, seconds: c.second!))
+        } else {
+            try serializer.serialize(try GeneralizedTime(year: c.year!, month: c.month!, day: c.day!, hours: c.hour!, minutes: c.minute!, seconds: c.second!, fractionalSeconds: 0))
+        }
+    }
+
+    static func time(_ node: ASN1Node) throws -> Date {
+        let components: DateComponents
+        if node.identifier == UTCTime.defaultIdentifier {
+            let t = try UTCTime(derEncoded: node)
+            components = DateComponents(timeZone: .init(identifier: "UTC"), year: t.year, month: t.month, day: t.day, hour: t.hours, minute: t.minutes, second: t.seconds)
+        } else {
+            let t = try GeneralizedTime(derEncoded: node)
+            components = DateComponents(timeZone: .init(identifier: "UTC"), year: t.year, month: t.month, day: t.day, hour: t.hours, minute: t.minutes, second: t.seconds)
+        }
+        guard let date = Calendar.utc.date(from: components) else { throw PKIError(.malformedInput, "a certificate time is out of range") }
+        return date
+    }
+
+    /// Parses the DER of a certificate (any algorithm). Malformed or truncated input throws `.malformedInput`.
+    public init(derEncoded der: [UInt8]) throws {
+        guard der.count <= 64 * 1024 else { throw PKIError(.inputTooLarge, "a certificate over 64 KiB") }
+        do {
+            let root = try DER.parse(der)
+            var fields: (tbs: [UInt8], algorithm: ASN1ObjectIdentifier, signature: [UInt8])?
+            var tbsFields: (serial: [UInt8], issuer: DistinguishedName, subject: DistinguishedName, notBefore: Date, notAfter: Date,
+                            spki: [UInt8], spkiAlgorithm: ASN1ObjectIdentifier, key: [UInt8], extensions: [Certificate.Extension])?
+            try DER.sequence(root, identifier: .sequence) { nodes in
+                guard let tbsNode = nodes.next(), let algorithmNode = nodes.next(), let signatureNode = nodes.next() else {
+                    throw PKIError(.malformedInput, "a certificate is SEQUENCE { tbsCertificate, signatureAlgorithm, signature }")
+                }
+                let algorithm = try DER.sequence(algorithmNode, identifier: .sequence) { try ASN1ObjectIdentifier(derEncoded: &$0) }
+                let signature = try ASN1BitString(derEncoded: signatureNode)
+                fields = (Array(tbsNode.encodedBytes), algorithm, Array(signature.bytes))
+                tbsFields = try DER.sequence(tbsNode, identifier: .sequence) { t in
+                    guard let version = t.next(), version.identifier == ASN1Identifier(tagWithNumber: 0, tagClass: .contextSpecific) else {
+                        throw PKIError(.malformedInput, "only v3 certificates are read")
+                    }
+                    let serial = try ArraySlice<UInt8>(derEncoded: &t)
+                    _ = t.next()  // the inner signature algorithm, checked against the outer one below
+                    let issuer = try DistinguishedName(derEncoded: &t)
+                    let (notBefore, notAfter) = try DER.sequence(t.next() ?? { throw PKIError(.malformedInput, "no validity") }(), identifier: .sequence) { v in
+                        (try Self.time(v.next() ?? { throw PKIError(.malformedInput, "no notBefore") }()),
+                         try Self.time(v.next() ?? { throw PKIError(.malformedInput, "no notAfter") }()))
+                    }
+                    let subject = try DistinguishedName(derEncoded: &t)
+                    guard let spkiNode = t.next() else { throw PKIError(.malformedInput, "no subjectPublicKeyInfo") }
+                    let (spkiAlgorithm, key) = try DER.sequence(spkiNode, identifier: .sequence) { s in
+                        let algorithm = try DER.sequence(s.next() ?? { throw PKIError(.malformedInput, "no key algorithm") }(), identifier: .sequence) {
+                            let oid = try ASN1ObjectIdentifier(derEncoded: &$0)
+                            _ = $0.next()  // parameters (absent for ML-DSA)
+                            return oid
+                        }
+                        return (algorithm, Array(try ASN1BitString(derEncoded: &s).bytes))
+                    }
+                    var extensions: [Certificate.Extension] = []
+                    while let node = t.next() {
+                        if node.identifier == ASN1Identifier(tagWithNumber: 3, tagClass: .contextSpecific) {
+                            extensions = try DER.sequence(of: Certificate.Extension.self, identifier: .sequence, rootNode: try DER.explicitlyTagged(node, tagNumber: 3, tagClass: .contextSpecific) { $0 })
+                        }
+                    }
+                    return (Array(serial), issuer, subject, notBefore, notAfter, Array(spkiNode.encodedBytes), spkiAlgorithm, key, extensions)
+                }
+            }
+            guard let fields, let tbsFields else { throw PKIError(.malformedInput, "an empty certificate") }
+            self.der = der
+            self.tbsBytes = fields.tbs
+            self.signatureAlgorithm = fields.algorithm
+            self.signature = fields.signature
+            self.serialNumber = tbsFields.serial
+            self.issuer = tbsFields.issuer
+            self.subject = tbsFields.subject
+            self.notBefore = tbsFields.notBefore
+            self.notAfter = tbsFields.notAfter
+            self.subjectPublicKeyInfo = tbsFields.spki
+            self.subjectPublicKeyAlgorithm = tbsFields.spkiAlgorithm
+            self.subjectPublicKey = tbsFields.key
+            self.extensions = tbsFields.extensions
+        } catch let error as PKIError {
+            throw error
+        } catch {
+            throw PKIError(.malformedInput, "not a DER certificate: \(error)")
+        }
+    }
+}

@@ -1,0 +1,129 @@
+import Crypto
+import Foundation
+import MutualPKI
+import SwiftASN1
+import Testing
+import X509
+
+/// The ML-DSA (RFC 9881) certificate foundation: build, parse and check hierarchies with hand-written DER. Set
+/// MUTUAL_PQ_OUT to a directory to keep the DER files for an independent checker (python `cryptography` 50).
+@Suite("ML-DSA certificates (RFC 9881): built, parsed and verified without swift-certificates' closed enums")
+struct MLDSATests {
+    static func name(_ cn: String) throws -> DistinguishedName { try DistinguishedName { CommonName(cn); OrganizationName("PQ Test") } }
+
+    static func extensions(ca: Bool, subjectKey: [UInt8], authorityKey: [UInt8]) throws -> [Certificate.Extension] {
+        var list = [
+            try Certificate.Extension(ca ? BasicConstraints.isCertificateAuthority(maxPathLength: nil) : .notCertificateAuthority, critical: true),
+            // RFC 9881: digitalSignature, keyCertSign and cRLSign only; never keyEncipherment.
+            try Certificate.Extension(ca ? KeyUsage(keyCertSign: true, cRLSign: true) : KeyUsage(digitalSignature: true), critical: true),
+            try Certificate.Extension(SubjectKeyIdentifier(keyIdentifier: Array(Insecure.SHA1.hash(data: subjectKey))[...]), critical: false),
+            try Certificate.Extension(AuthorityKeyIdentifier(keyIdentifier: Array(Insecure.SHA1.hash(data: authorityKey))[...]), critical: false),
+        ]
+        if !ca {
+            list.append(try Certificate.Extension(ExtendedKeyUsage([.serverAuth, .clientAuth]), critical: false))
+            list.append(try Certificate.Extension(SubjectAlternativeNames([.dnsName("pq.example.org"), .uniformResourceIdentifier("spiffe://example.org/pq")]), critical: false))
+        }
+        return list
+    }
+
+    @Test("an ML-DSA-65 root over an ML-DSA-87 intermediate over a P-256 and an ML-DSA-65 leaf: each signature checks, names chain")
+    func hierarchy() throws {
+        let now = Date(timeIntervalSince1970: 1_800_000_000)
+        let rootKey = try MLDSASigningKey(generating: .mlDSA65)
+        let intermediateKey = try MLDSASigningKey(generating: .mlDSA87)
+        let root = try MLDSACertificate.build(
+            serialNumber: [0x01, 0x02], issuer: try Self.name("PQ Root"), subject: try Self.name("PQ Root"), notBefore: now,
+            notAfter: now.addingTimeInterval(86_400 * 3650), subjectPublicKeyInfo: try rootKey.subjectPublicKeyInfo,
+            extensions: try Self.extensions(ca: true, subjectKey: rootKey.publicKey, authorityKey: rootKey.publicKey), issuerKey: rootKey
+        )
+        let intermediate = try MLDSACertificate.build(
+            serialNumber: [0x03], issuer: root.subject, subject: try Self.name("PQ Issuing"), notBefore: now,
+            notAfter: now.addingTimeInterval(86_400 * 365 * 30), subjectPublicKeyInfo: try intermediateKey.subjectPublicKeyInfo,
+            extensions: try Self.extensions(ca: true, subjectKey: intermediateKey.publicKey, authorityKey: rootKey.publicKey), issuerKey: rootKey
+        )
+        let classicalKey = P256.Signing.PrivateKey()
+        let classicalSPKI = classicalKey.publicKey.derRepresentation
+        let leafKey = try MLDSASigningKey(generating: .mlDSA65)
+        func leaf(serial: UInt8, spki: [UInt8], rawKey: [UInt8]) throws -> MLDSACertificate {
+            try MLDSACertificate.build(
+                serialNumber: [serial], issuer: intermediate.subject, subject: try Self.name("pq.example.org"), notBefore: now,
+                notAfter: now.addingTimeInterval(86_400), subjectPublicKeyInfo: spki,
+                extensions: try Self.extensions(ca: false, subjectKey: rawKey, authorityKey: intermediateKey.publicKey), issuerKey: intermediateKey
+            )
+        }
+        let leaves = [
+            try leaf(serial: 0x04, spki: Array(classicalSPKI), rawKey: Array(classicalKey.publicKey.x963Representation)),
+            try leaf(serial: 0x05, spki: try leafKey.subjectPublicKeyInfo, rawKey: leafKey.publicKey),
+        ]
+        #expect(root.isIssued(by: root))
+        #expect(intermediate.isIssued(by: root))
+        #expect(!intermediate.isIssued(by: intermediate))
+        for leaf in leaves {
+            #expect(leaf.isIssued(by: intermediate))
+            #expect(!leaf.isIssued(by: root))
+            #expect(leaf.signatureAlgorithm == MLDSAVariant.mlDSA87.oid)
+            #expect(leaf.signature.count == MLDSAVariant.mlDSA87.signatureSize)
+            #expect(abs(leaf.notAfter.timeIntervalSince(now) - 86_400) < 1)
+        }
+        #expect(root.subjectKeyVariant == MLDSAVariant.mlDSA65 && root.subjectPublicKey == rootKey.publicKey)
+        #expect(leaves[0].subjectKeyVariant == nil)
+        #expect(leaves[1].subjectKeyVariant == MLDSAVariant.mlDSA65)
+        // swift-certificates reads the classical parts it knows: names and extensions round-trip.
+        #expect(leaves[0].extensions.count == 6)
+        #expect(try SubjectAlternativeNames(leaves[0].extensions[5]).contains(.dnsName("pq.example.org")))
+
+        // Any flipped bit in what was signed breaks the signature.
+        var tampered = leaves[1].der
+        let index = tampered.count / 3
+        tampered[index] ^= 0x01
+        if let parsed = try? MLDSACertificate(derEncoded: tampered) { #expect(!parsed.isIssued(by: intermediate)) }
+
+        if let out = ProcessInfo.processInfo.environment["MUTUAL_PQ_OUT"] {
+            for (file, certificate) in [("root", root), ("intermediate", intermediate), ("leaf-p256", leaves[0]), ("leaf-mldsa65", leaves[1])] {
+                FileManager.default.createFile(atPath: "\(out)/\(file).der", contents: Data(certificate.der))
+            }
+        }
+    }
+
+    @Test("keys: seeds restore the same key; signatures verify only under their own key, variant and message")
+    func keys() throws {
+        for variant in MLDSAVariant.allCases {
+            let key = try MLDSASigningKey(generating: variant)
+            let again = try MLDSASigningKey(variant: variant, seed: key.seed)
+            #expect(again.publicKey == key.publicKey)
+            #expect(key.publicKey.count == variant.publicKeySize)
+            let signature = try key.sign(Array("hello".utf8))
+            #expect(variant.isValidSignature(signature, for: Array("hello".utf8), publicKey: key.publicKey))
+            #expect(!variant.isValidSignature(signature, for: Array("hellp".utf8), publicKey: key.publicKey))
+            #expect(!variant.isValidSignature(signature, for: Array("hello".utf8), publicKey: try MLDSASigningKey(generating: variant).publicKey))
+            #expect(!variant.isValidSignature(Array(signature.dropLast()), for: Array("hello".utf8), publicKey: key.publicKey))
+            #expect(throws: PKIError.self) { _ = try MLDSASigningKey(variant: variant, seed: Array(key.seed.dropLast())) }
+        }
+        #expect(MLDSAVariant(oid: [2, 16, 840, 1, 101, 3, 4, 3, 18]) == .mlDSA65)
+        #expect(MLDSAVariant(oid: [2, 16, 840, 1, 101, 3, 4, 3, 17]) == nil)  // ML-DSA-44: not in swift-crypto
+    }
+
+    @Test("garbage, truncated and oversized certificates are refused as malformed input, never a crash")
+    func hostileInput() throws {
+        let key = try MLDSASigningKey(generating: .mlDSA65)
+        let now = Date(timeIntervalSince1970: 1_800_000_000)
+        let good = try MLDSACertificate.build(
+            serialNumber: [0x01], issuer: try Self.name("X"), subject: try Self.name("X"), notBefore: now, notAfter: now.addingTimeInterval(60),
+            subjectPublicKeyInfo: try key.subjectPublicKeyInfo, extensions: [], issuerKey: key
+        )
+        #expect(good.isIssued(by: good))
+        var inputs: [[UInt8]] = [[], [0x30], [0x30, 0x00], Array(repeating: 0xff, count: 100), Array(good.der.prefix(200)), Array(good.der.dropLast())]
+        inputs.append(Array(repeating: 0x30, count: 70_000))
+        for input in inputs {
+            #expect(throws: PKIError.self) { _ = try MLDSACertificate(derEncoded: input) }
+        }
+        #expect(throws: PKIError.self) {
+            _ = try MLDSACertificate.build(serialNumber: [0x80], issuer: try Self.name("X"), subject: try Self.name("X"), notBefore: now,
+                                           notAfter: now.addingTimeInterval(60), subjectPublicKeyInfo: try key.subjectPublicKeyInfo, extensions: [], issuerKey: key)
+        }
+        #expect(throws: PKIError.self) {
+            _ = try MLDSACertificate.build(serialNumber: [0x01], issuer: try Self.name("X"), subject: try Self.name("X"), notBefore: now,
+                                           notAfter: now, subjectPublicKeyInfo: try key.subjectPublicKeyInfo, extensions: [], issuerKey: key)
+        }
+    }
+}

@@ -1,0 +1,71 @@
+"""Independent check of the ML-DSA certificates Mutual builds (RFC 9881): python `cryptography` (50+, with an OpenSSL
+that knows ML-DSA) parses each, checks every signature, and builds the chain with its PolicyBuilder server verifier.
+Prints one "ok ..." or "FAIL ..." line per check."""
+import datetime
+import sys
+
+from cryptography import x509
+from cryptography.x509 import verification
+
+out = sys.argv[1]
+passed = failed = 0
+
+
+def check(what, body):
+    global passed, failed
+    try:
+        detail = body()
+        passed += 1
+        print(f"ok   {what}{': ' + detail if detail else ''}")
+    except Exception as error:  # any failure of the checker is a failed check
+        failed += 1
+        print(f"FAIL {what}: {type(error).__name__}: {error}")
+
+
+certs = {}
+for name in ("root", "intermediate", "leaf-p256", "leaf-mldsa65"):
+    def load(name=name):
+        certs[name] = x509.load_der_x509_certificate(open(f"{out}/{name}.der", "rb").read())
+        c = certs[name]
+        return f"signed with {c.signature_algorithm_oid.dotted_string}, key {type(c.public_key()).__name__}"
+    check(f"python cryptography parses the {name} certificate", load)
+
+expected = {"root": ("2.16.840.1.101.3.4.3.18", "MLDSA65PublicKey"), "intermediate": ("2.16.840.1.101.3.4.3.18", "MLDSA87PublicKey"),
+            "leaf-p256": ("2.16.840.1.101.3.4.3.19", "ECPublicKey"), "leaf-mldsa65": ("2.16.840.1.101.3.4.3.19", "MLDSA65PublicKey")}
+
+
+def algorithms():
+    for name, (oid, key) in expected.items():
+        c = certs[name]
+        assert c.signature_algorithm_oid.dotted_string == oid, f"{name}: {c.signature_algorithm_oid.dotted_string}"
+        assert type(c.public_key()).__name__ == key, f"{name}: {type(c.public_key()).__name__}"
+
+
+check("algorithms are the RFC 9881 OIDs (ML-DSA-65 root, ML-DSA-87 intermediate)", algorithms)
+check("the root's self-signature verifies", lambda: certs["root"].verify_directly_issued_by(certs["root"]))
+check("the intermediate's signature verifies under the root", lambda: certs["intermediate"].verify_directly_issued_by(certs["root"]))
+for leaf in ("leaf-p256", "leaf-mldsa65"):
+    check(f"{leaf}'s signature verifies under the intermediate", lambda leaf=leaf: certs[leaf].verify_directly_issued_by(certs["intermediate"]))
+
+    def chain(leaf=leaf):
+        when = datetime.datetime(2027, 1, 15, 12, tzinfo=datetime.timezone.utc)
+        verifier = verification.PolicyBuilder().store(verification.Store([certs["root"]])).time(when).build_server_verifier(x509.DNSName("pq.example.org"))
+        built = verifier.verify(certs[leaf], [certs["intermediate"]])
+        assert len(built) == 3, f"chain of {len(built)}"
+        return "root → intermediate → leaf"
+    check(f"{leaf}: PolicyBuilder's server verifier builds the chain for pq.example.org", chain)
+
+
+def tampered():
+    der = bytearray(open(f"{out}/leaf-mldsa65.der", "rb").read())
+    der[len(der) // 3] ^= 1
+    try:
+        x509.load_der_x509_certificate(bytes(der)).verify_directly_issued_by(certs["intermediate"])
+    except Exception:
+        return "refused"
+    raise AssertionError("a flipped bit still verified")
+
+
+check("a certificate with one flipped bit does not verify", tampered)
+print(f"ML-DSA (python cryptography): {passed} passed, {failed} failed")
+sys.exit(1 if failed else 0)

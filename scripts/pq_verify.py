@@ -67,5 +67,14 @@ def tampered():
 
 
 check("a certificate with one flipped bit does not verify", tampered)
+
+for variant in ("ml-dsa-65", "ml-dsa-87"):
+    def request(variant=variant):
+        csr = x509.load_der_x509_csr(open(f"{out}/csr-{variant}.der", "rb").read())
+        assert csr.is_signature_valid, "signature does not verify"
+        names = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+        assert names == ["pq.example.org"], names
+        return f"{type(csr.public_key()).__name__}, signature valid, SAN {names[0]}"
+    check(f"python cryptography reads the {variant} certification request and checks its signature", request)
 print(f"ML-DSA (python cryptography): {passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

@@ -260,3 +260,98 @@ public struct MLDSACertificate: Sendable, Hashable {
         }
     }
 }
+
+/// A PKCS#10 certification request signed with an ML-DSA key (RFC 2986 with RFC 9881's algorithms): how an agent with an
+/// ML-DSA key asks for a certificate. Hand-written for the same reason as ``MLDSACertificate``.
+public struct MLDSACertificationRequest: Sendable, Hashable {
+    public var der: [UInt8]
+    public var subject: DistinguishedName
+    public var variant: MLDSAVariant
+    /// The raw ML-DSA public key the request is for (and was signed with).
+    public var publicKey: [UInt8]
+    public var subjectPublicKeyInfo: [UInt8]
+    /// The extensions of its extensionRequest attribute (SANs, …), empty if none.
+    public var requestedExtensions: [Certificate.Extension]
+    /// Whether the request's signature verifies under its own key (proof of possession).
+    public var isSignatureValid: Bool
+
+    static let attributesTag = ASN1Identifier(tagWithNumber: 0, tagClass: .contextSpecific)
+
+    /// Builds and signs a request for `key`, asking for `extensions` (an extensionRequest attribute when not empty).
+    public static func build(subject: DistinguishedName, extensions: [Certificate.Extension], key: MLDSASigningKey) throws -> MLDSACertificationRequest {
+        var attributes: [CertificateSigningRequest.Attribute] = []
+        if !extensions.isEmpty {
+            attributes.append(try CertificateSigningRequest.Attribute(ExtensionRequest(extensions: Certificate.Extensions(extensions))))
+        }
+        var info = DER.Serializer()
+        try info.appendConstructedNode(identifier: .sequence) { i in
+            try i.serialize(0)
+            try i.serialize(subject)
+            i.serializeRawBytes(try key.subjectPublicKeyInfo)
+            try i.serializeSetOf(attributes, identifier: attributesTag)
+        }
+        let infoBytes = info.serializedBytes
+        let signature = try key.sign(infoBytes)
+        var request = DER.Serializer()
+        try request.appendConstructedNode(identifier: .sequence) { r in
+            r.serializeRawBytes(infoBytes)
+            try r.appendConstructedNode(identifier: .sequence) { try $0.serialize(key.variant.oid) }
+            try r.serialize(ASN1BitString(bytes: signature[...]))
+        }
+        return try MLDSACertificationRequest(derEncoded: request.serializedBytes)
+    }
+
+    /// Parses a request; `.malformedInput` for garbage, `.unsupportedKey` when its key or signature is not ML-DSA (the
+    /// classical path reads those). The signature is checked, and its outcome kept in ``isSignatureValid``.
+    public init(derEncoded der: [UInt8]) throws {
+        guard der.count <= 64 * 1024 else { throw PKIError(.inputTooLarge, "a certification request over 64 KiB") }
+        do {
+            let root = try DER.parse(der)
+            let parsed = try DER.sequence(root, identifier: .sequence) { nodes -> (info: [UInt8], subject: DistinguishedName, spki: [UInt8], keyAlgorithm: ASN1ObjectIdentifier, key: [UInt8], attributes: [CertificateSigningRequest.Attribute], algorithm: ASN1ObjectIdentifier, signature: [UInt8]) in
+                guard let infoNode = nodes.next(), let algorithmNode = nodes.next(), let signatureNode = nodes.next() else {
+                    throw PKIError(.malformedInput, "a request is SEQUENCE { certificationRequestInfo, signatureAlgorithm, signature }")
+                }
+                let fields = try DER.sequence(infoNode, identifier: .sequence) { i in
+                    let version = try Int(derEncoded: &i)
+                    guard version == 0 else { throw PKIError(.malformedInput, "request version \(version), expected 0 (v1)") }
+                    let subject = try DistinguishedName(derEncoded: &i)
+                    guard let spkiNode = i.next() else { throw PKIError(.malformedInput, "no subjectPublicKeyInfo") }
+                    let (keyAlgorithm, key) = try DER.sequence(spkiNode, identifier: .sequence) { s in
+                        let algorithm = try DER.sequence(s.next() ?? { throw PKIError(.malformedInput, "no key algorithm") }(), identifier: .sequence) {
+                            let oid = try ASN1ObjectIdentifier(derEncoded: &$0)
+                            _ = $0.next()
+                            return oid
+                        }
+                        return (algorithm, Array(try ASN1BitString(derEncoded: &s).bytes))
+                    }
+                    let attributes = try DER.set(of: CertificateSigningRequest.Attribute.self, identifier: Self.attributesTag, nodes: &i)
+                    return (subject, Array(spkiNode.encodedBytes), keyAlgorithm, key, attributes)
+                }
+                let algorithm = try DER.sequence(algorithmNode, identifier: .sequence) { try ASN1ObjectIdentifier(derEncoded: &$0) }
+                let signature = Array(try ASN1BitString(derEncoded: signatureNode).bytes)
+                return (Array(infoNode.encodedBytes), fields.0, fields.1, fields.2, fields.3, fields.4, algorithm, signature)
+            }
+            guard let variant = MLDSAVariant(oid: parsed.keyAlgorithm) else {
+                throw PKIError(.unsupportedKey, "the request's key is not ML-DSA (\(parsed.keyAlgorithm))")
+            }
+            guard parsed.algorithm == variant.oid else {
+                throw PKIError(.unsupportedKey, "the request's signature algorithm \(parsed.algorithm) does not match its \(variant.rawValue) key")
+            }
+            var extensions: [Certificate.Extension] = []
+            for attribute in parsed.attributes where attribute.oid == .CSRAttributes.extensionRequest {
+                extensions.append(contentsOf: try ExtensionRequest(attribute).extensions)
+            }
+            self.der = der
+            self.subject = parsed.subject
+            self.variant = variant
+            self.publicKey = parsed.key
+            self.subjectPublicKeyInfo = parsed.spki
+            self.requestedExtensions = extensions
+            self.isSignatureValid = variant.isValidSignature(parsed.signature, for: parsed.info, publicKey: parsed.key)
+        } catch let error as PKIError {
+            throw error
+        } catch {
+            throw PKIError(.malformedInput, "not a DER certification request: \(error)")
+        }
+    }
+}

@@ -85,6 +85,41 @@ struct MLDSATests {
         }
     }
 
+    @Test("certification requests: ML-DSA-65 and -87 CSRs carry their SANs and prove possession; tampering and classical CSRs are told apart")
+    func requests() throws {
+        for variant in MLDSAVariant.allCases {
+            let key = try MLDSASigningKey(generating: variant)
+            let san = try Certificate.Extension(SubjectAlternativeNames([.dnsName("pq.example.org"), .uniformResourceIdentifier("spiffe://example.org/pq")]), critical: false)
+            let request = try MLDSACertificationRequest.build(subject: try Self.name("pq.example.org"), extensions: [san], key: key)
+            #expect(request.isSignatureValid)
+            #expect(request.variant == variant)
+            #expect(request.publicKey == key.publicKey)
+            #expect(try SubjectAlternativeNames(try #require(request.requestedExtensions.first)).contains(.dnsName("pq.example.org")))
+            var tampered = request.der
+            tampered[tampered.count / 4] ^= 0x01
+            if let parsed = try? MLDSACertificationRequest(derEncoded: tampered) { #expect(!parsed.isSignatureValid) }
+            if let out = ProcessInfo.processInfo.environment["MUTUAL_PQ_OUT"] {
+                FileManager.default.createFile(atPath: "\(out)/csr-\(variant.rawValue).der", contents: Data(request.der))
+            }
+            let bare = try MLDSACertificationRequest.build(subject: try Self.name("bare"), extensions: [], key: key)
+            #expect(bare.isSignatureValid && bare.requestedExtensions.isEmpty)
+        }
+        let classical = try CertificateSigningRequest(
+            version: .v1, subject: try Self.name("classic"), privateKey: .init(P256.Signing.PrivateKey()), attributes: .init(), signatureAlgorithm: .ecdsaWithSHA256
+        )
+        var serializer = DER.Serializer()
+        try serializer.serialize(classical)
+        do {
+            _ = try MLDSACertificationRequest(derEncoded: serializer.serializedBytes)
+            Issue.record("a P-256 request was read as ML-DSA")
+        } catch let error as PKIError {
+            #expect(error.code == .unsupportedKey)
+        }
+        for garbage: [UInt8] in [[], [0x30, 0x03, 0x02, 0x01, 0x00], Array(repeating: 0x41, count: 64)] {
+            #expect(throws: PKIError.self) { _ = try MLDSACertificationRequest(derEncoded: garbage) }
+        }
+    }
+
     @Test("keys: seeds restore the same key; signatures verify only under their own key, variant and message")
     func keys() throws {
         for variant in MLDSAVariant.allCases {

@@ -5,6 +5,7 @@ import datetime
 import sys
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification
 
 out = sys.argv[1]
@@ -76,5 +77,14 @@ for variant in ("ml-dsa-65", "ml-dsa-87"):
         assert names == ["pq.example.org"], names
         return f"{type(csr.public_key()).__name__}, signature valid, SAN {names[0]}"
     check(f"python cryptography reads the {variant} certification request and checks its signature", request)
+for variant in ("ml-dsa-65", "ml-dsa-87"):
+    def keyfile(variant=variant, name="", password=None):
+        key = serialization.load_pem_private_key(open(f"{out}/key-{variant}{name}.pem", "rb").read(), password=password)
+        raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        assert raw == open(f"{out}/key-{variant}.pub", "rb").read(), "public key differs"
+        return type(key).__name__
+    check(f"python cryptography loads the {variant} key file (PKCS#8 seed form) and derives the same public key", keyfile)
+    check(f"and the encrypted one (PBES2) with its passphrase", lambda variant=variant: keyfile(variant, "-encrypted", b"correct horse"))
+
 print(f"ML-DSA (python cryptography): {passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

@@ -24,6 +24,11 @@ public enum KeyFile {
         guard let passphrase else { return plain.pemString + "\n" }
         guard !passphrase.isEmpty else { throw PKIError(.wrongPassphrase, "the passphrase must not be empty") }
         let pkcs8 = plain.discriminator == "RSA PRIVATE KEY" ? try wrapPKCS1(plain.derBytes) : plain.derBytes
+        return try encrypt(pkcs8: pkcs8, passphrase: passphrase)
+    }
+
+    /// `ENCRYPTED PRIVATE KEY` PEM (PBES2: PBKDF2-HMAC-SHA256, AES-256-CBC) around a PKCS#8 key.
+    static func encrypt(pkcs8: [UInt8], passphrase: String) throws -> String {
         var salt = [UInt8](repeating: 0, count: 16)
         var rng = SystemRandomNumberGenerator()
         for i in salt.indices { salt[i] = rng.next() }
@@ -90,7 +95,7 @@ public enum KeyFile {
         }
     }
 
-    private static func decrypt(_ der: [UInt8], passphrase: String) throws -> [UInt8] {
+    static func decrypt(_ der: [UInt8], passphrase: String) throws -> [UInt8] {
         do {
             let root = try DER.parse(der)
             return try DER.sequence(root, identifier: .sequence) { info in

@@ -86,6 +86,69 @@ public struct MLDSASigningKey: Sendable {
         }
     }
 
+    /// PKCS#8 in the seed form RFC 9881 recommends: OneAsymmetricKey { 0, { OID }, OCTET STRING { [0] IMPLICIT seed } }.
+    public var pkcs8: [UInt8] {
+        get throws {
+            var serializer = DER.Serializer()
+            try serializer.appendConstructedNode(identifier: .sequence) { k in
+                try k.serialize(0)
+                try k.appendConstructedNode(identifier: .sequence) { try $0.serialize(variant.oid) }
+                try k.serialize(ASN1OctetString(contentBytes: ([0x80, 0x20] + seed)[...]))
+            }
+            return serializer.serializedBytes
+        }
+    }
+
+    /// The key file: `PRIVATE KEY` PEM, or `ENCRYPTED PRIVATE KEY` (PBES2, as every Mutual key file) with a passphrase.
+    public func pem(passphrase: String?) throws -> String {
+        guard let passphrase else { return PEMCodec.encode(try pkcs8, label: "PRIVATE KEY") }
+        guard !passphrase.isEmpty else { throw PKIError(.wrongPassphrase, "the passphrase must not be empty") }
+        return try KeyFile.encrypt(pkcs8: try pkcs8, passphrase: passphrase)
+    }
+
+    /// Reads an ML-DSA key file (seed form; plain or encrypted). `.unsupportedKey` for another algorithm or a key stored
+    /// without its seed; `.wrongPassphrase`, `.malformedInput` as for the other key files.
+    public init(pem: String, passphrase: () throws -> String?) throws {
+        let document: PEMDocument
+        do { document = try PEMDocument(pemString: pem) } catch {
+            throw PKIError(.malformedInput, "private key file is not valid PEM (\(error))")
+        }
+        var der = document.derBytes
+        if document.discriminator == "ENCRYPTED PRIVATE KEY" {
+            guard let secret = try passphrase(), !secret.isEmpty else {
+                throw PKIError(.wrongPassphrase, "the private key is encrypted: set MUTUAL_PASSPHRASE or enter the passphrase")
+            }
+            der = try KeyFile.decrypt(der, passphrase: secret)
+        } else if document.discriminator == "EC PRIVATE KEY" || document.discriminator == "RSA PRIVATE KEY" {
+            throw PKIError(.unsupportedKey, "the key is not ML-DSA (\(document.discriminator))")
+        } else if document.discriminator != "PRIVATE KEY" {
+            throw PKIError(.malformedInput, "expected a PRIVATE KEY, got \(document.discriminator)")
+        }
+        let (variant, privateKey): (MLDSAVariant, [UInt8])
+        do {
+            (variant, privateKey) = try DER.sequence(try DER.parse(der), identifier: .sequence) { k in
+                _ = try Int(derEncoded: &k)
+                let oid = try DER.sequence(k.next() ?? { throw PKIError(.malformedInput, "no key algorithm") }(), identifier: .sequence) {
+                    let oid = try ASN1ObjectIdentifier(derEncoded: &$0)
+                    _ = $0.next()  // parameters: none for ML-DSA, a curve for EC
+                    return oid
+                }
+                guard let variant = MLDSAVariant(oid: oid) else { throw PKIError(.unsupportedKey, "the key is not ML-DSA (\(oid))") }
+                let privateKey = Array(try ASN1OctetString(derEncoded: &k).bytes)
+                while k.next() != nil {}  // attributes, public key: not needed
+                return (variant, privateKey)
+            }
+        } catch let error as PKIError {
+            throw document.discriminator == "ENCRYPTED PRIVATE KEY" && error.code == .malformedInput ? PKIError(.wrongPassphrase, "wrong passphrase for the private key") : error
+        } catch {
+            throw document.discriminator == "ENCRYPTED PRIVATE KEY" ? PKIError(.wrongPassphrase, "wrong passphrase for the private key") : PKIError(.malformedInput, "not a PKCS#8 key: \(error)")
+        }
+        guard privateKey.count == 34, privateKey[0] == 0x80, privateKey[1] == 0x20 else {
+            throw PKIError(.unsupportedKey, "only the seed form of an ML-DSA private key is read (RFC 9881); this one holds the expanded key")
+        }
+        try self.init(variant: variant, seed: Array(privateKey[2...]))
+    }
+
     /// SubjectPublicKeyInfo: SEQUENCE { SEQUENCE { OID }, BIT STRING raw key }.
     public var subjectPublicKeyInfo: [UInt8] {
         get throws { try MLDSACertificate.subjectPublicKeyInfo(variant: variant, publicKey: publicKey) }

@@ -120,6 +120,42 @@ struct MLDSATests {
         }
     }
 
+    @Test("key files: PKCS#8 seed form, plain or PBES2-encrypted like every Mutual key; wrong or missing passphrases refused by code")
+    func keyFiles() throws {
+        for variant in MLDSAVariant.allCases {
+            let key = try MLDSASigningKey(generating: variant)
+            let plain = try key.pem(passphrase: nil)
+            #expect(plain.hasPrefix("-----BEGIN PRIVATE KEY-----"))
+            #expect(try MLDSASigningKey(pem: plain, passphrase: { nil }).publicKey == key.publicKey)
+            let encrypted = try key.pem(passphrase: "correct horse")
+            #expect(encrypted.hasPrefix("-----BEGIN ENCRYPTED PRIVATE KEY-----"))
+            #expect(try MLDSASigningKey(pem: encrypted, passphrase: { "correct horse" }).seed == key.seed)
+            for wrong in [nil, "", "wrong horse"] as [String?] {
+                do {
+                    _ = try MLDSASigningKey(pem: encrypted, passphrase: { wrong })
+                    Issue.record("opened with \(wrong ?? "no passphrase")")
+                } catch let error as PKIError {
+                    #expect(error.code == .wrongPassphrase)
+                }
+            }
+            if let out = ProcessInfo.processInfo.environment["MUTUAL_PQ_OUT"] {
+                FileManager.default.createFile(atPath: "\(out)/key-\(variant.rawValue).pem", contents: Data(plain.utf8))
+                FileManager.default.createFile(atPath: "\(out)/key-\(variant.rawValue)-encrypted.pem", contents: Data(encrypted.utf8))
+                FileManager.default.createFile(atPath: "\(out)/key-\(variant.rawValue).pub", contents: Data(key.publicKey))
+            }
+        }
+        let classical = try KeyFile.pem(for: .init(P256.Signing.PrivateKey()), passphrase: nil)
+        do {
+            _ = try MLDSASigningKey(pem: classical, passphrase: { nil })
+            Issue.record("a P-256 key was read as ML-DSA")
+        } catch let error as PKIError {
+            #expect(error.code == .unsupportedKey)
+        }
+        for garbage in ["", "not pem", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n"] {
+            #expect(throws: PKIError.self) { _ = try MLDSASigningKey(pem: garbage, passphrase: { nil }) }
+        }
+    }
+
     @Test("keys: seeds restore the same key; signatures verify only under their own key, variant and message")
     func keys() throws {
         for variant in MLDSAVariant.allCases {

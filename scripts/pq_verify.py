@@ -69,6 +69,21 @@ def tampered():
 
 check("a certificate with one flipped bit does not verify", tampered)
 
+def crl():
+    revocations = x509.load_der_x509_crl(open(f"{out}/intermediate.crl", "rb").read())
+    assert revocations.signature_algorithm_oid.dotted_string == "2.16.840.1.101.3.4.3.19", revocations.signature_algorithm_oid
+    assert revocations.is_signature_valid(certs["intermediate"].public_key()), "signature does not verify"
+    assert not revocations.is_signature_valid(certs["root"].public_key()), "verifies under the wrong key"
+    entry = revocations.get_revoked_certificate_by_serial_number(certs["leaf-p256"].serial_number)
+    assert entry is not None, "the P-256 leaf is not listed"
+    reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    assert reason == x509.ReasonFlags.key_compromise, reason
+    number = revocations.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    return f"ML-DSA-87 signature valid, CRL #{number}, the P-256 leaf revoked (keyCompromise)"
+
+
+check("python cryptography checks the CRL signed by the ML-DSA-87 intermediate", crl)
+
 for variant in ("ml-dsa-65", "ml-dsa-87"):
     def request(variant=variant):
         csr = x509.load_der_x509_csr(open(f"{out}/csr-{variant}.der", "rb").read())

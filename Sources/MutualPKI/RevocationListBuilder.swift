@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import SwiftASN1
 import X509
@@ -33,11 +34,24 @@ public struct RevocationListBuilder: Sendable {
         let aki =
             (try? issuer.extensions.subjectKeyIdentifier)??.keyIdentifier
             ?? SubjectKeyIdentifier(hash: issuer.publicKey).keyIdentifier
+        return try Self.encode(
+            issuer: issuer.subject, authorityKeyIdentifier: aki, number: number, thisUpdate: thisUpdate, nextUpdate: nextUpdate,
+            entries: entries, algorithm: { try SignatureAlgorithmDER.serialize(algorithm, into: &$0) },
+            sign: { Array(try issuerKey.sign(bytes: $0, signatureAlgorithm: algorithm).rawRepresentation) }
+        )
+    }
+
+    /// The CRL structure for any signature algorithm: `algorithm` writes the AlgorithmIdentifier (in the TBS and
+    /// outside it), `sign` signs the TBS bytes.
+    static func encode(
+        issuer: DistinguishedName, authorityKeyIdentifier aki: ArraySlice<UInt8>, number: UInt64, thisUpdate: Date, nextUpdate: Date,
+        entries: [Entry], algorithm: (inout DER.Serializer) throws -> Void, sign: ([UInt8]) throws -> [UInt8]
+    ) throws -> [UInt8] {
         var tbs = DER.Serializer()
         try tbs.appendConstructedNode(identifier: .sequence) { coder in
             try coder.serialize(1)  // v2
-            try SignatureAlgorithmDER.serialize(algorithm, into: &coder)
-            try coder.serialize(issuer.subject)
+            try algorithm(&coder)
+            try coder.serialize(issuer)
             try X509Time.serialize(thisUpdate, into: &coder)
             try X509Time.serialize(nextUpdate, into: &coder)
             if !entries.isEmpty {
@@ -77,14 +91,28 @@ public struct RevocationListBuilder: Sendable {
             }
         }
         let tbsBytes = tbs.serializedBytes
-        let signature = try issuerKey.sign(bytes: tbsBytes, signatureAlgorithm: algorithm)
+        let signature = try sign(tbsBytes)
         var outer = DER.Serializer()
         try outer.appendConstructedNode(identifier: .sequence) { coder in
             coder.serializeRawBytes(tbsBytes)
-            try SignatureAlgorithmDER.serialize(algorithm, into: &coder)
-            try coder.serialize(ASN1BitString(bytes: signature.rawRepresentation[...]))
+            try algorithm(&coder)
+            try coder.serialize(ASN1BitString(bytes: signature[...]))
         }
         return outer.serializedBytes
+    }
+
+    /// A CRL signed by an ML-DSA issuer (RFC 9881 algorithm identifiers), same structure as ``build(number:thisUpdate:nextUpdate:entries:)``.
+    public static func build(
+        mldsaIssuer issuer: MLDSACertificate, key: MLDSASigningKey, number: UInt64, thisUpdate: Date, nextUpdate: Date, entries: [Entry]
+    ) throws -> [UInt8] {
+        guard issuer.subjectPublicKey == key.publicKey else { throw PKIError(.malformedInput, "the key is not the issuer certificate's") }
+        let aki = (try? issuer.extensions.first { $0.oid == .X509ExtensionID.subjectKeyIdentifier }.map(SubjectKeyIdentifier.init))??.keyIdentifier
+            ?? ArraySlice(Insecure.SHA1.hash(data: key.publicKey))
+        return try encode(
+            issuer: issuer.subject, authorityKeyIdentifier: aki, number: number, thisUpdate: thisUpdate, nextUpdate: nextUpdate, entries: entries,
+            algorithm: { coder in try coder.appendConstructedNode(identifier: .sequence) { try $0.serialize(key.variant.oid) } },
+            sign: { try key.sign($0) }
+        )
     }
 
     /// PEM text of a DER CRL.

@@ -78,10 +78,28 @@ struct MLDSATests {
         tampered[index] ^= 0x01
         if let parsed = try? MLDSACertificate(derEncoded: tampered) { #expect(!parsed.isIssued(by: intermediate)) }
 
+        // A CRL signed by the ML-DSA-87 intermediate, revoking the P-256 leaf.
+        let crl = try RevocationListBuilder.build(
+            mldsaIssuer: intermediate, key: intermediateKey, number: 7, thisUpdate: now, nextUpdate: now.addingTimeInterval(86_400),
+            entries: [.init(serialNumber: Certificate.SerialNumber(bytes: [0x04]), revocationDate: now, reason: .keyCompromise)]
+        )
+        let (crlTBS, crlAlgorithm, crlSignature) = try DER.sequence(try DER.parse(crl), identifier: .sequence) { nodes in
+            guard let tbs = nodes.next(), let algorithmNode = nodes.next() else { throw PKIError(.malformedInput, "short CRL") }
+            let algorithm = try DER.sequence(algorithmNode, identifier: .sequence) { try ASN1ObjectIdentifier(derEncoded: &$0) }
+            return (Array(tbs.encodedBytes), algorithm, Array(try ASN1BitString(derEncoded: &nodes).bytes))
+        }
+        #expect(crlAlgorithm == MLDSAVariant.mlDSA87.oid)
+        #expect(MLDSAVariant.mlDSA87.isValidSignature(crlSignature, for: crlTBS, publicKey: intermediateKey.publicKey))
+        #expect(!MLDSAVariant.mlDSA87.isValidSignature(crlSignature, for: crlTBS, publicKey: rootKey.publicKey))
+        #expect(throws: PKIError.self) {
+            _ = try RevocationListBuilder.build(mldsaIssuer: intermediate, key: rootKey, number: 1, thisUpdate: now, nextUpdate: now.addingTimeInterval(60), entries: [])
+        }
+
         if let out = ProcessInfo.processInfo.environment["MUTUAL_PQ_OUT"] {
             for (file, certificate) in [("root", root), ("intermediate", intermediate), ("leaf-p256", leaves[0]), ("leaf-mldsa65", leaves[1])] {
                 FileManager.default.createFile(atPath: "\(out)/\(file).der", contents: Data(certificate.der))
             }
+            FileManager.default.createFile(atPath: "\(out)/intermediate.crl", contents: Data(crl))
         }
     }
 

@@ -149,6 +149,18 @@ public struct MLDSASigningKey: Sendable {
         try self.init(variant: variant, seed: Array(privateKey[2...]))
     }
 
+    /// SEQUENCE { body, AlgorithmIdentifier, BIT STRING signature }: the envelope of certificates, requests and CRLs.
+    func signed(_ body: [UInt8]) throws -> [UInt8] {
+        let signature = try sign(body)
+        var serializer = DER.Serializer()
+        try serializer.appendConstructedNode(identifier: .sequence) { s in
+            s.serializeRawBytes(body)
+            try s.appendConstructedNode(identifier: .sequence) { try $0.serialize(variant.oid) }
+            try s.serialize(ASN1BitString(bytes: signature[...]))
+        }
+        return serializer.serializedBytes
+    }
+
     /// SubjectPublicKeyInfo: SEQUENCE { SEQUENCE { OID }, BIT STRING raw key }.
     public var subjectPublicKeyInfo: [UInt8] {
         get throws { try MLDSACertificate.subjectPublicKeyInfo(variant: variant, publicKey: publicKey) }
@@ -188,6 +200,18 @@ public struct MLDSACertificate: Sendable, Hashable {
         return isSigned(by: variant, publicKey: issuer.subjectPublicKey)
     }
 
+    /// A SubjectPublicKeyInfo's algorithm and key bits (parameters, as EC keys carry, are skipped).
+    static func subjectPublicKey(_ node: ASN1Node) throws -> (ASN1ObjectIdentifier, [UInt8]) {
+        try DER.sequence(node, identifier: .sequence) { s in
+            let algorithm = try DER.sequence(s.next() ?? { throw PKIError(.malformedInput, "no key algorithm") }(), identifier: .sequence) {
+                let oid = try ASN1ObjectIdentifier(derEncoded: &$0)
+                _ = $0.next()
+                return oid
+            }
+            return (algorithm, Array(try ASN1BitString(derEncoded: &s).bytes))
+        }
+    }
+
     static func subjectPublicKeyInfo(variant: MLDSAVariant, publicKey: [UInt8]) throws -> [UInt8] {
         var serializer = DER.Serializer()
         try serializer.appendConstructedNode(identifier: .sequence) { spki in
@@ -223,15 +247,7 @@ public struct MLDSACertificate: Sendable, Hashable {
                 try t.serialize(explicitlyTaggedWithTagNumber: 3, tagClass: .contextSpecific) { try $0.serializeSequenceOf(extensions) }
             }
         }
-        let tbsBytes = tbs.serializedBytes
-        let signature = try issuerKey.sign(tbsBytes)
-        var certificate = DER.Serializer()
-        try certificate.appendConstructedNode(identifier: .sequence) { c in
-            c.serializeRawBytes(tbsBytes)
-            try c.appendConstructedNode(identifier: .sequence) { try $0.serialize(issuerKey.variant.oid) }
-            try c.serialize(ASN1BitString(bytes: signature[...]))
-        }
-        return try MLDSACertificate(derEncoded: certificate.serializedBytes)
+        return try MLDSACertificate(derEncoded: try issuerKey.signed(tbs.serializedBytes))
     }
 
     /// RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050.
@@ -285,14 +301,7 @@ public struct MLDSACertificate: Sendable, Hashable {
                     }
                     let subject = try DistinguishedName(derEncoded: &t)
                     guard let spkiNode = t.next() else { throw PKIError(.malformedInput, "no subjectPublicKeyInfo") }
-                    let (spkiAlgorithm, key) = try DER.sequence(spkiNode, identifier: .sequence) { s in
-                        let algorithm = try DER.sequence(s.next() ?? { throw PKIError(.malformedInput, "no key algorithm") }(), identifier: .sequence) {
-                            let oid = try ASN1ObjectIdentifier(derEncoded: &$0)
-                            _ = $0.next()  // parameters (absent for ML-DSA)
-                            return oid
-                        }
-                        return (algorithm, Array(try ASN1BitString(derEncoded: &s).bytes))
-                    }
+                    let (spkiAlgorithm, key) = try Self.subjectPublicKey(spkiNode)
                     var extensions: [Certificate.Extension] = []
                     while let node = t.next() {
                         if node.identifier == ASN1Identifier(tagWithNumber: 3, tagClass: .contextSpecific) {
@@ -353,15 +362,7 @@ public struct MLDSACertificationRequest: Sendable, Hashable {
             i.serializeRawBytes(try key.subjectPublicKeyInfo)
             try i.serializeSetOf(attributes, identifier: attributesTag)
         }
-        let infoBytes = info.serializedBytes
-        let signature = try key.sign(infoBytes)
-        var request = DER.Serializer()
-        try request.appendConstructedNode(identifier: .sequence) { r in
-            r.serializeRawBytes(infoBytes)
-            try r.appendConstructedNode(identifier: .sequence) { try $0.serialize(key.variant.oid) }
-            try r.serialize(ASN1BitString(bytes: signature[...]))
-        }
-        return try MLDSACertificationRequest(derEncoded: request.serializedBytes)
+        return try MLDSACertificationRequest(derEncoded: try key.signed(info.serializedBytes))
     }
 
     /// Parses a request; `.malformedInput` for garbage, `.unsupportedKey` when its key or signature is not ML-DSA (the
@@ -379,14 +380,7 @@ public struct MLDSACertificationRequest: Sendable, Hashable {
                     guard version == 0 else { throw PKIError(.malformedInput, "request version \(version), expected 0 (v1)") }
                     let subject = try DistinguishedName(derEncoded: &i)
                     guard let spkiNode = i.next() else { throw PKIError(.malformedInput, "no subjectPublicKeyInfo") }
-                    let (keyAlgorithm, key) = try DER.sequence(spkiNode, identifier: .sequence) { s in
-                        let algorithm = try DER.sequence(s.next() ?? { throw PKIError(.malformedInput, "no key algorithm") }(), identifier: .sequence) {
-                            let oid = try ASN1ObjectIdentifier(derEncoded: &$0)
-                            _ = $0.next()
-                            return oid
-                        }
-                        return (algorithm, Array(try ASN1BitString(derEncoded: &s).bytes))
-                    }
+                    let (keyAlgorithm, key) = try MLDSACertificate.subjectPublicKey(spkiNode)
                     let attributes = try DER.set(of: CertificateSigningRequest.Attribute.self, identifier: Self.attributesTag, nodes: &i)
                     return (subject, Array(spkiNode.encodedBytes), keyAlgorithm, key, attributes)
                 }

@@ -2,7 +2,7 @@ import Foundation
 import SQLKit
 
 /// What the dashboard's overview shows, computed by aggregates in SQL (never by loading the inventory).
-public struct InventoryOverview: Sendable, Hashable {
+public struct InventoryOverview: Sendable {
     /// Valid (unexpired, unrevoked) certificates.
     public var valid = 0
     /// Valid certificates that expire within 7 days; within 30 days (the 30-day count includes the 7-day one).
@@ -26,21 +26,6 @@ public struct InventoryOverview: Sendable, Hashable {
     public var missedRenewalSample: [CertificateRecord] = []
 
     public init() {}
-
-    public static func == (a: InventoryOverview, b: InventoryOverview) -> Bool {
-        a.valid == b.valid && a.expiringIn7Days == b.expiringIn7Days && a.expiringIn30Days == b.expiringIn30Days
-            && a.expired == b.expired && a.superseded == b.superseded && a.revoked == b.revoked
-            && a.expiriesPerDay == b.expiriesPerDay && a.byOwner.map(\.owner) == b.byOwner.map(\.owner)
-            && a.byOwner.map(\.count) == b.byOwner.map(\.count) && a.byProfile.map(\.profile) == b.byProfile.map(\.profile)
-            && a.byProfile.map(\.count) == b.byProfile.map(\.count) && a.issuedPerDay == b.issuedPerDay
-            && a.missedRenewals == b.missedRenewals && a.missedRenewalSample == b.missedRenewalSample
-    }
-
-    public func hash(into hasher: inout Hasher) {
-        hasher.combine(valid)
-        hasher.combine(revoked)
-        hasher.combine(expiriesPerDay)
-    }
 }
 
 /// A revoked certificate with who revoked it (the actor of its `revoke` audit event).
@@ -195,6 +180,12 @@ extension Store {
             SELECT * FROM audit_events WHERE subject = \(bind: subject) AND \(unsafeRaw: Self.unrecordedActions) ORDER BY sequence ASC LIMIT \(bind: limit)
             """).all().map(Self.decodeAudit)
         return Array((recorded + others).sorted { $0.sequence < $1.sequence }.prefix(limit))
+    }
+
+    /// Whether a login code with this digest was ever made (and not yet forgotten): read before redeeming, so that a
+    /// stranger's guesses never reach the write queue.
+    public func dashboardLoginExists(codeHash: String) async throws -> Bool {
+        try await reader.raw("SELECT 1 AS present FROM dashboard_logins WHERE code_hash = \(bind: codeHash)").first() != nil
     }
 
     /// Stores a login code with its audit event.

@@ -63,6 +63,7 @@ final class DashboardService: Sendable {
     let afterRevocation: @Sendable () async -> Void
 
     static let cookieName = "__Host-mutual-dashboard"
+    static let unknownLogin = DashboardRefusal(status: 401, code: "login-unknown", message: "this login link is not one the authority made: ask for a new one (`mutual dashboard login`)")
     static let pageSize = 50
     static let maximumFormBytes = 16 * 1024
 
@@ -268,10 +269,14 @@ final class DashboardService: Sendable {
         // Codes are `mdl_` and 43 base64url characters: anything else was never made here, and is refused without
         // asking the database.
         guard code.hasPrefix("mdl_"), code.utf8.count == 47, code.utf8.dropFirst(4).allSatisfy({ $0 == 0x2D || $0 == 0x5F || (0x30...0x39).contains($0) || (0x41...0x5A).contains($0) || (0x61...0x7A).contains($0) }) else {
-            throw DashboardRefusal(status: 401, code: "login-unknown", message: "this login link is not one the authority made: ask for a new one (`mutual dashboard login`)")
+            throw Self.unknownLogin
         }
         let digest = DashboardSessions.digest(code)
         let time = now()
+        // A guess is refused on a read: it never queues a write transaction beside issuance.
+        guard try await authority.store.dashboardLoginExists(codeHash: digest) else {
+            throw Self.unknownLogin
+        }
         let outcome = try await authority.store.redeemDashboardLogin(codeHash: digest, now: time) { outcome in
             switch outcome {
             case .redeemed(let login):
@@ -294,7 +299,7 @@ final class DashboardService: Sendable {
                 ("Set-Cookie", "\(Self.cookieName)=\(cookie); Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age=\(login.sessionSeconds)"),
             ], body: [])
         case .unknown:
-            throw DashboardRefusal(status: 401, code: "login-unknown", message: "this login link is not one the authority made: ask for a new one (`mutual dashboard login`)")
+            throw Self.unknownLogin
         case .alreadyUsed:
             throw DashboardRefusal(status: 401, code: "login-used", message: "this login link has been used already; each link signs in once: ask for a new one")
         case .expired:

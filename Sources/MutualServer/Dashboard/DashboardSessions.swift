@@ -18,7 +18,6 @@ struct DashboardViewer: Sendable, Hashable {
     var csrf: String
     /// The session (cookie) id; nil when the viewer is the admin client certificate of this connection.
     var sessionID: String?
-    var expiresAt: Date?
 }
 
 /// Dashboard sessions, in memory: a restart ends them all, as does logging out. A session is made only by redeeming a
@@ -45,7 +44,7 @@ final class DashboardSessions: Sendable {
         let expires = now.addingTimeInterval(Double(login.sessionSeconds))
         let viewer = DashboardViewer(
             role: login.role == DashboardViewer.Role.admin.rawValue ? .admin : .readOnly, actor: login.actor, csrf: Self.random(),
-            sessionID: id, expiresAt: expires
+            sessionID: id
         )
         sessions.withLock { table in
             if table.count >= Self.maximumSessions { table = table.filter { $0.value.expiresAt > now } }

@@ -13,11 +13,7 @@ struct DashboardCommand: AsyncParsableCommand {
     struct Login: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Print a one-time login link for the dashboard.",
-            discussion: """
-                The link signs one browser in once, before --ttl runs out, into a session cookie (HttpOnly, Secure,
-                SameSite=Strict) that lasts --session; the code is gone from the address bar after sign-in. Sessions
-                end on logout or when the authority restarts. Every login and every action is in the audit trail.
-                """
+            discussion: "The link signs one browser in once, before --ttl runs out, into a session cookie (HttpOnly, Secure, SameSite=Strict) that lasts --session; the code is gone from the address bar after sign-in. Sessions end on logout or when the authority restarts. Every login and every action is in the audit trail."
         )
         @OptionGroup var stateOptions: StateOptions
         @Option(help: "How long the link can be used.", transform: ValidityDuration.argument) var ttl: ValidityDuration = .minutes(15)

@@ -166,3 +166,30 @@ public enum CSRDecoder {
         try decode(Array(pem.utf8))
     }
 }
+
+extension IssuanceRequest {
+    /// A request's contents without its key: what an ML-DSA key (which `Certificate.PublicKey` cannot hold) is
+    /// certified with.
+    public struct Contents: Sendable, Hashable {
+        public var profile: CertificateProfile
+        public var commonName: String?
+        public var dnsNames: [String]
+        public var ipAddresses: [String]
+        public var uris: [String]
+        public var validity: ValidityDuration?
+        public var backdate: ValidityDuration?
+        public var droppedRequests: [String] = []
+
+        public init(
+            profile: CertificateProfile, commonName: String? = nil, dnsNames: [String] = [], ipAddresses: [String] = [],
+            uris: [String] = [], validity: ValidityDuration? = nil
+        ) {
+            self.profile = profile
+            self.commonName = commonName
+            self.dnsNames = dnsNames
+            self.ipAddresses = ipAddresses
+            self.uris = uris
+            self.validity = validity
+        }
+    }
+}

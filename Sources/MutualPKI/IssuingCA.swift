@@ -77,34 +77,57 @@ public struct IssuingCA: Sendable {
         guard request.publicKey.isAcceptableSubjectKey else {
             throw PKIError(.unsupportedKey, "key \(request.publicKey.algorithmDescription) is not accepted (use \(KeyType.choices))")
         }
-        let names = try validatedNames(request)
-        let subject = try subjectName(commonName: request.commonName)
-        try checkProfileNames(request.profile, names: names, hasCommonName: request.commonName != nil)
-        if request.profile == .server, let cn = request.commonName,
+        let contents = try Self.approveContents(
+            profile: request.profile, commonName: request.commonName, dnsNames: request.dnsNames,
+            ipAddresses: request.ipAddresses, uris: request.uris, validity: request.validity, backdate: request.backdate,
+            policy: policy, nameConstraints: nameConstraints,
+            issuerNotBefore: certificate.notValidBefore, issuerNotAfter: certificate.notValidAfter, now: now
+        )
+        return ApprovedRequest(
+            profile: request.profile,
+            publicKey: request.publicKey,
+            subject: contents.subject,
+            subjectAlternativeNames: contents.names,
+            notBefore: contents.notBefore,
+            notAfter: contents.notAfter
+        )
+    }
+
+    /// What the issuer decided a leaf holds, whatever its key algorithm (the classical and the ML-DSA CA share it).
+    struct ApprovedContents {
+        var subject: DistinguishedName
+        var names: [GeneralName]
+        var notBefore: Date
+        var notAfter: Date
+    }
+
+    /// The profile, name, name-constraint and validity rules every leaf passes before any CA signs it.
+    static func approveContents(
+        profile: CertificateProfile, commonName: String?, dnsNames: [String], ipAddresses: [String], uris: [String],
+        validity requested: ValidityDuration?, backdate: ValidityDuration?, policy: IssuancePolicy,
+        nameConstraints: NameConstraints?, issuerNotBefore: Date, issuerNotAfter: Date, now: Date
+    ) throws -> ApprovedContents {
+        let names = try validatedNames(profile: profile, dnsNames: dnsNames, ipAddresses: ipAddresses, uris: uris)
+        let subject = try subjectName(commonName: commonName)
+        try checkProfileNames(profile, names: names, hasCommonName: commonName != nil)
+        if profile == .server, let cn = commonName,
             !names.dns.contains(cn) && !names.ips.contains(where: { Names.ipAddressString($0) == cn })
         {
             // Verifiers that still read the CN must not see a name the SANs do not carry (CA/B BR 7.1.4.3).
             throw PKIError(.profileViolation, "profile server: the common name '\(cn)' must also be one of the DNS or IP SANs")
         }
-        try checkNameConstraints(names)
+        try checkNameConstraints(names, policy: policy, constraints: nameConstraints)
 
-        let validity = request.validity ?? min(request.profile.defaultValidity, policy.maximumValidity)
+        let validity = requested ?? min(profile.defaultValidity, policy.maximumValidity)
         guard validity <= policy.maximumValidity else {
             throw PKIError(.validityTooLong, "requested validity \(validity) exceeds the CA maximum of \(policy.maximumValidity)")
         }
-        guard now < certificate.notValidAfter else {
-            throw PKIError(.inconsistentCA, "the issuing CA certificate expired at \(certificate.notValidAfter)")
+        guard now < issuerNotAfter else {
+            throw PKIError(.inconsistentCA, "the issuing CA certificate expired at \(issuerNotAfter)")
         }
-        let notBefore = max(now.addingTimeInterval(-(request.backdate ?? policy.backdate).timeInterval), certificate.notValidBefore)
-        let notAfter = min(now.addingTimeInterval(validity.timeInterval), certificate.notValidAfter)
-        return ApprovedRequest(
-            profile: request.profile,
-            publicKey: request.publicKey,
-            subject: subject,
-            subjectAlternativeNames: names.generalNames,
-            notBefore: notBefore,
-            notAfter: notAfter
-        )
+        let notBefore = max(now.addingTimeInterval(-(backdate ?? policy.backdate).timeInterval), issuerNotBefore)
+        let notAfter = min(now.addingTimeInterval(validity.timeInterval), issuerNotAfter)
+        return ApprovedContents(subject: subject, names: names.generalNames, notBefore: notBefore, notAfter: notAfter)
     }
 
     /// Signs an approved request.
@@ -163,7 +186,7 @@ public struct IssuingCA: Sendable {
         return extensions
     }
 
-    private func subjectName(commonName: String?) throws -> DistinguishedName {
+    static func subjectName(commonName: String?) throws -> DistinguishedName {
         guard let commonName else { return DistinguishedName() }
         guard !commonName.isEmpty, commonName.count <= 64 else {
             throw PKIError(.invalidName, "invalid common name: must be 1 to 64 characters")
@@ -185,28 +208,30 @@ public struct IssuingCA: Sendable {
         }
     }
 
-    private func validatedNames(_ request: IssuanceRequest) throws -> ValidatedNames {
+    static func validatedNames(profile: CertificateProfile, dnsNames: [String], ipAddresses: [String], uris: [String]) throws
+        -> ValidatedNames
+    {
         var names = ValidatedNames()
-        let total = request.dnsNames.count + request.ipAddresses.count + request.uris.count
+        let total = dnsNames.count + ipAddresses.count + uris.count
         guard total <= 100 else {
             throw PKIError(.profileViolation, "request has \(total) SANs; at most 100 are allowed")
         }
-        for dns in request.dnsNames {
-            let normalized = try Names.normalizedDNSName(dns, allowWildcard: request.profile == .server)
+        for dns in dnsNames {
+            let normalized = try Names.normalizedDNSName(dns, allowWildcard: profile == .server)
             if !names.dns.contains(normalized) { names.dns.append(normalized) }
         }
-        for ip in request.ipAddresses {
+        for ip in ipAddresses {
             let bytes = try Names.ipAddressBytes(ip)
             if !names.ips.contains(bytes) { names.ips.append(bytes) }
         }
-        for uri in request.uris {
+        for uri in uris {
             let valid = try Names.validatedURI(uri)
             if !names.uris.contains(valid) { names.uris.append(valid) }
         }
         return names
     }
 
-    private func checkProfileNames(_ profile: CertificateProfile, names: ValidatedNames, hasCommonName: Bool) throws {
+    static func checkProfileNames(_ profile: CertificateProfile, names: ValidatedNames, hasCommonName: Bool) throws {
         switch profile {
         case .server:
             guard !names.dns.isEmpty || !names.ips.isEmpty else {
@@ -236,7 +261,7 @@ public struct IssuingCA: Sendable {
 
     /// Checks names against the issuing certificate's X.509 name constraints and the policy's URI prefixes, so that a
     /// certificate relying parties would reject is never signed.
-    private func checkNameConstraints(_ names: ValidatedNames) throws {
+    static func checkNameConstraints(_ names: ValidatedNames, policy: IssuancePolicy, constraints nameConstraints: NameConstraints?) throws {
         if !policy.permittedURIPrefixes.isEmpty {
             for uri in names.uris where !policy.permittedURIPrefixes.contains(where: { Self.uri(uri, hasPrefix: $0) }) {
                 throw PKIError(

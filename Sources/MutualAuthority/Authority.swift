@@ -19,13 +19,17 @@ public final class Authority: Sendable {
     public var ca: IssuingCA { caBox.withLock { $0 } }
     public let store: Store
     let logger: Logger
+    let pqBox: Mutex<MLDSAIssuingCA?>
+    /// The ML-DSA issuing CA, when the state directory holds the post-quantum hierarchy (`mutual pq init`).
+    public var pqCA: MLDSAIssuingCA? { pqBox.withLock { $0 } }
     /// Proofs of possession already used (kept for as long as they could still be accepted).
     let proofs = ProofLedger()
     /// The issuing CA's subject as stored in every record it issues (computed once).
     let issuerDescription: String
 
-    init(state: StateDirectory, configuration: AuthorityConfiguration, ca: IssuingCA, store: Store, logger: Logger) {
+    init(state: StateDirectory, configuration: AuthorityConfiguration, ca: IssuingCA, store: Store, logger: Logger, pqCA: MLDSAIssuingCA? = nil) {
         self.issuerDescription = ca.certificate.subject.description
+        self.pqBox = Mutex(pqCA)
         self.state = state
         self.configuration = configuration
         self.caBox = Mutex(ca)
@@ -153,6 +157,14 @@ public final class Authority: Sendable {
         } catch {
             throw AuthorityError(.corruptState, "\(state.configPath) is unreadable or corrupt: \(error)")
         }
+        // Asked at most once: the classical and the ML-DSA keys share one passphrase.
+        var answered: String??
+        func passphraseOnce() throws -> String? {
+            if let answered { return answered }
+            let value = try passphrase()
+            answered = .some(value)
+            return value
+        }
         let ca: IssuingCA
         do {
             let intermediate = try PEMBundle.certificates(
@@ -166,12 +178,13 @@ public final class Authority: Sendable {
             let keyText = String(
                 decoding: try AtomicFile.read(state.intermediateKeyPath, limit: 1 << 20, what: "issuing CA key"), as: UTF8.self
             )
-            let key = try KeyFile.load(pem: keyText, passphrase: passphrase)
+            let key = try KeyFile.load(pem: keyText, passphrase: passphraseOnce)
             ca = try IssuingCA(certificate: intermediate, privateKey: key, root: root, policy: configuration.policy)
         } catch let error as PKIError {
             if error.code == .wrongPassphrase { throw error }
             throw AuthorityError(.corruptState, "the CA files in \(state.caDirectory) are unusable: \(error.reason)")
         }
+        var pqCA = try configuration.pqKeyType.map { _ in try Self.loadPQ(state: state, policy: configuration.policy, passphrase: passphraseOnce) }
         let store = try await Store.open(databaseURL: databaseURL ?? configuration.databaseURL, sqlitePath: state.databasePath, logger: logger)
         var configured = ca
         // Where relying parties fetch the CRL and ask OCSP: set by `mutual serve --http-public-url`, used by every
@@ -179,8 +192,9 @@ public final class Authority: Sendable {
         if let url = try? await store.metadata(Self.httpPublicURLKey) {
             configured.policy.crlURL = url + "/crl"
             configured.policy.ocspURL = url + "/ocsp"
+            pqCA?.policy.crlURL = url + Self.pqCRLPath
         }
-        return Authority(state: state, configuration: configuration, ca: configured, store: store, logger: logger)
+        return Authority(state: state, configuration: configuration, ca: configured, store: store, logger: logger, pqCA: pqCA)
     }
 
     /// How long a root CRL is valid: the root key may be offline, so it is re-signed rarely (`mutual root-crl`).
@@ -228,6 +242,7 @@ public final class Authority: Sendable {
             $0.policy.crlURL = trimmed + "/crl"
             $0.policy.ocspURL = trimmed + "/ocsp"
         }
+        pqBox.withLock { $0?.policy.crlURL = trimmed + Self.pqCRLPath }
     }
 
     /// The recorded base URL for CRL and OCSP, and whether a person set it (nil: none yet).
@@ -334,18 +349,7 @@ public final class Authority: Sendable {
     {
         let der = try certificate.issuedDER
         let fingerprint = SHA256.hash(data: der).hexString
-        var sans: [String] = []
-        if let names = try certificate.extensions.subjectAlternativeNames {
-            for name in names {
-                switch name {
-                case .dnsName(let d): sans.append("dns:\(d)")
-                case .ipAddress(let ip): sans.append("ip:\(Names.ipAddressString(Array(ip.bytes)))")
-                case .uniformResourceIdentifier(let u): sans.append("uri:\(u)")
-                case .rfc822Name(let e): sans.append("email:\(e)")
-                default: break
-                }
-            }
-        }
+        let sans = Self.sanStrings(try certificate.extensions.subjectAlternativeNames ?? SubjectAlternativeNames())
         let identity = CertificateIdentity.of(certificate) ?? certificate.serialHex
         return CertificateRecord(
             serial: certificate.serialHex, issuer: issuerDescription ?? certificate.issuer.description,
@@ -354,6 +358,19 @@ public final class Authority: Sendable {
             notBefore: certificate.notValidBefore, notAfter: certificate.notValidAfter, fingerprint: fingerprint,
             der: der
         )
+    }
+
+    /// SANs as the inventory keeps them: `dns:`, `ip:`, `uri:`, `email:`.
+    static func sanStrings(_ names: SubjectAlternativeNames) -> [String] {
+        names.compactMap { name in
+            switch name {
+            case .dnsName(let d): "dns:\(d)"
+            case .ipAddress(let ip): "ip:\(Names.ipAddressString(Array(ip.bytes)))"
+            case .uniformResourceIdentifier(let u): "uri:\(u)"
+            case .rfc822Name(let e): "email:\(e)"
+            default: nil
+            }
+        }
     }
 
     /// SHA-256 of the certificate's DER, lowercase hex (the form `mutual init` prints and agents pin).

@@ -11,10 +11,12 @@ import X509
 public actor RevocationPublisher {
     let authority: Authority
     /// How long a CRL is valid; a new one is made when half of that has passed.
-    public let validity: ValidityDuration
+    public nonisolated let validity: ValidityDuration
     private var cached: StoredCRL?
     /// The generation under way, shared by everyone who asks meanwhile (single flight).
     private var inFlight: Task<StoredCRL, any Error>?
+    /// The ML-DSA issuing CA's current CRL, and the last revocation it covers.
+    private var pqCached: (crl: RevocationList, der: [UInt8], lastRevocation: Int64)?
 
     public init(authority: Authority, validity: ValidityDuration = .hours(24)) {
         self.authority = authority
@@ -64,13 +66,40 @@ public actor RevocationPublisher {
         }
     }
 
+    /// The ML-DSA issuing CA's CRL (DER), listing the revoked certificates it issued; nil without an ML-DSA hierarchy.
+    /// Made again after a revocation and half-way to its nextUpdate. Its number is the thisUpdate time in milliseconds:
+    /// increasing across restarts and replicas without a table of its own.
+    public func currentPQ(now: Date = .now) async throws -> [UInt8]? {
+        guard let pq = authority.pqCA else { return nil }
+        let lastRevocation = try await authority.store.lastRevocationSequence()
+        if let cached = pqCached, cached.lastRevocation >= lastRevocation,
+           now < cached.crl.thisUpdate.addingTimeInterval(validity.timeInterval / 2) {
+            return cached.der
+        }
+        let revoked = try await authority.store.revokedUnexpired(now: now, issuer: pq.certificate.subject.description)
+        let entries: [RevocationListBuilder.Entry] = revoked.compactMap { item in
+            guard let bytes = [UInt8](hex: item.serial) else { return nil }
+            return .init(serialNumber: .init(bytes: bytes), revocationDate: item.revokedAt, reason: RevocationReason(rawValue: item.reason) ?? .unspecified)
+        }
+        var number = UInt64(max(0, now.timeIntervalSince1970 * 1000))
+        if let previous = pqCached?.crl.crlNumber {
+            number = max(number, previous.reduce(0) { $0 << 8 | UInt64($1) } + 1)
+        }
+        let der = try RevocationListBuilder.build(
+            mldsaIssuer: pq.certificate, key: pq.key, number: number, thisUpdate: now,
+            nextUpdate: min(now.addingTimeInterval(validity.timeInterval), pq.certificate.notAfter), entries: entries
+        )
+        pqCached = (try RevocationList(derEncoded: der), der, lastRevocation)
+        return der
+    }
+
     /// Builds, signs and stores the next CRL. Retries when another writer (process or replica) published the same
     /// number first.
     private func generate(now: Date) async throws -> StoredCRL {
         for _ in 0..<5 {
             let lastRevocation = try await authority.store.lastRevocationSequence()
             let latest = try await authority.store.latestCRL()
-            let revoked = try await authority.store.revokedUnexpired(now: now)
+            let revoked = try await authority.store.revokedUnexpired(now: now, excludingIssuer: authority.pqCA?.certificate.subject.description)
             var entries: [RevocationListBuilder.Entry] = []
             entries.reserveCapacity(revoked.count)
             for item in revoked {

@@ -10,6 +10,7 @@ import MutualPKI
 /// DIR/ca/root.key           root key (0600; take it offline, see docs/operations.md)
 /// DIR/ca/intermediate.pem   issuing CA
 /// DIR/ca/intermediate.key   issuing key (0600)
+/// DIR/ca/pq-{root,intermediate}.{pem,key}   the ML-DSA hierarchy, when `mutual pq init` made one
 /// DIR/admin/{cert,key,chain}.pem   operator client certificate for the admin API
 /// ```
 public struct StateDirectory: Sendable {
@@ -48,6 +49,12 @@ public struct StateDirectory: Sendable {
     /// that check every level of the chain need it.
     public var rootCRLPath: String { caDirectory + "/root-crl.pem" }
 
+    /// The post-quantum (ML-DSA) hierarchy beside the classical one (`mutual pq init`).
+    public var pqRootCertificatePath: String { caDirectory + "/pq-root.pem" }
+    public var pqRootKeyPath: String { caDirectory + "/pq-root.key" }
+    public var pqIntermediateCertificatePath: String { caDirectory + "/pq-intermediate.pem" }
+    public var pqIntermediateKeyPath: String { caDirectory + "/pq-intermediate.key" }
+
     public var isInitialized: Bool { FileManager.default.fileExists(atPath: configPath) }
 }
 
@@ -62,6 +69,8 @@ public struct AuthorityConfiguration: Codable, Sendable, Hashable {
     public var keysEncrypted: Bool
     /// `postgres://…` when the inventory lives in PostgreSQL (shared by replicas); nil: SQLite in the state directory.
     public var databaseURL: String?
+    /// The ML-DSA variant of the post-quantum hierarchy, when there is one.
+    public var pqKeyType: MLDSAVariant?
 
     public init(name: String, keyType: KeyType, policy: IssuancePolicy, permittedDNS: [String], createdAt: Date, keysEncrypted: Bool) {
         self.version = 1

@@ -5,8 +5,17 @@ import X509
 /// certificate's order (DNS name, IP address, URI, e-mail); else the subject's CN; else nil.
 public enum CertificateIdentity {
     public static func of(_ certificate: Certificate) -> String? {
+        of(names: ((try? certificate.extensions.subjectAlternativeNames) ?? nil) ?? SubjectAlternativeNames(), subject: certificate.subject)
+    }
+
+    /// The same rule for a certificate swift-certificates cannot parse (an ML-DSA subject key).
+    public static func of(_ certificate: MLDSACertificate) -> String? {
+        of(names: certificate.subjectAlternativeNames, subject: certificate.subject)
+    }
+
+    static func of(names: SubjectAlternativeNames, subject: DistinguishedName) -> String? {
         var first: String?
-        for name in (try? certificate.extensions.subjectAlternativeNames) ?? SubjectAlternativeNames() {
+        for name in names {
             let value: String
             switch name {
             case .uniformResourceIdentifier(let uri):
@@ -19,7 +28,7 @@ public enum CertificateIdentity {
             }
             if first == nil { first = value }
         }
-        return first ?? certificate.subject.lastCommonNameString
+        return first ?? subject.lastCommonNameString
     }
 
     /// The identity, else the subject DN, else `serial HEX`: how `mutual verify` and `mutual doctor` name a

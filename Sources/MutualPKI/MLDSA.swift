@@ -186,6 +186,26 @@ public struct MLDSACertificate: Sendable, Hashable {
     public var subjectPublicKey: [UInt8]
     public var extensions: [Certificate.Extension]
 
+    /// Serial number, lowercase hex (as `mutual list` prints every serial).
+    public var serialHex: String { serialNumber.hexString }
+
+    /// The subjectAltName extension's names (none when absent or unreadable).
+    public var subjectAlternativeNames: SubjectAlternativeNames {
+        guard let e = extensions.first(where: { $0.oid == .X509ExtensionID.subjectAlternativeName }) else { return SubjectAlternativeNames() }
+        return (try? SubjectAlternativeNames(e)) ?? SubjectAlternativeNames()
+    }
+
+    /// Reads the first `CERTIFICATE` block of PEM text (or DER bytes).
+    public init(pem bytes: [UInt8]) throws {
+        try self.init(derEncoded: try PEMBundle.firstDocument(bytes, type: "CERTIFICATE"))
+    }
+
+    /// SHA-256 of the DER, lowercase hex (the form `mutual init` prints and agents pin).
+    public var fingerprint: String { SHA256.hash(data: der).hexString }
+
+    /// PEM (`CERTIFICATE`).
+    public var pem: String { PEMDocument(type: "CERTIFICATE", derBytes: der).pemString }
+
     /// The subject key's ML-DSA variant, if it is one.
     public var subjectKeyVariant: MLDSAVariant? { MLDSAVariant(oid: subjectPublicKeyAlgorithm) }
 
@@ -367,6 +387,11 @@ public struct MLDSACertificationRequest: Sendable, Hashable {
 
     /// Parses a request; `.malformedInput` for garbage, `.unsupportedKey` when its key or signature is not ML-DSA (the
     /// classical path reads those). The signature is checked, and its outcome kept in ``isSignatureValid``.
+    /// Reads a `CERTIFICATE REQUEST` PEM block, or DER bytes.
+    public init(pemOrDER bytes: [UInt8]) throws {
+        try self.init(derEncoded: try PEMBundle.firstDocument(bytes, type: "CERTIFICATE REQUEST"))
+    }
+
     public init(derEncoded der: [UInt8]) throws {
         guard der.count <= 64 * 1024 else { throw PKIError(.inputTooLarge, "a certification request over 64 KiB") }
         do {

@@ -19,11 +19,15 @@ public struct MLDSAChainVerifier: Sendable {
         public var peerName: ChainVerifier.PeerName?
         /// Largest number of intermediates.
         public var maxDepth: Int
+        /// CRLs, ML-DSA-signed or classical: checked for every non-root certificate whose issuer published one here.
+        public var crls: [RevocationList]
 
         public init(
             roots: [MLDSACertificate], intermediates: [MLDSACertificate] = [], validationTime: Date,
-            requiredEKU: ExtendedKeyUsage.Usage? = nil, peerName: ChainVerifier.PeerName? = nil, maxDepth: Int = 8
+            requiredEKU: ExtendedKeyUsage.Usage? = nil, peerName: ChainVerifier.PeerName? = nil, maxDepth: Int = 8,
+            crls: [RevocationList] = []
         ) {
+            self.crls = crls
             self.roots = roots
             self.intermediates = intermediates
             self.validationTime = validationTime
@@ -60,8 +64,13 @@ public struct MLDSAChainVerifier: Sendable {
     ]
 
     public func verify(_ leaf: MLDSACertificate) -> Outcome {
+        if let problem = ChainVerifier.preflightCRLs(options.crls).first {
+            return .rejected(reason: problem, code: .unusableCRL)
+        }
         do {
-            return .accepted(chain: try path(from: leaf))
+            let chain = try path(from: leaf)
+            try checkRevocation(chain)
+            return .accepted(chain: chain)
         } catch let refusal as Refusal {
             return .rejected(reason: refusal.reason, code: refusal.code)
         } catch {
@@ -74,7 +83,7 @@ public struct MLDSAChainVerifier: Sendable {
         var chain = [leaf]
         var current = leaf
         while true {
-            try checkTime(current, position: chain.count == 1 ? "the certificate" : "intermediate \(current.subject)")
+            try checkTime(current, position: chain.count == 1 ? "the certificate \(Self.name(current))" : "intermediate \(current.subject)")
             if let root = options.roots.first(where: { Self.signed(current, by: $0) }) {
                 try checkTime(root, position: "root \(root.subject)")
                 try checkIssuer(root, below: chain.count - 1)
@@ -90,9 +99,9 @@ public struct MLDSAChainVerifier: Sendable {
             }) else {
                 if options.roots.contains(where: { $0.subject == current.issuer }) || options.intermediates.contains(where: { $0.subject == current.issuer }) {
                     // As in the classical verifier: an issuer whose key did not sign this is not its issuer.
-                    throw Refusal(.unknownIssuer, "the signature of \(current.subject) does not verify under any trusted \(current.issuer)")
+                    throw Refusal(.unknownIssuer, "the signature of \(Self.name(current)) does not verify under any trusted \(current.issuer)")
                 }
-                throw Refusal(.unknownIssuer, "no trusted root or intermediate issued \(current.subject) (issuer \(current.issuer))")
+                throw Refusal(.unknownIssuer, "no trusted root or intermediate issued \(Self.name(current)) (issuer \(current.issuer))")
             }
             try checkIssuer(next, below: chain.count - 1)
             chain.append(next)
@@ -144,26 +153,40 @@ public struct MLDSAChainVerifier: Sendable {
         }
     }
 
+    /// How a message names a certificate: its identity, else its subject, else its serial.
+    static func name(_ c: MLDSACertificate) -> String {
+        CertificateIdentity.of(c) ?? (c.subject.isEmpty ? "serial \(c.serialHex)" : c.subject.description)
+    }
+
+    static func text(_ name: ChainVerifier.PeerName) -> String {
+        switch name {
+        case .dns(let v): "DNS name \(v)"
+        case .ip(let v): "IP address \(v)"
+        case .email(let v): "email \(v)"
+        case .uri(let v): "URI \(v)"
+        }
+    }
+
     func checkLeaf(_ leaf: MLDSACertificate) throws {
         let extensions = try Self.extensions(leaf)
         let constraints = try? extensions.basicConstraints
         if case .isCertificateAuthority = constraints {
-            throw Refusal(.invalid, "\(leaf.subject) is a CA certificate, not an end-entity one")
+            throw Refusal(.invalid, "\(Self.name(leaf)) is a CA certificate, not an end-entity one")
         }
         let usage = try? extensions.keyUsage
         try Self.checkMLDSAKeyUsage(leaf, usage)
         if let usage, !usage.digitalSignature {
-            throw Refusal(.invalid, "\(leaf.subject): key usage lacks digitalSignature, which a TLS identity needs")
+            throw Refusal(.invalid, "\(Self.name(leaf)): key usage lacks digitalSignature, which a TLS identity needs")
         }
         if let required = options.requiredEKU {
             guard let eku = try? extensions.extendedKeyUsage, eku.contains(required) || eku.contains(.any) else {
-                throw Refusal(.invalid, "\(leaf.subject) lacks the extended key usage \(required)")
+                throw Refusal(.invalid, "\(Self.name(leaf)) lacks the extended key usage \(required)")
             }
         }
         if let peerName = options.peerName {
             let names = (try? extensions.subjectAlternativeNames) ?? nil ?? SubjectAlternativeNames()
             guard names.contains(where: { Self.matches($0, peerName) }) else {
-                throw Refusal(.invalid, "\(leaf.subject) does not carry the expected name \(peerName)")
+                throw Refusal(.invalid, "\(Self.name(leaf)) does not carry the expected \(Self.text(peerName))")
             }
         }
     }
@@ -197,6 +220,29 @@ public struct MLDSAChainVerifier: Sendable {
         try Self.checkMLDSAKeyUsage(issuer, usage)
         if let usage, !usage.keyCertSign {
             throw Refusal(.invalid, "\(issuer.subject): key usage lacks keyCertSign")
+        }
+    }
+
+    /// The same CRL rules as the classical verifier: a CRL counts when its issuer's key signed it; it must be current,
+    /// its issuer must be allowed cRLSign, and it must not list the certificate.
+    func checkRevocation(_ chain: [MLDSACertificate]) throws {
+        guard !options.crls.isEmpty else { return }
+        for index in 0..<(chain.count - 1) {
+            let subject = chain[index], issuer = chain[index + 1]
+            for crl in options.crls where crl.issuer == issuer.subject && crl.isSigned(by: issuer) {
+                if let usage = try? Certificate.Extensions(issuer.extensions).keyUsage, !usage.cRLSign {
+                    throw Refusal(.invalid, "CRL issuer \(issuer.subject) lacks the cRLSign key usage")
+                }
+                if crl.thisUpdate > options.validationTime {
+                    throw Refusal(.invalid, "CRL from \(issuer.subject) is not yet valid (thisUpdate \(crl.thisUpdate))")
+                }
+                if let next = crl.nextUpdate, next < options.validationTime {
+                    throw Refusal(.invalid, "CRL from \(issuer.subject) is stale (nextUpdate \(next))")
+                }
+                if let entry = crl.entry(for: Certificate.SerialNumber(bytes: subject.serialNumber[...])) {
+                    throw Refusal(.revoked, "certificate \(subject.serialHex) was revoked at \(entry.revocationDate)\(entry.reason.map { " (\($0.rawValue))" } ?? "")")
+                }
+            }
         }
     }
 

@@ -42,6 +42,39 @@ public enum PEMBundle {
         }
     }
 
+    /// The DER of every `type` block of PEM text, in order; bytes that are not PEM are taken as one DER document.
+    public static func documents(_ bytes: [UInt8], type: String, what: String = "file") throws -> [[UInt8]] {
+        guard bytes.count <= maximumInputSize * 16 else { throw PKIError(.inputTooLarge, "\(what): larger than \(maximumInputSize * 16) bytes") }
+        guard let text = String(validating: bytes, as: UTF8.self), text.contains("-----BEGIN") else { return [bytes] }
+        let documents: [PEMDocument]
+        do {
+            documents = try PEMDocument.parseMultiple(pemString: text)
+        } catch {
+            throw PKIError(.malformedInput, "\(what): not valid PEM (\(error))")
+        }
+        let matching = documents.filter { $0.discriminator == type }.map(\.derBytes)
+        guard !matching.isEmpty else { throw PKIError(.malformedInput, "\(what): contains no PEM \(type) block") }
+        return matching
+    }
+
+    /// The first `type` block of PEM text, or the bytes themselves when they are not PEM.
+    public static func firstDocument(_ bytes: [UInt8], type: String, what: String = "file") throws -> [UInt8] {
+        try documents(bytes, type: type, what: what)[0]
+    }
+
+    /// Certificates of any algorithm: what a trust bundle carrying a classical and an ML-DSA root holds. Each
+    /// certificate swift-certificates reads is `classical`; one it cannot (an ML-DSA key or signature) is `mldsa`.
+    public static func anyCertificates(fromBytes bytes: [UInt8], what: String = "certificate file") throws -> [AnyCertificate] {
+        try documents(bytes, type: "CERTIFICATE", what: what).enumerated().map { index, der in
+            if let classical = try? Certificate(derEncoded: der) { return .classical(classical) }
+            do {
+                return .mldsa(try MLDSACertificate(derEncoded: der))
+            } catch {
+                throw PKIError(.malformedInput, "\(what): certificate #\(index + 1) is not a valid X.509 certificate (\(error))")
+            }
+        }
+    }
+
     /// Serializes certificates as concatenated PEM blocks.
     public static func pem(_ certificates: [Certificate]) throws -> String {
         try certificates.map { PEMCodec.encode(try $0.derBytes, label: "CERTIFICATE") }.joined()
@@ -112,4 +145,14 @@ extension Certificate {
             return serializer.serializedBytes
         }
     }
+}
+
+/// A certificate of either family, as read from a mixed bundle.
+public enum AnyCertificate: Sendable, Hashable {
+    case classical(Certificate)
+    /// An ML-DSA key or signature, which swift-certificates cannot parse.
+    case mldsa(MLDSACertificate)
+
+    public var classical: Certificate? { if case .classical(let c) = self { c } else { nil } }
+    public var mldsa: MLDSACertificate? { if case .mldsa(let c) = self { c } else { nil } }
 }

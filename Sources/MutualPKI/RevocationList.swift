@@ -58,7 +58,9 @@ public struct RevocationList: Sendable {
     public var unhandledCriticalExtensions: [ASN1ObjectIdentifier]
     /// RFC 5280 5.2.3: the CRL number must be non-critical.
     public var crlNumberIsCritical: Bool
-    public var signatureAlgorithm: Certificate.SignatureAlgorithm
+    /// The classical signature algorithm; nil when the CRL is signed with ML-DSA (see ``signatureAlgorithmOID``).
+    public var signatureAlgorithm: Certificate.SignatureAlgorithm?
+    public var signatureAlgorithmOID: ASN1ObjectIdentifier
     let tbsBytes: ArraySlice<UInt8>
     let signatureBytes: ArraySlice<UInt8>
 
@@ -108,7 +110,7 @@ public struct RevocationList: Sendable {
                 parsed = (tbs, alg, sig)
             }
             guard let parsed else { throw PKIError(.malformedInput, "CRL is empty") }
-            self.signatureAlgorithm = try SignatureAlgorithmDER.parse(parsed.alg)
+            (self.signatureAlgorithmOID, self.signatureAlgorithm) = try SignatureAlgorithmDER.parseAny(parsed.alg)
             self.signatureBytes = parsed.sig.bytes
             self.tbsBytes = parsed.tbs.encodedBytes
             var issuer = DistinguishedName()
@@ -119,7 +121,7 @@ public struct RevocationList: Sendable {
             var aki: [UInt8]?
             var unhandled: [ASN1ObjectIdentifier] = []
             var numberCritical = false
-            let outerAlgorithm = signatureAlgorithm
+            let outerAlgorithm = signatureAlgorithmOID
             try DER.sequence(parsed.tbs, identifier: .sequence) { nodes in
                 var next = nodes.next()
                 if let node = next, node.identifier == .integer {
@@ -128,7 +130,7 @@ public struct RevocationList: Sendable {
                     next = nodes.next()
                 }
                 guard let algNode = next else { throw PKIError(.malformedInput, "CRL is truncated") }
-                guard try SignatureAlgorithmDER.parse(algNode) == outerAlgorithm else {
+                guard try SignatureAlgorithmDER.oid(algNode) == outerAlgorithm else {
                     throw PKIError(.malformedInput, "CRL signature algorithms in TBS and outer structure differ")
                 }
                 guard let issuerNode = nodes.next() else { throw PKIError(.malformedInput, "CRL has no issuer") }
@@ -211,7 +213,19 @@ public struct RevocationList: Sendable {
 
     /// Whether `issuerCertificate`'s key signed this CRL.
     public func isSigned(by issuerCertificate: Certificate) -> Bool {
-        issuerCertificate.publicKey.isValidSignature(signatureBytes, for: tbsBytes, signatureAlgorithm: signatureAlgorithm)
+        guard let signatureAlgorithm else { return false }
+        return issuerCertificate.publicKey.isValidSignature(signatureBytes, for: tbsBytes, signatureAlgorithm: signatureAlgorithm)
+    }
+
+    /// Whether the key of `issuerCertificate` (ML-DSA, or classical read without swift-certificates' parser) signed
+    /// this CRL.
+    public func isSigned(by issuerCertificate: MLDSACertificate) -> Bool {
+        if let variant = issuerCertificate.subjectKeyVariant {
+            return signatureAlgorithmOID == variant.oid
+                && variant.isValidSignature(Array(signatureBytes), for: Array(tbsBytes), publicKey: issuerCertificate.subjectPublicKey)
+        }
+        guard let signatureAlgorithm, let key = try? Certificate.PublicKey(derEncoded: issuerCertificate.subjectPublicKeyInfo) else { return false }
+        return key.isValidSignature(signatureBytes, for: tbsBytes, signatureAlgorithm: signatureAlgorithm)
     }
 
     /// The entry for a serial number, if revoked here.

@@ -27,12 +27,24 @@ enum SignatureAlgorithmDER {
         }
     }
 
-    static func parse(_ node: ASN1Node) throws -> Certificate.SignatureAlgorithm {
-        let oid: ASN1ObjectIdentifier = try DER.sequence(node, identifier: .sequence) { nodes in
+    /// The algorithm's OID, parameters skipped.
+    static func oid(_ node: ASN1Node) throws -> ASN1ObjectIdentifier {
+        try DER.sequence(node, identifier: .sequence) { nodes in
             let oid = try ASN1ObjectIdentifier(derEncoded: &nodes)
             while nodes.next() != nil {}
             return oid
         }
+    }
+
+    /// A signature algorithm Mutual verifies: a classical one swift-certificates knows (returned), or ML-DSA (nil).
+    static func parseAny(_ node: ASN1Node) throws -> (ASN1ObjectIdentifier, Certificate.SignatureAlgorithm?) {
+        let oid = try oid(node)
+        if MLDSAVariant(oid: oid) != nil { return (oid, nil) }
+        return (oid, try parse(node))
+    }
+
+    static func parse(_ node: ASN1Node) throws -> Certificate.SignatureAlgorithm {
+        let oid = try oid(node)
         guard let entry = table.first(where: { $0.1 == oid }) else {
             throw PKIError(.unsupportedKey, "unsupported signature algorithm \(oid)")
         }

@@ -24,6 +24,28 @@ struct RevocationRoutes: Sendable {
             Response(status: .ok, headers: [.contentType: "application/x-pem-file"],
                      body: .init(byteBuffer: ByteBuffer(string: try PEMBundle.pem([self.authority.ca.root]))))
         }
+        // The post-quantum hierarchy: its CRL (signed with ML-DSA) and the migration trust bundle, the classical root
+        // then the ML-DSA one. `/roots.pem` stays classical: clients that cannot parse ML-DSA keep working.
+        router.get("/pq/crl") { _, _ in try await self.pqCRL(pem: false) }
+        router.get("/pq/crl.pem") { _, _ in try await self.pqCRL(pem: true) }
+        router.get("/pq/roots.pem") { _, _ in
+            guard let pq = self.authority.pqCA else { throw Self.noPQ }
+            return Response(status: .ok, headers: [.contentType: "application/x-pem-file"],
+                            body: .init(byteBuffer: ByteBuffer(string: try PEMBundle.pem([self.authority.ca.root]) + pq.root.pem)))
+        }
+    }
+
+    static let noPQ = AuthorityError(.notFound, "this CA has no ML-DSA hierarchy (`mutual pq init` adds one)")
+
+    func pqCRL(pem: Bool) async throws -> Response {
+        guard let der = try await publisher.currentPQ() else { throw Self.noPQ }
+        var headers: HTTPFields = [.cacheControl: "public, max-age=\(max(0, Int(publisher.validity.timeInterval / 4)))"]
+        if pem {
+            headers[.contentType] = "application/x-pem-file"
+            return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: RevocationListBuilder.pem(der))))
+        }
+        headers[.contentType] = "application/pkix-crl"
+        return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: der)))
     }
 
     /// `GET /crls.pem`: the root's CRL followed by the issuing CA's current CRL — the file nginx's `ssl_crl` wants.

@@ -77,10 +77,13 @@ extension Store {
     }
 
     /// Revoked certificates that have not expired at `now` (what a CRL must list), by serial.
-    public func revokedUnexpired(now: Date) async throws -> [(serial: String, revokedAt: Date, reason: String)] {
-        try await reader.raw(
-            "SELECT serial, revoked_at, revocation_reason FROM certificates WHERE status = 'revoked' AND not_after > \(bind: Int64(now.timeIntervalSince1970)) ORDER BY serial"
-        ).all().map { row in
+    /// Revoked certificates not yet expired; `issuer` keeps one issuer's, `excludingIssuer` drops one issuer's (the
+    /// classical and the ML-DSA issuing CA each list only their own on their CRL).
+    public func revokedUnexpired(now: Date, issuer: String? = nil, excludingIssuer: String? = nil) async throws -> [(serial: String, revokedAt: Date, reason: String)] {
+        var query: SQLQueryString = "SELECT serial, revoked_at, revocation_reason FROM certificates WHERE status = 'revoked' AND not_after > \(bind: Int64(now.timeIntervalSince1970))"
+        if let issuer { query = query + " AND issuer = \(bind: issuer)" }
+        if let excludingIssuer { query = query + " AND issuer <> \(bind: excludingIssuer)" }
+        return try await reader.raw(query + " ORDER BY serial").all().map { row in
             (try row.decode(column: "serial", as: String.self),
              Date(timeIntervalSince1970: Double(try row.decode(column: "revoked_at", as: Int64.self))),
              (try row.decode(column: "revocation_reason", as: String?.self)) ?? "unspecified")

@@ -13,6 +13,7 @@ struct InitCommand: AsyncParsableCommand {
             inventory mutual.db, config.json and an admin client certificate in admin/. Keys are encrypted with a
             passphrase when MUTUAL_PASSPHRASE is set or --encrypt-keys is given (then you are prompted).
             Prints the SHA-256 fingerprint of the root, which agents pin with --root-fingerprint.
+            With --key-type ml-dsa-65 or ml-dsa-87 it also writes ca/pq-root.pem, ca/pq-intermediate.pem and their keys.
             """
     )
 
@@ -21,8 +22,8 @@ struct InitCommand: AsyncParsableCommand {
     @Option(help: "Name of the CA, used in the subjects of its certificates.")
     var name: String = "Mutual Internal CA"
 
-    @Option(help: "Key type of the CA keys: \(KeyType.choices).")
-    var keyType: KeyType = .p256
+    @Option(help: "Key type of the CA keys: \(KeyChoice.choices). An ML-DSA type also makes the classical (P-256) hierarchy the authority's own listener needs, and an ML-DSA one beside it that issues every ML-DSA key (see docs/post-quantum.md).")
+    var keyType: KeyChoice = .classical(.p256)
 
     @Option(name: .customLong("permit-dns"), help: "Name constraint: DNS suffix the issuing CA may certify (repeatable).")
     var permitDNS: [String] = []
@@ -54,9 +55,14 @@ struct InitCommand: AsyncParsableCommand {
             }
             passphrase = entered
         }
+        let classicalKeyType: KeyType
+        switch keyType {
+        case .classical(let k): classicalKeyType = k
+        case .mldsa: classicalKeyType = .p256
+        }
         let result = try await failing {
             try await Authority.initialize(
-                state: state, name: name, keyType: keyType,
+                state: state, name: name, keyType: classicalKeyType,
                 constraints: .init(permittedDNS: permitDNS, permittedURIPrefixes: permitURI),
                 passphrase: passphrase, policy: IssuancePolicy(maximumValidity: maxValidity), actor: cliActor,
                 databaseURL: stateOptions.databaseURL
@@ -69,21 +75,42 @@ struct InitCommand: AsyncParsableCommand {
                 try await authority.setHTTPPublicURL(httpPublicURL, explicit: true, actor: cliActor)
             }
         }
+        var pq: MLDSAHierarchy?
+        if case .mldsa(let variant) = keyType {
+            pq = try await failing {
+                let authority = try await Authority.open(state: state, passphrase: { passphrase }, databaseURL: stateOptions.databaseURL)
+                do {
+                    let made = try await authority.addPQHierarchy(variant: variant, passphrase: passphrase, actor: cliActor)
+                    try await authority.close()
+                    return made
+                } catch {
+                    try? await authority.close()
+                    throw error
+                }
+            }
+        }
         if json {
             var object = [
                 "state_dir": state.path, "root": state.rootCertificatePath, "intermediate": state.intermediateCertificatePath,
                 "root_fingerprint": result.rootFingerprint, "admin_cert": state.adminDirectory + "/cert.pem",
             ]
             if let httpPublicURL { object["http_public_url"] = try Authority.validatedHTTPPublicURL(httpPublicURL) }
+            if let pq {
+                object["pq_root"] = state.pqRootCertificatePath
+                object["pq_intermediate"] = state.pqIntermediateCertificatePath
+                object["pq_root_fingerprint"] = pq.root.fingerprint
+                object["pq_key_type"] = pq.root.subjectKeyVariant?.rawValue
+            }
             try printJSON(object)
             return
         }
         print("Created CA \"\(name)\" in \(state.path)")
-        print("  root:          \(state.rootCertificatePath)  (\(keyType.rawValue), valid until \(result.root.notValidAfter))")
+        print("  root:          \(state.rootCertificatePath)  (\(classicalKeyType.rawValue), valid until \(result.root.notValidAfter))")
         print("  issuing CA:    \(state.intermediateCertificatePath)  (path length 0\(permitDNS.isEmpty && permitURI.isEmpty ? "" : ", name constraints"))")
         print("  keys:          \(state.caDirectory)/*.key  (mode 0600\(passphrase != nil ? ", encrypted" : ""))")
         print("  admin client:  \(state.adminDirectory)/cert.pem")
         print("  root SHA-256:  \(result.rootFingerprint)")
+        if let pq { printPQHierarchy(pq, state: state) }
         if let httpPublicURL {
             print("  CRL and OCSP:  \(try Authority.validatedHTTPPublicURL(httpPublicURL))/crl, /ocsp  (in every certificate)")
         } else {

@@ -31,8 +31,8 @@ struct IssueCommand: AsyncParsableCommand {
     @Option(help: "Lifetime, e.g. 24h or 30d (default: the profile's).", transform: ValidityDuration.argument)
     var validity: ValidityDuration?
 
-    @Option(help: "Key type: \(KeyType.choices).")
-    var keyType: KeyType = .p256
+    @Option(help: "Key type: \(KeyChoice.choices). ML-DSA keys are certified by the ML-DSA hierarchy (`mutual pq init`).")
+    var keyType: KeyChoice = .classical(.p256)
 
     @Option(help: "Who owns this certificate (free text, kept in the inventory).")
     var owner: String?
@@ -46,7 +46,18 @@ struct IssueCommand: AsyncParsableCommand {
     func run() async throws {
         let profile = try await failing { try CertificateProfile(leafName: self.profile) }
         let authority = try await stateOptions.openAuthority()
+        if case .mldsa(let variant) = keyType {
+            do {
+                try await issueMLDSA(variant, authority: authority, profile: profile)
+                try await authority.close()
+            } catch {
+                try? await authority.close()
+                throw error
+            }
+            return
+        }
         do {
+            guard case .classical(let keyType) = keyType else { return }
             let key = try keyType.generate()
             let issued = try await failing {
                 try await authority.issue(
@@ -72,6 +83,28 @@ struct IssueCommand: AsyncParsableCommand {
             try? await authority.close()
             throw error
         }
+    }
+}
+
+extension IssueCommand {
+    /// An ML-DSA key, generated here, certified by the ML-DSA issuing CA; written in PKCS#8 seed form (RFC 9881).
+    func issueMLDSA(_ variant: MLDSAVariant, authority: Authority, profile: CertificateProfile) async throws {
+        let key = try MLDSASigningKey(generating: variant)
+        let issued = try await failing {
+            try await authority.issue(
+                IssuanceRequest.Contents(profile: profile, commonName: cn, dnsNames: dns, ipAddresses: ip, uris: uri, validity: validity),
+                mldsaKey: try MLDSAPublicKey(variant: variant, rawRepresentation: key.publicKey), owner: owner, requester: cliActor
+            )
+        }
+        guard let root = authority.pqCA?.root else { return }
+        try await failing {
+            try FileManager.default.createDirectory(atPath: outDir, withIntermediateDirectories: true)
+            try AtomicFile.write(try key.pem(passphrase: nil), to: outDir + "/key.pem", mode: 0o600)
+            try AtomicFile.write(issued.certificate.pem, to: outDir + "/cert.pem")
+            try AtomicFile.write(issued.chain.map(\.pem).joined(), to: outDir + "/chain.pem")
+            try AtomicFile.write(root.pem, to: outDir + "/root.pem")
+        }
+        try report(issued.record, outFiles: ["key.pem", "cert.pem", "chain.pem", "root.pem"].map { outDir + "/" + $0 }, json: json)
     }
 }
 
@@ -111,9 +144,28 @@ struct SignCommand: AsyncParsableCommand {
     func run() async throws {
         let profile = try await failing { try CertificateProfile(leafName: self.profile) }
         let bytes = try await failing { try AtomicFile.read(csr, limit: PEMBundle.maximumInputSize, what: "CSR") }
-        // Decode before opening the CA so bad input never touches the state directory.
-        _ = try await failing { try CSRDecoder.decode(bytes) }
+        // Decode before opening the CA so bad input never touches the state directory. An ML-DSA CSR (which the
+        // classical decoder cannot read) goes to the ML-DSA hierarchy.
+        let isMLDSA = (try? MLDSACertificationRequest(pemOrDER: bytes)) != nil
+        if !isMLDSA { _ = try await failing { try CSRDecoder.decode(bytes) } }
         let authority = try await stateOptions.openAuthority()
+        if isMLDSA {
+            do {
+                let issued = try await failing {
+                    try await authority.sign(mldsaCSR: bytes, profile: profile, validity: validity, owner: owner, requester: cliActor)
+                }
+                try await failing {
+                    try AtomicFile.write(issued.certificate.pem, to: out)
+                    if let chainOut { try AtomicFile.write(issued.chain.map(\.pem).joined(), to: chainOut) }
+                }
+                try await authority.close()
+                try report(issued.record, outFiles: [out] + (chainOut.map { [$0] } ?? []), json: json)
+            } catch {
+                try? await authority.close()
+                throw error
+            }
+            return
+        }
         do {
             let issued = try await failing {
                 try await authority.sign(csr: bytes, profile: profile, validity: validity, owner: owner, requester: cliActor)

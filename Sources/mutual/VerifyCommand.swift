@@ -72,41 +72,27 @@ struct VerifyCommand: AsyncParsableCommand {
         let options: ChainVerifier.Options
         let leafCertificate: Certificate
         do {
-            let rootCertificates = try PEMBundle.certificates(fromBytes: try AtomicFile.read(roots, what: "roots"), what: roots)
-            let intermediateCertificates = try intermediates.map {
-                try PEMBundle.certificates(fromBytes: try AtomicFile.read($0, what: "intermediates"), what: $0)
+            // Bundles may mix classical and ML-DSA certificates (a migration's trust bundle carries both roots).
+            let anyRoots = try PEMBundle.anyCertificates(fromBytes: try AtomicFile.read(roots, what: "roots"), what: roots)
+            let anyIntermediates = try intermediates.map {
+                try PEMBundle.anyCertificates(fromBytes: try AtomicFile.read($0, what: "intermediates"), what: $0)
             } ?? []
-            leafCertificate = try PEMBundle.certificates(fromBytes: try AtomicFile.read(leaf, what: "certificate"), what: leaf)[0]
-            var validationTime = Date.now
-            if let time {
-                guard let parsed = try? Date(time, strategy: .iso8601) else {
-                    throw CommandFailure("invalid --time '\(time)': expected RFC 3339, e.g. 2026-01-01T00:00:00Z", exitCode: 2)
-                }
-                validationTime = parsed
+            let anyLeaf = try PEMBundle.anyCertificates(fromBytes: try AtomicFile.read(leaf, what: "certificate"), what: leaf)[0]
+            guard case .classical(let classicalLeaf) = anyLeaf else {
+                // An ML-DSA key or signature: swift-certificates cannot read it, the ML-DSA verifier does.
+                try await runMLDSA(leaf: anyLeaf, roots: anyRoots, intermediates: anyIntermediates)
+                return
             }
-            var required: ExtendedKeyUsage.Usage?
-            if let eku {
-                guard let usage = Self.ekus[eku] else {
-                    throw CommandFailure("unknown --eku '\(eku)': expected one of \(Self.ekus.keys.sorted().joined(separator: ", "))", exitCode: 2)
-                }
-                required = usage
+            leafCertificate = classicalLeaf
+            let rootCertificates = anyRoots.compactMap(\.classical)
+            let intermediateCertificates = anyIntermediates.compactMap(\.classical)
+            guard !rootCertificates.isEmpty else {
+                throw CommandFailure("--roots \(roots): no classical root for this classical certificate (the file holds only ML-DSA roots)", exitCode: 2)
             }
-            var crls: [RevocationList] = []
-            for path in crl {
-                let bytes = try AtomicFile.read(path, what: "CRL")
-                if let text = String(validating: bytes, as: UTF8.self), text.contains("-----BEGIN") {
-                    let blocks = try RevocationList.pemDocuments(text)
-                    guard !blocks.isEmpty else { throw CommandFailure("\(path): no X509 CRL block", exitCode: 2) }
-                    crls += try blocks.map { try RevocationList(derEncoded: $0) }
-                } else {
-                    crls.append(try RevocationList(derEncoded: bytes))
-                }
-            }
-            var peer: ChainVerifier.PeerName?
-            if let dns { peer = .dns(dns) }
-            if let ip { peer = .ip(ip) }
-            if let email { peer = .email(email) }
-            if let uri { peer = .uri(uri) }
+            let validationTime = try validationTime()
+            let required = try requiredEKU()
+            let crls = try readCRLs()
+            let peer = peerName
             if let notCA = rootCertificates.first(where: { !Self.isCA($0) }) {
                 throw CommandFailure("--roots \(roots): \(Self.identity(of: notCA)) is not a CA certificate (no basicConstraints CA:TRUE), so nothing can chain to it; pass the root (ca/root.pem or bundle.pem), not a leaf", exitCode: 2)
             }
@@ -143,16 +129,100 @@ struct VerifyCommand: AsyncParsableCommand {
         case .rejected(let reason, let code):
             report.reject(code: code.rawValue, reason: reason)
         }
+        try print(report)
+    }
+
+    func validationTime() throws -> Date {
+        guard let time else { return .now }
+        guard let parsed = try? Date(time, strategy: .iso8601) else {
+            throw CommandFailure("invalid --time '\(time)': expected RFC 3339, e.g. 2026-01-01T00:00:00Z", exitCode: 2)
+        }
+        return parsed
+    }
+
+    func requiredEKU() throws -> ExtendedKeyUsage.Usage? {
+        guard let eku else { return nil }
+        guard let usage = Self.ekus[eku] else {
+            throw CommandFailure("unknown --eku '\(eku)': expected one of \(Self.ekus.keys.sorted().joined(separator: ", "))", exitCode: 2)
+        }
+        return usage
+    }
+
+    func readCRLs() throws -> [RevocationList] {
+        var crls: [RevocationList] = []
+        for path in crl {
+            let bytes = try AtomicFile.read(path, what: "CRL")
+            if let text = String(validating: bytes, as: UTF8.self), text.contains("-----BEGIN") {
+                let blocks = try RevocationList.pemDocuments(text)
+                guard !blocks.isEmpty else { throw CommandFailure("\(path): no X509 CRL block", exitCode: 2) }
+                crls += try blocks.map { try RevocationList(derEncoded: $0) }
+            } else {
+                crls.append(try RevocationList(derEncoded: bytes))
+            }
+        }
+        return crls
+    }
+
+    var peerName: ChainVerifier.PeerName? {
+        if let dns { return .dns(dns) }
+        if let ip { return .ip(ip) }
+        if let email { return .email(email) }
+        if let uri { return .uri(uri) }
+        return nil
+    }
+
+    /// A chain with ML-DSA certificates: the same options, report and exit codes as the classical path. Revocation by
+    /// CRL (the ML-DSA issuing CA's `/pq/crl`); OCSP answers for ML-DSA certificates are not signed yet, so asking for
+    /// them is refused as `revocation_unavailable` rather than reported as checked.
+    func runMLDSA(leaf: AnyCertificate, roots anyRoots: [AnyCertificate], intermediates: [AnyCertificate]) async throws {
+        func generic(_ certificate: AnyCertificate) throws -> MLDSACertificate {
+            switch certificate {
+            case .mldsa(let c): return c
+            case .classical(let c): return try MLDSACertificate(derEncoded: try c.derBytes)
+            }
+        }
+        let leafCertificate = try generic(leaf)
+        let rootCertificates = try anyRoots.map(generic)
+        if let notCA = rootCertificates.first(where: { c in
+            guard case .isCertificateAuthority = try? Certificate.Extensions(c.extensions).basicConstraints else { return true }
+            return false
+        }) {
+            throw CommandFailure("--roots \(roots): \(CertificateIdentity.of(notCA) ?? notCA.subject.description) is not a CA certificate (no basicConstraints CA:TRUE), so nothing can chain to it; pass the root (ca/pq-root.pem or the /pq/roots.pem bundle), not a leaf", exitCode: 2)
+        }
+        let options = MLDSAChainVerifier.Options(
+            roots: rootCertificates, intermediates: try intermediates.map(generic), validationTime: try validationTime(),
+            requiredEKU: try requiredEKU(), peerName: peerName, maxDepth: maxDepth ?? ChainVerifier.defaultSearchDepth, crls: try readCRLs()
+        )
+        let identity = CertificateIdentity.of(leafCertificate) ?? (leafCertificate.subject.isEmpty ? "serial \(leafCertificate.serialHex)" : leafCertificate.subject.description)
+        var report = Report(result: "accepted", identity: identity, serial: leafCertificate.serialHex)
+        report.algorithm = leafCertificate.subjectKeyVariant?.rawValue
+        switch MLDSAChainVerifier(options: options).verify(leafCertificate) {
+        case .accepted(let chain):
+            report.chain = chain.map { .init(subject: $0.subject.description, serial: $0.serialHex, not_after: $0.notAfter.formatted(.iso8601)) }
+            if ocsp != nil || checkRevocation {
+                report.reject(code: "revocation_unavailable", reason: "OCSP answers for ML-DSA certificates are not signed yet; check the ML-DSA issuing CA's CRL with --crl (GET /pq/crl)")
+            } else if !crl.isEmpty {
+                report.revocation = "good (CRL)"
+            } else {
+                report.revocation = "not checked: no --crl (the ML-DSA issuing CA publishes /pq/crl)"
+            }
+        case .rejected(let reason, let code):
+            report.reject(code: code.rawValue, reason: reason)
+        }
+        try print(report)
+    }
+
+    func print(_ report: Report) throws {
         if json {
             try printJSON(report)
         } else if report.result == "accepted" {
-            print("OK: \(report.identity)")
+            Swift.print("OK: \(report.identity)\(report.algorithm.map { "  (\($0))" } ?? "")")
             for (index, certificate) in (report.chain ?? []).enumerated() {
-                print("  \(index): \(certificate.subject.isEmpty ? "(no subject) serial " + certificate.serial : certificate.subject)  (until \(certificate.not_after))")
+                Swift.print("  \(index): \(certificate.subject.isEmpty ? "(no subject) serial " + certificate.serial : certificate.subject)  (until \(certificate.not_after))")
             }
-            print("  revocation: \(report.revocation ?? "not checked")")
+            Swift.print("  revocation: \(report.revocation ?? "not checked")")
         } else {
-            print("REJECTED (\(report.code ?? "invalid")): \(report.reason ?? "")")
+            Swift.print("REJECTED (\(report.code ?? "invalid")): \(report.reason ?? "")")
         }
         if report.result != "accepted" { throw ExitCode(1) }
     }
@@ -170,6 +240,8 @@ struct VerifyCommand: AsyncParsableCommand {
         var serial: String
         var chain: [Link]?
         var revocation: String?
+        /// The leaf key's ML-DSA parameter set, for ML-DSA certificates.
+        var algorithm: String?
 
         mutating func reject(code: String, reason: String) {
             result = "rejected"

@@ -1,0 +1,185 @@
+import Crypto
+import Foundation
+import MutualPKI
+import MutualStore
+import X509
+
+/// The post-quantum hierarchy: an ML-DSA root and issuing CA beside the classical ones, in the same state directory,
+/// inventory and audit chain. A leaf's key type decides which hierarchy signs it.
+extension Authority {
+    /// Where the ML-DSA issuing CA's CRL is served (the classical one is `/crl`).
+    public static let pqCRLPath = "/pq/crl"
+
+    /// A certificate for an ML-DSA key, in the inventory.
+    public struct IssuedMLDSACertificate: Sendable {
+        public var certificate: MLDSACertificate
+        /// Leaf, then the ML-DSA issuing CA.
+        public var chain: [MLDSACertificate]
+        public var record: CertificateRecord
+    }
+
+    static func loadPQ(state: StateDirectory, policy: IssuancePolicy, passphrase: () throws -> String?) throws -> MLDSAIssuingCA {
+        do {
+            let intermediate = try MLDSACertificate(pem: try AtomicFile.read(state.pqIntermediateCertificatePath, limit: 1 << 20, what: "ML-DSA issuing CA certificate"))
+            let root = try MLDSACertificate(pem: try AtomicFile.read(state.pqRootCertificatePath, limit: 1 << 20, what: "ML-DSA root certificate"))
+            let keyText = String(decoding: try AtomicFile.read(state.pqIntermediateKeyPath, limit: 1 << 20, what: "ML-DSA issuing key"), as: UTF8.self)
+            let key = try MLDSASigningKey(pem: keyText, passphrase: passphrase)
+            var pqPolicy = policy
+            pqPolicy.crlURL = nil
+            // No OCSP URL in ML-DSA certificates until the responder signs with ML-DSA: a URL whose answers a relying
+            // party cannot verify is worse than none (the CRL at /pq/crl is signed by the ML-DSA issuing CA).
+            pqPolicy.ocspURL = nil
+            return try MLDSAIssuingCA(certificate: intermediate, key: key, root: root, policy: pqPolicy)
+        } catch let error as PKIError {
+            if error.code == .wrongPassphrase { throw error }
+            throw AuthorityError(.corruptState, "the ML-DSA CA files in \(state.caDirectory) are unusable: \(error.reason)")
+        }
+    }
+
+    /// Adds the ML-DSA hierarchy to an initialized CA: keys (encrypted like the classical ones), certificates,
+    /// inventory records and the audit event `pq-init`. Refuses when one exists. A running `mutual serve` picks it up at
+    /// its next start.
+    public func addPQHierarchy(
+        variant: MLDSAVariant, passphrase: String?, actor: String, now: Date = .now
+    ) async throws -> MLDSAHierarchy {
+        let fm = FileManager.default
+        if configuration.pqKeyType != nil || fm.fileExists(atPath: state.pqIntermediateKeyPath) || fm.fileExists(atPath: state.pqRootKeyPath) {
+            throw AuthorityError(.alreadyInitialized, "\(state.path) already holds an ML-DSA hierarchy (ca/pq-*.pem); refusing to replace it")
+        }
+        if configuration.keysEncrypted, passphrase == nil {
+            throw PKIError(.wrongPassphrase, "the CA's keys are encrypted: the ML-DSA keys need the same passphrase (MUTUAL_PASSPHRASE or the prompt)")
+        }
+        let constraints = CAFactory.Constraints(permittedDNS: configuration.permittedDNS, permittedURIPrefixes: configuration.policy.permittedURIPrefixes)
+        let hierarchy = try MLDSAHierarchy.make(name: configuration.name, variant: variant, constraints: constraints, now: now)
+        var written: [String] = []
+        do {
+            try AtomicFile.write(try hierarchy.rootKey.pem(passphrase: passphrase), to: state.pqRootKeyPath, mode: 0o600)
+            written.append(state.pqRootKeyPath)
+            try AtomicFile.write(try hierarchy.intermediateKey.pem(passphrase: passphrase), to: state.pqIntermediateKeyPath, mode: 0o600)
+            written.append(state.pqIntermediateKeyPath)
+            try AtomicFile.write(hierarchy.root.pem, to: state.pqRootCertificatePath)
+            written.append(state.pqRootCertificatePath)
+            try AtomicFile.write(hierarchy.intermediate.pem, to: state.pqIntermediateCertificatePath)
+            written.append(state.pqIntermediateCertificatePath)
+            let fingerprint = SHA256.hash(data: hierarchy.root.der).hexString
+            try await store.appendAudit(
+                AuditEntry(
+                    time: now, actor: actor, action: "pq-init", subject: hierarchy.intermediate.subject.description,
+                    details: ["key_type": variant.rawValue, "root_fingerprint": fingerprint]
+                )
+            )
+            for (certificate, profile) in [(hierarchy.root, CertificateProfile.root), (hierarchy.intermediate, .intermediate)] {
+                let record = try Self.makeRecord(certificate, profile: profile, owner: "mutual", requester: actor)
+                try await store.recordIssuance(
+                    record,
+                    audit: AuditEntry(time: now, actor: actor, action: "issue", subject: record.serial,
+                                      details: ["serial": record.serial, "identity": record.identity, "profile": profile.rawValue, "key_type": variant.rawValue])
+                )
+            }
+            // config.json last: its pqKeyType is what tells `open` to load the hierarchy.
+            var updated = configuration
+            updated.pqKeyType = variant
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            encoder.dateEncodingStrategy = .iso8601
+            try AtomicFile.write(Array(try encoder.encode(updated)), to: state.configPath, mode: 0o600)
+        } catch {
+            for path in written.reversed() { try? fm.removeItem(atPath: path) }
+            throw error
+        }
+        let loaded = try MLDSAIssuingCA(certificate: hierarchy.intermediate, key: hierarchy.intermediateKey, root: hierarchy.root, policy: Self.pqPolicy(from: ca.policy))
+        setPQ(loaded)
+        return hierarchy
+    }
+
+    /// The ML-DSA CA's policy: the classical one's rules, its own CRL, no OCSP URL (see ``loadPQ``).
+    static func pqPolicy(from classical: IssuancePolicy) -> IssuancePolicy {
+        var policy = classical
+        if let crl = classical.crlURL, crl.hasSuffix("/crl") { policy.crlURL = String(crl.dropLast(4)) + pqCRLPath } else { policy.crlURL = nil }
+        policy.ocspURL = nil
+        return policy
+    }
+
+    /// Issues a certificate for an ML-DSA key from the ML-DSA hierarchy: the classical profile rules, durable in the
+    /// inventory with its audit event before it is returned.
+    public func issue(
+        _ contents: IssuanceRequest.Contents, mldsaKey: MLDSAPublicKey, owner: String?, requester: String, now: Date = .now,
+        maximumValidityOverride: ValidityDuration? = nil
+    ) async throws -> IssuedMLDSACertificate {
+        guard var ca = pqCA else {
+            throw PKIError(.unsupportedKey, "this CA has no ML-DSA hierarchy for an \(mldsaKey.variant.rawValue) key: run `mutual pq init` first")
+        }
+        if let maximumValidityOverride { ca.policy.maximumValidity = maximumValidityOverride }
+        let certificate = try ca.issue(contents, publicKey: mldsaKey, now: now)
+        var details: [String: String] = [
+            "profile": contents.profile.rawValue, "not_after": AuditChain.format(certificate.notAfter), "key_type": mldsaKey.variant.rawValue,
+        ]
+        if !contents.droppedRequests.isEmpty { details["dropped"] = contents.droppedRequests.joined(separator: "; ") }
+        if let owner { details["owner"] = owner }
+        let record = try Self.makeRecord(certificate, profile: contents.profile, owner: owner, requester: requester, issuerDescription: ca.certificate.subject.description)
+        details["serial"] = record.serial
+        details["identity"] = record.identity
+        try await store.recordIssuance(record, audit: AuditEntry(time: now, actor: requester, action: "issue", subject: record.serial, details: details))
+        return IssuedMLDSACertificate(certificate: certificate, chain: [certificate, ca.certificate], record: record)
+    }
+
+    /// Issues from an ML-DSA CSR (PEM or DER): proof of possession checked, contents decided by the profile exactly as
+    /// for a classical CSR (only the CN and the SANs are taken; every other request is dropped and noted).
+    public func sign(
+        mldsaCSR bytes: [UInt8], profile: CertificateProfile, validity: ValidityDuration?, owner: String?, requester: String,
+        now: Date = .now
+    ) async throws -> IssuedMLDSACertificate {
+        let csr = try MLDSACertificationRequest(pemOrDER: bytes)
+        guard csr.isSignatureValid else {
+            throw PKIError(.badSignature, "the ML-DSA CSR's signature does not verify under its own key (no proof of possession)")
+        }
+        var contents = IssuanceRequest.Contents(profile: profile, validity: validity)
+        var commonNames: [String] = []
+        for rdn in csr.subject {
+            for attribute in rdn {
+                if attribute.type == .RDNAttributeType.commonName {
+                    commonNames.append(String(describing: attribute.value))
+                } else {
+                    contents.droppedRequests.append("subject attribute \(attribute.type)")
+                }
+            }
+        }
+        guard commonNames.count <= 1 else {
+            throw PKIError(.profileViolation, "CSR subject has \(commonNames.count) common names; at most one is allowed")
+        }
+        contents.commonName = commonNames.first
+        for e in csr.requestedExtensions {
+            guard e.oid == .X509ExtensionID.subjectAlternativeName else {
+                contents.droppedRequests.append("extension \(e.oid)")
+                continue
+            }
+            for name in try SubjectAlternativeNames(e) {
+                switch name {
+                case .dnsName(let d): contents.dnsNames.append(d)
+                case .ipAddress(let ip): contents.ipAddresses.append(Names.ipAddressString(Array(ip.bytes)))
+                case .uniformResourceIdentifier(let u): contents.uris.append(u)
+                default: contents.droppedRequests.append("SAN \(name)")
+                }
+            }
+        }
+        let key = try MLDSAPublicKey(variant: csr.variant, rawRepresentation: csr.publicKey)
+        return try await issue(contents, mldsaKey: key, owner: owner, requester: requester, now: now)
+    }
+
+    func setPQ(_ ca: MLDSAIssuingCA) {
+        pqBox.withLock { $0 = ca }
+    }
+
+    static func makeRecord(_ certificate: MLDSACertificate, profile: CertificateProfile, owner: String?, requester: String,
+                           issuerDescription: String? = nil) throws -> CertificateRecord
+    {
+        CertificateRecord(
+            serial: certificate.serialHex, issuer: issuerDescription ?? certificate.issuer.description,
+            subject: certificate.subject.isEmpty ? "" : certificate.subject.description,
+            subjectAlternativeNames: sanStrings(certificate.subjectAlternativeNames),
+            identity: CertificateIdentity.of(certificate) ?? certificate.serialHex, profile: profile.rawValue, owner: owner,
+            requester: requester, notBefore: certificate.notBefore, notAfter: certificate.notAfter,
+            fingerprint: SHA256.hash(data: certificate.der).hexString, der: certificate.der
+        )
+    }
+}

@@ -147,12 +147,3 @@ extension Certificate {
     }
 }
 
-/// A certificate of either family, as read from a mixed bundle.
-public enum AnyCertificate: Sendable, Hashable {
-    case classical(Certificate)
-    /// An ML-DSA key or signature, which swift-certificates cannot parse.
-    case mldsa(MLDSACertificate)
-
-    public var classical: Certificate? { if case .classical(let c) = self { c } else { nil } }
-    public var mldsa: MLDSACertificate? { if case .mldsa(let c) = self { c } else { nil } }
-}

@@ -81,7 +81,7 @@ struct PolicyTests {
         let clientCert = try ForwardedIdentity.clientCert(web)
         #expect(clientCert.hasPrefix(":") && clientCert.hasSuffix(":"))
         let der = try #require(Data(base64Encoded: String(clientCert.dropFirst().dropLast())))
-        #expect(Array(der) == (try web.leaf.derBytes))
+        #expect(Array(der) == (try web.leaf.der))
         #expect(try ForwardedIdentity.clientCertChain(web)?.split(separator: ",").count == 1)
         #expect(ForwardedIdentity.strippedHeaders == ["x-forwarded-client-cert", "client-cert", "client-cert-chain", "x-client-identity"])
 

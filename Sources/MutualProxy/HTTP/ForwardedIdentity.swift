@@ -39,8 +39,8 @@ public enum ForwardedIdentity {
         var parts: [String] = []
         if let by { parts.append("By=" + (try xfccValue(by, field: "By"))) }
         parts.append("Hash=\(peer.fingerprint)")
-        parts.append("Cert=\"\(urlEncode(PEMCodec.encode(try peer.leaf.derBytes, label: "CERTIFICATE")))\"")
-        let chainPEM = try peer.chain.map { PEMCodec.encode(try $0.derBytes, label: "CERTIFICATE") }.joined()
+        parts.append("Cert=\"\(urlEncode(PEMCodec.encode(try peer.leaf.der, label: "CERTIFICATE")))\"")
+        let chainPEM = try peer.chain.map { PEMCodec.encode(try $0.der, label: "CERTIFICATE") }.joined()
         parts.append("Chain=\"\(urlEncode(chainPEM))\"")
         parts.append("Subject=" + (try xfccValue(peer.leaf.subject.description, field: "Subject", alwaysQuote: true)))
         if let uri = peer.spiffeID ?? peer.uris.first { parts.append("URI=" + (try xfccValue(uri, field: "URI"))) }
@@ -70,7 +70,7 @@ public enum ForwardedIdentity {
 
     /// RFC 9440 `Client-Cert`: the leaf's DER as a structured-field byte sequence (`:base64:`).
     public static func clientCert(_ peer: VerifiedPeer) throws -> String {
-        ":\(Data(try peer.leaf.derBytes).base64EncodedString()):"
+        ":\(Data(try peer.leaf.der).base64EncodedString()):"
     }
 
     /// RFC 9440 `Client-Cert-Chain`: the certificates after the leaf, each a byte sequence, comma-separated; nil when
@@ -78,7 +78,7 @@ public enum ForwardedIdentity {
     public static func clientCertChain(_ peer: VerifiedPeer) throws -> String? {
         let rest = peer.chain.dropFirst()
         guard !rest.isEmpty else { return nil }
-        return try rest.map { ":\(Data(try $0.derBytes).base64EncodedString()):" }.joined(separator: ", ")
+        return try rest.map { ":\(Data(try $0.der).base64EncodedString()):" }.joined(separator: ", ")
     }
 
     /// Percent-encoding as Envoy applies it to PEM in XFCC: every byte but the unreserved ASCII characters

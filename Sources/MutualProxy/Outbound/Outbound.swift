@@ -12,7 +12,10 @@ public final class OutboundState: Sendable {
     public let name: String
     public let configuration: ProxyConfiguration.Outbound
     public let credentials: LoadedCredentials
-    public let serverRoots: [Certificate]
+    /// The server-CA bundle, classical and ML-DSA roots alike.
+    public let serverRoots: [AnyCertificate]
+    let classicalServerRoots: [Certificate]
+    let genericServerRoots: [MLDSACertificate]
     public let expected: [ExpectedIdentity]
     public let upstream: UpstreamAddress
     public let sslContext: NIOSSLContext
@@ -26,7 +29,9 @@ public final class OutboundState: Sendable {
         self.configuration = configuration
         self.upstream = try UpstreamAddress(parsing: configuration.upstream, what: "\(name).upstream")
         self.credentials = try LoadedCredentials.load(cert: configuration.cert, key: configuration.key)
-        self.serverRoots = try LoadedCredentials.readCertificates(configuration.serverCA, what: "server-CA bundle")
+        self.serverRoots = try LoadedCredentials.readAnyCertificates(configuration.serverCA, what: "server-CA bundle")
+        self.classicalServerRoots = serverRoots.compactMap(\.classical)
+        self.genericServerRoots = try serverRoots.map { try $0.generic }
         self.expected = try configuration.expect.map(ExpectedIdentity.init(parsing:))
         self.stamps = FileStamp.stamps([configuration.cert, configuration.key, configuration.serverCA])
         if let name = configuration.serverName {
@@ -39,8 +44,10 @@ public final class OutboundState: Sendable {
         tls.privateKey = .privateKey(credentials.nioKey)
         tls.minimumTLSVersion = .tlsv12
         tls.curves = InboundState.groups
+        tls.verifySignatureAlgorithms = InboundState.signatureAlgorithms
+        tls.signingSignatureAlgorithms = InboundState.signatureAlgorithms
         tls.certificateVerification = .noHostnameVerification  // replaced by our callback (chain + expected identity)
-        tls.trustRoots = .certificates(try serverRoots.map { try NIOSSLCertificate(bytes: try $0.derBytes, format: .der) })
+        tls.trustRoots = .certificates(try serverRoots.map { try NIOSSLCertificate(bytes: try $0.der, format: .der) })
         do {
             self.sslContext = try NIOSSLContext(configuration: tls)
         } catch {
@@ -52,9 +59,9 @@ public final class OutboundState: Sendable {
     /// `failure`.
     func clientHandler(failure: FailureBox) throws -> NIOSSLClientHandler {
         try NIOSSLClientHandler(context: sslContext, serverHostname: serverName, customVerificationCallbackWithMetadata: { presented, promise in
-            let certificates: [Certificate]
+            let certificates: [AnyCertificate]
             do {
-                certificates = try presented.map { try Certificate(derEncoded: try $0.toDERBytes()) }
+                certificates = try presented.map { try AnyCertificate(derEncoded: try $0.toDERBytes()) }
             } catch {
                 failure.withLock { $0 = VerificationFailure(.malformed, "upstream certificate unreadable: \(error)") }
                 promise.succeed(.failed)
@@ -80,17 +87,32 @@ public final class OutboundState: Sendable {
 
     /// Verifies the upstream's chain (serverAuth, a path to the server-CA bundle) and that it is one we expect.
     func verifyUpstream(presented: [Certificate], now: Date = Date()) async -> Result<VerifiedPeer, VerificationFailure> {
+        await verifyUpstream(presented: presented.map { AnyCertificate.classical($0) }, now: now)
+    }
+
+    /// Either family: classical chains through swift-certificates' verifier, chains with ML-DSA through Mutual's.
+    func verifyUpstream(presented: [AnyCertificate], now: Date = Date()) async -> Result<VerifiedPeer, VerificationFailure> {
         guard let leaf = presented.first else { return .failure(.init(.noCertificate, "the upstream presented no certificate")) }
         if now > leaf.notValidAfter {
             return .failure(.init(.expired, "upstream certificate expired \(leaf.notValidAfter.relativeDescription(from: now)) (notAfter \(leaf.notValidAfter))"))
         }
-        let verifier = ChainVerifier(options: .init(
-            roots: serverRoots, intermediates: Array(presented.dropFirst()), validationTime: now, requiredEKU: .serverAuth, maxDepth: 3
-        ))
-        switch await verifier.verify(leaf) {
-        case .rejected(let reason, let code):
-            return .failure(.init(HandshakeFailure(code), "upstream certificate rejected: \(reason)"))
-        case .accepted(let chain):
+        let outcome: Result<[AnyCertificate], VerificationFailure>
+        if case .classical(let classicalLeaf) = leaf, let intermediates = InboundState.allClassical(presented.dropFirst()) {
+            let verifier = ChainVerifier(options: .init(
+                roots: classicalServerRoots, intermediates: intermediates, validationTime: now, requiredEKU: .serverAuth, maxDepth: 3
+            ))
+            switch await verifier.verify(classicalLeaf) {
+            case .rejected(let reason, let code):
+                outcome = .failure(.init(HandshakeFailure(code), "upstream certificate rejected: \(reason)"))
+            case .accepted(let chain): outcome = .success(chain.map { .classical($0) })
+            }
+        } else {
+            outcome = InboundState.verifyMLDSA(presented, roots: genericServerRoots, now: now, eku: .serverAuth, maxDepth: 3, who: "upstream")
+        }
+        switch outcome {
+        case .failure(let failure):
+            return .failure(failure)
+        case .success(let chain):
             guard let identity = try? VerifiedPeer(validatedChain: chain) else {
                 return .failure(.init(.malformed, "upstream certificate unreadable"))
             }

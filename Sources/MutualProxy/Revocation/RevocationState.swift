@@ -24,7 +24,7 @@ public final class RevocationState: Sendable {
 
     private let state = Mutex(Snapshot())
     /// Issuer public keys a given CRL (by source and number) was verified against, so a signature is checked once.
-    private let verified = Mutex<[String: Set<Certificate.PublicKey>]>([:])
+    private let verified = Mutex<[String: Set<[UInt8]>]>([:])
     public let stalePolicy: ProxyConfiguration.StalePolicy
 
     public init(stalePolicy: ProxyConfiguration.StalePolicy = .deny) {
@@ -73,6 +73,11 @@ public final class RevocationState: Sendable {
     /// Checks a validated chain (leaf first, root last). Returns nil when no certificate in it is revoked, or the
     /// failure and its reason.
     func check(chain: [Certificate], now: Date = Date()) -> (HandshakeFailure, String)? {
+        check(chain: chain.map { AnyCertificate.classical($0) }, now: now)
+    }
+
+    /// The same checks for a chain of either family: the ML-DSA issuing CA's CRL is signed with ML-DSA.
+    func check(chain: [AnyCertificate], now: Date = Date()) -> (HandshakeFailure, String)? {
         let snapshot = state.withLock { $0 }
         if !snapshot.unavailable.isEmpty && stalePolicy == .deny {
             return (.revocationUnavailable, "revocation information unavailable: CRL \(snapshot.unavailable.sorted().joined(separator: ", ")) has not been loaded yet (on-stale: deny)")
@@ -103,12 +108,13 @@ public final class RevocationState: Sendable {
         return nil
     }
 
-    private func isVerified(_ loaded: LoadedCRL, by issuer: Certificate) -> Bool {
+    private func isVerified(_ loaded: LoadedCRL, by issuer: AnyCertificate) -> Bool {
         let key = "\(loaded.source)#\(loaded.crl.crlNumber ?? [])#\(loaded.crl.thisUpdate.timeIntervalSince1970)"
-        if verified.withLock({ $0[key]?.contains(issuer.publicKey) ?? false }) { return true }
-        guard loaded.crl.isSigned(by: issuer) else { return false }
+        let issuerKey = issuer.subjectPublicKeyInfo
+        if verified.withLock({ $0[key]?.contains(issuerKey) ?? false }) { return true }
+        guard issuer.hasSigned(loaded.crl) else { return false }
         if let usage = try? issuer.extensions.keyUsage, !usage.cRLSign { return false }
-        verified.withLock { $0[key, default: []].insert(issuer.publicKey) }
+        verified.withLock { $0[key, default: []].insert(issuerKey) }
         return true
     }
 

@@ -252,7 +252,7 @@ public enum ProxyProtocolV2 {
         if let cn = peer.commonName { writeTLV(&ssl, subtypeCN, Array(cn.utf8)) }
         var tlvs = allocator.buffer(capacity: 1024)
         writeTLV(&tlvs, typeSSL, Array(ssl.readableBytesView))
-        if let der = try? peer.leaf.derBytes { writeTLV(&tlvs, typeClientCertificate, der) }
+        if let der = try? peer.leaf.der { writeTLV(&tlvs, typeClientCertificate, der) }
         writeTLV(&tlvs, typeClientIdentity, Array(peer.displayName.utf8))
 
         var header = allocator.buffer(capacity: 16 + addresses.readableBytes + tlvs.readableBytes)

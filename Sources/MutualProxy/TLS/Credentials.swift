@@ -4,13 +4,13 @@ import MutualPKI
 import NIOSSL
 import X509
 
-/// A certificate chain and its private key, read from files and checked to belong together.
+/// A certificate chain and its private key, read from files and checked to belong together. The key is classical or
+/// ML-DSA (RFC 9881 seed form); BoringSSL signs the handshake with either.
 public struct LoadedCredentials: Sendable {
-    public let chain: [Certificate]
-    public let key: Certificate.PrivateKey
+    public let chain: [AnyCertificate]
     public let nioChain: [NIOSSLCertificate]
     public let nioKey: NIOSSLPrivateKey
-    public var leaf: Certificate { chain[0] }
+    public var leaf: AnyCertificate { chain[0] }
 
     /// The identity this certificate names: its SPIFFE ID, else first URI SAN, else first DNS SAN.
     public var identity: String? {
@@ -33,16 +33,28 @@ public struct LoadedCredentials: Sendable {
         guard key.publicKey == leaf.publicKey else {
             throw ProxyError("the private key does not match the certificate (\(leaf.subject), serial \(leaf.serialHex))")
         }
-        self.chain = chain
-        self.key = key
-        self.nioChain = try chain.map { try NIOSSLCertificate(bytes: try $0.derBytes, format: .der) }
-        let pem = try KeyFile.pem(for: key, passphrase: nil)
-        self.nioKey = try NIOSSLPrivateKey(bytes: Array(pem.utf8), format: .pem)
+        try self.init(chain: chain.map { .classical($0) }, keyPEM: try KeyFile.pem(for: key, passphrase: nil))
     }
 
-    /// Reads `certPath` (leaf first, then intermediates) and `keyPath` (PKCS#8 or SEC1/PKCS#1 PEM, unencrypted).
+    /// An ML-DSA key and its certificate chain.
+    public init(chain: [AnyCertificate], key: MLDSASigningKey) throws {
+        guard let leaf = chain.first?.mldsa else { throw ProxyError("certificate chain is empty or its leaf is not an ML-DSA certificate") }
+        guard leaf.subjectKeyVariant == key.variant, leaf.subjectPublicKey == key.publicKey else {
+            throw ProxyError("the ML-DSA private key does not match the certificate (\(leaf.subject), serial \(leaf.serialHex))")
+        }
+        try self.init(chain: chain, keyPEM: try key.pem(passphrase: nil))
+    }
+
+    private init(chain: [AnyCertificate], keyPEM: String) throws {
+        self.chain = chain
+        self.nioChain = try chain.map { try NIOSSLCertificate(bytes: try $0.der, format: .der) }
+        self.nioKey = try NIOSSLPrivateKey(bytes: Array(keyPEM.utf8), format: .pem)
+    }
+
+    /// Reads `certPath` (leaf first, then intermediates) and `keyPath` (PKCS#8 or SEC1/PKCS#1 PEM, unencrypted; or
+    /// an ML-DSA PKCS#8 seed key).
     public static func load(cert certPath: String, key keyPath: String) throws -> LoadedCredentials {
-        let chain = try readCertificates(certPath, what: "certificate")
+        let chain = try readAnyCertificates(certPath, what: "certificate")
         let keyBytes = try readFile(keyPath, what: "private key")
         guard let keyText = String(validating: keyBytes, as: UTF8.self) else {
             throw ProxyError("private key \(keyPath) is not PEM text")
@@ -50,14 +62,23 @@ public struct LoadedCredentials: Sendable {
         if KeyFile.isEncrypted(keyText) {
             throw ProxyError("private key \(keyPath) is encrypted; the proxy needs an unencrypted key file (mode 0600)")
         }
-        let key: Certificate.PrivateKey
         do {
-            key = try KeyFile.load(pem: keyText, passphrase: { nil })
-        } catch {
-            throw ProxyError("private key \(keyPath): \(error)")
-        }
-        do {
-            return try LoadedCredentials(chain: chain, key: key)
+            if case .mldsa = chain[0] {
+                let key: MLDSASigningKey
+                do {
+                    key = try MLDSASigningKey(pem: keyText, passphrase: { nil })
+                } catch {
+                    throw ProxyError("private key \(keyPath): not an ML-DSA key for the ML-DSA certificate \(certPath) (\(error))")
+                }
+                return try LoadedCredentials(chain: chain, key: key)
+            }
+            let key: Certificate.PrivateKey
+            do {
+                key = try KeyFile.load(pem: keyText, passphrase: { nil })
+            } catch {
+                throw ProxyError("private key \(keyPath): \(error)")
+            }
+            return try LoadedCredentials(chain: chain.compactMap(\.classical), key: key)
         } catch let error as ProxyError {
             throw ProxyError("\(certPath) and \(keyPath): \(error.description)")
         }
@@ -81,6 +102,16 @@ public struct LoadedCredentials: Sendable {
         }
         guard !data.isEmpty else { throw ProxyError("\(what) \(path) is empty") }
         return Array(data)
+    }
+
+    /// Certificates of either family (a bundle with a classical and an ML-DSA root, an ML-DSA chain).
+    static func readAnyCertificates(_ path: String, what: String) throws -> [AnyCertificate] {
+        let bytes = try readFile(path, what: what)
+        do {
+            return try PEMBundle.anyCertificates(fromBytes: bytes, what: "\(what) \(path)")
+        } catch let error as PKIError {
+            throw ProxyError(error.reason)
+        }
     }
 
     static func readCertificates(_ path: String, what: String) throws -> [Certificate] {

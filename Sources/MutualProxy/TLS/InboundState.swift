@@ -6,6 +6,12 @@ import NIOSSL
 import Synchronization
 import X509
 
+extension SignatureAlgorithm {
+    /// TLS SignatureScheme code points for ML-DSA (draft-ietf-tls-mldsa; BoringSSL's SSL_SIGN_ML_DSA_65/87).
+    public static let mlDSA65 = SignatureAlgorithm(rawValue: 0x0905)
+    public static let mlDSA87 = SignatureAlgorithm(rawValue: 0x0906)
+}
+
 /// One inbound listener's complete, immutable state: credentials, client-CA bundle, TLS context and policy. A
 /// reload builds a new one and swaps it in (``InboundSlot``): new connections take the new state, established ones
 /// keep the one they started with.
@@ -13,7 +19,11 @@ public final class InboundState: Sendable {
     public let name: String
     public let configuration: ProxyConfiguration.Listener
     public let credentials: LoadedCredentials
-    public let clientRoots: [Certificate]
+    /// The client-CA bundle, classical and ML-DSA roots alike.
+    public let clientRoots: [AnyCertificate]
+    /// Its classical roots, for swift-certificates' verifier; and every root in the ML-DSA verifier's form.
+    let classicalClientRoots: [Certificate]
+    let genericClientRoots: [MLDSACertificate]
     public let sslContext: NIOSSLContext
     /// The same TLS settings with X25519MLKEM768 as the only group, for clients that offer it (see
     /// ``GroupPreferenceHandler``).
@@ -39,7 +49,7 @@ public final class InboundState: Sendable {
     static let verifiedIdentityLimit = 10_000
     /// Intermediates clients send, parsed once and shared by every connection that presents the same DER (they are
     /// the same few certificates for a whole fleet): saves parsing time and memory per connection.
-    private let parsedIntermediates = Mutex<[[UInt8]: Certificate]>([:])
+    private let parsedIntermediates = Mutex<[[UInt8]: AnyCertificate]>([:])
     static let parsedIntermediateLimit = 256
     /// Identity headers by leaf fingerprint: computed once per client certificate, not once per connection or per
     /// HTTP/2 stream (XFCC with the PEM chain and RFC 9440's base64 are several KiB of encoding). They depend only on
@@ -65,19 +75,19 @@ public final class InboundState: Sendable {
     }
 
     /// Parses a presented chain, reusing intermediates seen before.
-    func parse(presentedDER: [[UInt8]]) throws -> [Certificate] {
-        var result: [Certificate] = []
+    func parse(presentedDER: [[UInt8]]) throws -> [AnyCertificate] {
+        var result: [AnyCertificate] = []
         result.reserveCapacity(presentedDER.count)
         for (index, der) in presentedDER.enumerated() {
             if index == 0 {
-                result.append(try Certificate(derEncoded: der))
+                result.append(try AnyCertificate(derEncoded: der))
                 continue
             }
             if let cached = parsedIntermediates.withLock({ $0[der] }) {
                 result.append(cached)
                 continue
             }
-            let certificate = try Certificate(derEncoded: der)
+            let certificate = try AnyCertificate(derEncoded: der)
             parsedIntermediates.withLock { cache in
                 if cache.count >= Self.parsedIntermediateLimit { cache.removeAll(keepingCapacity: true) }
                 cache[der] = certificate
@@ -92,9 +102,12 @@ public final class InboundState: Sendable {
 
     /// Signature algorithms accepted in a client's CertificateVerify (and used in our own handshake signatures): every
     /// key type Mutual issues (Ed25519 included, which BoringSSL leaves out by default), no SHA-1.
+    /// ML-DSA (RFC 9881 keys, TLS code points of draft-ietf-tls-mldsa) is listed too: BoringSSL signs and verifies it
+    /// but leaves it out of its defaults, so a peer must opt in.
     public static let signatureAlgorithms: [SignatureAlgorithm] = [
         .ed25519, .ecdsaSecp256R1Sha256, .ecdsaSecp384R1Sha384, .ecdsaSecp521R1Sha512,
         .rsaPssRsaeSha256, .rsaPssRsaeSha384, .rsaPssRsaeSha512, .rsaPkcs1Sha256, .rsaPkcs1Sha384, .rsaPkcs1Sha512,
+        .mlDSA65, .mlDSA87,
     ]
 
     /// TLS 1.2 suites: ECDHE key exchange with AEAD only (no static RSA, no CBC, no SHA-1 MACs). TLS 1.3 suites are all
@@ -110,7 +123,9 @@ public final class InboundState: Sendable {
         self.policy = policy
         self.upstream = try UpstreamAddress(parsing: configuration.upstream, what: "\(name).upstream")
         self.credentials = try LoadedCredentials.load(cert: configuration.cert, key: configuration.key)
-        self.clientRoots = try LoadedCredentials.readCertificates(configuration.clientCA, what: "client-CA bundle")
+        self.clientRoots = try LoadedCredentials.readAnyCertificates(configuration.clientCA, what: "client-CA bundle")
+        self.classicalClientRoots = clientRoots.compactMap(\.classical)
+        self.genericClientRoots = try clientRoots.map { try $0.generic }
         self.requireCertificate = (configuration.clientCertificate ?? .require) == .require
         self.maxDepth = configuration.maxDepth ?? 3
         let forward = configuration.forward ?? ["xfcc", "rfc9440"]
@@ -132,7 +147,7 @@ public final class InboundState: Sendable {
         // The custom verification callback replaces BoringSSL's chain checks; the mode still decides whether a
         // certificate is requested and whether its absence fails the handshake.
         tls.certificateVerification = requireCertificate ? .noHostnameVerification : .optionalVerification
-        tls.trustRoots = .certificates(try clientRoots.map { try NIOSSLCertificate(bytes: try $0.derBytes, format: .der) })
+        tls.trustRoots = .certificates(try clientRoots.map { try NIOSSLCertificate(bytes: try $0.der, format: .der) })
         tls.sendCANameList = true
         tls.applicationProtocols = configuration.mode == .tcp ? [] : configuration.http2 == false ? ["http/1.1"] : ["h2", "http/1.1"]
         do {
@@ -156,6 +171,12 @@ public final class InboundState: Sendable {
     /// Verifies a presented client chain (leaf first): validity, clientAuth EKU, a path to a root in the bundle
     /// within max depth, revocation. The reason strings are what logs and metrics show.
     func verify(presented: [Certificate], revocation: RevocationState, now: Date = Date()) async -> Result<VerifiedPeer, VerificationFailure> {
+        await verify(presented: presented.map { AnyCertificate.classical($0) }, revocation: revocation, now: now)
+    }
+
+    /// The same checks for a chain of either family: a classical chain goes to swift-certificates' verifier, one with
+    /// an ML-DSA certificate to Mutual's ML-DSA verifier (same rules, same refusal codes).
+    func verify(presented: [AnyCertificate], revocation: RevocationState, now: Date = Date()) async -> Result<VerifiedPeer, VerificationFailure> {
         guard let leaf = presented.first else {
             return .failure(.init(.noCertificate, "no client certificate presented"))
         }
@@ -173,14 +194,24 @@ public final class InboundState: Sendable {
         if eku == nil || !(eku!.contains(.clientAuth) || eku!.contains(.any)) {
             return .failure(.init(.eku, "client certificate (serial \(leaf.serialHex)) lacks the clientAuth extended key usage"))
         }
-        let verifier = ChainVerifier(options: .init(
-            roots: clientRoots, intermediates: Array(presented.dropFirst()), validationTime: now,
-            requiredEKU: .clientAuth, maxDepth: maxDepth
-        ))
-        switch await verifier.verify(leaf) {
-        case .rejected(let reason, let code):
-            return .failure(.init(HandshakeFailure(code), "client certificate rejected: \(reason)"))
-        case .accepted(let chain):
+        let outcome: Result<[AnyCertificate], VerificationFailure>
+        if case .classical(let classicalLeaf) = leaf, let intermediates = Self.allClassical(presented.dropFirst()) {
+            let verifier = ChainVerifier(options: .init(
+                roots: classicalClientRoots, intermediates: intermediates, validationTime: now,
+                requiredEKU: .clientAuth, maxDepth: maxDepth
+            ))
+            switch await verifier.verify(classicalLeaf) {
+            case .rejected(let reason, let code):
+                outcome = .failure(.init(HandshakeFailure(code), "client certificate rejected: \(reason)"))
+            case .accepted(let chain): outcome = .success(chain.map { .classical($0) })
+            }
+        } else {
+            outcome = Self.verifyMLDSA(presented, roots: genericClientRoots, now: now, eku: .clientAuth, maxDepth: maxDepth, who: "client")
+        }
+        switch outcome {
+        case .failure(let failure):
+            return .failure(failure)
+        case .success(let chain):
             if let (kind, reason) = revocation.check(chain: chain, now: now) {
                 return .failure(.init(kind, reason))
             }
@@ -194,6 +225,37 @@ public final class InboundState: Sendable {
             } catch {
                 return .failure(.init(.malformed, "client certificate: \(error)"))
             }
+        }
+    }
+
+    static func allClassical(_ certificates: ArraySlice<AnyCertificate>) -> [Certificate]? {
+        var result: [Certificate] = []
+        for c in certificates {
+            guard case .classical(let classical) = c else { return nil }
+            result.append(classical)
+        }
+        return result
+    }
+
+    /// A chain holding ML-DSA certificates, checked by ``MLDSAChainVerifier`` against every root of the bundle;
+    /// the accepted chain keeps the presented certificates' own form.
+    static func verifyMLDSA(
+        _ presented: [AnyCertificate], roots: [MLDSACertificate], now: Date, eku: ExtendedKeyUsage.Usage, maxDepth: Int, who: String
+    ) -> Result<[AnyCertificate], VerificationFailure> {
+        let generic: [MLDSACertificate]
+        do {
+            generic = try presented.map { try $0.generic }
+        } catch {
+            return .failure(.init(.malformed, "\(who) certificate could not be parsed: \(error)"))
+        }
+        let verifier = MLDSAChainVerifier(options: .init(
+            roots: roots, intermediates: Array(generic.dropFirst()), validationTime: now, requiredEKU: eku, maxDepth: maxDepth
+        ))
+        switch verifier.verify(generic[0]) {
+        case .rejected(let reason, let code):
+            return .failure(.init(HandshakeFailure(code), "\(who) certificate rejected: \(reason)"))
+        case .accepted(let chain):
+            return .success(chain.map { c in presented.first(where: { (try? $0.der) == c.der }) ?? ((try? AnyCertificate(derEncoded: c.der)) ?? .mldsa(c)) })
         }
     }
 
@@ -310,7 +372,7 @@ final class ConnectionIdentity: Sendable {
 public final class ConnectionRegistry: Sendable {
     private struct Entry: Sendable {
         var channel: any Channel
-        var chain: [Certificate]
+        var chain: [AnyCertificate]
     }
     private let entries = Mutex<[ObjectIdentifier: Entry]>([:])
 

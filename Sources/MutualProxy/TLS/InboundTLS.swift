@@ -42,7 +42,7 @@ enum InboundPipeline {
         let connection = ConnectionIdentity()
         let revocation = runtime.revocation
         let verify: NIOSSLCustomVerificationCallbackWithMetadata = { presented, promise in
-            let certificates: [Certificate]
+            let certificates: [AnyCertificate]
             let key: [UInt8]
             do {
                 let der = try presented.map { try $0.toDERBytes() }

@@ -8,8 +8,9 @@ import X509
 /// A class: the proxy reads it on every request of a connection (policy, headers, access log), and copying a struct
 /// of a parsed certificate and a dozen strings cost a retain and release per field each time.
 public final class VerifiedPeer: Sendable, Hashable {
-    public let leaf: Certificate
-    public let chain: [Certificate]
+    /// Classical or ML-DSA (a migration's proxies accept both).
+    public let leaf: AnyCertificate
+    public let chain: [AnyCertificate]
     /// The one `spiffe://` URI SAN, if the certificate is a SPIFFE X.509-SVID.
     public let spiffeID: String?
     public let uris: [String]
@@ -27,7 +28,11 @@ public final class VerifiedPeer: Sendable, Hashable {
     /// `chain` is leaf first, as validated (trust anchor excluded or included: both work).
     /// Internal: only the verifier (the inbound handshake, the outbound upstream check) creates one, from a chain it
     /// validated, so holding a `VerifiedPeer` means verification happened.
-    init(validatedChain chain: [Certificate]) throws {
+    convenience init(validatedChain chain: [Certificate]) throws {
+        try self.init(validatedChain: chain.map { AnyCertificate.classical($0) })
+    }
+
+    init(validatedChain chain: [AnyCertificate]) throws {
         guard let leaf = chain.first else { throw PKIError(.malformedInput, "empty certificate chain") }
         self.leaf = leaf
         self.chain = chain
@@ -53,10 +58,11 @@ public final class VerifiedPeer: Sendable, Hashable {
         }
         self.organizationalUnits = units
         self.serial = leaf.serialHex
-        self.fingerprint = SHA256.hash(data: try leaf.derBytes).hexString
+        self.fingerprint = SHA256.hash(data: try leaf.der).hexString
         self.validUntil = chain.map(\.notValidAfter).min() ?? leaf.notValidAfter
         self.validFrom = chain.map(\.notValidBefore).max() ?? leaf.notValidBefore
         self.displayName = CertificateIdentity.display(leaf)
+        self.keyAlgorithm = leaf.keyAlgorithm
     }
 
     /// Two identities are the same when they carry the same certificate chain.
@@ -69,6 +75,8 @@ public final class VerifiedPeer: Sendable, Hashable {
     /// The name logs and errors show: the certificate's identity by the one rule every role uses
     /// (``CertificateIdentity``), else `serial HEX`.
     public let displayName: String
+    /// The leaf key's algorithm (`ML-DSA-65`, `P-256`, …), for logs and the proxy's metrics.
+    public let keyAlgorithm: String
 }
 
 /// Fired by the handshake observer when a handshake completed, just before `TLSUserEvent.handshakeCompleted`: the

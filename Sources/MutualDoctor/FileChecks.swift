@@ -61,13 +61,7 @@ public struct FileChecks: Sendable {
                 fix: "use the key generated with this certificate (the agent writes key.pem and cert.pem together), or issue a new certificate for this key"
             ))
         }
-        if let keyMode, keyMode & 0o077 != 0 {
-            findings.append(Finding(
-                "key-file-permissions", .warning, subject: keyPath,
-                "the private key is readable by \(keyMode & 0o007 != 0 ? "every user" : "the file's group") (mode \(String(keyMode & 0o777, radix: 8)))",
-                fix: "chmod 600 \(keyPath)"
-            ))
-        }
+        if let keyMode, let finding = Self.keyModeFinding(keyMode, keyPath: keyPath) { findings.append(finding) }
         if key == nil && keyMode == nil {
             // nothing to say: no key given
         }
@@ -78,36 +72,54 @@ public struct FileChecks: Sendable {
         return findings
     }
 
+    static func keyModeFinding(_ keyMode: mode_t, keyPath: String) -> Finding? {
+        guard keyMode & 0o077 != 0 else { return nil }
+        return Finding(
+            "key-file-permissions", .warning, subject: keyPath,
+            "the private key is readable by \(keyMode & 0o007 != 0 ? "every user" : "the file's group") (mode \(String(keyMode & 0o777, radix: 8)))",
+            fix: "chmod 600 \(keyPath)"
+        )
+    }
+
     func validityFindings(now: Date) -> [Finding] {
-        var findings: [Finding] = []
-        for (index, certificate) in presented.enumerated() {
-            let what = index == 0 ? "the certificate" : "intermediate \(index) (\(certificate.subject))"
-            let subject = index == 0 ? certPath : "\(certPath)[\(index)]"
-            if certificate.notValidAfter <= now {
-                findings.append(Finding(
-                    "expired", .error, subject: subject,
-                    "\(what) expired \(humanDuration(now.timeIntervalSince(certificate.notValidAfter))) ago (notAfter \(certificate.notValidAfter)); every peer refuses it",
-                    fix: index == 0 ? "renew it (mutual agent renews at two thirds of the lifetime; `mutual issue` for a one-off)" : "replace the intermediate in the chain file with the current one (the authority's /bundle.pem)"
-                ))
-            } else if certificate.notValidBefore > now {
-                findings.append(Finding(
-                    "not-yet-valid", .error, subject: subject,
-                    "\(what) is valid only from \(certificate.notValidBefore), \(humanDuration(certificate.notValidBefore.timeIntervalSince(now))) from now by this host's clock",
-                    fix: "check this host's clock (NTP); a certificate issued seconds ago is back-dated, so hours mean a clock that is off"
-                ))
-            } else if certificate.notValidAfter.timeIntervalSince(now) < expiringWithin {
-                let left = certificate.notValidAfter.timeIntervalSince(now)
-                let lifetime = certificate.notValidAfter.timeIntervalSince(certificate.notValidBefore)
-                // A short-lived certificate always "expires soon": warn only when less than a third of its life is left.
-                if lifetime > expiringWithin || left < lifetime / 3 {
-                    findings.append(Finding(
-                        "expiring-soon", .warning, subject: subject, "\(what) expires in \(humanDuration(left)) (notAfter \(certificate.notValidAfter))",
-                        fix: "renew it now; run `mutual agent` so renewals happen at two thirds of the lifetime"
-                    ))
-                }
+        presented.enumerated().compactMap { index, certificate in
+            Self.validityFinding(
+                index: index, subjectDN: certificate.subject.description, notBefore: certificate.notValidBefore,
+                notAfter: certificate.notValidAfter, certPath: certPath, expiringWithin: expiringWithin, now: now
+            )
+        }
+    }
+
+    /// Expired, not yet valid or expiring soon: the same words for a certificate of either family.
+    static func validityFinding(
+        index: Int, subjectDN: String, notBefore: Date, notAfter: Date, certPath: String, expiringWithin: TimeInterval, now: Date
+    ) -> Finding? {
+        let what = index == 0 ? "the certificate" : "intermediate \(index) (\(subjectDN))"
+        let subject = index == 0 ? certPath : "\(certPath)[\(index)]"
+        if notAfter <= now {
+            return Finding(
+                "expired", .error, subject: subject,
+                "\(what) expired \(humanDuration(now.timeIntervalSince(notAfter))) ago (notAfter \(notAfter)); every peer refuses it",
+                fix: index == 0 ? "renew it (mutual agent renews at two thirds of the lifetime; `mutual issue` for a one-off)" : "replace the intermediate in the chain file with the current one (the authority's /bundle.pem)"
+            )
+        } else if notBefore > now {
+            return Finding(
+                "not-yet-valid", .error, subject: subject,
+                "\(what) is valid only from \(notBefore), \(humanDuration(notBefore.timeIntervalSince(now))) from now by this host's clock",
+                fix: "check this host's clock (NTP); a certificate issued seconds ago is back-dated, so hours mean a clock that is off"
+            )
+        } else if notAfter.timeIntervalSince(now) < expiringWithin {
+            let left = notAfter.timeIntervalSince(now)
+            let lifetime = notAfter.timeIntervalSince(notBefore)
+            // A short-lived certificate always "expires soon": warn only when less than a third of its life is left.
+            if lifetime > expiringWithin || left < lifetime / 3 {
+                return Finding(
+                    "expiring-soon", .warning, subject: subject, "\(what) expires in \(humanDuration(left)) (notAfter \(notAfter))",
+                    fix: "renew it now; run `mutual agent` so renewals happen at two thirds of the lifetime"
+                )
             }
         }
-        return findings
+        return nil
     }
 
     /// The order TLS requires: each certificate issued by the next one; nothing that is not on the path.

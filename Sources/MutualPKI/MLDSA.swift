@@ -204,7 +204,7 @@ public struct MLDSACertificate: Sendable, Hashable {
     public var fingerprint: String { SHA256.hash(data: der).hexString }
 
     /// PEM (`CERTIFICATE`).
-    public var pem: String { PEMDocument(type: "CERTIFICATE", derBytes: der).pemString }
+    public var pem: String { PEMCodec.encode(der, label: "CERTIFICATE") }
 
     /// The subject key's ML-DSA variant, if it is one.
     public var subjectKeyVariant: MLDSAVariant? { MLDSAVariant(oid: subjectPublicKeyAlgorithm) }

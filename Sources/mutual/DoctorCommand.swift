@@ -82,6 +82,13 @@ struct DoctorCommand: AsyncParsableCommand {
         @Flag(help: "Print JSON.") var json = false
 
         func run() async throws {
+            if let diagnosis = try mldsaDiagnosis(cert: cert, key: key, ca: ca, purpose: purpose) {
+                if dns != nil || expectIdentity != nil || !crl.isEmpty || chain != nil {
+                    throw CommandFailure("--dns, --expect-identity, --crl and --chain are checked for classical chains only; for an ML-DSA chain use `mutual verify --dns/--uri/--crl`", exitCode: 2)
+                }
+                try report(diagnosis, json: json)
+                return
+            }
             var checks = FileChecks(presented: try readCertificates(cert, what: "--cert", allowEmpty: true))
             checks.certPath = cert
             if let chain { checks.extraIntermediates = try readCertificates(chain, what: "--chain") }
@@ -147,6 +154,10 @@ extension DoctorCommand.Proxy {
         let outbound = configuration.outbound.enumerated().map { (index, o) in (o.name ?? "outbound[\(index)]", o.cert, o.key, o.serverCA, FileChecks.Purpose.client) }
         for (name, certPath, keyPath, caPath, purpose) in listeners + outbound {
             do {
+                if let diagnosis = try mldsaDiagnosis(cert: certPath, key: keyPath, ca: caPath, purpose: purpose.rawValue, label: name) {
+                    findings += diagnosis.findings
+                    continue
+                }
                 var checks = FileChecks(presented: try readCertificates(certPath, what: "\(name).cert", allowEmpty: true))
                 checks.certPath = "\(name).cert \(certPath)"
                 checks.keyPath = "\(name).key \(keyPath)"
@@ -171,6 +182,32 @@ extension DoctorCommand.Proxy {
         }
         return findings
     }
+}
+
+/// The file checks for a certificate file holding ML-DSA certificates (nil when it holds only classical ones): key,
+/// key mode, validity and the chain to `ca`'s roots, by Mutual's ML-DSA verifier.
+func mldsaDiagnosis(cert: String, key: String?, ca: String?, purpose: String?, label: String? = nil) throws -> Diagnosis? {
+    let bytes = try inputFailure { try AtomicFile.read(cert, limit: PEMBundle.maximumInputSize, what: label.map { "\($0).cert" } ?? "--cert") }
+    guard let presented = try? PEMBundle.anyCertificates(fromBytes: bytes), presented.contains(where: \.isPostQuantum) else { return nil }
+    var checks = MLDSAFileChecks(presented: presented)
+    checks.certPath = label.map { "\($0).cert \(cert)" } ?? cert
+    if let ca {
+        checks.roots = try inputFailure { try PEMBundle.anyCertificates(fromBytes: try AtomicFile.read(ca, limit: PEMBundle.maximumInputSize, what: "--ca"), what: ca) }
+    }
+    if let key {
+        checks.keyPath = label.map { "\($0).key \(key)" } ?? key
+        let text = String(decoding: try inputFailure { try AtomicFile.read(key, limit: 1 << 20, what: "--key") }, as: UTF8.self)
+        checks.key = try inputFailure { try MLDSASigningKey(pem: text, passphrase: Passphrase.read) }
+        var info = stat()
+        if stat(key, &info) == 0 { checks.keyMode = info.st_mode & 0o777 }
+    }
+    if let purpose {
+        guard let parsed = FileChecks.Purpose(rawValue: purpose) else {
+            throw CommandFailure("invalid --purpose '\(purpose)': expected server or client", exitCode: 2)
+        }
+        checks.purpose = parsed
+    }
+    return checks.run(now: .now)
 }
 
 /// Prints a diagnosis and exits 1 when it found problems.

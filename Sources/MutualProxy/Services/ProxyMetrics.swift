@@ -75,6 +75,14 @@ public final class ProxyMetrics: Sendable {
         counter("mutual_proxy_handshakes_total", [("listener", listener), ("outcome", failure == nil ? "ok" : "failed"), ("reason", failure?.rawValue ?? "")]).increment()
     }
 
+    /// Completed handshakes by key exchange group (`X25519MLKEM768` when the client offered it, else `classical`) and
+    /// by the key algorithm of each side's certificate (`ML-DSA-65`, `P-256`, …; `none` without a client certificate):
+    /// in TLS 1.3 the certificate's key decides the CertificateVerify signature, so this is how far a migration to
+    /// post-quantum identities has come (`mutual pq report` reads it).
+    func tlsAlgorithms(listener: String, group: String, serverKey: String, clientKey: String) {
+        counter("mutual_proxy_tls_handshakes_total", [("listener", listener), ("group", group), ("server_key", serverKey), ("client_key", clientKey)]).increment()
+    }
+
     /// A counter for one (listener, route, status) triple; handlers keep it to avoid the lookup per request.
     func requestCounter(listener: String, route: String, status: Int) -> Counter {
         counter("mutual_proxy_requests_total", [("listener", listener), ("route", route), ("status", String(status))])

@@ -328,6 +328,8 @@ final class ConnectionIdentity: Sendable {
         var failure: VerificationFailure?
         /// True once our verification callback ran (false after a resumed handshake).
         var verified = false
+        /// Whether the hybrid-only context (X25519MLKEM768) took the handshake.
+        var hybrid = false
         /// The running chain verification while it runs: cancelled if the connection closes first, and released as
         /// soon as it ends (a finished task kept alive holds its allocator's memory, about 40 KiB per connection).
         var task: Task<Void, Never>?
@@ -337,6 +339,10 @@ final class ConnectionIdentity: Sendable {
     var identity: VerifiedPeer? { state.withLock { $0.identity } }
     var failure: VerificationFailure? { state.withLock { $0.failure } }
     var verified: Bool { state.withLock { $0.verified } }
+    var hybrid: Bool {
+        get { state.withLock { $0.hybrid } }
+        set { state.withLock { $0.hybrid = newValue } }
+    }
 
     func set(_ result: Result<VerifiedPeer, VerificationFailure>) {
         state.withLock {

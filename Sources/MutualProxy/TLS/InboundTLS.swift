@@ -76,6 +76,7 @@ enum InboundPipeline {
         let sync = channel.pipeline.syncOperations
         // The TLS handler goes in once the ClientHello says which context enforces our group preference.
         let groups = GroupPreferenceHandler(hybridOnly: state.hybridOnlyContext, full: state.sslContext) { sslContext, context in
+            connection.hybrid = sslContext === state.hybridOnlyContext
             let ssl = NIOSSLServerHandler(context: sslContext, configuration: .init(), customVerificationCallbackWithMetadata: verify)
             try context.pipeline.syncOperations.addHandler(ssl, position: .after(context.handler))
         }
@@ -359,6 +360,10 @@ final class HandshakeObserver: ChannelInboundHandler, RemovableChannelHandler {
             timeout?.cancel()
             limiter?.established(ObjectIdentifier(context.channel))
             runtime.metrics.handshake(listener: state.name, failure: nil)
+            runtime.metrics.tlsAlgorithms(
+                listener: state.name, group: connection.hybrid ? "X25519MLKEM768" : "classical",
+                serverKey: state.credentials.leaf.keyAlgorithm, clientKey: connection.identity?.keyAlgorithm ?? "none"
+            )
             if let identity = connection.identity {
                 let (runtime, name) = (runtime, state.name)
                 runtime.registry.register(context.channel, identity: identity, now: runtime.now()) {

@@ -183,3 +183,56 @@ extension Authority {
         )
     }
 }
+
+/// How far the inventory has moved to ML-DSA: valid end-entity certificates by key algorithm, and identities (an
+/// identity counts as moved when its newest valid certificate has an ML-DSA key). What `mutual pq report` prints.
+public struct PQReport: Sendable, Codable, Hashable {
+    /// The ML-DSA hierarchy's parameter set, if there is one.
+    public var hierarchy: String?
+    /// Valid end-entity certificates (CAs excluded) by key algorithm (`ML-DSA-65`, `P-256`, …).
+    public var certificatesByAlgorithm: [String: Int]
+    public var identities: Int
+    public var postQuantumIdentities: Int
+    /// Identities whose newest valid certificate is still classical, soonest expiry first (at most 50): the next
+    /// renewals that can move.
+    public var classicalIdentities: [ClassicalIdentity]
+    public var moreClassicalIdentities: Int
+
+    public struct ClassicalIdentity: Sendable, Codable, Hashable {
+        public var identity: String
+        public var algorithm: String
+        public var owner: String?
+        public var notAfter: Date
+    }
+}
+
+extension Authority {
+    /// Reads every valid certificate (pages of 1,000) and classifies it by its key; CAs are left out.
+    public func pqReport(now: Date = .now) async throws -> PQReport {
+        var byAlgorithm: [String: Int] = [:]
+        var newest: [String: (record: CertificateRecord, algorithm: String)] = [:]
+        var offset = 0
+        while true {
+            var filter = CertificateFilter(status: .valid, now: now, limit: 1000, offset: offset)
+            filter.newestFirst = true
+            let page = try await store.certificates(filter)
+            for record in page where record.profile != CertificateProfile.root.rawValue && record.profile != CertificateProfile.intermediate.rawValue {
+                let algorithm = (try? AnyCertificate(derEncoded: record.der))?.keyAlgorithm ?? "unreadable"
+                byAlgorithm[algorithm, default: 0] += 1
+                if let seen = newest[record.identity], seen.record.notBefore >= record.notBefore { continue }
+                newest[record.identity] = (record, algorithm)
+            }
+            if page.count < 1000 { break }
+            offset += page.count
+        }
+        let classical = newest.values.filter { !$0.algorithm.hasPrefix("ML-DSA") }.sorted { $0.record.notAfter < $1.record.notAfter }
+        return PQReport(
+            hierarchy: pqCA?.key.variant.rawValue, certificatesByAlgorithm: byAlgorithm, identities: newest.count,
+            postQuantumIdentities: newest.count - classical.count,
+            classicalIdentities: classical.prefix(50).map {
+                .init(identity: $0.record.identity, algorithm: $0.algorithm, owner: $0.record.owner, notAfter: $0.record.notAfter)
+            },
+            moreClassicalIdentities: max(0, classical.count - 50)
+        )
+    }
+}

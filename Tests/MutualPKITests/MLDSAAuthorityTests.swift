@@ -148,6 +148,24 @@ struct MLDSAAuthorityTests {
         #expect(Self.code(deep.verify(belowSub)) == .invalid)
     }
 
+    @Test("PEM: an ML-DSA chain written block after block reads back as the same certificates, mixed with classical ones")
+    func pemChain() throws {
+        let (h, _) = try Self.issuing()
+        let classical = try CAFactory.makeHierarchy(name: "Classic", keyType: .p256, now: Self.now)
+        let text = h.intermediate.pem + h.root.pem + (try PEMBundle.pem([classical.root]))
+        #expect(h.root.pem.hasSuffix("-----END CERTIFICATE-----\n"))
+        let read = try PEMBundle.anyCertificates(fromBytes: Array(text.utf8))
+        #expect(read.count == 3)
+        #expect(read[0].mldsa == h.intermediate && read[1].mldsa == h.root && read[2].classical == classical.root)
+        #expect(read.map(\.isPostQuantum) == [true, true, false])
+        #expect(read[0].keyAlgorithm == "ML-DSA-65" && read[2].keyAlgorithm == "P-256")
+        #expect(try MLDSACertificate(pem: Array(h.root.pem.utf8)) == h.root)
+        // Garbage between blocks, a truncated block, or no block at all: refused as malformed input, never a crash.
+        for bad in ["-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", String(text.prefix(text.count / 2)), "hello"] {
+            #expect(throws: PKIError.self) { _ = try PEMBundle.anyCertificates(fromBytes: Array(bad.utf8)) }
+        }
+    }
+
     @Test("a classical link verifies through swift-crypto: a P-256 hierarchy's leaf read as MLDSACertificates")
     func classicalLink() throws {
         let hierarchy = try CAFactory.makeHierarchy(name: "Classic", keyType: .p256, now: Self.now)

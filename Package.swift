@@ -67,6 +67,7 @@ let package = Package(
         .target(
             name: "MutualServer",
             dependencies: [
+                "MutualClient",
                 "MutualPKI",
                 "MutualStore",
                 "MutualAuthority",
@@ -93,6 +94,7 @@ let package = Package(
         .target(
             name: "MutualProxy",
             dependencies: [
+                "MutualClient",
                 "MutualPKI",
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Crypto", package: "swift-crypto"),

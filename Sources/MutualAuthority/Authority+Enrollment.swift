@@ -11,7 +11,7 @@ extension Authority {
     public func sign(
         csr bytes: [UInt8], profile requestedProfile: CertificateProfile?, validity: ValidityDuration?, bearer: String,
         now: Date = .now
-    ) async throws -> IssuedCertificate {
+    ) async throws -> IssuedAnyCertificate {
         let tokens = TokenService(store: store)
         let token: TokenRecord
         do {
@@ -21,17 +21,43 @@ extension Authority {
             throw error
         }
         let actor = "token:\(token.id)"
-        let csr = try CSRDecoder.decode(bytes)
         let profile = try requestedProfile ?? CertificateProfile(leafName: token.profile)
-        var request = try IssuanceRequest(verifiedCSR: csr, profile: profile, validity: validity)
-        if request.validity == nil {
-            request.validity = min(profile.defaultValidity, ValidityDuration(seconds: token.maxValiditySeconds), ca.policy.maximumValidity)
+        let defaultValidity = min(profile.defaultValidity, ValidityDuration(seconds: token.maxValiditySeconds), ca.policy.maximumValidity)
+        if Self.mldsaRequest(bytes) != nil {
+            var (contents, key) = try Self.contents(ofMLDSACSR: bytes, profile: profile, validity: validity)
+            if contents.validity == nil { contents.validity = defaultValidity }
+            let names = contents.dnsNames + contents.ipAddresses + contents.uris + (contents.commonName.map { [$0] } ?? [])
+            do {
+                try TokenService.authorize(profile: profile, validity: contents.validity, names: names, token: token)
+            } catch let error as AuthorityError {
+                try? await auditRefusal(actor: actor, reason: error, now: now)
+                throw error
+            }
+            do {
+                var details = ["token": token.id]
+                if !contents.droppedRequests.isEmpty { details["dropped"] = contents.droppedRequests.joined(separator: "; ") }
+                return IssuedAnyCertificate(try await issue(contents, mldsaKey: key, owner: token.owner, requester: actor, now: now, details: details, consumingToken: token.id))
+            } catch let error as StoreError where error.code == .conflict {
+                let refusal = AuthorityError(.tokenUsedUp, "token \(token.id) is used up or no longer valid")
+                try? await auditRefusal(actor: actor, reason: refusal, now: now)
+                throw refusal
+            }
         }
+        let csr = try CSRDecoder.decode(bytes)
+        var request = try IssuanceRequest(verifiedCSR: csr, profile: profile, validity: validity)
+        if request.validity == nil { request.validity = defaultValidity }
         do {
             try TokenService.authorize(request, token: token)
         } catch let error as AuthorityError {
             try? await auditRefusal(actor: actor, reason: error, now: now)
             throw error
+        }
+        for name in request.uris + request.dnsNames {
+            if let required = try await requiredKeyType(for: name) {
+                let refusal = AuthorityError.keyTypeRequired(required, identity: name)
+                try? await auditRefusal(actor: actor, reason: refusal, now: now)
+                throw refusal
+            }
         }
         let certificate = try ca.issue(request, now: now)
         let record = try Self.makeRecord(certificate, profile: profile, owner: token.owner, requester: actor, issuerDescription: issuerDescription)
@@ -47,7 +73,7 @@ extension Authority {
             try? await auditRefusal(actor: actor, reason: refusal, now: now)
             throw refusal
         }
-        return IssuedCertificate(certificate: certificate, chain: [certificate, ca.certificate], record: record)
+        return IssuedAnyCertificate(IssuedCertificate(certificate: certificate, chain: [certificate, ca.certificate], record: record))
     }
 
     /// How a certificate renews: over mTLS when it may be a TLS client (clientAuth EKU, or no EKU restriction),
@@ -58,6 +84,10 @@ extension Authority {
     }
 
     public static func renewalMethod(for certificate: Certificate) -> RenewalMethod {
+        renewalMethod(for: AnyCertificate.classical(certificate))
+    }
+
+    public static func renewalMethod(for certificate: AnyCertificate) -> RenewalMethod {
         guard let eku = try? certificate.extensions.extendedKeyUsage else { return .mtls }
         return eku.contains(.clientAuth) || eku.contains(.any) ? .mtls : .proof
     }
@@ -77,13 +107,23 @@ extension Authority {
 
     /// The inventory record for a certificate a client presented, if this authority issued exactly that certificate.
     public func presentedRecord(_ certificate: Certificate) async throws -> CertificateRecord? {
+        try await presentedRecord(AnyCertificate.classical(certificate))
+    }
+
+    /// The same for a certificate of either family.
+    public func presentedRecord(_ certificate: AnyCertificate) async throws -> CertificateRecord? {
         guard let record = try await store.certificate(serial: certificate.serialHex) else { return nil }
-        let fingerprint = SHA256.hash(data: try certificate.derBytes).hexString
+        let fingerprint = SHA256.hash(data: try certificate.der).hexString
         return record.fingerprint == fingerprint ? record : nil
     }
 
     /// Checks that a presented client certificate is one this authority issued and is still current.
     public func checkPresented(_ certificate: Certificate, now: Date = .now, allowExpired: Bool = false) async throws -> CertificateRecord {
+        try await checkPresented(AnyCertificate.classical(certificate), now: now, allowExpired: allowExpired)
+    }
+
+    /// The same for a certificate of either family.
+    public func checkPresented(_ certificate: AnyCertificate, now: Date = .now, allowExpired: Bool = false) async throws -> CertificateRecord {
         guard let record = try await presentedRecord(certificate) else {
             throw AuthorityError(.certificateUnknown, "the client certificate \(certificate.serialHex) was not issued by this authority")
         }
@@ -102,20 +142,26 @@ extension Authority {
     /// Renewal over mTLS: the identity and profile come from the current certificate, never from the CSR; the CSR only
     /// contributes its (new) public key. Same lifetime as the current certificate.
     public func renew(current certificate: Certificate, csr bytes: [UInt8], now: Date = .now) async throws -> IssuedCertificate {
+        try await renew(current: AnyCertificate.classical(certificate), csr: bytes, now: now).requireClassical()
+    }
+
+    /// Renewal over mTLS for a current certificate of either family; the CSR's key decides the new certificate's
+    /// hierarchy (an ML-DSA CSR moves a classical identity to ML-DSA).
+    public func renew(current certificate: AnyCertificate, csr bytes: [UInt8], now: Date = .now) async throws -> IssuedAnyCertificate {
         let record = try await checkPresented(certificate, now: now)
         return try await reissue(from: certificate, record: record, csr: bytes, action: "renew", method: "mtls", now: now)
     }
 
     func reissue(
-        from certificate: Certificate, record: CertificateRecord, csr bytes: [UInt8], action: String, method: String, now: Date
-    ) async throws -> IssuedCertificate {
+        from certificate: AnyCertificate, record: CertificateRecord, csr bytes: [UInt8], action: String, method: String, now: Date
+    ) async throws -> IssuedAnyCertificate {
         let actor = "cert:\(record.serial)"
         guard let profile = CertificateProfile(rawValue: record.profile), CertificateProfile.leafProfiles.contains(profile) else {
             throw AuthorityError(.certificateRefused, "certificates of profile \(record.profile) cannot be renewed")
         }
-        let csr = try CSRDecoder.decode(bytes)
-        guard csr.request.publicKey != certificate.publicKey else {
-            let refusal = AuthorityError(.forbidden, "renewal needs a new key: the CSR carries the current certificate's key")
+        let mldsaCSR = Self.mldsaRequest(bytes)
+        if mldsaCSR == nil, let required = try await requiredKeyType(for: record.identity) {
+            let refusal = AuthorityError.keyTypeRequired(required, identity: record.identity)
             try? await auditRefusal(actor: actor, reason: refusal, now: now)
             throw refusal
         }
@@ -131,10 +177,33 @@ extension Authority {
             }
         }
         let lifetime = certificate.notValidAfter.timeIntervalSince(certificate.notValidBefore) - ca.policy.backdate.timeInterval
-        let validity = ValidityDuration(seconds: max(1, Int64(lifetime.rounded())))
+        let validity = min(ValidityDuration(seconds: max(1, Int64(lifetime.rounded()))), ca.policy.maximumValidity)
+        let details = ["renewed_from": record.serial, "method": method]
+        if let mldsaCSR {
+            guard mldsaCSR.isSignatureValid else {
+                throw PKIError(.badSignature, "the ML-DSA CSR's signature does not verify under its own key (no proof of possession)")
+            }
+            guard mldsaCSR.subjectPublicKeyInfo != certificate.subjectPublicKeyInfo else {
+                let refusal = AuthorityError(.forbidden, "renewal needs a new key: the CSR carries the current certificate's key")
+                try? await auditRefusal(actor: actor, reason: refusal, now: now)
+                throw refusal
+            }
+            let contents = IssuanceRequest.Contents(
+                profile: profile, commonName: certificate.subject.lastCommonNameString, dnsNames: dns, ipAddresses: ips, uris: uris,
+                validity: validity
+            )
+            let key = try MLDSAPublicKey(variant: mldsaCSR.variant, rawRepresentation: mldsaCSR.publicKey)
+            return IssuedAnyCertificate(try await issue(contents, mldsaKey: key, owner: record.owner, requester: actor, now: now, action: action, details: details))
+        }
+        let csr = try CSRDecoder.decode(bytes)
+        guard Array(csr.request.publicKey.subjectPublicKeyInfoBytes) != certificate.subjectPublicKeyInfo else {
+            let refusal = AuthorityError(.forbidden, "renewal needs a new key: the CSR carries the current certificate's key")
+            try? await auditRefusal(actor: actor, reason: refusal, now: now)
+            throw refusal
+        }
         let request = IssuanceRequest(
             profile: profile, publicKey: csr.request.publicKey, commonName: certificate.subject.lastCommonNameString, dnsNames: dns,
-            ipAddresses: ips, uris: uris, validity: min(validity, ca.policy.maximumValidity)
+            ipAddresses: ips, uris: uris, validity: validity
         )
         let issued = try ca.issue(request, now: now)
         let newRecord = try Self.makeRecord(issued, profile: profile, owner: record.owner, requester: actor, issuerDescription: issuerDescription)
@@ -142,13 +211,10 @@ extension Authority {
             newRecord,
             audit: AuditEntry(
                 time: now, actor: actor, action: action, subject: newRecord.serial,
-                details: [
-                    "profile": profile.rawValue, "serial": newRecord.serial, "identity": newRecord.identity, "renewed_from": record.serial,
-                    "method": method,
-                ]
+                details: details.merging(["profile": profile.rawValue, "serial": newRecord.serial, "identity": newRecord.identity]) { a, _ in a }
             )
         )
-        return IssuedCertificate(certificate: issued, chain: [issued, ca.certificate], record: newRecord)
+        return IssuedAnyCertificate(IssuedCertificate(certificate: issued, chain: [issued, ca.certificate], record: newRecord))
     }
 
     /// The statement a device signs with its current key to prove possession when it renews without presenting the
@@ -171,7 +237,7 @@ extension Authority {
     /// signature that verifies, and not a proof seen before (a replayed proof would issue a second certificate for
     /// the same CSR). Refusals are audited with their code.
     func checkProof(
-        _ purpose: ProofPurpose, certificate: Certificate, record: CertificateRecord, csr: CertificateSigningRequest,
+        _ purpose: ProofPurpose, certificate: AnyCertificate, record: CertificateRecord, csrDER: [UInt8],
         timestamp: String, signature: [UInt8], now: Date
     ) async throws {
         let actor = "cert:\(record.serial)"
@@ -183,10 +249,16 @@ extension Authority {
             try? await auditRefusal(actor: actor, reason: refusal, now: now)
             throw refusal
         }
-        var serializer = DER.Serializer()
-        try serializer.serialize(csr)
-        let statement = Self.proofStatement(purpose: purpose, timestamp: timestamp, csrDER: serializer.serializedBytes)
-        guard certificate.publicKey.isValidSignature(signature, for: statement, signatureAlgorithm: Self.proofAlgorithm(for: certificate.publicKey)) else {
+        let statement = Self.proofStatement(purpose: purpose, timestamp: timestamp, csrDER: csrDER)
+        let valid: Bool
+        switch certificate {
+        case .classical(let c):
+            valid = c.publicKey.isValidSignature(signature, for: statement, signatureAlgorithm: Self.proofAlgorithm(for: c.publicKey))
+        case .mldsa(let c):
+            // An ML-DSA key proves possession with a plain ML-DSA signature over the same statement.
+            valid = c.subjectKeyVariant?.isValidSignature(signature, for: statement, publicKey: c.subjectPublicKey) ?? false
+        }
+        guard valid else {
             let refusal = AuthorityError(.proofInvalid, "the proof of possession does not verify against the key of certificate \(record.serial)")
             try? await auditRefusal(actor: actor, reason: refusal, now: now)
             throw refusal
@@ -205,9 +277,14 @@ extension Authority {
     public func renewByProof(
         current certificate: Certificate, csr bytes: [UInt8], timestamp: String, signature: [UInt8], now: Date = .now
     ) async throws -> IssuedCertificate {
+        try await renewByProof(current: AnyCertificate.classical(certificate), csr: bytes, timestamp: timestamp, signature: signature, now: now).requireClassical()
+    }
+
+    public func renewByProof(
+        current certificate: AnyCertificate, csr bytes: [UInt8], timestamp: String, signature: [UInt8], now: Date = .now
+    ) async throws -> IssuedAnyCertificate {
         let record = try await checkPresented(certificate, now: now)
-        let csr = try CSRDecoder.decode(bytes)
-        try await checkProof(.renew, certificate: certificate, record: record, csr: csr.request, timestamp: timestamp, signature: signature, now: now)
+        try await checkProof(.renew, certificate: certificate, record: record, csrDER: try Self.csrDER(bytes), timestamp: timestamp, signature: signature, now: now)
         return try await reissue(from: certificate, record: record, csr: bytes, action: "renew", method: "proof", now: now)
     }
 
@@ -218,6 +295,14 @@ extension Authority {
         current certificate: Certificate, csr bytes: [UInt8], timestamp: String, signature: [UInt8],
         grace: ValidityDuration?, now: Date = .now
     ) async throws -> IssuedCertificate {
+        try await renewExpired(current: AnyCertificate.classical(certificate), csr: bytes, timestamp: timestamp, signature: signature, grace: grace, now: now)
+            .requireClassical()
+    }
+
+    public func renewExpired(
+        current certificate: AnyCertificate, csr bytes: [UInt8], timestamp: String, signature: [UInt8],
+        grace: ValidityDuration?, now: Date = .now
+    ) async throws -> IssuedAnyCertificate {
         guard let grace else {
             throw AuthorityError(.renewExpiredDisabled, "renewal of expired certificates is disabled on this authority (see --renew-expired-grace)")
         }
@@ -228,8 +313,7 @@ extension Authority {
             try? await auditRefusal(actor: actor, reason: refusal, now: now)
             throw refusal
         }
-        let csr = try CSRDecoder.decode(bytes)
-        try await checkProof(.renewExpired, certificate: certificate, record: record, csr: csr.request, timestamp: timestamp, signature: signature, now: now)
+        try await checkProof(.renewExpired, certificate: certificate, record: record, csrDER: try Self.csrDER(bytes), timestamp: timestamp, signature: signature, now: now)
         return try await reissue(from: certificate, record: record, csr: bytes, action: "renew-expired", method: "proof", now: now)
     }
 

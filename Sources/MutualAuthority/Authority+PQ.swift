@@ -2,6 +2,7 @@ import Crypto
 import Foundation
 import MutualPKI
 import MutualStore
+import SwiftASN1
 import X509
 
 /// The post-quantum hierarchy: an ML-DSA root and issuing CA beside the classical ones, in the same state directory,
@@ -104,7 +105,8 @@ extension Authority {
     /// inventory with its audit event before it is returned.
     public func issue(
         _ contents: IssuanceRequest.Contents, mldsaKey: MLDSAPublicKey, owner: String?, requester: String, now: Date = .now,
-        maximumValidityOverride: ValidityDuration? = nil
+        maximumValidityOverride: ValidityDuration? = nil, action: String = "issue", details extra: [String: String] = [:],
+        consumingToken token: String? = nil
     ) async throws -> IssuedMLDSACertificate {
         guard var ca = pqCA else {
             throw PKIError(.unsupportedKey, "this CA has no ML-DSA hierarchy for an \(mldsaKey.variant.rawValue) key: run `mutual pq init` first")
@@ -116,10 +118,16 @@ extension Authority {
         ]
         if !contents.droppedRequests.isEmpty { details["dropped"] = contents.droppedRequests.joined(separator: "; ") }
         if let owner { details["owner"] = owner }
+        details.merge(extra) { a, _ in a }
         let record = try Self.makeRecord(certificate, profile: contents.profile, owner: owner, requester: requester, issuerDescription: ca.certificate.subject.description)
         details["serial"] = record.serial
         details["identity"] = record.identity
-        try await store.recordIssuance(record, audit: AuditEntry(time: now, actor: requester, action: "issue", subject: record.serial, details: details))
+        let audit = AuditEntry(time: now, actor: requester, action: action, subject: record.serial, details: details)
+        if let token {
+            try await store.recordIssuance(record, audit: audit, consumingToken: token, now: now)
+        } else {
+            try await store.recordIssuance(record, audit: audit)
+        }
         return IssuedMLDSACertificate(certificate: certificate, chain: [certificate, ca.certificate], record: record)
     }
 
@@ -129,6 +137,15 @@ extension Authority {
         mldsaCSR bytes: [UInt8], profile: CertificateProfile, validity: ValidityDuration?, owner: String?, requester: String,
         now: Date = .now
     ) async throws -> IssuedMLDSACertificate {
+        let (contents, key) = try Self.contents(ofMLDSACSR: bytes, profile: profile, validity: validity)
+        return try await issue(contents, mldsaKey: key, owner: owner, requester: requester, now: now)
+    }
+
+    /// A verified ML-DSA CSR's key and the contents it may ask for: the CN and the SANs, everything else dropped and
+    /// noted, as for a classical CSR.
+    static func contents(ofMLDSACSR bytes: [UInt8], profile: CertificateProfile, validity: ValidityDuration?) throws
+        -> (IssuanceRequest.Contents, MLDSAPublicKey)
+    {
         let csr = try MLDSACertificationRequest(pemOrDER: bytes)
         guard csr.isSignatureValid else {
             throw PKIError(.badSignature, "the ML-DSA CSR's signature does not verify under its own key (no proof of possession)")
@@ -162,8 +179,76 @@ extension Authority {
                 }
             }
         }
-        let key = try MLDSAPublicKey(variant: csr.variant, rawRepresentation: csr.publicKey)
-        return try await issue(contents, mldsaKey: key, owner: owner, requester: requester, now: now)
+        return (contents, try MLDSAPublicKey(variant: csr.variant, rawRepresentation: csr.publicKey))
+    }
+
+    /// An ML-DSA CSR, or nil when `bytes` are not one (a classical CSR, or garbage the classical decoder will name).
+    static func mldsaRequest(_ bytes: [UInt8]) -> MLDSACertificationRequest? {
+        try? MLDSACertificationRequest(pemOrDER: bytes)
+    }
+
+    /// The DER a proof of possession covers: the CSR as sent (an ML-DSA one), or the classical CSR re-encoded.
+    static func csrDER(_ bytes: [UInt8]) throws -> [UInt8] {
+        if let request = mldsaRequest(bytes) { return request.der }
+        var serializer = DER.Serializer()
+        try serializer.serialize(try CSRDecoder.decode(bytes).request)
+        return serializer.serializedBytes
+    }
+
+    // MARK: Migration
+
+    /// Metadata key of the migration: JSON `{"key_type": "ml-dsa-65", "patterns": ["spiffe://example.org/ns/web/*", …]}`.
+    static let migrationKey = "pq_migration"
+
+    /// What `mutual pq migrate` recorded: identities (scope patterns, as tokens use them) whose next certificate must
+    /// be for an ML-DSA key.
+    public struct Migration: Codable, Sendable, Hashable {
+        public var keyType: MLDSAVariant
+        public var patterns: [String]
+        enum CodingKeys: String, CodingKey {
+            case keyType = "key_type"
+            case patterns
+        }
+    }
+
+    public func migration() async throws -> Migration? {
+        guard let text = try await store.metadata(Self.migrationKey) else { return nil }
+        return try? JSONDecoder().decode(Migration.self, from: Data(text.utf8))
+    }
+
+    /// Adds (or with `remove`, drops) identity patterns to move to ML-DSA at their next renewal or enrollment. Audited
+    /// as `pq-migrate`; every authority process sharing the database applies it from the next request.
+    public func updateMigration(adding: [String], removing: [String], keyType: MLDSAVariant?, actor: String, now: Date = .now) async throws -> Migration {
+        guard let pq = pqCA else {
+            throw PKIError(.unsupportedKey, "this CA has no ML-DSA hierarchy to move identities to: run `mutual pq init` first")
+        }
+        var current = try await migration() ?? Migration(keyType: keyType ?? pq.key.variant, patterns: [])
+        if let keyType { current.keyType = keyType }
+        for pattern in adding {
+            let parsed = try ScopePattern(pattern)
+            if !current.patterns.contains(parsed.text) { current.patterns.append(parsed.text) }
+        }
+        current.patterns.removeAll { removing.contains($0) }
+        guard current.keyType == pq.key.variant || (current.keyType == .mlDSA87 && pq.key.variant == .mlDSA65) else {
+            throw PKIError(.unsupportedKey, "the \(pq.key.variant.rawValue) hierarchy does not certify \(current.keyType.rawValue) keys")
+        }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let text = String(decoding: try encoder.encode(current), as: UTF8.self)
+        try await store.setMetadata(
+            [Self.migrationKey: text],
+            audit: AuditEntry(time: now, actor: actor, action: "pq-migrate", subject: Self.migrationKey,
+                              details: ["key_type": current.keyType.rawValue, "patterns": current.patterns.joined(separator: " ")])
+        )
+        return current
+    }
+
+    /// The ML-DSA parameter set `identity` must move to, if a migration pattern covers it (nil without an ML-DSA
+    /// hierarchy: nothing is read then, so a classical-only CA pays nothing per renewal).
+    func requiredKeyType(for identity: String) async throws -> MLDSAVariant? {
+        guard pqCA != nil, let migration = try await migration() else { return nil }
+        let patterns = migration.patterns.compactMap { try? ScopePattern($0) }
+        return patterns.contains(where: { $0.matches(identity) }) ? migration.keyType : nil
     }
 
     func setPQ(_ ca: MLDSAIssuingCA) {
@@ -180,6 +265,44 @@ extension Authority {
             identity: CertificateIdentity.of(certificate) ?? certificate.serialHex, profile: profile.rawValue, owner: owner,
             requester: requester, notBefore: certificate.notBefore, notAfter: certificate.notAfter,
             fingerprint: SHA256.hash(data: certificate.der).hexString, der: certificate.der
+        )
+    }
+}
+
+/// A certificate of either family, in the inventory: what renewal returns (its CSR's key decides the family).
+public struct IssuedAnyCertificate: Sendable {
+    public var certificate: AnyCertificate
+    /// Leaf, then the issuing CA of its hierarchy.
+    public var chain: [AnyCertificate]
+    public var record: CertificateRecord
+
+    public init(_ issued: Authority.IssuedCertificate) {
+        certificate = .classical(issued.certificate)
+        chain = issued.chain.map { .classical($0) }
+        record = issued.record
+    }
+
+    public init(_ issued: Authority.IssuedMLDSACertificate) {
+        certificate = .mldsa(issued.certificate)
+        chain = issued.chain.map { .mldsa($0) }
+        record = issued.record
+    }
+
+    /// For the classical-only entry points: an ML-DSA result is refused (it cannot be a `Certificate`).
+    func requireClassical() throws -> Authority.IssuedCertificate {
+        guard case .classical(let leaf) = certificate else {
+            throw PKIError(.unsupportedKey, "an ML-DSA certificate was issued where a classical one was expected; use the entry point for either family")
+        }
+        return Authority.IssuedCertificate(certificate: leaf, chain: chain.compactMap(\.classical), record: record)
+    }
+}
+
+extension AuthorityError {
+    static func keyTypeRequired(_ variant: MLDSAVariant, identity: String) -> AuthorityError {
+        AuthorityError(
+            .keyTypeRequired,
+            "\(identity) is moving to ML-DSA: send a CSR for an \(variant.rawValue) key (`mutual agent --key-type \(variant.rawValue)` does this by itself)",
+            details: ["key_type": variant.rawValue]
         )
     }
 }

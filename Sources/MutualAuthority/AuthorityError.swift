@@ -42,15 +42,21 @@ public struct AuthorityError: Error, Hashable, Sendable, CustomStringConvertible
         public static let renewExpiredDisabled = Code("renew-expired-disabled")
         /// The certificate expired longer ago than the renewal grace window.
         public static let beyondGrace = Code("beyond-grace")
+        /// The identity is being moved to ML-DSA (`mutual pq migrate`): its next certificate must be for an ML-DSA key
+        /// (the parameter set is in ``AuthorityError/details`` under `key_type`).
+        public static let keyTypeRequired = Code("key-type-required")
         public var description: String { name }
     }
 
     public var code: Code
     public var reason: String
+    /// Machine-readable members beside the code (an RFC 9457 problem's extension members), e.g. `key_type`.
+    public var details: [String: String] = [:]
 
-    public init(_ code: Code, _ reason: String) {
+    public init(_ code: Code, _ reason: String, details: [String: String] = [:]) {
         self.code = code
         self.reason = reason
+        self.details = details
     }
 
     public var description: String { reason }

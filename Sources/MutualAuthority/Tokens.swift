@@ -137,14 +137,21 @@ public struct TokenService: Sendable {
 
     /// Checks that a request is within a token's profile, validity and scopes.
     public static func authorize(_ request: IssuanceRequest, token: TokenRecord) throws {
-        guard request.profile.rawValue == token.profile else {
-            throw AuthorityError(.tokenNotAllowed, "token \(token.id) is for profile \(token.profile), not \(request.profile.rawValue)")
+        try authorize(
+            profile: request.profile, validity: request.validity,
+            names: request.dnsNames + request.ipAddresses + request.uris + (request.commonName.map { [$0] } ?? []), token: token
+        )
+    }
+
+    /// The same rules for a request of either key family: profile, validity cap and every name within the scopes.
+    public static func authorize(profile: CertificateProfile, validity: ValidityDuration?, names: [String], token: TokenRecord) throws {
+        guard profile.rawValue == token.profile else {
+            throw AuthorityError(.tokenNotAllowed, "token \(token.id) is for profile \(token.profile), not \(profile.rawValue)")
         }
-        if let validity = request.validity, validity.seconds > token.maxValiditySeconds {
+        if let validity, validity.seconds > token.maxValiditySeconds {
             throw AuthorityError(.tokenNotAllowed, "token \(token.id) allows at most \(ValidityDuration(seconds: token.maxValiditySeconds)) of validity, \(validity) was requested")
         }
         let patterns = token.scopes.compactMap { try? ScopePattern($0) }
-        let names = request.dnsNames + request.ipAddresses + request.uris + (request.commonName.map { [$0] } ?? [])
         guard !names.isEmpty else {
             throw AuthorityError(.tokenOutOfScope, "the request names no identity for token \(token.id) to allow")
         }

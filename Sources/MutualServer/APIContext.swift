@@ -1,3 +1,4 @@
+import MutualPKI
 import Hummingbird
 import NIOCore
 import NIOSSL
@@ -18,8 +19,8 @@ public struct APIContext: RequestContext {
     public var maxUploadSize: Int { 64 * 1024 }
 
     /// The client certificate presented and verified during the handshake, if any.
-    func peerCertificate() async throws -> Certificate? {
+    func peerCertificate() async throws -> AnyCertificate? {
         guard let certificate = try await channel.nioSSL_peerCertificate().get() else { return nil }
-        return try Certificate(derEncoded: try certificate.toDERBytes())
+        return try AnyCertificate(derEncoded: try certificate.toDERBytes())
     }
 }

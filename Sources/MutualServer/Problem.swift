@@ -13,17 +13,21 @@ public struct Problem: Error, HTTPResponseError, Sendable {
     public var type: String
     public var title: String
     public var detail: String
+    /// RFC 9457 extension members a program reads beside the code (`key_type` of `key-type-required`).
+    public var members: [String: String] = [:]
 
-    public init(_ status: HTTPResponse.Status, code: String, title: String, detail: String) {
+    public init(_ status: HTTPResponse.Status, code: String, title: String, detail: String, members: [String: String] = [:]) {
         self.status = status
         self.type = "urn:mutual:problem:\(code)"
         self.title = title
         self.detail = detail
+        self.members = members
     }
 
     public func response(from request: Request, context: some RequestContext) throws -> Response {
         var body = "{"
         body += "\"type\":\(Self.quote(type)),\"title\":\(Self.quote(title)),\"status\":\(status.code),\"detail\":\(Self.quote(detail))"
+        for (name, value) in members.sorted(by: { $0.key < $1.key }) { body += ",\(Self.quote(name)):\(Self.quote(value))" }
         body += "}"
         return Response(
             status: status,
@@ -53,6 +57,10 @@ public struct Problem: Error, HTTPResponseError, Sendable {
                 return Problem(.forbidden, code: e.code.name, title: "Forbidden", detail: e.reason)
             case .notFound:
                 return Problem(.notFound, code: e.code.name, title: "Not Found", detail: e.reason)
+            case .keyTypeRequired:
+                // 409: the request is fine but conflicts with the identity's migration; the same request with an
+                // ML-DSA key succeeds.
+                return Problem(.conflict, code: e.code.name, title: "Conflict", detail: e.reason, members: e.details)
             case .conflict:
                 return Problem(.conflict, code: e.code.name, title: "Conflict", detail: e.reason)
             default:

@@ -106,17 +106,22 @@ struct AuthorityRoutes: Sendable {
     }
 
     func issuedResponse(_ issued: Authority.IssuedCertificate) throws -> Response {
+        try issuedResponse(IssuedAnyCertificate(issued))
+    }
+
+    func issuedResponse(_ issued: IssuedAnyCertificate) throws -> Response {
         // The inventory record already holds the leaf's DER: encode it once, not again from the parsed certificate.
         let leaf = PEMCodec.encode(issued.record.der, label: "CERTIFICATE")
+        let rest = try issued.chain.dropFirst().map { PEMCodec.encode(try $0.der, label: "CERTIFICATE") }.joined()
         return try json(IssuedResponse(
-            certificate: leaf, chain: leaf + (try PEMBundle.pem(Array(issued.chain.dropFirst()))),
+            certificate: leaf, chain: leaf + rest,
             serial: issued.record.serial, not_after: AuditChain.format(issued.record.notAfter), identity: issued.record.identity,
             renewal: Authority.renewalMethod(for: issued.certificate).rawValue
         ))
     }
 
     /// The verified client certificate, checked against the inventory; 401 when none was sent.
-    func presentedRecord(_ context: APIContext) async throws -> (Certificate, CertificateRecord) {
+    func presentedRecord(_ context: APIContext) async throws -> (AnyCertificate, CertificateRecord) {
         guard let certificate = try await context.peerCertificate() else {
             throw AuthorityError(.unauthenticated, "this endpoint needs a client certificate (mTLS) issued by this authority")
         }
@@ -171,7 +176,7 @@ struct AuthorityRoutes: Sendable {
             guard let certificatePEM = body.certificate, let timestamp = body.timestamp, let signatureText = body.signature else {
                 throw AuthorityError(.unauthenticated, "renewal needs the current certificate: as the TLS client certificate, or in the body with a proof of possession of its key (certificate, timestamp, signature)")
             }
-            let certificate = try PEMBundle.certificates(fromPEM: certificatePEM, what: "certificate")[0]
+            let certificate = try PEMBundle.anyCertificates(fromBytes: Array(certificatePEM.utf8), what: "certificate")[0]
             guard let signature = Data(base64Encoded: signatureText) else {
                 throw Problem(.badRequest, code: "malformed-signature", title: "Bad Request", detail: "signature must be base64")
             }
@@ -184,7 +189,7 @@ struct AuthorityRoutes: Sendable {
     func renewExpired(_ request: Request, _ context: APIContext) async throws -> Response {
         try await measured("renewal", route: "/v1/renew-expired") {
             let body = try await decode(RenewExpiredRequest.self, from: request, context: context)
-            let certificate = try PEMBundle.certificates(fromPEM: body.certificate, what: "certificate")[0]
+            let certificate = try PEMBundle.anyCertificates(fromBytes: Array(body.certificate.utf8), what: "certificate")[0]
             guard let signature = Data(base64Encoded: body.signature) else {
                 throw Problem(.badRequest, code: "malformed-signature", title: "Bad Request", detail: "signature must be base64")
             }

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import MutualAuthority
+import MutualClient
 import MutualPKI
 import NIOCore
 import NIOSSL
@@ -59,7 +60,12 @@ final class ServerCredentials: Sendable {
         )
         configuration.minimumTLSVersion = .tlsv12
         configuration.certificateVerification = .optionalVerification
-        configuration.trustRoots = .certificates([try NIOSSLCertificate(bytes: try authority.ca.root.derBytes, format: .der)])
+        // The ML-DSA root too, when there is one: an agent whose identity moved to ML-DSA renews over mTLS with it.
+        var roots = [try NIOSSLCertificate(bytes: try authority.ca.root.derBytes, format: .der)]
+        if let pq = authority.pqCA { roots.append(try NIOSSLCertificate(bytes: pq.root.der, format: .der)) }
+        configuration.trustRoots = .certificates(roots)
+        configuration.verifySignatureAlgorithms = TLSSignatureAlgorithms.all
+        configuration.signingSignatureAlgorithms = TLSSignatureAlgorithms.all
         configuration.sslContextCallback = { [self] _, promise in
             let fresh = self.snapshot
             var override = NIOSSLContextConfigurationOverride()

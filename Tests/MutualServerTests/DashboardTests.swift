@@ -49,7 +49,7 @@ final class DashboardFixture: Sendable {
         let (path, query) = Self.split(target)
         var headers = ["host": "ca.test:9443"]
         if let cookie { headers["cookie"] = "\(DashboardService.cookieName)=\(cookie)" }
-        return await service.handle(DashboardRequest(method: "GET", path: path, query: query, headers: headers, peerCertificate: peer))
+        return await service.handle(DashboardRequest(method: "GET", path: path, query: query, headers: headers, peerCertificate: peer.map { .classical($0) }))
     }
 
     func post(_ target: String, form: String, cookie: String?, headers extra: [String: String] = [:], peer: Certificate? = nil) async -> DashboardResponse {
@@ -57,7 +57,7 @@ final class DashboardFixture: Sendable {
                        "sec-fetch-site": "same-origin"]
         if let cookie { headers["cookie"] = "\(DashboardService.cookieName)=\(cookie)" }
         headers.merge(extra) { $1 }
-        return await service.handle(DashboardRequest(method: "POST", path: target, headers: headers, body: Array(form.utf8), peerCertificate: peer))
+        return await service.handle(DashboardRequest(method: "POST", path: target, headers: headers, body: Array(form.utf8), peerCertificate: peer.map { .classical($0) }))
     }
 
     static func split(_ target: String) -> (String, [String: String]) {

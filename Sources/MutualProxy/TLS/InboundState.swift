@@ -1,16 +1,11 @@
 import Crypto
 import Foundation
+import MutualClient
 import MutualPKI
 import NIOCore
 import NIOSSL
 import Synchronization
 import X509
-
-extension SignatureAlgorithm {
-    /// TLS SignatureScheme code points for ML-DSA (draft-ietf-tls-mldsa; BoringSSL's SSL_SIGN_ML_DSA_65/87).
-    public static let mlDSA65 = SignatureAlgorithm(rawValue: 0x0905)
-    public static let mlDSA87 = SignatureAlgorithm(rawValue: 0x0906)
-}
 
 /// One inbound listener's complete, immutable state: credentials, client-CA bundle, TLS context and policy. A
 /// reload builds a new one and swaps it in (``InboundSlot``): new connections take the new state, established ones
@@ -100,15 +95,8 @@ public final class InboundState: Sendable {
     /// The key exchange groups offered, hybrid post-quantum first.
     public static let groups: [NIOTLSCurve] = [.x25519_MLKEM768, .x25519, .secp256r1, .secp384r1]
 
-    /// Signature algorithms accepted in a client's CertificateVerify (and used in our own handshake signatures): every
-    /// key type Mutual issues (Ed25519 included, which BoringSSL leaves out by default), no SHA-1.
-    /// ML-DSA (RFC 9881 keys, TLS code points of draft-ietf-tls-mldsa) is listed too: BoringSSL signs and verifies it
-    /// but leaves it out of its defaults, so a peer must opt in.
-    public static let signatureAlgorithms: [SignatureAlgorithm] = [
-        .ed25519, .ecdsaSecp256R1Sha256, .ecdsaSecp384R1Sha384, .ecdsaSecp521R1Sha512,
-        .rsaPssRsaeSha256, .rsaPssRsaeSha384, .rsaPssRsaeSha512, .rsaPkcs1Sha256, .rsaPkcs1Sha384, .rsaPkcs1Sha512,
-        .mlDSA65, .mlDSA87,
-    ]
+    /// Signature algorithms accepted in a client's CertificateVerify and used in our own handshake signatures.
+    public static let signatureAlgorithms = TLSSignatureAlgorithms.all
 
     /// TLS 1.2 suites: ECDHE key exchange with AEAD only (no static RSA, no CBC, no SHA-1 MACs). TLS 1.3 suites are all
     /// AEAD and not configurable in BoringSSL.

@@ -14,10 +14,10 @@ struct DashboardRequest: Sendable {
     var headers: [String: String]
     var body: [UInt8]
     /// The client certificate verified during the TLS handshake, if the browser sent one.
-    var peerCertificate: Certificate?
+    var peerCertificate: AnyCertificate?
 
     init(method: String, path: String, query: [String: String] = [:], headers: [String: String] = [:], body: [UInt8] = [],
-         peerCertificate: Certificate? = nil) {
+         peerCertificate: AnyCertificate? = nil) {
         self.method = method
         self.path = path
         self.query = query

@@ -22,7 +22,9 @@ public final class Agent: Sendable {
         public var identity: String
         public var dnsNames: [String]
         public var outDir: String
-        public var keyType: KeyType
+        /// The key type of new keys; an identity the authority is moving to ML-DSA switches by itself (see
+        /// ``Agent/keyChoice``).
+        public var keyType: KeyChoice
         public var schedule: RenewalSchedule
         public var validity: ValidityDuration?
         public var profile: String?
@@ -32,7 +34,7 @@ public final class Agent: Sendable {
 
         public init(
             authority: String, rootFingerprint: String, token: String?, identity: String, dnsNames: [String] = [], outDir: String,
-            keyType: KeyType = .p256, schedule: RenewalSchedule = .init(), validity: ValidityDuration? = nil, profile: String? = nil,
+            keyType: KeyChoice = .classical(.p256), schedule: RenewalSchedule = .init(), validity: ValidityDuration? = nil, profile: String? = nil,
             hook: ReloadHook = .init()
         ) throws {
             self.authority = authority.hasSuffix("/") ? String(authority.dropLast()) : authority
@@ -71,6 +73,8 @@ public final class Agent: Sendable {
     let logger: Logger
     let random: @Sendable () -> Double
     private let status: Mutex<AgentStatus>
+    /// The ML-DSA parameter set the authority asked this identity to move to (`key-type-required`), once it did.
+    private let movedTo = Mutex<MLDSAVariant?>(nil)
     /// The authority's clock relative to ours, measured on verified exchanges (see ``authorityNow()``).
     private let time: Mutex<TimeKeeping>
 
@@ -143,7 +147,7 @@ public final class Agent: Sendable {
     }
 
     /// Measures the offset again over a verified connection when the last measurement is stale.
-    func refreshTime(roots: [Certificate]) async {
+    func refreshTime(roots: [AnyCertificate]) async {
         let stale = time.withLock { t in t.measuredAt.map { abs(clock.now.timeIntervalSince($0)) > Self.probeInterval } ?? true }
         guard stale else { return }
         do {
@@ -188,20 +192,23 @@ public final class Agent: Sendable {
         if now < leaf.notValidAfter {
             let method = RenewalMethod(for: leaf)
             let (outcome, verdict) = await attemptClassified(now: now, lifetime: lifetime, what: "renewal") {
-                let key = try self.configuration.keyType.generate()
                 switch method {
                 case .mtls:
-                    let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: current.roots, identity: (current.chain, current.key), timeout: self.configuration.requestTimeout)
+                    let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: current.roots, anyIdentity: (current.chain, current.key), timeout: self.configuration.requestTimeout)
                     defer { Task { try? await client.shutdown() } }
-                    let enrollment = try await client.renew(csrPEM: try self.csrPEM(key: key))
-                    return (enrollment, key, (try? await client.roots()) ?? current.roots)
+                    let (enrollment, key) = try await self.withKeyType(current: current.key) { key in
+                        try await client.renew(csrPEM: try self.csr(key: key).pem)
+                    }
+                    return (enrollment, key, (try? await client.allRoots()) ?? current.roots)
                 case .proof:
                     // A certificate without clientAuth cannot be a TLS client: the authority's TLS would refuse it. It
                     // renews over server-authenticated TLS with a proof of possession of its current key instead.
                     let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: current.roots, timeout: self.configuration.requestTimeout)
                     defer { Task { try? await client.shutdown() } }
-                    let enrollment = try await client.renewByProof(certificate: leaf, key: current.key, csr: try self.csr(key: key), now: self.authorityNow())
-                    return (enrollment, key, (try? await client.roots()) ?? current.roots)
+                    let (enrollment, key) = try await self.withKeyType(current: current.key) { key in
+                        try await client.renewByProof(certificate: leaf, key: current.key, csr: try self.csr(key: key), now: self.authorityNow())
+                    }
+                    return (enrollment, key, (try? await client.allRoots()) ?? current.roots)
                 }
             }
             // Refused because it expired meanwhile: go on to renew-expired now rather than after a back-off.
@@ -213,9 +220,9 @@ public final class Agent: Sendable {
         return await attempt(now: now, lifetime: lifetime, what: "renewal after expiry") {
             let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: current.roots, timeout: self.configuration.requestTimeout)
             defer { Task { try? await client.shutdown() } }
-            let key = try self.configuration.keyType.generate()
-            let csr = try self.csr(key: key)
-            let enrollment = try await client.renewExpired(certificate: leaf, oldKey: current.key, csr: csr, now: self.authorityNow())
+            let (enrollment, key) = try await self.withKeyType(current: current.key) { key in
+                try await client.renewExpired(certificate: leaf, oldKey: current.key, csr: try self.csr(key: key), now: self.authorityNow())
+            }
             return (enrollment, key, current.roots)
         }
     }
@@ -228,22 +235,25 @@ public final class Agent: Sendable {
             let roots = try await self.bootstrapRoots()
             let client = try AuthorityClient(baseURL: self.configuration.authority, trustRoots: roots, timeout: self.configuration.requestTimeout)
             defer { Task { try? await client.shutdown() } }
-            let key = try self.configuration.keyType.generate()
-            let enrollment = try await client.sign(csrPEM: try self.csrPEM(key: key), token: token, profile: self.configuration.profile, validity: self.configuration.validity?.description)
+            let (enrollment, key) = try await self.withKeyType(current: nil) { key in
+                try await client.sign(csrPEM: try self.csr(key: key).pem, token: token, profile: self.configuration.profile, validity: self.configuration.validity?.description)
+            }
             try Self.checkRenewable(enrollment)
-            return (enrollment, key, roots)
+            // The pinned root, and the ML-DSA root the authority serves over this verified connection (the bundle a
+            // proxy needs while identities of both families call it).
+            return (enrollment, key, (try? await client.allRoots()).flatMap { $0.contains(roots[0]) ? $0 : nil } ?? roots)
         }
     }
 
     /// Runs one enrollment/renewal, delivers, and turns errors into the next step: retry with backoff, or stop.
     private func attempt(now: Date, lifetime: TimeInterval, what: String,
-                         _ body: @escaping @Sendable () async throws -> (Enrollment, Certificate.PrivateKey, [Certificate])) async -> Outcome {
+                         _ body: @escaping @Sendable () async throws -> (Enrollment, AnySigningKey, [AnyCertificate])) async -> Outcome {
         await attemptClassified(now: now, lifetime: lifetime, what: what, body).outcome
     }
 
     /// ``attempt(now:lifetime:what:_:)``, also returning how a failure was classified (nil when it succeeded).
     private func attemptClassified(now: Date, lifetime: TimeInterval, what: String,
-                                   _ body: @escaping @Sendable () async throws -> (Enrollment, Certificate.PrivateKey, [Certificate])) async
+                                   _ body: @escaping @Sendable () async throws -> (Enrollment, AnySigningKey, [AnyCertificate])) async
         -> (outcome: Outcome, verdict: Verdict?)
     {
         status.withLock { $0.lastAttempt = now }
@@ -424,7 +434,8 @@ public final class Agent: Sendable {
         currentStatus.write(outDir: configuration.outDir)
     }
 
-    func csr(key: Certificate.PrivateKey) throws -> CertificateSigningRequest {
+    /// The request for a new key: no subject, the identity (and `--dns` names) as subjectAltName.
+    func csr(key: AnySigningKey) throws -> (der: [UInt8], pem: String) {
         var names: [GeneralName] = []
         if configuration.identity.contains("://") {
             names.append(.uniformResourceIdentifier(configuration.identity))
@@ -432,19 +443,38 @@ public final class Agent: Sendable {
             names.append(.dnsName(configuration.identity))
         }
         for dns in configuration.dnsNames where dns != configuration.identity { names.append(.dnsName(dns)) }
-        let extensions = try Certificate.Extensions { SubjectAlternativeNames(names) }
-        return try CertificateSigningRequest(
-            version: .v1, subject: DistinguishedName(), privateKey: key,
-            attributes: try .init([.init(ExtensionRequest(extensions: extensions))]), signatureAlgorithm: key.preferredSignatureAlgorithm
-        )
+        return try key.certificationRequest(subject: DistinguishedName(), names: names)
     }
 
-    func csrPEM(key: Certificate.PrivateKey) throws -> String { try csr(key: key).serializeAsPEM().pemString }
+    /// The key type of the next key: the configured one, except that an identity already on ML-DSA stays there (a
+    /// unit file still saying `--key-type p256` does not move it back), and one the authority asked to move uses the
+    /// parameter set it named.
+    public var keyChoice: KeyChoice {
+        if let asked = movedTo.withLock({ $0 }) { return .mldsa(asked) }
+        return configuration.keyType
+    }
+
+    /// Generates a key of ``keyChoice`` and runs `body` with it; when the authority answers `key-type-required` (the
+    /// identity is being moved to ML-DSA), generates a key of the type it names and runs `body` once more.
+    func withKeyType(current: AnySigningKey?, _ body: (AnySigningKey) async throws -> Enrollment) async throws -> (Enrollment, AnySigningKey) {
+        var choice = keyChoice
+        if case .mldsa(let variant)? = current?.keyChoice, case .classical = choice { choice = .mldsa(variant) }
+        let key = try choice.generate()
+        do {
+            return (try await body(key), key)
+        } catch let error as AuthorityClientError where error.code == "key-type-required" {
+            guard let variant = error.members["key_type"].flatMap(MLDSAVariant.init(rawValue:)) else { throw error }
+            logger.notice("the authority is moving this identity to ML-DSA: renewing with a new \(variant.rawValue) key", metadata: ["identity": "\(configuration.identity)"])
+            movedTo.withLock { $0 = variant }
+            let moved = try KeyChoice.mldsa(variant).generate()
+            return (try await body(moved), moved)
+        }
+    }
 
     /// Trust in the authority from the pinned root fingerprint, not from first use: `/roots.pem` is fetched without
     /// verifying the TLS connection (there is nothing to verify against yet), and only a root whose SHA-256 equals
     /// the pin is kept; every later connection verifies against it.
-    func bootstrapRoots() async throws -> [Certificate] {
+    func bootstrapRoots() async throws -> [AnyCertificate] {
         let bytes: [UInt8]
         do {
             let answer = try await AuthorityClient.unverifiedGET(
@@ -463,7 +493,7 @@ public final class Agent: Sendable {
         var seen: [String] = []
         for root in roots {
             let fingerprint = SHA256.hash(data: try root.derBytes).hexString
-            if fingerprint == self.configuration.rootFingerprint { return [root] }
+            if fingerprint == self.configuration.rootFingerprint { return [.classical(root)] }
             seen.append(fingerprint)
         }
         throw AgentError(.fatal, "the authority's roots do not match --root-fingerprint \(self.configuration.rootFingerprint) (it offered \(seen.joined(separator: ", "))); refusing to trust it")
@@ -514,7 +544,7 @@ enum RenewalMethod: String, Sendable {
     case mtls
     case proof
 
-    init(for certificate: Certificate) {
+    init(for certificate: AnyCertificate) {
         guard let eku = try? certificate.extensions.extendedKeyUsage else {
             self = .mtls
             return

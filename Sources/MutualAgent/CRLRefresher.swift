@@ -67,7 +67,8 @@ public final class CRLRefresher: Sendable {
             let client = try AuthorityClient(baseURL: configuration.authority, trustRoots: current.roots, timeout: configuration.requestTimeout)
             defer { Task { try? await client.shutdown() } }
             let bytes = try await client.chainCRLs()
-            let nextUpdate = try Self.check(bytes, issuers: current.roots + current.chain.dropFirst(), now: now)
+            // /crls.pem is the classical hierarchy's (nginx's ssl_crl); its issuers are the classical certificates here.
+            let nextUpdate = try Self.check(bytes, issuers: (current.roots + current.chain.dropFirst()).compactMap(\.classical), now: now)
             let existing = FileManager.default.contents(atPath: configuration.crlPath).map { Array($0) }
             let changed = existing != bytes
             if changed {

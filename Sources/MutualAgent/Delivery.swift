@@ -18,11 +18,12 @@ public enum Delivery {
         if crashPoint == point { kill(getpid(), SIGKILL) }
     }
 
+    /// The delivered key and certificates, classical or ML-DSA.
     public struct Current: Sendable {
-        public var key: Certificate.PrivateKey
-        public var chain: [Certificate]
-        public var roots: [Certificate]
-        public var leaf: Certificate { chain[0] }
+        public var key: AnySigningKey
+        public var chain: [AnyCertificate]
+        public var roots: [AnyCertificate]
+        public var leaf: AnyCertificate { chain[0] }
     }
 
     /// The delivered credentials, or nil when there are none yet. Throws when they are unreadable or do not match.
@@ -30,10 +31,10 @@ public enum Delivery {
         let keyPath = outDir + "/key.pem"
         guard FileManager.default.fileExists(atPath: keyPath) else { return nil }
         let keyText = String(decoding: try AtomicFile.read(keyPath, limit: 1 << 20, what: "key"), as: UTF8.self)
-        let key = try KeyFile.load(pem: keyText, passphrase: { nil })
-        let chain = try PEMBundle.certificates(fromBytes: try AtomicFile.read(outDir + "/chain.pem", limit: 1 << 20, what: "chain"), what: "chain.pem")
-        let roots = try PEMBundle.certificates(fromBytes: try AtomicFile.read(outDir + "/bundle.pem", limit: 1 << 20, what: "bundle"), what: "bundle.pem")
-        guard key.publicKey == chain[0].publicKey else {
+        let key = try AnySigningKey(pem: keyText, passphrase: { nil })
+        let chain = try PEMBundle.anyCertificates(fromBytes: try AtomicFile.read(outDir + "/chain.pem", limit: 1 << 20, what: "chain"), what: "chain.pem")
+        let roots = try PEMBundle.anyCertificates(fromBytes: try AtomicFile.read(outDir + "/bundle.pem", limit: 1 << 20, what: "bundle"), what: "bundle.pem")
+        guard key.matches(chain[0]) else {
             throw AgentError(.fatal, "\(outDir): key.pem does not match cert.pem")
         }
         return Current(key: key, chain: chain, roots: roots)
@@ -41,16 +42,24 @@ public enum Delivery {
 
     /// Writes a new version and publishes it; keeps the previous version's directory, removes older ones.
     public static func deliver(outDir: String, key: Certificate.PrivateKey, chain: [Certificate], roots: [Certificate]) throws {
+        try deliver(outDir: outDir, key: .classical(key), chain: chain.map { .classical($0) }, roots: roots.map { .classical($0) })
+    }
+
+    /// Either family: an ML-DSA key is written in its PKCS#8 seed form, certificates as PEM.
+    public static func deliver(outDir: String, key: AnySigningKey, chain: [AnyCertificate], roots: [AnyCertificate]) throws {
         try FileManager.default.createDirectory(atPath: outDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         let name = ".gen-\(chain[0].serialHex)"
         let directory = outDir + "/" + name
         try? FileManager.default.removeItem(atPath: directory)
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: false, attributes: [.posixPermissions: 0o755])
-        try AtomicFile.write(try KeyFile.pem(for: key, passphrase: nil), to: directory + "/key.pem", mode: 0o600)
+        func pem(_ certificates: [AnyCertificate]) throws -> String {
+            try certificates.map { PEMCodec.encode(try $0.der, label: "CERTIFICATE") }.joined()
+        }
+        try AtomicFile.write(try key.pem(), to: directory + "/key.pem", mode: 0o600)
         crash(at: "after-key")
-        try AtomicFile.write(try PEMBundle.pem([chain[0]]), to: directory + "/cert.pem")
-        try AtomicFile.write(try PEMBundle.pem(chain), to: directory + "/chain.pem")
-        try AtomicFile.write(try PEMBundle.pem(roots), to: directory + "/bundle.pem")
+        try AtomicFile.write(try pem([chain[0]]), to: directory + "/cert.pem")
+        try AtomicFile.write(try pem(chain), to: directory + "/chain.pem")
+        try AtomicFile.write(try pem(roots), to: directory + "/bundle.pem")
         AtomicFile.syncDirectory(directory)
         crash(at: "after-files")
 

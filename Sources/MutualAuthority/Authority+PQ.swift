@@ -205,6 +205,12 @@ extension Authority {
     public struct Migration: Codable, Sendable, Hashable {
         public var keyType: MLDSAVariant
         public var patterns: [String]
+
+        public init(keyType: MLDSAVariant, patterns: [String]) {
+            self.keyType = keyType
+            self.patterns = patterns
+        }
+
         enum CodingKeys: String, CodingKey {
             case keyType = "key_type"
             case patterns

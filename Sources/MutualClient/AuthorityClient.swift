@@ -13,6 +13,8 @@ public struct AuthorityClientError: Error, Sendable, CustomStringConvertible {
     public var detail: String
     /// The authority's `Date` header, when it answered (for clock-skew checks).
     public var serverDate: Date?
+    /// The problem's extension members (`key_type` of `key-type-required`).
+    public var members: [String: String] = [:]
 
     public var description: String {
         status == 0 ? "authority unreachable: \(detail)" : "authority refused (\(status) \(type)): \(detail)"
@@ -40,8 +42,9 @@ public struct AuthorityClientError: Error, Sendable, CustomStringConvertible {
 
 /// What the authority returns for `/v1/sign`, `/v1/renew` and `/v1/renew-expired`.
 public struct Enrollment: Sendable {
-    public var certificate: Certificate
-    public var chain: [Certificate]
+    /// Classical or ML-DSA: the CSR's key decides.
+    public var certificate: AnyCertificate
+    public var chain: [AnyCertificate]
     public var serial: String
     public var notAfter: Date
     /// How the authority will renew this certificate (`mtls` or `proof`); nil from an authority that does not say.
@@ -49,7 +52,7 @@ public struct Enrollment: Sendable {
     /// The authority's `Date` header.
     public var serverDate: Date?
 
-    public init(certificate: Certificate, chain: [Certificate], serial: String, notAfter: Date, renewal: String?, serverDate: Date?) {
+    public init(certificate: AnyCertificate, chain: [AnyCertificate], serial: String, notAfter: Date, renewal: String?, serverDate: Date?) {
         self.certificate = certificate
         self.chain = chain
         self.serial = serial
@@ -71,14 +74,25 @@ public final class AuthorityClient: Sendable {
     /// - Parameters:
     ///   - trustRoots: the roots the authority's server certificate must chain to (never the system store).
     ///   - identity: the client certificate chain and key for mTLS endpoints.
-    public init(baseURL: String, trustRoots: [Certificate], identity: (chain: [Certificate], key: Certificate.PrivateKey)? = nil,
+    public convenience init(baseURL: String, trustRoots: [Certificate], identity: (chain: [Certificate], key: Certificate.PrivateKey)? = nil,
+                            timeout: Duration = .seconds(30)) throws {
+        try self.init(
+            baseURL: baseURL, trustRoots: trustRoots.map { AnyCertificate.classical($0) },
+            anyIdentity: identity.map { ($0.chain.map { AnyCertificate.classical($0) }, AnySigningKey.classical($0.key)) }, timeout: timeout
+        )
+    }
+
+    /// The same with an identity of either family (an ML-DSA client certificate renews over mTLS like any other).
+    public init(baseURL: String, trustRoots: [AnyCertificate], anyIdentity identity: (chain: [AnyCertificate], key: AnySigningKey)? = nil,
                 timeout: Duration = .seconds(30)) throws {
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.minimumTLSVersion = .tlsv12
-        tls.trustRoots = .certificates(try trustRoots.map { try NIOSSLCertificate(bytes: try $0.derBytes, format: .der) })
+        tls.verifySignatureAlgorithms = TLSSignatureAlgorithms.all
+        tls.signingSignatureAlgorithms = TLSSignatureAlgorithms.all
+        tls.trustRoots = .certificates(try trustRoots.map { try NIOSSLCertificate(bytes: try $0.der, format: .der) })
         if let identity {
-            tls.certificateChain = try identity.chain.map { .certificate(try NIOSSLCertificate(bytes: try $0.derBytes, format: .der)) }
-            tls.privateKey = .privateKey(try NIOSSLPrivateKey(bytes: Array(try KeyFile.pem(for: identity.key, passphrase: nil).utf8), format: .pem))
+            tls.certificateChain = try identity.chain.map { .certificate(try NIOSSLCertificate(bytes: try $0.der, format: .der)) }
+            tls.privateKey = .privateKey(try NIOSSLPrivateKey(bytes: Array(try identity.key.pem().utf8), format: .pem))
         }
         var configuration = HTTPClient.Configuration(tlsConfiguration: tls)
         let seconds = Int64(timeout.components.seconds)
@@ -106,29 +120,38 @@ public final class AuthorityClient: Sendable {
     /// Renews a current certificate that cannot be a TLS client (no clientAuth EKU: a server certificate) with a proof
     /// of possession of its key, over server-authenticated TLS (see docs/api.md).
     public func renewByProof(certificate: Certificate, key: Certificate.PrivateKey, csr: CertificateSigningRequest, now: Date = .now) async throws -> Enrollment {
+        try await renewByProof(certificate: .classical(certificate), key: .classical(key), csr: try Self.encoded(csr), now: now)
+    }
+
+    /// Either family: `csr` is the new request's DER and PEM (``AnySigningKey/certificationRequest(subject:names:)``).
+    public func renewByProof(certificate: AnyCertificate, key: AnySigningKey, csr: (der: [UInt8], pem: String), now: Date = .now) async throws -> Enrollment {
         try await enrollment(path: "/v1/renew", body: try Self.proofBody(purpose: "mutual-renew-v1", certificate: certificate, key: key, csr: csr, now: now), bearer: nil)
     }
 
     /// Renews an expired certificate with proof of possession of its key (see docs/api.md).
     public func renewExpired(certificate: Certificate, oldKey: Certificate.PrivateKey, csr: CertificateSigningRequest, now: Date = .now) async throws -> Enrollment {
+        try await renewExpired(certificate: .classical(certificate), oldKey: .classical(oldKey), csr: try Self.encoded(csr), now: now)
+    }
+
+    public func renewExpired(certificate: AnyCertificate, oldKey: AnySigningKey, csr: (der: [UInt8], pem: String), now: Date = .now) async throws -> Enrollment {
         try await enrollment(path: "/v1/renew-expired", body: try Self.proofBody(purpose: "mutual-renew-expired-v1", certificate: certificate, key: oldKey, csr: csr, now: now), bearer: nil)
     }
 
-    /// `{certificate, csr, timestamp, signature}`: the key signs `<purpose>\n<timestamp>\n<hex SHA-256 of the CSR's DER>`.
-    static func proofBody(purpose: String, certificate: Certificate, key: Certificate.PrivateKey, csr: CertificateSigningRequest, now: Date) throws -> [String: String] {
-        let timestamp = now.formatted(.iso8601)
+    static func encoded(_ csr: CertificateSigningRequest) throws -> (der: [UInt8], pem: String) {
         var serializer = DER.Serializer()
         try serializer.serialize(csr)
-        let statement = Array("\(purpose)\n\(timestamp)\n\(sha256Hex(serializer.serializedBytes))".utf8)
-        let signature = try key.sign(bytes: statement, signatureAlgorithm: proofAlgorithm(key))
-        return [
-            "certificate": try PEMBundle.pem([certificate]), "csr": try csr.serializeAsPEM().pemString,
-            "timestamp": timestamp, "signature": Data(signature.rawRepresentation).base64EncodedString(),
-        ]
+        return (serializer.serializedBytes, try csr.serializeAsPEM().pemString)
     }
 
-    static func proofAlgorithm(_ key: Certificate.PrivateKey) -> Certificate.SignatureAlgorithm {
-        key.preferredSignatureAlgorithm
+    /// `{certificate, csr, timestamp, signature}`: the key signs `<purpose>\n<timestamp>\n<hex SHA-256 of the CSR's DER>`
+    /// (ECDSA, Ed25519 or RSA for a classical key, ML-DSA for an ML-DSA one).
+    static func proofBody(purpose: String, certificate: AnyCertificate, key: AnySigningKey, csr: (der: [UInt8], pem: String), now: Date) throws -> [String: String] {
+        let timestamp = now.formatted(.iso8601)
+        let statement = Array("\(purpose)\n\(timestamp)\n\(sha256Hex(csr.der))".utf8)
+        return [
+            "certificate": PEMCodec.encode(try certificate.der, label: "CERTIFICATE"), "csr": csr.pem,
+            "timestamp": timestamp, "signature": Data(try key.proofSignature(statement)).base64EncodedString(),
+        ]
     }
 
     public func revoke(serial: String, reason: String) async throws {
@@ -173,6 +196,17 @@ public final class AuthorityClient: Sendable {
         return try PEMBundle.certificates(fromBytes: bytes, what: "roots.pem")
     }
 
+    /// Every trust anchor: the classical root and, when the authority has one, the ML-DSA root (`/pq/roots.pem`),
+    /// over this verified connection.
+    public func allRoots() async throws -> [AnyCertificate] {
+        do {
+            let (bytes, _) = try await send(path: "/pq/roots.pem", method: .GET, body: nil, bearer: nil)
+            return try PEMBundle.anyCertificates(fromBytes: bytes, what: "pq/roots.pem")
+        } catch let error as AuthorityClientError where error.status == 404 {
+            return try await roots().map { .classical($0) }
+        }
+    }
+
     func enrollment(path: String, body: [String: String], bearer: String?) async throws -> Enrollment {
         let (bytes, date) = try await send(path: path, method: .POST, body: body, bearer: bearer)
         guard let object = try? JSONSerialization.jsonObject(with: Data(bytes)) as? [String: Any],
@@ -181,8 +215,8 @@ public final class AuthorityClient: Sendable {
         else {
             throw AuthorityClientError(status: 0, type: "malformed-response", detail: "the authority's answer is not an enrollment", serverDate: date)
         }
-        let certificate = try PEMBundle.certificates(fromPEM: certificatePEM)[0]
-        return Enrollment(certificate: certificate, chain: try PEMBundle.certificates(fromPEM: chainPEM), serial: serial,
+        let certificate = try PEMBundle.anyCertificates(fromBytes: Array(certificatePEM.utf8))[0]
+        return Enrollment(certificate: certificate, chain: try PEMBundle.anyCertificates(fromBytes: Array(chainPEM.utf8)), serial: serial,
                           notAfter: certificate.notValidAfter, renewal: object["renewal"] as? String, serverDate: date)
     }
 
@@ -205,9 +239,14 @@ public final class AuthorityClient: Sendable {
         let bytes = Array(buffer.readableBytesView)
         guard (200..<300).contains(Int(response.status.code)) else {
             let problem = (try? JSONSerialization.jsonObject(with: Data(bytes))) as? [String: Any]
+            var members: [String: String] = [:]
+            for (name, value) in problem ?? [:] where !["type", "title", "status", "detail"].contains(name) {
+                if let text = value as? String { members[name] = text }
+            }
             throw AuthorityClientError(
                 status: Int(response.status.code), type: (problem?["type"] as? String) ?? "http-\(response.status.code)",
-                detail: (problem?["detail"] as? String) ?? String(decoding: bytes.prefix(200), as: UTF8.self), serverDate: date
+                detail: (problem?["detail"] as? String) ?? String(decoding: bytes.prefix(200), as: UTF8.self), serverDate: date,
+                members: members
             )
         }
         return (bytes, date)

@@ -32,7 +32,7 @@ struct AgentCommand: AsyncParsableCommand {
         @Option(help: "Identity to request: a SPIFFE ID / URI (URI SAN) or a DNS name.") var identity: String
         @Option(name: .customLong("dns"), help: "Additional DNS SAN (repeatable).") var dnsNames: [String] = []
         @Option(help: "Directory for key.pem, cert.pem, chain.pem, bundle.pem and status.json.") var outDir: String
-        @Option(help: "Key type: p256|p384|ed25519|rsa2048|rsa3072|rsa4096.") var keyType: KeyType = .p256
+        @Option(help: "Key type: \(KeyChoice.choices). An identity the authority moves to ML-DSA (`mutual pq migrate`) switches at its next renewal by itself.") var keyType: KeyChoice = .classical(.p256)
         @Option(help: "Renew after this fraction of the lifetime, e.g. 2/3 or 0.5.") var renewAt: String = "2/3"
         @Option(help: "Requested lifetime at enrollment (within the token's maximum), e.g. 24h.", transform: ValidityDuration.argument) var validity: ValidityDuration?
         @Option(help: "Profile to request at enrollment (default: the token's).") var profile: String?

@@ -156,30 +156,8 @@ extension ValidityDuration: ExpressibleByArgument {
 extension KeyType: ExpressibleByArgument {}
 extension MLDSAVariant: ExpressibleByArgument {}
 
-/// `--key-type` where an ML-DSA key is also accepted: a classical ``KeyType`` or an ML-DSA variant (RFC 9881).
-enum KeyChoice: ExpressibleByArgument, Sendable, Hashable {
-    case classical(KeyType)
-    case mldsa(MLDSAVariant)
-
-    init?(argument: String) {
-        if let classical = KeyType(rawValue: argument) {
-            self = .classical(classical)
-        } else if let variant = MLDSAVariant(rawValue: argument) {
-            self = .mldsa(variant)
-        } else {
-            return nil
-        }
-    }
-
-    static var allValueStrings: [String] { KeyType.allCases.map(\.rawValue) + MLDSAVariant.allCases.map(\.rawValue) }
-    static var choices: String { allValueStrings.joined(separator: "|") }
-
-    var name: String {
-        switch self {
-        case .classical(let k): k.rawValue
-        case .mldsa(let v): v.rawValue
-        }
-    }
+extension KeyChoice: ExpressibleByArgument {
+    public init?(argument: String) { self.init(rawValue: argument) }
 }
 extension RevocationReason: ExpressibleByArgument {}
 

@@ -9,7 +9,7 @@ struct PQCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "pq",
         abstract: "The post-quantum (ML-DSA) hierarchy: add it to a CA and follow the migration.",
-        subcommands: [PQInitCommand.self, PQReportCommand.self]
+        subcommands: [PQInitCommand.self, PQMigrateCommand.self, PQReportCommand.self]
     )
 }
 
@@ -51,6 +51,63 @@ struct PQInitCommand: AsyncParsableCommand {
             }
             print("Added the \(keyType.rawValue) hierarchy to the CA in \(state.path)")
             printPQHierarchy(hierarchy, state: state)
+        } catch {
+            try? await authority.close()
+            throw error
+        }
+    }
+}
+
+struct PQMigrateCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "migrate",
+        abstract: "Move identities to ML-DSA at their next renewal or enrollment.",
+        discussion: """
+            Each PATTERN is an identity pattern as token scopes take them (`spiffe://example.org/ns/web/*`,
+            `*.svc.example.org`, an exact name). From then on a renewal or a token enrollment for a matching identity
+            with a classical CSR is refused with `key-type-required` (HTTP 409, `key_type` in the problem), and
+            `mutual agent` answers it by generating an ML-DSA key and asking again, so the identity moves at its next
+            renewal with no one touching the host. Without PATTERN it prints the current migration. Audited as
+            `pq-migrate`.
+            """
+    )
+
+    @OptionGroup var stateOptions: StateOptions
+
+    @Argument(help: "Identity patterns to move (spiffe://example.org/ns/web/*, *.svc.example.org, an exact identity).")
+    var patterns: [String] = []
+
+    @Option(help: "Stop moving these patterns (repeatable).")
+    var remove: [String] = []
+
+    @Option(help: "The ML-DSA parameter set to move to (default: the hierarchy's).")
+    var keyType: MLDSAVariant?
+
+    @Flag(help: "Print JSON.")
+    var json = false
+
+    func run() async throws {
+        let authority = try await stateOptions.openAuthority()
+        do {
+            let migration: Authority.Migration?
+            if patterns.isEmpty && remove.isEmpty && keyType == nil {
+                migration = try await failing { try await authority.migration() }
+            } else {
+                migration = try await failing {
+                    try await authority.updateMigration(adding: patterns, removing: remove, keyType: keyType, actor: cliActor)
+                }
+            }
+            try await authority.close()
+            if json {
+                try printJSON(migration ?? Authority.Migration(keyType: authority.pqCA?.key.variant ?? .mlDSA65, patterns: []))
+                return
+            }
+            guard let migration, !migration.patterns.isEmpty else {
+                print("No identities are being moved to ML-DSA.")
+                return
+            }
+            print("Moving to \(migration.keyType.rawValue) at their next renewal or enrollment:")
+            for pattern in migration.patterns { print("  \(pattern)") }
         } catch {
             try? await authority.close()
             throw error

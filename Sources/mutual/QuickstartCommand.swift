@@ -195,8 +195,8 @@ enum QuickstartCall {
         tls.trustRoots = .certificates([try NIOSSLCertificate(bytes: try root.derBytes, format: .der)])
         tls.certificateVerification = .noHostnameVerification
         if let identityDir, let current = try Delivery.read(outDir: identityDir) {
-            tls.certificateChain = try current.chain.map { .certificate(try NIOSSLCertificate(bytes: try $0.derBytes, format: .der)) }
-            tls.privateKey = .privateKey(try NIOSSLPrivateKey(bytes: Array(try KeyFile.pem(for: current.key, passphrase: nil).utf8), format: .pem))
+            tls.certificateChain = try current.chain.map { .certificate(try NIOSSLCertificate(bytes: try $0.der, format: .der)) }
+            tls.privateKey = .privateKey(try NIOSSLPrivateKey(bytes: Array(try current.key.pem().utf8), format: .pem))
         }
         var configuration = HTTPClient.Configuration(tlsConfiguration: tls)
         configuration.connectionPool = .init(idleTimeout: .seconds(1), concurrentHTTP1ConnectionsPerHostSoftLimit: 1)

@@ -59,7 +59,7 @@ struct AgentAgainstServerTests {
             #expect(record?.identity == uri)
             let delivered = try Delivery.read(outDir: dir + "/out")
             #expect(delivered?.leaf.serialHex == serial)
-            #expect(delivered?.leaf.publicKey != old.certificate.publicKey, "a new key")
+            #expect(delivered?.leaf.classical?.publicKey != old.certificate.publicKey, "a new key")
             #expect(agent.currentStatus.state == "ok" && agent.currentStatus.consecutiveFailures == 0)
         } catch {
             await server.stop()
@@ -105,7 +105,7 @@ struct AgentAgainstServerTests {
             let record = try #require(try await server.authority.store.certificate(serial: serial))
             #expect(record.requester == "cert:\(first)" && record.identity == "web.example.org" && record.profile == "server")
             let delivered = try #require(try Delivery.read(outDir: dir + "/out"))
-            #expect(delivered.leaf.serialHex == serial && delivered.leaf.publicKey != enrolled.leaf.publicKey)
+            #expect(delivered.leaf.serialHex == serial && delivered.leaf.subjectPublicKeyInfo != enrolled.leaf.subjectPublicKeyInfo)
             let event = try await server.authority.store.auditEvents().last
             #expect(event?.action == "renew" && event?.details.contains("\"method\":\"proof\"") == true)
             #expect(AgentStatus.read(outDir: dir + "/out")?.renewalMethod == "proof", "status says how it renews")
@@ -123,7 +123,7 @@ struct AgentAgainstServerTests {
         let server = try ca.issue(.init(profile: .server, publicKey: key.publicKey, dnsNames: ["web.example.org"]), now: .now)
         let workload = try ca.issue(.init(profile: .workload, publicKey: key.publicKey, uris: ["spiffe://example.org/web"]), now: .now)
         let make = { (certificate: Certificate, renewal: String?) in
-            Enrollment(certificate: certificate, chain: [certificate], serial: certificate.serialHex, notAfter: certificate.notValidAfter, renewal: renewal, serverDate: nil)
+            Enrollment(certificate: .classical(certificate), chain: [.classical(certificate)], serial: certificate.serialHex, notAfter: certificate.notValidAfter, renewal: renewal, serverDate: nil)
         }
         #expect(throws: AgentError.self) { try Agent.checkRenewable(make(server, nil)) }
         #expect(throws: AgentError.self) { try Agent.checkRenewable(make(server, "mtls")) }
@@ -295,7 +295,7 @@ struct AgentAgainstServerTests {
             try Delivery.deliver(outDir: dir + "/out", key: key, chain: old.chain, roots: [server.root])
             let clock = ShiftedClock(offset: 0)
             let agent = Agent(configuration: try configuration(server, dir: dir, token: nil, uri: uri), clock: clock, logger: Logger(label: "test"), random: { 0 })
-            await agent.refreshTime(roots: [server.root])   // the agent has measured the clocks agree
+            await agent.refreshTime(roots: [.classical(server.root)])   // the agent has measured the clocks agree
             clock.offset = -7200   // then NTP steps the host clock back two hours
             let outcome = await agent.step()
             guard case .renewed = outcome else { Issue.record("expected a renewal on the authority's time, got \(outcome)"); return }

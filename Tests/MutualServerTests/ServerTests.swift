@@ -26,12 +26,12 @@ struct ServerTests {
             #expect(record.requester == "token:\(token.record.id)")
 
             // Renewal: the CSR asks for another identity; the new certificate keeps the current one.
-            let mtls = try server.client(identity: (enrollment.chain, key))
+            let mtls = try server.client(identity: (enrollment.chain.compactMap(\.classical), key))
             let newKey = try KeyType.p256.generate()
             let renewed = try await mtls.renew(csrPEM: try ServerHarness.csr(newKey, uri: "spiffe://example.org/ns/prod/sa/admin"))
             let sans = try #require(try renewed.certificate.extensions.subjectAlternativeNames)
             #expect(Array(sans) == [.uniformResourceIdentifier("spiffe://example.org/ns/prod/sa/api")])
-            #expect(renewed.certificate.publicKey == newKey.publicKey)
+            #expect(renewed.certificate.classical?.publicKey == newKey.publicKey)
             let lifetime = renewed.certificate.notValidAfter.timeIntervalSince(renewed.certificate.notValidBefore)
             let original = enrollment.certificate.notValidAfter.timeIntervalSince(enrollment.certificate.notValidBefore)
             #expect(abs(lifetime - original) < 2, "same lifetime")
@@ -245,7 +245,7 @@ struct ServerTests {
             }
             #expect(forged?.status == 403)
             let renewed = try await client.renewExpired(certificate: old.certificate, oldKey: key, csr: csr)
-            #expect(renewed.certificate.publicKey == newKey.publicKey)
+            #expect(renewed.certificate.classical?.publicKey == newKey.publicKey)
             #expect(try await server.authority.store.certificate(serial: renewed.serial)?.requester == "cert:\(old.record.serial)")
 
             // Expired longer ago than the window: refused with the reason.

@@ -23,11 +23,12 @@ final class ServerHarness: @unchecked Sendable {
     var baseURL: String { "https://127.0.0.1:\(port)" }
     var httpURL: String { "http://127.0.0.1:\(httpPort)" }
 
-    static func start(renewExpiredGrace: ValidityDuration? = nil, idleTimeout: Duration = .seconds(30), acme: [ACMEProvisioner] = []) async throws -> ServerHarness {
+    static func start(renewExpiredGrace: ValidityDuration? = nil, idleTimeout: Duration = .seconds(30), acme: [ACMEProvisioner] = [], pq: MLDSAVariant? = nil) async throws -> ServerHarness {
         let dir = TestPKI.temporaryDirectory("server")
         let state = StateDirectory(path: dir + "/state")
         _ = try await Authority.initialize(state: state, name: "Server Test", keyType: .p256, constraints: .init(), passphrase: nil, actor: "test")
         let authority = try await Authority.open(state: state)
+        if let pq { _ = try await authority.addPQHierarchy(variant: pq, passphrase: nil, actor: "test") }
         let harness = ServerHarness(dir: dir, state: state, authority: authority)
         var logger = Logger(label: "test.server")
         logger.logLevel = .critical

@@ -9,7 +9,10 @@
 #     with an ML-DSA-65 client certificate over X25519MLKEM768 and the backend sees its SPIFFE ID; a P-256 client of
 #     the classical hierarchy is accepted through the same mixed bundle; /metrics counts both by group and key;
 #  4. outbound: `mutual proxy --outbound` presents an ML-DSA-65 client certificate to a pyOpenSSL ML-DSA server that
-#     requires one, over X25519MLKEM768.
+#     requires one, over X25519MLKEM768;
+#  5. the migration: `mutual agent` enrolls a P-256 identity (30 s certificates), a pyOpenSSL client calls through the
+#     proxy as that identity without pause, `mutual pq migrate` moves it, and the agent's next renewals are ML-DSA-65
+#     (the first over classical mTLS, the next with its ML-DSA certificate): zero failed requests.
 # Prints "N passed, N failed".
 set -uo pipefail
 : "${VENV:?}" "${MUTUAL:?}"
@@ -142,6 +145,48 @@ out=$(curl -s "http://127.0.0.1:$O2/hello"); sleep 0.3
 [ -z "$out" ] && grep -q "upstream_identity" "$T/outbound2.log" && grep -q "expected dns:db.example.org" "$T/outbound2.log" \
   && ok "an ML-DSA upstream that is not the expected identity is refused (connection closed, reason upstream_identity logged)" \
   || bad "outbound identity check: '$out' $(tail -3 "$T/outbound2.log")"
+
+# ---- 5. an identity moves from P-256 to ML-DSA-65 at renewal while it calls through the proxy
+A=$(grep -o 'https://127.0.0.1:[0-9]*' "$T/serve.log" | head -1)
+FP=$(openssl x509 -in "$S/ca/root.pem" -outform DER | sha256sum | cut -d' ' -f1)
+TOK=$("$MUTUAL" token create --state-dir "$S" --scope 'spiffe://example.org/ns/web/*' --max-validity 1h --uses 1 --ttl 1h --json | jq -r .token)
+"$MUTUAL" agent --authority "$A" --root-fingerprint "$FP" --token "$TOK" --identity spiffe://example.org/ns/web/sa/mover \
+  --out-dir "$D/mover" --validity 30s --log-level notice > "$T/agent.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do [ -e "$D/mover/current" ] && break; sleep 0.1; done
+[ "$(openssl x509 -in "$D/mover/cert.pem" -noout -text 2>/dev/null | grep -c 'id-ecPublicKey')" = 1 ] && ok "mutual agent enrolled spiffe://example.org/ns/web/sa/mover with P-256 (30 s certificates)" || bad "agent enrollment: $(tail -3 "$T/agent.log")"
+LOOP_SECONDS=${PQ_LOOP_SECONDS:-45}
+"$PY" "$PEERS" loop 127.0.0.1 "$PPORT" "$D/mover" "$D/server/root.pem" "$LOOP_SECONDS" "$T/loop.json" > "$T/loop.log" 2>&1 &
+LOOP=$!
+PIDS+=($LOOP)
+sleep 3
+check "mutual pq migrate 'spiffe://example.org/ns/web/sa/mover'" "$MUTUAL" pq migrate --state-dir "$S" 'spiffe://example.org/ns/web/sa/mover'
+wait "$LOOP"
+summary=$(cat "$T/loop.json" 2>/dev/null)
+"$PY" - "$summary" <<'PY' > "$T/loop.out" 2>&1 && ok "$(cat "$T/loop.out")" || bad "migration under load: $summary $(cat "$T/loop.out") $(tail -5 "$T/agent.log")"
+import json, sys
+s = json.loads(sys.argv[1])
+assert s["failures"] == 0, s
+assert s["by_key"].get("ECPublicKey", 0) > 0 and s["by_key"].get("MLDSA65PublicKey", 0) > 0, s
+print(f"{s['total']} requests through the proxy while the identity moved: {s['by_key']['ECPublicKey']} as P-256, {s['by_key']['MLDSA65PublicKey']} as ML-DSA-65, 0 failed")
+PY
+status=$("$MUTUAL" agent status --out-dir "$D/mover" --json)
+renewals=$(jq -r .status.renewals <<<"$status")
+[ "$(jq -r .status.state <<<"$status")" = ok ] && [ "${renewals:-0}" -ge 2 ] && openssl x509 -in "$D/mover/cert.pem" -noout -text 2>/dev/null | grep -q 'ML-DSA-65\|2.16.840.1.101.3.4.3.18' \
+  && ok "the agent renewed $renewals times, now on ML-DSA-65 (the later renewals over mTLS with its ML-DSA certificate)" || bad "agent after the move: $status"
+grep -q "key-type-required" <<<"$("$MUTUAL" audit list --state-dir "$S" --json)" \
+  && ok "the audit trail holds the key-type-required refusal that moved it" || bad "no key-type-required in the audit trail"
+report=$("$MUTUAL" pq report --state-dir "$S" --proxy-metrics "http://127.0.0.1:$APORT/metrics" --json)
+"$PY" - "$report" <<'PY' > "$T/report.out" 2>&1 && ok "mutual pq report: $(cat "$T/report.out")" || bad "pq report: $report $(cat "$T/report.out")"
+import json, sys
+r = json.loads(sys.argv[1])
+inventory = r["inventory"]
+assert inventory["hierarchy"] == "ml-dsa-65", inventory
+assert all(c["identity"] != "spiffe://example.org/ns/web/sa/mover" for c in inventory["classicalIdentities"]), "the mover is still listed as classical"
+pq = sum(p["count"] for p in r["proxies"] if p["clientKey"] == "ML-DSA-65" and p["group"] == "X25519MLKEM768" and p["serverKey"] == "ML-DSA-65")
+assert pq > 0 and not r["proxyErrors"], r
+print(f"{inventory['postQuantumIdentities']} of {inventory['identities']} identities on ML-DSA, the mover among them; {int(pq)} proxy handshakes post-quantum on both axes")
+PY
 
 echo "ML-DSA interop: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]

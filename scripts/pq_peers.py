@@ -5,6 +5,9 @@ OpenSSL that cryptography bundles, which knows ML-DSA and X25519MLKEM768) is a T
   pq_peers.py make-csr OUT_DIR                 an ML-DSA-65 key and CSR (SAN csr.example.org) for `mutual sign`
   pq_peers.py check DIR                        check every file the script collected in DIR; one ok/FAIL line each
   pq_peers.py client HOST PORT CERT KEY CA PATH  one HTTPS request with a client certificate; prints a JSON summary
+  pq_peers.py loop HOST PORT OUT_DIR CA SECONDS RESULT
+                                               requests through the proxy for SECONDS with the agent's current
+                                               certificate (re-read for every request), then a JSON summary in RESULT
   pq_peers.py server PORT CERT KEY CA READY    an HTTPS server that requires a client certificate (one connection
                                                at a time), answering with what it saw; writes READY when listening
 """
@@ -177,6 +180,35 @@ def client(host, port, cert, key, ca, path):
     print(json.dumps(summary))
 
 
+def loop(host, port, out, ca, seconds, result):
+    """Calls through the proxy as the agent's identity while the agent renews: every request uses the key and chain of
+    the version `current` points at then (one directory, so never a key of one version with a chain of another)."""
+    import os
+    import time
+    deadline = time.monotonic() + float(seconds)
+    total, failures, by_key, errors = 0, 0, {}, []
+    while time.monotonic() < deadline:
+        version = os.path.realpath(f"{out}/current")
+        leaf = x509.load_pem_x509_certificates(open(f"{version}/chain.pem", "rb").read())[0]
+        kind = type(leaf.public_key()).__name__
+        total += 1
+        try:
+            import io, contextlib
+            buffer = io.StringIO()
+            with contextlib.redirect_stdout(buffer):
+                client(host, port, f"{version}/chain.pem", f"{version}/key.pem", ca, "/whoami")
+            answer = json.loads(buffer.getvalue())
+            if answer["status"] != 200:
+                raise RuntimeError(f"HTTP {answer['status']}")
+            by_key[kind] = by_key.get(kind, 0) + 1
+        except Exception as error:  # every failure counts; the first few are kept for the report
+            failures += 1
+            if len(errors) < 5:
+                errors.append(f"{kind}: {type(error).__name__}: {error}")
+        time.sleep(0.1)
+    open(result, "w").write(json.dumps({"total": total, "failures": failures, "by_key": by_key, "errors": errors}))
+
+
 def server(port, cert, key, ca, ready):
     from OpenSSL import SSL
     listener = socket.socket()
@@ -218,5 +250,7 @@ if __name__ == "__main__":
         run_checks(sys.argv[2])
     elif command == "client":
         client(*sys.argv[2:8])
+    elif command == "loop":
+        loop(*sys.argv[2:8])
     elif command == "server":
         server(*sys.argv[2:7])

@@ -48,7 +48,7 @@ SERIAL87=$("$MUTUAL" list --state-dir "$S" --json | "$PY" -c 'import json,sys; p
 check "mutual revoke the ML-DSA-87 certificate" "$MUTUAL" revoke --state-dir "$S" "$SERIAL87" --reason keyCompromise
 curl -sf "$HTTP/pq/crl" -o "$D/pq.crl" && curl -sf "$HTTP/crl" -o "$D/classical.crl" && curl -sf "$HTTP/pq/roots.pem" -o "$D/pq-roots.pem" && curl -sf "$HTTP/roots.pem" -o "$D/roots.pem" \
   && ok "GET /pq/crl, /crl, /pq/roots.pem and /roots.pem over plain HTTP" || bad "the CRL and bundle endpoints"
-"$PY" "$PEERS" check "$D" > "$T/check.log" 2>&1
+"$PY" "$PEERS" check "$D" "$HTTP" > "$T/check.log" 2>&1
 grep -E '^(ok|FAIL) ' "$T/check.log"
 pass=$((pass + $(grep -c '^ok ' "$T/check.log")))
 fail=$((fail + $(grep -c '^FAIL ' "$T/check.log")))
@@ -58,6 +58,10 @@ out=$("$MUTUAL" verify --roots "$D/pq-roots.pem" --intermediates "$D/client/chai
 [ "$(jq -r .result <<<"$out")" = accepted ] && [ "$(jq -r .algorithm <<<"$out")" = ml-dsa-65 ] && ok "mutual verify accepts the ML-DSA-65 workload chain against the mixed bundle" || bad "mutual verify (ML-DSA): $out"
 out=$("$MUTUAL" verify --roots "$D/pq-roots.pem" --intermediates "$D/server87/chain.pem" --crl "$D/pq.crl" --json "$D/server87/cert.pem"); rc=$?
 [ $rc = 1 ] && [ "$(jq -r .code <<<"$out")" = revoked ] && ok "mutual verify --crl /pq/crl: the revoked ML-DSA-87 certificate is refused as revoked (exit 1)" || bad "mutual verify --crl: rc=$rc $out"
+out=$("$MUTUAL" verify --roots "$D/pq-roots.pem" --intermediates "$D/client/chain.pem" --check-revocation --json "$D/client/cert.pem"); rc=$?
+[ $rc = 0 ] && [ "$(jq -r .revocation <<<"$out")" = "good (OCSP $HTTP/ocsp)" ] && ok "mutual verify --check-revocation: the ML-DSA issuing CA's OCSP answer (ML-DSA signed) says good" || bad "mutual verify --check-revocation (ML-DSA, good): rc=$rc $out"
+out=$("$MUTUAL" verify --roots "$D/pq-roots.pem" --intermediates "$D/server87/chain.pem" --check-revocation --json "$D/server87/cert.pem"); rc=$?
+[ $rc = 1 ] && [ "$(jq -r .code <<<"$out")" = revoked ] && ok "mutual verify --check-revocation: the revoked ML-DSA-87 certificate is refused as revoked by OCSP" || bad "mutual verify --check-revocation (ML-DSA, revoked): rc=$rc $out"
 out=$("$MUTUAL" verify --roots "$D/roots.pem" --intermediates "$D/client/chain.pem" --json "$D/client/cert.pem"); rc=$?
 [ $rc = 1 ] && [ "$(jq -r .code <<<"$out")" = unknown_issuer ] && ok "mutual verify: the ML-DSA chain against the classical root alone is unknown_issuer" || bad "mutual verify (wrong root): rc=$rc $out"
 out=$("$MUTUAL" verify --roots "$D/pq-roots.pem" --json "$D/legacy/cert.pem" --intermediates "$D/legacy/chain.pem"); rc=$?

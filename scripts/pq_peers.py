@@ -3,7 +3,7 @@ Mutual's code: python `cryptography` 50 checks what `mutual init/issue/sign/serv
 OpenSSL that cryptography bundles, which knows ML-DSA and X25519MLKEM768) is a TLS 1.3 client and server.
 
   pq_peers.py make-csr OUT_DIR                 an ML-DSA-65 key and CSR (SAN csr.example.org) for `mutual sign`
-  pq_peers.py check DIR                        check every file the script collected in DIR; one ok/FAIL line each
+  pq_peers.py check DIR [HTTP_BASE]            check every file the script collected in DIR; one ok/FAIL line each
   pq_peers.py client HOST PORT CERT KEY CA PATH  one HTTPS request with a client certificate; prints a JSON summary
   pq_peers.py loop HOST PORT OUT_DIR CA SECONDS RESULT
                                                requests through the proxy for SECONDS with the agent's current
@@ -57,7 +57,28 @@ def pems(path):
     return x509.load_pem_x509_certificates(open(path, "rb").read())
 
 
-def run_checks(d):
+def ocsp_check(base, d, pq_issuing):
+    """An OCSP request built by python cryptography for the ML-DSA certificates, answered by `mutual serve`: the
+    response's ML-DSA signature verified under the ML-DSA issuing CA's key."""
+    import urllib.request
+    from cryptography.x509 import ocsp
+    answers = {}
+    for name in ("client", "server87"):
+        cert = pems(f"{d}/{name}/cert.pem")[0]
+        request = ocsp.OCSPRequestBuilder().add_certificate(cert, pq_issuing, hashes.SHA1()).build()
+        http = urllib.request.Request(f"{base}/ocsp", data=request.public_bytes(serialization.Encoding.DER),
+                                      headers={"Content-Type": "application/ocsp-request"})
+        response = ocsp.load_der_ocsp_response(urllib.request.urlopen(http, timeout=10).read())
+        assert response.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL, response.response_status
+        assert response.signature_algorithm_oid.dotted_string == MLDSA65, response.signature_algorithm_oid
+        pq_issuing.public_key().verify(response.signature, response.tbs_response_bytes)
+        assert response.serial_number == cert.serial_number
+        answers[name] = response.certificate_status
+    assert answers["client"] == ocsp.OCSPCertStatus.GOOD and answers["server87"] == ocsp.OCSPCertStatus.REVOKED, answers
+    return "ML-DSA-65 signature valid under the ML-DSA issuing CA; the workload good, the revoked ML-DSA-87 leaf revoked"
+
+
+def run_checks(d, base=None):
     now = datetime.datetime.now(datetime.timezone.utc)
     pq_root = pems(f"{d}/state/ca/pq-root.pem")[0]
     pq_issuing = pems(f"{d}/state/ca/pq-intermediate.pem")[0]
@@ -136,6 +157,8 @@ def run_checks(d):
         assert len(only) == 1 and only[0] == classical_root
         return "/pq/roots.pem = classical root + ML-DSA root; /roots.pem unchanged (classical only)"
     check("trust bundles for the migration", bundle)
+    if base:
+        check("OCSP (`POST /ocsp`) for ML-DSA certificates, asked and checked by python cryptography", lambda: ocsp_check(base, d, pq_issuing))
     print(f"ML-DSA CLI outputs (python cryptography): {passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 
@@ -247,7 +270,7 @@ if __name__ == "__main__":
     if command == "make-csr":
         make_csr(sys.argv[2])
     elif command == "check":
-        run_checks(sys.argv[2])
+        run_checks(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
     elif command == "client":
         client(*sys.argv[2:8])
     elif command == "loop":

@@ -25,10 +25,10 @@ extension Authority {
             let root = try MLDSACertificate(pem: try AtomicFile.read(state.pqRootCertificatePath, limit: 1 << 20, what: "ML-DSA root certificate"))
             let keyText = String(decoding: try AtomicFile.read(state.pqIntermediateKeyPath, limit: 1 << 20, what: "ML-DSA issuing key"), as: UTF8.self)
             let key = try MLDSASigningKey(pem: keyText, passphrase: passphrase)
+            // The URLs are set by `open` from the recorded public URL (`/pq/crl`, and `/ocsp`, where the ML-DSA
+            // issuing CA answers for its own certificates with ML-DSA signatures).
             var pqPolicy = policy
             pqPolicy.crlURL = nil
-            // No OCSP URL in ML-DSA certificates until the responder signs with ML-DSA: a URL whose answers a relying
-            // party cannot verify is worse than none (the CRL at /pq/crl is signed by the ML-DSA issuing CA).
             pqPolicy.ocspURL = nil
             return try MLDSAIssuingCA(certificate: intermediate, key: key, root: root, policy: pqPolicy)
         } catch let error as PKIError {
@@ -93,11 +93,10 @@ extension Authority {
         return hierarchy
     }
 
-    /// The ML-DSA CA's policy: the classical one's rules, its own CRL, no OCSP URL (see ``loadPQ``).
+    /// The ML-DSA CA's policy: the classical one's rules and OCSP URL, its own CRL.
     static func pqPolicy(from classical: IssuancePolicy) -> IssuancePolicy {
         var policy = classical
         if let crl = classical.crlURL, crl.hasSuffix("/crl") { policy.crlURL = String(crl.dropLast(4)) + pqCRLPath } else { policy.crlURL = nil }
-        policy.ocspURL = nil
         return policy
     }
 

@@ -193,6 +193,7 @@ public final class Authority: Sendable {
             configured.policy.crlURL = url + "/crl"
             configured.policy.ocspURL = url + "/ocsp"
             pqCA?.policy.crlURL = url + Self.pqCRLPath
+            pqCA?.policy.ocspURL = url + "/ocsp"
         }
         return Authority(state: state, configuration: configuration, ca: configured, store: store, logger: logger, pqCA: pqCA)
     }
@@ -242,7 +243,10 @@ public final class Authority: Sendable {
             $0.policy.crlURL = trimmed + "/crl"
             $0.policy.ocspURL = trimmed + "/ocsp"
         }
-        pqBox.withLock { $0?.policy.crlURL = trimmed + Self.pqCRLPath }
+        pqBox.withLock {
+            $0?.policy.crlURL = trimmed + Self.pqCRLPath
+            $0?.policy.ocspURL = trimmed + "/ocsp"
+        }
     }
 
     /// The recorded base URL for CRL and OCSP, and whether a person set it (nil: none yet).

@@ -107,17 +107,20 @@ public actor OCSPResponder {
             return Answer(der: OCSP.errorResponse(.malformedRequest), maxAge: 0, cacheHit: false, outcome: "malformedRequest")
         }
         let issuer = authority.ca.certificate
-        guard request.certIDs.contains(where: { $0.matches(issuer: issuer) }) else {
+        // A request about the ML-DSA issuing CA's certificates is answered by that CA itself, signed with ML-DSA; one
+        // about the classical CA's by the delegated responder. A request naming neither is not ours to answer.
+        let pq = authority.pqCA.flatMap { pq in request.certIDs.contains(where: { $0.matches(issuer: pq.certificate) }) ? pq : nil }
+        let ours: (OCSP.CertID) -> Bool = { id in pq.map { id.matches(issuer: $0.certificate) } ?? id.matches(issuer: issuer) }
+        guard pq != nil || request.certIDs.contains(where: { $0.matches(issuer: issuer) }) else {
             return Answer(der: OCSP.errorResponse(.unauthorized), maxAge: 0, cacheHit: false, outcome: "unauthorized")
         }
         do {
-            let signer = try await ensureSigner(now: now)
             let nextUpdate = now.addingTimeInterval(responseValidity.timeInterval)
             var singles: [OCSP.SingleResponse] = []
             var outcome = "good"
             for id in request.certIDs {
                 var status: OCSP.CertStatus = .unknown
-                if id.matches(issuer: issuer), let record = try await lookup(id.serialNumber.bytes.hexString) {
+                if ours(id), let record = try await lookup(id.serialNumber.bytes.hexString) {
                     if record.status == .revoked {
                         status = .revoked(time: record.revokedAt ?? now, reason: record.revocationReason.flatMap(RevocationReason.init(rawValue:)))
                     } else {
@@ -131,9 +134,15 @@ public actor OCSPResponder {
                 }
                 singles.append(OCSP.SingleResponse(certID: id, status: status, thisUpdate: now, nextUpdate: nextUpdate))
             }
-            let der = try OCSP.successfulResponse(
-                responses: singles, nonce: request.nonce, producedAt: now, responderCertificate: signer.certificate, responderKey: signer.key
-            )
+            let der: [UInt8]
+            if let pq {
+                der = try OCSP.successfulResponse(responses: singles, nonce: request.nonce, producedAt: now, mldsaIssuer: pq.certificate, key: pq.key)
+            } else {
+                let signer = try await ensureSigner(now: now)
+                der = try OCSP.successfulResponse(
+                    responses: singles, nonce: request.nonce, producedAt: now, responderCertificate: signer.certificate, responderKey: signer.key
+                )
+            }
             if request.nonce == nil {
                 if cache.count >= Self.cacheLimit { cache.removeAll(keepingCapacity: true) }
                 cache[requestDER] = CachedResponse(der: der, producedAt: now, nextUpdate: nextUpdate, watermark: observed)

@@ -111,7 +111,7 @@ public enum AnyCertificate: Sendable, Hashable {
     /// The DER SubjectPublicKeyInfo: identifies the key (caches, CRL checks) whatever its algorithm.
     public var subjectPublicKeyInfo: [UInt8] {
         switch self {
-        case .classical(let c): Array(c.publicKey.subjectPublicKeyInfoBytes)
+        case .classical(let c): c.publicKey.subjectPublicKeyInfoDER
         case .mldsa(let c): c.subjectPublicKeyInfo
         }
     }
@@ -143,5 +143,14 @@ extension CertificateIdentity {
 
     public static func display(_ certificate: AnyCertificate) -> String {
         of(certificate) ?? "serial \(certificate.serialHex)"
+    }
+}
+
+extension Certificate.PublicKey {
+    /// The whole DER SubjectPublicKeyInfo (swift-certificates' `subjectPublicKeyInfoBytes` is only the key bits).
+    public var subjectPublicKeyInfoDER: [UInt8] {
+        var serializer = DER.Serializer()
+        try? serializer.serialize(self)
+        return serializer.serializedBytes
     }
 }

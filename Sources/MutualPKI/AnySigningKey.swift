@@ -70,7 +70,7 @@ public enum AnySigningKey: Sendable {
     public var subjectPublicKeyInfo: [UInt8] {
         get throws {
             switch self {
-            case .classical(let k): Array(k.publicKey.subjectPublicKeyInfoBytes)
+            case .classical(let k): k.publicKey.subjectPublicKeyInfoDER
             case .mldsa(let k): try k.subjectPublicKeyInfo
             }
         }

@@ -47,6 +47,22 @@ public enum OCSP {
             self.serialNumber = serialNumber
         }
 
+        /// The CertID of `serial` under an ML-DSA issuer (its key hash covers the raw ML-DSA public key).
+        public init(issuer: MLDSACertificate, serialNumber: Certificate.SerialNumber, hashAlgorithm: HashAlgorithm = .sha1) throws {
+            var name = DER.Serializer()
+            try name.serialize(issuer.subject)
+            self.hashAlgorithm = hashAlgorithm
+            self.issuerNameHash = hashAlgorithm.hash(name.serializedBytes)
+            self.issuerKeyHash = hashAlgorithm.hash(issuer.subjectPublicKey)
+            self.serialNumber = serialNumber
+        }
+
+        /// Whether this CertID names the ML-DSA `issuer`.
+        public func matches(issuer: MLDSACertificate) -> Bool {
+            guard let mine = try? CertID(issuer: issuer, serialNumber: serialNumber, hashAlgorithm: hashAlgorithm) else { return false }
+            return mine.issuerNameHash == issuerNameHash && mine.issuerKeyHash == issuerKeyHash
+        }
+
         init(hashAlgorithm: HashAlgorithm, issuerNameHash: [UInt8], issuerKeyHash: [UInt8], serialNumber: Certificate.SerialNumber) {
             self.hashAlgorithm = hashAlgorithm
             self.issuerNameHash = issuerNameHash
@@ -227,11 +243,40 @@ public enum OCSP {
         responderKey: Certificate.PrivateKey
     ) throws -> [UInt8] {
         let algorithm = responderKey.preferredSignatureAlgorithm
+        var certificate = DER.Serializer()
+        try certificate.serialize(responderCertificate)
+        return try encodeResponse(
+            responses: responses, nonce: nonce, producedAt: producedAt, responderKeyBits: subjectPublicKeyBits(responderCertificate),
+            certificates: [certificate.serializedBytes],
+            algorithm: { try SignatureAlgorithmDER.serialize(algorithm, into: &$0) },
+            sign: { Array(try responderKey.sign(bytes: $0, signatureAlgorithm: algorithm).rawRepresentation) }
+        )
+    }
+
+    /// A response signed by an ML-DSA issuing CA itself (RFC 6960 2.6: the CA may sign its own responses), so a
+    /// relying party checks it against the issuer it already holds; no responder certificate is carried.
+    public static func successfulResponse(
+        responses: [SingleResponse], nonce: [UInt8]?, producedAt: Date, mldsaIssuer: MLDSACertificate, key: MLDSASigningKey
+    ) throws -> [UInt8] {
+        guard mldsaIssuer.subjectPublicKey == key.publicKey else { throw PKIError(.inconsistentCA, "the key is not the OCSP issuer certificate's") }
+        return try encodeResponse(
+            responses: responses, nonce: nonce, producedAt: producedAt, responderKeyBits: key.publicKey, certificates: [],
+            algorithm: { coder in try coder.appendConstructedNode(identifier: .sequence) { try $0.serialize(key.variant.oid) } },
+            sign: { try key.sign($0) }
+        )
+    }
+
+    /// The BasicOCSPResponse for any signer: `algorithm` writes its AlgorithmIdentifier, `sign` signs the
+    /// ResponseData.
+    static func encodeResponse(
+        responses: [SingleResponse], nonce: [UInt8]?, producedAt: Date, responderKeyBits: [UInt8], certificates: [[UInt8]],
+        algorithm: (inout DER.Serializer) throws -> Void, sign: ([UInt8]) throws -> [UInt8]
+    ) throws -> [UInt8] {
         var tbs = DER.Serializer()
         try tbs.appendConstructedNode(identifier: .sequence) { data in
             // responderID byKey [2] EXPLICIT KeyHash (SHA-1 of the responder's public key bits)
             try data.appendConstructedNode(identifier: .init(tagWithNumber: 2, tagClass: .contextSpecific)) { id in
-                try id.serialize(ASN1OctetString(contentBytes: HashAlgorithm.sha1.hash(subjectPublicKeyBits(responderCertificate))[...]))
+                try id.serialize(ASN1OctetString(contentBytes: HashAlgorithm.sha1.hash(responderKeyBits)[...]))
             }
             try data.serialize(try generalizedTime(producedAt))
             try data.appendConstructedNode(identifier: .sequence) { list in
@@ -273,14 +318,18 @@ public enum OCSP {
             }
         }
         let tbsBytes = tbs.serializedBytes
-        let signature = try responderKey.sign(bytes: tbsBytes, signatureAlgorithm: algorithm)
+        let signature = try sign(tbsBytes)
         var basic = DER.Serializer()
         try basic.appendConstructedNode(identifier: .sequence) { coder in
             coder.serializeRawBytes(tbsBytes)
-            try SignatureAlgorithmDER.serialize(algorithm, into: &coder)
-            try coder.serialize(ASN1BitString(bytes: signature.rawRepresentation[...]))
-            try coder.appendConstructedNode(identifier: .init(tagWithNumber: 0, tagClass: .contextSpecific)) { certs in
-                try certs.appendConstructedNode(identifier: .sequence) { list in try list.serialize(responderCertificate) }
+            try algorithm(&coder)
+            try coder.serialize(ASN1BitString(bytes: signature[...]))
+            if !certificates.isEmpty {
+                try coder.appendConstructedNode(identifier: .init(tagWithNumber: 0, tagClass: .contextSpecific)) { certs in
+                    try certs.appendConstructedNode(identifier: .sequence) { list in
+                        for der in certificates { list.serializeRawBytes(der) }
+                    }
+                }
             }
         }
         var response = DER.Serializer()
@@ -311,11 +360,19 @@ public enum OCSP {
         let tbsBytes: ArraySlice<UInt8>
         let signatureBytes: ArraySlice<UInt8>
         let signatureAlgorithm: Certificate.SignatureAlgorithm?
+        /// The signature algorithm's OID (ML-DSA responses have no ``signatureAlgorithm``).
+        public let signatureAlgorithmOID: ASN1ObjectIdentifier?
 
         /// Whether `signer` signed the response data.
         public func isSigned(by signer: Certificate) -> Bool {
             guard let signatureAlgorithm else { return false }
             return signer.publicKey.isValidSignature(signatureBytes, for: tbsBytes, signatureAlgorithm: signatureAlgorithm)
+        }
+
+        /// Whether the ML-DSA `signer` (an issuing CA signing its own responses) signed the response data.
+        public func isSigned(by signer: MLDSACertificate) -> Bool {
+            guard let variant = signer.subjectKeyVariant, signatureAlgorithmOID == variant.oid else { return false }
+            return variant.isValidSignature(Array(signatureBytes), for: Array(tbsBytes), publicKey: signer.subjectPublicKey)
         }
 
         public init(derEncoded der: [UInt8]) throws {
@@ -343,17 +400,19 @@ public enum OCSP {
                     self.tbsBytes = []
                     self.signatureBytes = []
                     self.signatureAlgorithm = nil
+                    self.signatureAlgorithmOID = nil
                     return
                 }
                 let basic = try DER.parse(basicBytes)
                 var tbsNode: ASN1Node?
                 var algorithm: Certificate.SignatureAlgorithm?
+                var algorithmOID: ASN1ObjectIdentifier?
                 var signature: ASN1BitString?
                 var certificates: [Certificate] = []
                 try DER.sequence(basic, identifier: .sequence) { parts in
                     tbsNode = parts.next()
                     guard let algNode = parts.next() else { throw PKIError(.malformedInput, "OCSP basic response is truncated") }
-                    algorithm = try SignatureAlgorithmDER.parse(algNode)
+                    (algorithmOID, algorithm) = try SignatureAlgorithmDER.parseAny(algNode)
                     signature = try ASN1BitString(derEncoded: &parts)
                     if let certsWrapper = parts.next(), case .constructed(let inner) = certsWrapper.content, let list = inner.first(where: { _ in true }) {
                         certificates = try DER.sequence(of: Certificate.self, identifier: .sequence, rootNode: list)
@@ -363,6 +422,7 @@ public enum OCSP {
                 self.tbsBytes = tbsNode.encodedBytes
                 self.signatureBytes = signature.bytes
                 self.signatureAlgorithm = algorithm
+                self.signatureAlgorithmOID = algorithmOID
                 self.certificates = certificates
                 var responses: [SingleResponse] = []
                 var nonce: [UInt8]?

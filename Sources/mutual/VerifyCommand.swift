@@ -171,9 +171,8 @@ struct VerifyCommand: AsyncParsableCommand {
         return nil
     }
 
-    /// A chain with ML-DSA certificates: the same options, report and exit codes as the classical path. Revocation by
-    /// CRL (the ML-DSA issuing CA's `/pq/crl`); OCSP answers for ML-DSA certificates are not signed yet, so asking for
-    /// them is refused as `revocation_unavailable` rather than reported as checked.
+    /// A chain with ML-DSA certificates: the same options, report and exit codes as the classical path; revocation by
+    /// CRL (the ML-DSA issuing CA's `/pq/crl`) or OCSP (answered by that CA with ML-DSA signatures).
     func runMLDSA(leaf: AnyCertificate, roots anyRoots: [AnyCertificate], intermediates: [AnyCertificate]) async throws {
         func generic(_ certificate: AnyCertificate) throws -> MLDSACertificate {
             switch certificate {
@@ -199,12 +198,26 @@ struct VerifyCommand: AsyncParsableCommand {
         switch MLDSAChainVerifier(options: options).verify(leafCertificate) {
         case .accepted(let chain):
             report.chain = chain.map { .init(subject: $0.subject.description, serial: $0.serialHex, not_after: $0.notAfter.formatted(.iso8601)) }
-            if ocsp != nil || checkRevocation {
-                report.reject(code: "revocation_unavailable", reason: "OCSP answers for ML-DSA certificates are not signed yet; check the ML-DSA issuing CA's CRL with --crl (GET /pq/crl)")
+            let named = (try? Certificate.Extensions(leafCertificate.extensions).authorityInformationAccess)??.first { $0.method == .ocspServer }
+            var namedURL: String?
+            if case .uniformResourceIdentifier(let url)? = named?.location { namedURL = url }
+            let ocspURL = ocsp ?? (checkRevocation ? namedURL : nil)
+            if checkRevocation && ocspURL == nil {
+                report.reject(code: "revocation_unavailable", reason: "--check-revocation: the certificate names no OCSP responder (no AIA OCSP URL); give --crl FILE")
+            } else if let ocspURL, chain.count >= 2 {
+                switch await OCSPClient.check(leaf: leafCertificate, issuer: chain[1], url: ocspURL, now: options.validationTime) {
+                case .good:
+                    report.revocation = "good (OCSP \(ocspURL))"
+                case .revoked(let time, let reason):
+                    report.reject(code: "revoked", reason: "OCSP says the certificate was revoked at \(time.formatted(.iso8601))\(reason.map { " (\($0.rawValue))" } ?? "")")
+                    report.revocation = "revoked (OCSP \(ocspURL))"
+                case .failed(let why):
+                    report.reject(code: "revocation_unavailable", reason: why)
+                }
             } else if !crl.isEmpty {
                 report.revocation = "good (CRL)"
             } else {
-                report.revocation = "not checked: no --crl (the ML-DSA issuing CA publishes /pq/crl)"
+                report.revocation = "not checked: no --crl, --ocsp or --check-revocation\(namedURL.map { " (it names OCSP \($0): add --check-revocation)" } ?? "")"
             }
         case .rejected(let reason, let code):
             report.reject(code: code.rawValue, reason: reason)

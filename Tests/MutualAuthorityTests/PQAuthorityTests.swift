@@ -136,6 +136,47 @@ struct PQAuthorityTests {
         #expect(number(newer) > number(pqCRL))
     }
 
+    @Test("OCSP: the ML-DSA issuing CA answers for its certificates with ML-DSA signatures; the classical responder is unchanged")
+    func ocsp() async throws {
+        let dir = TestPKI.temporaryDirectory("pq-ocsp")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let state = StateDirectory(path: dir + "/state")
+        _ = try await Authority.initialize(state: state, name: "PQ", keyType: .p256, constraints: .init(), passphrase: nil, actor: "test")
+        let authority = try await Authority.open(state: state)
+        defer { Task { try? await authority.close() } }
+        let hierarchy = try await authority.addPQHierarchy(variant: .mlDSA65, passphrase: nil, actor: "test")
+        let responder = OCSPResponder(authority: authority)
+        let key = try MLDSAPublicKey(variant: .mlDSA65, rawRepresentation: try MLDSASigningKey(generating: .mlDSA65).publicKey)
+        let good = try await authority.issue(.init(profile: .client, commonName: "good"), mldsaKey: key, owner: nil, requester: "t")
+        let bad = try await authority.issue(.init(profile: .client, commonName: "bad"), mldsaKey: key, owner: nil, requester: "t")
+        _ = try await authority.revoke(serial: bad.record.serial, reason: .keyCompromise, actor: "t")
+        let now = Date()
+        func ask(_ leaf: MLDSACertificate, issuer: MLDSACertificate) async throws -> OCSP.ParsedResponse {
+            let id = try OCSP.CertID(issuer: issuer, serialNumber: Certificate.SerialNumber(bytes: leaf.serialNumber[...]))
+            let answer = await responder.respond(to: try OCSP.Request(certIDs: [id], nonce: [1, 2, 3, 4, 5, 6, 7, 8]).derEncoded(), now: now)
+            return try OCSP.ParsedResponse(derEncoded: answer.der)
+        }
+        let goodAnswer = try await ask(good.certificate, issuer: hierarchy.intermediate)
+        #expect(goodAnswer.status == 0 && goodAnswer.isSigned(by: hierarchy.intermediate) && !goodAnswer.isSigned(by: hierarchy.root))
+        #expect(goodAnswer.signatureAlgorithmOID == MLDSAVariant.mlDSA65.oid && goodAnswer.certificates.isEmpty)
+        #expect(goodAnswer.nonce == [1, 2, 3, 4, 5, 6, 7, 8])
+        #expect(goodAnswer.responses.first?.status == .good)
+        let badAnswer = try await ask(bad.certificate, issuer: hierarchy.intermediate)
+        guard case .revoked(_, let reason)? = badAnswer.responses.first?.status else {
+            Issue.record("the revoked ML-DSA certificate is not reported revoked")
+            return
+        }
+        #expect(reason == .keyCompromise && badAnswer.isSigned(by: hierarchy.intermediate))
+        // A CertID naming the ML-DSA root (not an issuer of leaves here) is not ours to answer.
+        let foreign = try await ask(good.certificate, issuer: hierarchy.root)
+        #expect(foreign.status == 6, "unauthorized")
+        // Classical certificates are still answered by the delegated classical responder.
+        let classical = try await authority.issue(.init(profile: .client, publicKey: try KeyType.p256.generate().publicKey, commonName: "c"), owner: nil, requester: "t")
+        let id = try OCSP.CertID(issuer: authority.ca.certificate, serialNumber: classical.certificate.serialNumber)
+        let answer = try OCSP.ParsedResponse(derEncoded: await responder.respond(to: try OCSP.Request(certIDs: [id]).derEncoded(), now: now).der)
+        #expect(answer.responses.first?.status == .good && answer.certificates.count == 1 && answer.signatureAlgorithmOID != MLDSAVariant.mlDSA65.oid)
+    }
+
     @Test("the report counts valid end-entity certificates by key and identities by their newest certificate")
     func report() async throws {
         let dir = TestPKI.temporaryDirectory("pq-report")

@@ -230,7 +230,9 @@ extension Authority {
         var current = try await migration() ?? Migration(keyType: keyType ?? pq.key.variant, patterns: [])
         if let keyType { current.keyType = keyType }
         for pattern in adding {
-            let parsed = try ScopePattern(pattern)
+            guard let parsed = try? ScopePattern(pattern) else {
+                throw PKIError(.malformedInput, "invalid identity pattern '\(pattern.prefix(80))': use 'spiffe://domain/path/*', '*.domain' or an exact identity")
+            }
             if !current.patterns.contains(parsed.text) { current.patterns.append(parsed.text) }
         }
         current.patterns.removeAll { removing.contains($0) }

@@ -14,7 +14,7 @@ import X509
 
 struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "bench", abstract: "Benchmarks of this machine's Mutual.", subcommands: [BenchIssue.self, BenchCAServer.self, BenchCRL.self, BenchRevokeEvent.self, BenchTLSFloor.self, BenchDashboard.self]
+        commandName: "bench", abstract: "Benchmarks of this machine's Mutual.", subcommands: [BenchIssue.self, BenchCAServer.self, BenchCRL.self, BenchRevokeEvent.self, BenchTLSFloor.self, BenchDashboard.self, BenchPQ.self]
     )
 }
 
@@ -82,7 +82,7 @@ struct BenchIssue: AsyncParsableCommand {
         let failures = try await withThrowingTaskGroup(of: Int.self) { group in
             let perWorker = (count + concurrency - 1) / concurrency
             for worker in 0..<concurrency {
-                let range = (worker * perWorker)..<min(count, (worker + 1) * perWorker)
+                let range = min(count, worker * perWorker)..<min(count, (worker + 1) * perWorker)
                 guard !range.isEmpty else { continue }
                 group.addTask {
                     var failed = 0

@@ -10,33 +10,6 @@ set -uo pipefail
 : "${MUTUAL:?path to the mutual binary}" "${VENV:?pkilint venv}" "${SHARED:?shared dir}"
 . "$(dirname "$0")/harness.sh"
 
-# pkilint with exactly the documented false positives filtered: pkix.invalid_uri_syntax for spiffe:// URIs and
-# pkix.invalid_domain_name_syntax for single-label DNS names.
-lint() {
-  local tool=$1; shift
-  "$VENV/bin/$tool" lint -s WARNING -f JSON "$@" > "$T/lint.json" 2>"$T/lint.err"
-  python3 - "$T/lint.json" <<'PY'
-import json, re, sys
-text = open(sys.argv[1]).read().strip()
-doc = json.loads(text) if text else {"results": []}
-real = []
-for result in doc.get("results", []):
-    for f in result.get("finding_descriptions", []):
-        if f.get("severity") in ("INFO", "DEBUG", "NOTICE"):
-            continue
-        quoted = re.search(r'"([^"]*)"', f.get("message") or "")
-        name = quoted.group(1) if quoted else ""
-        if f["code"] == "pkix.invalid_uri_syntax" and name.startswith("spiffe://"):
-            continue
-        if f["code"] == "pkix.invalid_domain_name_syntax" and name and "." not in name:
-            continue
-        real.append(f)
-for f in real:
-    print(f["code"], f.get("severity"), f.get("message"))
-sys.exit(1 if real else 0)
-PY
-}
-
 S="$T/state"
 check "mutual init (P-256, name constraints)" "$MUTUAL" init --state-dir "$S" --name "Interop CA" --permit-dns test --permit-dns localhost --permit-uri spiffe://example.org
 check "lint root" lint lint_pkix_cert "$S/ca/root.pem"

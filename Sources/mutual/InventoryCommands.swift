@@ -109,8 +109,8 @@ struct ShowCommand: AsyncParsableCommand {
             throw CommandFailure("no certificate with serial \(normalized)\(normalized.count >= 6 ? " (or starting with it)" : "") in the inventory\(normalized.count < 6 ? "; a prefix needs at least 6 hex digits" : "")")
         }
         if pem {
-            let certificate = try Certificate(derEncoded: record.der)
-            print(try PEMBundle.pem([certificate]), terminator: "")
+            // The stored DER as issued, whatever its algorithm (an ML-DSA certificate has no `Certificate` form).
+            print(PEMCodec.encode(record.der, label: "CERTIFICATE"), terminator: "")
             return
         }
         if json {
@@ -122,6 +122,7 @@ struct ShowCommand: AsyncParsableCommand {
         print("Status:      \(record.effectiveStatus(at: now))\(record.revokedAt.map { " at \($0) (\(record.revocationReason ?? "unspecified"))" } ?? "")")
         print("Profile:     \(record.profile)")
         print("Identity:    \(record.identity)")
+        print("Key:         \((try? AnyCertificate(derEncoded: record.der))?.keyAlgorithm ?? "unreadable")")
         print("Subject:     \(record.subject.isEmpty ? "(empty)" : record.subject)")
         print("Issuer:      \(record.issuer)")
         print("SANs:        \(record.subjectAlternativeNames.isEmpty ? "-" : record.subjectAlternativeNames.joined(separator: ", "))")

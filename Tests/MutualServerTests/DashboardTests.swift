@@ -475,6 +475,16 @@ struct DashboardTests {
         let older = await f.get("/dashboard/certificates/\(first.serial)", cookie: cookie).text
         #expect(older.contains("/dashboard/certificates/\(second.serial)\""))
         #expect(older.contains("first issuance"))
+
+        // An ML-DSA certificate (which swift-certificates cannot parse) is decoded too, not "does not parse".
+        _ = try await f.authority.addPQHierarchy(variant: .mlDSA65, passphrase: nil, actor: "test")
+        let key = try MLDSAPublicKey(variant: .mlDSA65, rawRepresentation: try MLDSASigningKey(generating: .mlDSA65).publicKey)
+        let pq = try await f.authority.issue(.init(profile: .server, dnsNames: ["pq.example.org"]), mldsaKey: key, owner: "web", requester: "t", now: f.now)
+        let pqPage = await f.get("/dashboard/certificates/\(pq.record.serial)", cookie: cookie).text
+        for expected in ["pq.example.org", "ML-DSA-65", "subjectAltName", "keyUsage", "BEGIN CERTIFICATE"] {
+            #expect(pqPage.contains(expected), "\(expected)")
+        }
+        #expect(!pqPage.contains("does not parse"))
     }
 
     @Test("the admin client certificate is a session of its own; other certificates are not, and say why")

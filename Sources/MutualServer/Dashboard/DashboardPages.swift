@@ -169,9 +169,9 @@ extension DashboardService {
         if record.status == .revoked {
             fields.append(("Revoked", "\(HTML.escape(record.revokedAt.map(HTML.date) ?? "-")): \(HTML.escape(record.revocationReason ?? "unspecified"))"))
         }
-        if let certificate = try? Certificate(derEncoded: record.der) {
-            fields.append(("Signature algorithm", HTML.escape(String(describing: certificate.signatureAlgorithm))))
-            fields.append(("Public key", HTML.escape(certificate.publicKey.algorithmDescription)))
+        if let certificate = try? AnyCertificate(derEncoded: record.der) {
+            fields.append(("Signature algorithm", HTML.escape(certificate.signatureAlgorithmName)))
+            fields.append(("Public key", HTML.escape(certificate.keyAlgorithm)))
             for ext in certificate.extensions {
                 fields.append(("Extension \(Self.extensionName(ext.oid))\(ext.critical ? " (critical)" : "")", HTML.escape(Self.extensionValue(ext))))
             }

@@ -395,7 +395,12 @@ public struct MLDSACertificationRequest: Sendable, Hashable {
     /// classical path reads those). The signature is checked, and its outcome kept in ``isSignatureValid``.
     /// Reads a `CERTIFICATE REQUEST` PEM block, or DER bytes.
     public init(pemOrDER bytes: [UInt8]) throws {
-        try self.init(derEncoded: try PEMBundle.firstDocument(bytes, type: "CERTIFICATE REQUEST"))
+        // The byte-level codec first: the authority asks this of every CSR it receives, classical ones included.
+        if let der = PEMCodec.decode(bytes, label: "CERTIFICATE REQUEST") {
+            try self.init(derEncoded: der)
+        } else {
+            try self.init(derEncoded: try PEMBundle.firstDocument(bytes, type: "CERTIFICATE REQUEST"))
+        }
     }
 
     public init(derEncoded der: [UInt8]) throws {
@@ -412,6 +417,10 @@ public struct MLDSACertificationRequest: Sendable, Hashable {
                     let subject = try DistinguishedName(derEncoded: &i)
                     guard let spkiNode = i.next() else { throw PKIError(.malformedInput, "no subjectPublicKeyInfo") }
                     let (keyAlgorithm, key) = try MLDSACertificate.subjectPublicKey(spkiNode)
+                    // A classical request stops here, before its attributes are read (the authority asks every CSR).
+                    guard MLDSAVariant(oid: keyAlgorithm) != nil else {
+                        throw PKIError(.unsupportedKey, "the request's key is not ML-DSA (\(keyAlgorithm))")
+                    }
                     let attributes = try DER.set(of: CertificateSigningRequest.Attribute.self, identifier: Self.attributesTag, nodes: &i)
                     return (subject, Array(spkiNode.encodedBytes), keyAlgorithm, key, attributes)
                 }

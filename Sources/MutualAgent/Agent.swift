@@ -73,8 +73,9 @@ public final class Agent: Sendable {
     let logger: Logger
     let random: @Sendable () -> Double
     private let status: Mutex<AgentStatus>
-    /// The ML-DSA parameter set the authority asked this identity to move to (`key-type-required`), once it did.
-    private let movedTo = Mutex<MLDSAVariant?>(nil)
+    /// The key type the authority asked for (`key-type-required`: a migration to ML-DSA, or a token's key types), once
+    /// it did.
+    private let movedTo = Mutex<KeyChoice?>(nil)
     /// The authority's clock relative to ours, measured on verified exchanges (see ``authorityNow()``).
     private let time: Mutex<TimeKeeping>
 
@@ -450,7 +451,7 @@ public final class Agent: Sendable {
     /// unit file still saying `--key-type p256` does not move it back), and one the authority asked to move uses the
     /// parameter set it named.
     public var keyChoice: KeyChoice {
-        if let asked = movedTo.withLock({ $0 }) { return .mldsa(asked) }
+        if let asked = movedTo.withLock({ $0 }) { return asked }
         return configuration.keyType
     }
 
@@ -463,10 +464,10 @@ public final class Agent: Sendable {
         do {
             return (try await body(key), key)
         } catch let error as AuthorityClientError where error.code == "key-type-required" {
-            guard let variant = error.members["key_type"].flatMap(MLDSAVariant.init(rawValue:)) else { throw error }
-            logger.notice("the authority is moving this identity to ML-DSA: renewing with a new \(variant.rawValue) key", metadata: ["identity": "\(configuration.identity)"])
-            movedTo.withLock { $0 = variant }
-            let moved = try KeyChoice.mldsa(variant).generate()
+            guard let asked = error.members["key_type"].flatMap(KeyChoice.init(rawValue:)), asked != choice else { throw error }
+            logger.notice("the authority asks for a \(asked.rawValue) key: asking again with a new one", metadata: ["identity": "\(configuration.identity)"])
+            movedTo.withLock { $0 = asked }
+            let moved = try asked.generate()
             return (try await body(moved), moved)
         }
     }

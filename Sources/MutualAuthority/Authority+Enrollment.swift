@@ -28,7 +28,7 @@ extension Authority {
             if contents.validity == nil { contents.validity = defaultValidity }
             let names = contents.dnsNames + contents.ipAddresses + contents.uris + (contents.commonName.map { [$0] } ?? [])
             do {
-                try TokenService.authorize(profile: profile, validity: contents.validity, names: names, token: token)
+                try TokenService.authorize(profile: profile, validity: contents.validity, names: names, keyType: .mldsa(key.variant), token: token)
             } catch let error as AuthorityError {
                 try? await auditRefusal(actor: actor, reason: error, now: now)
                 throw error

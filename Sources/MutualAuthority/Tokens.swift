@@ -57,7 +57,7 @@ public struct TokenService: Sendable {
     /// Mints a token. `ttl` is how long it can be used; `maxValidity` caps certificates issued with it.
     public func create(
         scopes: [String], profile: CertificateProfile, maxValidity: ValidityDuration, ttl: ValidityDuration, uses: Int,
-        owner: String?, actor: String, caMaximum: ValidityDuration, now: Date = .now
+        owner: String?, actor: String, caMaximum: ValidityDuration, keyTypes: [KeyChoice]? = nil, now: Date = .now
     ) async throws -> IssuedToken {
         guard !scopes.isEmpty else { throw AuthorityError(.tokenNotAllowed, "a token needs at least one --scope") }
         let patterns = try scopes.map(ScopePattern.init)
@@ -79,13 +79,15 @@ public struct TokenService: Sendable {
         let record = TokenRecord(
             id: id, secretHash: Self.hash(secret), scopes: patterns.map(\.text), profile: profile.rawValue,
             maxValiditySeconds: maxValidity.seconds, expiresAt: now.addingTimeInterval(ttl.timeInterval),
-            usesAllowed: Int64(uses), owner: owner, createdAt: now
+            usesAllowed: Int64(uses), owner: owner, createdAt: now,
+            keyTypes: keyTypes.flatMap { $0.isEmpty ? nil : $0.map(\.rawValue) }
         )
         try await store.createToken(
             record,
             audit: AuditEntry(
                 time: now, actor: actor, action: "token-create", subject: "token:\(id)",
                 details: ["scopes": record.scopes.joined(separator: " "), "profile": record.profile, "uses": String(uses),
+                          "key_types": record.keyTypes?.joined(separator: " ") ?? "any",
                           "expires_at": AuditChain.format(record.expiresAt), "max_validity": maxValidity.description]
             )
         )
@@ -139,12 +141,26 @@ public struct TokenService: Sendable {
     public static func authorize(_ request: IssuanceRequest, token: TokenRecord) throws {
         try authorize(
             profile: request.profile, validity: request.validity,
-            names: request.dnsNames + request.ipAddresses + request.uris + (request.commonName.map { [$0] } ?? []), token: token
+            names: request.dnsNames + request.ipAddresses + request.uris + (request.commonName.map { [$0] } ?? []),
+            keyType: KeyType.allCases.first { $0.matches(request.publicKey) }.map { KeyChoice.classical($0) }, token: token
         )
     }
 
-    /// The same rules for a request of either key family: profile, validity cap and every name within the scopes.
-    public static func authorize(profile: CertificateProfile, validity: ValidityDuration?, names: [String], token: TokenRecord) throws {
+    /// The same rules for a request of either key family: profile, validity cap, every name within the scopes, and
+    /// the key type among those the token allows (`mutual token create --key-type`).
+    public static func authorize(
+        profile: CertificateProfile, validity: ValidityDuration?, names: [String], keyType: KeyChoice?, token: TokenRecord
+    ) throws {
+        if let allowed = token.keyTypes, !allowed.isEmpty {
+            guard let keyType, allowed.contains(keyType.rawValue) else {
+                // The same refusal as a migration's: the request is right but for its key, and `key_type` says which
+                // key the token wants (the agent answers it with a new key of that type).
+                throw AuthorityError(
+                    .keyTypeRequired, "token \(token.id) allows only \(allowed.joined(separator: ", ")) keys, not \(keyType?.rawValue ?? "this key")",
+                    details: ["key_type": allowed[0]]
+                )
+            }
+        }
         guard profile.rawValue == token.profile else {
             throw AuthorityError(.tokenNotAllowed, "token \(token.id) is for profile \(token.profile), not \(profile.rawValue)")
         }

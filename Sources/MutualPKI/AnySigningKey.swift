@@ -62,7 +62,7 @@ public enum AnySigningKey: Sendable {
 
     public var keyChoice: KeyChoice? {
         switch self {
-        case .classical(let k): KeyType.allCases.first { (try? $0.matches(k)) == true }.map { .classical($0) }
+        case .classical(let k): KeyType.allCases.first { $0.matches(k.publicKey) }.map { .classical($0) }
         case .mldsa(let k): .mldsa(k.variant)
         }
     }
@@ -113,8 +113,8 @@ public enum AnySigningKey: Sendable {
 
 extension KeyType {
     /// Whether `key` is of this type (RSA by its size).
-    func matches(_ key: Certificate.PrivateKey) throws -> Bool {
-        let description = key.publicKey.algorithmDescription
+    public func matches(_ key: Certificate.PublicKey) -> Bool {
+        let description = key.algorithmDescription
         switch self {
         case .p256: return description == "P-256"
         case .p384: return description == "P-384"

@@ -200,6 +200,13 @@ enum Schema {
                     """,
                 ]
             ),
+            (
+                7,
+                [
+                    // The key types a token allows (JSON array, e.g. ["ml-dsa-65"]); NULL: any key Mutual accepts.
+                    "ALTER TABLE tokens ADD COLUMN key_types TEXT",
+                ]
+            ),
         ]
     }
 

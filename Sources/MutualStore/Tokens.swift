@@ -16,11 +16,14 @@ public struct TokenRecord: Sendable, Hashable, Codable {
     public var owner: String?
     public var createdAt: Date
     public var revokedAt: Date?
+    /// The key types requests under this token may use (`p256`, `ml-dsa-65`, …); nil: any key Mutual accepts.
+    public var keyTypes: [String]?
 
     public init(
         id: String, secretHash: String, scopes: [String], profile: String, maxValiditySeconds: Int64, expiresAt: Date,
-        usesAllowed: Int64, usesConsumed: Int64 = 0, owner: String?, createdAt: Date, revokedAt: Date? = nil
+        usesAllowed: Int64, usesConsumed: Int64 = 0, owner: String?, createdAt: Date, revokedAt: Date? = nil, keyTypes: [String]? = nil
     ) {
+        self.keyTypes = keyTypes
         self.id = id
         self.secretHash = secretHash
         self.scopes = scopes
@@ -75,7 +78,8 @@ extension Store {
             usesConsumed: try row.decode(column: "uses_consumed", as: Int64.self),
             owner: try row.decode(column: "owner", as: String?.self),
             createdAt: Date(timeIntervalSince1970: Double(try row.decode(column: "created_at", as: Int64.self))),
-            revokedAt: revoked.map { Date(timeIntervalSince1970: Double($0)) }
+            revokedAt: revoked.map { Date(timeIntervalSince1970: Double($0)) },
+            keyTypes: (try row.decode(column: "key_types", as: String?.self)).flatMap { try? JSONDecoder().decode([String].self, from: Data($0.utf8)) }
         )
     }
 }

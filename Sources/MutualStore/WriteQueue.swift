@@ -192,8 +192,9 @@ actor WriteQueue {
                 outcomes.append(.done)
             case .createToken(let token, let entry):
                 let scopes = String(decoding: try JSONEncoder().encode(token.scopes), as: UTF8.self)
+                let keyTypes = try token.keyTypes.map { String(decoding: try JSONEncoder().encode($0), as: UTF8.self) }
                 try await db.raw(
-                    "INSERT INTO tokens (id, secret_hash, scopes, profile, max_validity, expires_at, uses_allowed, uses_consumed, owner, created_at) VALUES (\(bind: token.id), \(bind: token.secretHash), \(bind: scopes), \(bind: token.profile), \(bind: token.maxValiditySeconds), \(bind: Int64(token.expiresAt.timeIntervalSince1970)), \(bind: token.usesAllowed), 0, \(bind: token.owner), \(bind: Int64(token.createdAt.timeIntervalSince1970)))"
+                    "INSERT INTO tokens (id, secret_hash, scopes, profile, max_validity, expires_at, uses_allowed, uses_consumed, owner, created_at, key_types) VALUES (\(bind: token.id), \(bind: token.secretHash), \(bind: scopes), \(bind: token.profile), \(bind: token.maxValiditySeconds), \(bind: Int64(token.expiresAt.timeIntervalSince1970)), \(bind: token.usesAllowed), 0, \(bind: token.owner), \(bind: Int64(token.createdAt.timeIntervalSince1970)), \(bind: keyTypes))"
                 ).run()
                 chain(entry)
                 outcomes.append(.done)

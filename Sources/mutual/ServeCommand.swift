@@ -182,6 +182,7 @@ struct TokenCommand: AsyncParsableCommand {
         @Option(help: "How long the token itself can be used.", transform: ValidityDuration.argument) var ttl: ValidityDuration = .hours(1)
         @Option(help: "How many certificates it may issue.") var uses: Int = 1
         @Option(help: "Owner recorded on the token and on certificates issued with it.") var owner: String?
+        @Option(help: "Key type requests under this token must use (repeatable; default: any): \(KeyChoice.choices).") var keyType: [KeyChoice] = []
         @Flag(help: "Print JSON (with id and token).") var json = false
 
         func run() async throws {
@@ -191,7 +192,7 @@ struct TokenCommand: AsyncParsableCommand {
                 let issued = try await failing {
                     try await TokenService(store: authority.store).create(
                         scopes: scopes, profile: profile, maxValidity: maxValidity, ttl: ttl, uses: uses, owner: owner,
-                        actor: cliActor, caMaximum: authority.ca.policy.maximumValidity
+                        actor: cliActor, caMaximum: authority.ca.policy.maximumValidity, keyTypes: keyType
                     )
                 }
                 try await authority.close()
@@ -199,7 +200,7 @@ struct TokenCommand: AsyncParsableCommand {
                     try printJSON(TokenView(issued.record, token: issued.token))
                 } else {
                     print(issued.token)
-                    FileHandle.standardError.write(Data("token \(issued.record.id): \(profile.rawValue), scopes \(issued.record.scopes.joined(separator: " ")), \(uses) use(s), expires \(issued.record.expiresAt). Shown once.\n".utf8))
+                    FileHandle.standardError.write(Data("token \(issued.record.id): \(profile.rawValue), scopes \(issued.record.scopes.joined(separator: " ")), \(uses) use(s)\(issued.record.keyTypes.map { ", keys " + $0.joined(separator: " ") } ?? ""), expires \(issued.record.expiresAt). Shown once.\n".utf8))
                 }
             } catch {
                 try? await authority.close()
@@ -263,8 +264,11 @@ struct TokenView: Encodable {
     var used: Int64
     var owner: String?
     var revoked_at: Date?
+    /// The key types the token allows; absent: any.
+    var key_types: [String]?
 
     init(_ r: TokenRecord, token: String?) {
+        key_types = r.keyTypes
         id = r.id
         self.token = token
         scopes = r.scopes

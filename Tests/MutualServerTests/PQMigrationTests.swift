@@ -76,4 +76,51 @@ struct PQMigrationTests {
         }
         await server.stop()
     }
+
+    @Test("a token that allows only ML-DSA-65 keys: a P-256 enrollment is refused with key-type-required, uses nothing, and the agent enrolls with ML-DSA-65")
+    func tokenKeyTypes() async throws {
+        let server = try await ServerHarness.start(pq: .mlDSA65)
+        let dir = TestPKI.temporaryDirectory("agent-pq-token")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        do {
+            let tokens = TokenService(store: server.authority.store)
+            let token = try await tokens.create(
+                scopes: ["spiffe://example.org/ns/web/*"], profile: .workload, maxValidity: .hours(1), ttl: .hours(1), uses: 1,
+                owner: "web", actor: "test", caMaximum: .days(90), keyTypes: [.mldsa(.mlDSA65)]
+            )
+            #expect(try await server.authority.store.token(id: token.record.id)?.keyTypes == ["ml-dsa-65"])
+            let any = try await tokens.create(scopes: ["x.test"], profile: .server, maxValidity: .hours(1), ttl: .hours(1), uses: 1, owner: nil, actor: "test", caMaximum: .days(90))
+            #expect(try await server.authority.store.token(id: any.record.id)?.keyTypes == nil)
+
+            // By hand: refused by code with the key type to use, and the token's one use is still there.
+            let client = try server.client()
+            let uri = "spiffe://example.org/ns/web/sa/new"
+            let classical = try AnySigningKey.classical(try KeyType.p256.generate()).certificationRequest(subject: DistinguishedName(), names: [.uniformResourceIdentifier(uri)])
+            let refusal = await #expect(throws: AuthorityClientError.self) { _ = try await client.sign(csrPEM: classical.pem, token: token.token) }
+            #expect(refusal?.code == "key-type-required" && refusal?.members["key_type"] == "ml-dsa-65")
+            #expect(try await server.authority.store.token(id: token.record.id)?.usesConsumed == 0)
+            try await client.shutdown()
+
+            // The agent, started with the default P-256, answers the refusal and enrolls with ML-DSA-65.
+            var configuration = try Agent.Configuration(
+                authority: server.baseURL, rootFingerprint: try Authority.fingerprint(server.root), token: token.token, identity: uri,
+                outDir: dir + "/out"
+            )
+            configuration.requestTimeout = .seconds(10)
+            let agent = Agent(configuration: configuration, clock: FixedClock(now: Date()), logger: Logger(label: "test"), random: { 0 })
+            let outcome = await agent.step()
+            guard case .enrolled = outcome else {
+                Issue.record("expected an ML-DSA enrollment, got \(outcome)")
+                await server.stop()
+                return
+            }
+            let delivered = try #require(try Delivery.read(outDir: dir + "/out"))
+            #expect(delivered.leaf.keyAlgorithm == "ML-DSA-65" && delivered.key.matches(delivered.leaf))
+            #expect(try await server.authority.store.token(id: token.record.id)?.usesConsumed == 1)
+        } catch {
+            await server.stop()
+            throw error
+        }
+        await server.stop()
+    }
 }

@@ -196,7 +196,8 @@ extension Authority {
             return IssuedAnyCertificate(try await issue(contents, mldsaKey: key, owner: record.owner, requester: actor, now: now, action: action, details: details))
         }
         let csr = try CSRDecoder.decode(bytes)
-        guard csr.request.publicKey.subjectPublicKeyInfoDER != certificate.subjectPublicKeyInfo else {
+        let sameKey = certificate.classical.map { csr.request.publicKey == $0.publicKey } ?? false
+        guard !sameKey else {
             let refusal = AuthorityError(.forbidden, "renewal needs a new key: the CSR carries the current certificate's key")
             try? await auditRefusal(actor: actor, reason: refusal, now: now)
             throw refusal

@@ -26,6 +26,13 @@ public enum MLDSAVariant: String, CaseIterable, Sendable, Codable {
         self = variant
     }
 
+    /// The OID's DER encoding (tag, length, contents), as it appears in every structure that names the algorithm.
+    public var encodedOID: [UInt8] {
+        var serializer = DER.Serializer()
+        try? serializer.serialize(oid)
+        return serializer.serializedBytes
+    }
+
     /// FIPS 204 sizes: public key and signature, in bytes.
     public var publicKeySize: Int { self == .mlDSA65 ? 1952 : 2592 }
     public var signatureSize: Int { self == .mlDSA65 ? 3309 : 4627 }

@@ -65,11 +65,14 @@ public enum PEMBundle {
     /// Certificates of any algorithm: what a trust bundle carrying a classical and an ML-DSA root holds. Each
     /// certificate swift-certificates reads is `classical`; one it cannot (an ML-DSA key or signature) is `mldsa`.
     public static func anyCertificates(fromBytes bytes: [UInt8], what: String = "certificate file") throws -> [AnyCertificate] {
-        try documents(bytes, type: "CERTIFICATE", what: what).enumerated().map { index, der in
+        let isPEM = String(validating: bytes, as: UTF8.self)?.contains("-----BEGIN") ?? false
+        return try documents(bytes, type: "CERTIFICATE", what: what).enumerated().map { index, der in
             if let classical = try? Certificate(derEncoded: der) { return .classical(classical) }
             do {
                 return .mldsa(try MLDSACertificate(derEncoded: der))
             } catch {
+                // The same words as the classical reader's, so a file of garbage is named as such.
+                guard isPEM else { throw PKIError(.malformedInput, "\(what): neither PEM nor a DER certificate (\(error))") }
                 throw PKIError(.malformedInput, "\(what): certificate #\(index + 1) is not a valid X.509 certificate (\(error))")
             }
         }

@@ -79,28 +79,12 @@ struct BenchIssue: AsyncParsableCommand {
         let renewing = currents
         let cpuBefore = Self.cpuSeconds()
         let started = ContinuousClock.now
-        let failures = try await withThrowingTaskGroup(of: Int.self) { group in
-            let perWorker = (count + concurrency - 1) / concurrency
-            for worker in 0..<concurrency {
-                let range = min(count, worker * perWorker)..<min(count, (worker + 1) * perWorker)
-                guard !range.isEmpty else { continue }
-                group.addTask {
-                    var failed = 0
-                    for index in range {
-                        do {
-                            if renewing.isEmpty {
-                                _ = try await authority.sign(csr: shared[index], profile: .workload, validity: nil, owner: "bench", requester: "bench")
-                            } else {
-                                _ = try await authority.renew(current: renewing[index], csr: shared[index])
-                            }
-                        } catch {
-                            failed += 1
-                        }
-                    }
-                    return failed
-                }
+        let failures = try await Self.failures(count: count, concurrency: concurrency) { index in
+            if renewing.isEmpty {
+                _ = try await authority.sign(csr: shared[index], profile: .workload, validity: nil, owner: "bench", requester: "bench")
+            } else {
+                _ = try await authority.renew(current: renewing[index], csr: shared[index])
             }
-            return try await group.reduce(0, +)
         }
         let elapsed = ContinuousClock.now - started
         let cpu = Self.cpuSeconds() - cpuBefore
@@ -119,6 +103,25 @@ struct BenchIssue: AsyncParsableCommand {
                          renew ? "renewed" : "issued", count - failures, failures, seconds, rate, cpuPer, stored))
         }
         if failures > 0 { throw ExitCode(1) }
+    }
+
+    /// Runs `body` for indices 0..<count, split over `concurrency` tasks in contiguous ranges; returns how many threw.
+    static func failures(count: Int, concurrency: Int, _ body: @escaping @Sendable (Int) async throws -> Void) async throws -> Int {
+        try await withThrowingTaskGroup(of: Int.self) { group in
+            let perWorker = (count + concurrency - 1) / concurrency
+            for worker in 0..<concurrency {
+                let range = min(count, worker * perWorker)..<min(count, (worker + 1) * perWorker)
+                guard !range.isEmpty else { continue }
+                group.addTask {
+                    var failed = 0
+                    for index in range {
+                        do { try await body(index) } catch { failed += 1 }
+                    }
+                    return failed
+                }
+            }
+            return try await group.reduce(0, +)
+        }
     }
 
     static func cpuSeconds() -> Double {

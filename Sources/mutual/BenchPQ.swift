@@ -168,27 +168,11 @@ struct BenchPQ: AsyncParsableCommand {
         let shared = csrs
         let cpuBefore = BenchIssue.cpuSeconds()
         let started = ContinuousClock.now
-        let failures = try await withThrowingTaskGroup(of: Int.self) { group in
-            let perWorker = (count + concurrency - 1) / concurrency
-            for worker in 0..<concurrency {
-                let range = min(count, worker * perWorker)..<min(count, (worker + 1) * perWorker)
-                guard !range.isEmpty else { continue }
-                group.addTask {
-                    var failed = 0
-                    for index in range {
-                        do {
-                            switch choice {
-                            case .classical: _ = try await authority.sign(csr: shared[index], profile: .workload, validity: nil, owner: "bench", requester: "bench")
-                            case .mldsa: _ = try await authority.sign(mldsaCSR: shared[index], profile: .workload, validity: nil, owner: "bench", requester: "bench")
-                            }
-                        } catch {
-                            failed += 1
-                        }
-                    }
-                    return failed
-                }
+        let failures = try await BenchIssue.failures(count: count, concurrency: concurrency) { index in
+            switch choice {
+            case .classical: _ = try await authority.sign(csr: shared[index], profile: .workload, validity: nil, owner: "bench", requester: "bench")
+            case .mldsa: _ = try await authority.sign(mldsaCSR: shared[index], profile: .workload, validity: nil, owner: "bench", requester: "bench")
             }
-            return try await group.reduce(0, +)
         }
         let elapsed = ContinuousClock.now - started
         let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18

@@ -107,24 +107,8 @@ struct VerifyCommand: AsyncParsableCommand {
         switch await ChainVerifier(options: options).verify(leafCertificate) {
         case .accepted(let chain):
             report.chain = chain.map { .init(subject: $0.subject.description, serial: $0.serialHex, not_after: $0.notValidAfter.formatted(.iso8601)) }
-            let ocspURL = ocsp ?? (checkRevocation ? Self.ocspURL(of: leafCertificate) : nil)
-            if checkRevocation && ocspURL == nil {
-                report.reject(code: "revocation_unavailable", reason: "--check-revocation: the certificate names no OCSP responder (no AIA OCSP URL); give --crl FILE")
-            } else if let ocspURL, chain.count >= 2 {
-                switch await OCSPClient.check(leaf: leafCertificate, issuer: chain[1], url: ocspURL, now: options.validationTime) {
-                case .good:
-                    report.revocation = "good (OCSP \(ocspURL))"
-                case .revoked(let time, let reason):
-                    report.reject(code: "revoked", reason: "OCSP says the certificate was revoked at \(time.formatted(.iso8601))\(reason.map { " (\($0.rawValue))" } ?? "")")
-                    report.revocation = "revoked (OCSP \(ocspURL))"
-                case .failed(let why):
-                    report.reject(code: "revocation_unavailable", reason: why)
-                }
-            } else if !crl.isEmpty {
-                report.revocation = "good (CRL)"
-            } else {
-                let named = Self.ocspURL(of: leafCertificate).map { " (it names OCSP \($0): add --check-revocation)" } ?? ""
-                report.revocation = "not checked: no --crl, --ocsp or --check-revocation\(named)"
+            await revocation(into: &report, named: Self.ocspURL(in: leafCertificate.extensions), chainLength: chain.count) { url in
+                await OCSPClient.check(leaf: leafCertificate, issuer: chain[1], url: url, now: options.validationTime)
             }
         case .rejected(let reason, let code):
             report.reject(code: code.rawValue, reason: reason)
@@ -198,26 +182,9 @@ struct VerifyCommand: AsyncParsableCommand {
         switch MLDSAChainVerifier(options: options).verify(leafCertificate) {
         case .accepted(let chain):
             report.chain = chain.map { .init(subject: $0.subject.description, serial: $0.serialHex, not_after: $0.notAfter.formatted(.iso8601)) }
-            let named = (try? Certificate.Extensions(leafCertificate.extensions).authorityInformationAccess)??.first { $0.method == .ocspServer }
-            var namedURL: String?
-            if case .uniformResourceIdentifier(let url)? = named?.location { namedURL = url }
-            let ocspURL = ocsp ?? (checkRevocation ? namedURL : nil)
-            if checkRevocation && ocspURL == nil {
-                report.reject(code: "revocation_unavailable", reason: "--check-revocation: the certificate names no OCSP responder (no AIA OCSP URL); give --crl FILE")
-            } else if let ocspURL, chain.count >= 2 {
-                switch await OCSPClient.check(leaf: leafCertificate, issuer: chain[1], url: ocspURL, now: options.validationTime) {
-                case .good:
-                    report.revocation = "good (OCSP \(ocspURL))"
-                case .revoked(let time, let reason):
-                    report.reject(code: "revoked", reason: "OCSP says the certificate was revoked at \(time.formatted(.iso8601))\(reason.map { " (\($0.rawValue))" } ?? "")")
-                    report.revocation = "revoked (OCSP \(ocspURL))"
-                case .failed(let why):
-                    report.reject(code: "revocation_unavailable", reason: why)
-                }
-            } else if !crl.isEmpty {
-                report.revocation = "good (CRL)"
-            } else {
-                report.revocation = "not checked: no --crl, --ocsp or --check-revocation\(namedURL.map { " (it names OCSP \($0): add --check-revocation)" } ?? "")"
+            let extensions = (try? Certificate.Extensions(leafCertificate.extensions)) ?? Certificate.Extensions()
+            await revocation(into: &report, named: Self.ocspURL(in: extensions), chainLength: chain.count) { url in
+                await OCSPClient.check(leaf: leafCertificate, issuer: chain[1], url: url, now: options.validationTime)
             }
         case .rejected(let reason, let code):
             report.reject(code: code.rawValue, reason: reason)
@@ -278,8 +245,31 @@ struct VerifyCommand: AsyncParsableCommand {
         return false
     }
 
-    static func ocspURL(of certificate: Certificate) -> String? {
-        guard let access = try? certificate.extensions.authorityInformationAccess else { return nil }
+    /// Revocation of an accepted chain, for either family: OCSP (`--ocsp`, or the certificate's own responder with
+    /// `--check-revocation`) through `ask`, else what `--crl` said, else "not checked".
+    func revocation(into report: inout Report, named: String?, chainLength: Int, ask: (String) async -> OCSPClient.Verdict) async {
+        let ocspURL = ocsp ?? (checkRevocation ? named : nil)
+        if checkRevocation && ocspURL == nil {
+            report.reject(code: "revocation_unavailable", reason: "--check-revocation: the certificate names no OCSP responder (no AIA OCSP URL); give --crl FILE")
+        } else if let ocspURL, chainLength >= 2 {
+            switch await ask(ocspURL) {
+            case .good:
+                report.revocation = "good (OCSP \(ocspURL))"
+            case .revoked(let time, let reason):
+                report.reject(code: "revoked", reason: "OCSP says the certificate was revoked at \(time.formatted(.iso8601))\(reason.map { " (\($0.rawValue))" } ?? "")")
+                report.revocation = "revoked (OCSP \(ocspURL))"
+            case .failed(let why):
+                report.reject(code: "revocation_unavailable", reason: why)
+            }
+        } else if !crl.isEmpty {
+            report.revocation = "good (CRL)"
+        } else {
+            report.revocation = "not checked: no --crl, --ocsp or --check-revocation\(named.map { " (it names OCSP \($0): add --check-revocation)" } ?? "")"
+        }
+    }
+
+    static func ocspURL(in extensions: Certificate.Extensions) -> String? {
+        guard let access = try? extensions.authorityInformationAccess else { return nil }
         for description in access where description.method == .ocspServer {
             if case .uniformResourceIdentifier(let url) = description.location { return url }
         }

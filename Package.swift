@@ -42,6 +42,21 @@ let package = Package(
                 .product(name: "SwiftASN1", package: "swift-asn1"),
             ]
         ),
+        .systemLibrary(
+            name: "CPKCS11",
+            pkgConfig: "p11-kit-1",
+            providers: [.apt(["libp11-kit-dev"])]
+        ),
+        .target(
+            name: "MutualPKCS11",
+            dependencies: [
+                "CPKCS11",
+                "MutualPKI",
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "SwiftASN1", package: "swift-asn1"),
+            ]
+        ),
         .target(
             name: "MutualStore",
             dependencies: [
@@ -57,6 +72,7 @@ let package = Package(
             name: "MutualAuthority",
             dependencies: [
                 "MutualPKI",
+                "MutualPKCS11",
                 "MutualStore",
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Crypto", package: "swift-crypto"),
@@ -130,6 +146,7 @@ let package = Package(
             name: "MutualClient",
             dependencies: [
                 "MutualPKI",
+                "MutualPKCS11",
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
@@ -168,6 +185,7 @@ let package = Package(
             name: "mutual",
             dependencies: [
                 "MutualDoctor",
+                "MutualPKCS11",
                 "MutualPKI",
                 "MutualStore",
                 "MutualAuthority",
@@ -255,6 +273,13 @@ let package = Package(
             dependencies: [
                 "MutualAgent", "MutualClient", "MutualPKI", "TestSupport", .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "MutualPKCS11Tests",
+            dependencies: [
+                "MutualPKCS11", "MutualPKI", "TestSupport", .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"), .product(name: "SwiftASN1", package: "swift-asn1"),
             ]
         ),
         .testTarget(

@@ -55,79 +55,135 @@ public enum CAFactory {
     }
 
     /// Generates keys and certificates for a new hierarchy. `now` is injected so tests control validity.
+    /// `rootKey`/`intermediateKey`: keys made elsewhere (in a PKCS#11 token) instead of generated here.
     public static func makeHierarchy(
         name: String,
         keyType: KeyType,
         constraints: Constraints = .init(),
+        rootKey: Certificate.PrivateKey? = nil,
+        intermediateKey: Certificate.PrivateKey? = nil,
         now: Date,
         rootValidity: ValidityDuration = CertificateProfile.root.defaultValidity,
         intermediateValidity: ValidityDuration = CertificateProfile.intermediate.defaultValidity
     ) throws -> Hierarchy {
+        try validate(name: name)
+        let rootKey = try rootKey ?? keyType.generate()
+        let intermediateKey = try intermediateKey ?? keyType.generate()
+        let root = try makeRoot(name: name, key: rootKey, generation: 1, now: now, validity: rootValidity)
+        let intermediate = try makeIntermediate(
+            name: name, constraints: constraints, key: intermediateKey, generation: 1, root: root, rootKey: rootKey, now: now,
+            validity: intermediateValidity
+        )
+        return Hierarchy(root: root, rootKey: rootKey, intermediate: intermediate, intermediateKey: intermediateKey)
+    }
+
+    static func validate(name: String) throws {
         guard !name.isEmpty, name.count <= 52,
             name.unicodeScalars.allSatisfy({ !CharacterSet.controlCharacters.contains($0) })
         else {
             throw PKIError(.invalidName, "invalid CA name: must be 1 to 52 printable characters")
         }
-        let (dns, uriHosts) = try constraints.validated()
-        let rootKey = try keyType.generate()
-        let intermediateKey = try keyType.generate()
+    }
+
+    /// " G2", " G3", ... after the first generation: a rotated CA gets its own subject, so path builders that look
+    /// issuers up by name never confuse the old and the new one.
+    static func suffix(_ generation: Int) -> String { generation > 1 ? " G\(generation)" : "" }
+
+    /// A self-signed root for `key`.
+    public static func makeRoot(
+        name: String, key: Certificate.PrivateKey, generation: Int, now: Date,
+        validity: ValidityDuration = CertificateProfile.root.defaultValidity
+    ) throws -> Certificate {
+        try validate(name: name)
         // Back-dated a day: a host whose clock is hours behind can still verify the hierarchy (and the authority's
         // back-dated TLS certificate under it) and learn the right time from the authority.
         let notBefore = now.addingTimeInterval(-CAFactory.backdate.timeInterval)
-
-        let rootSubject = try DistinguishedName {
+        let subject = try DistinguishedName {
             OrganizationName(name)
-            CommonName("\(name) Root CA")
+            CommonName("\(name) Root CA\(suffix(generation))")
         }
-        let rootSKI = SubjectKeyIdentifier(hash: rootKey.publicKey)
-        let rootExtensions = try Certificate.Extensions {
+        let extensions = try Certificate.Extensions {
             Critical(BasicConstraints.isCertificateAuthority(maxPathLength: nil))
             Critical(KeyUsage(keyCertSign: true, cRLSign: true))
-            rootSKI
+            SubjectKeyIdentifier(hash: key.publicKey)
         }
-        let root = try Certificate(
+        return try Certificate(
             version: .v3,
             serialNumber: IssuingCA.randomSerialNumber(),
-            publicKey: rootKey.publicKey,
+            publicKey: key.publicKey,
             notValidBefore: notBefore,
-            notValidAfter: now.addingTimeInterval(rootValidity.timeInterval),
-            issuer: rootSubject,
-            subject: rootSubject,
-            signatureAlgorithm: rootKey.preferredSignatureAlgorithm,
-            extensions: rootExtensions,
-            issuerPrivateKey: rootKey
+            notValidAfter: now.addingTimeInterval(validity.timeInterval),
+            issuer: subject,
+            subject: subject,
+            signatureAlgorithm: key.preferredSignatureAlgorithm,
+            extensions: extensions,
+            issuerPrivateKey: key
         )
+    }
 
-        let intermediateSubject = try DistinguishedName {
+    /// An issuing CA for `key`, certified by `root`. Its validity ends no later than the root's.
+    public static func makeIntermediate(
+        name: String, constraints: Constraints = .init(), key: Certificate.PrivateKey, generation: Int, root: Certificate,
+        rootKey: Certificate.PrivateKey, now: Date,
+        validity: ValidityDuration = CertificateProfile.intermediate.defaultValidity
+    ) throws -> Certificate {
+        try validate(name: name)
+        let (dns, uriHosts) = try constraints.validated()
+        let notBefore = now.addingTimeInterval(-CAFactory.backdate.timeInterval)
+        let subject = try DistinguishedName {
             OrganizationName(name)
-            CommonName("\(name) Issuing CA")
+            CommonName("\(name) Issuing CA\(suffix(generation))")
         }
-        var intermediateExtensions = try Certificate.Extensions {
+        var extensions = try Certificate.Extensions {
             Critical(BasicConstraints.isCertificateAuthority(maxPathLength: 0))
             Critical(KeyUsage(digitalSignature: true, keyCertSign: true, cRLSign: true))
-            SubjectKeyIdentifier(hash: intermediateKey.publicKey)
-            AuthorityKeyIdentifier(keyIdentifier: rootSKI.keyIdentifier)
+            SubjectKeyIdentifier(hash: key.publicKey)
+            AuthorityKeyIdentifier(keyIdentifier: SubjectKeyIdentifier(hash: root.publicKey).keyIdentifier)
         }
         if !dns.isEmpty || !uriHosts.isEmpty {
-            try intermediateExtensions.append(
+            try extensions.append(
                 Certificate.Extension(
                     NameConstraints(permittedDNSDomains: dns, permittedURIDomains: uriHosts),
                     critical: true
                 )
             )
         }
-        let intermediate = try Certificate(
+        return try Certificate(
             version: .v3,
             serialNumber: IssuingCA.randomSerialNumber(),
-            publicKey: intermediateKey.publicKey,
+            publicKey: key.publicKey,
             notValidBefore: notBefore,
-            notValidAfter: min(now.addingTimeInterval(intermediateValidity.timeInterval), root.notValidAfter),
-            issuer: rootSubject,
-            subject: intermediateSubject,
+            notValidAfter: min(now.addingTimeInterval(validity.timeInterval), root.notValidAfter),
+            issuer: root.subject,
+            subject: subject,
             signatureAlgorithm: rootKey.preferredSignatureAlgorithm,
-            extensions: intermediateExtensions,
+            extensions: extensions,
             issuerPrivateKey: rootKey
         )
-        return Hierarchy(root: root, rootKey: rootKey, intermediate: intermediate, intermediateKey: intermediateKey)
+    }
+
+    /// A cross-certificate: `subjectRoot`'s name and key, certified by `issuer` (another root). A relying party that
+    /// still trusts only `issuer` reaches chains under `subjectRoot` through it. Valid no longer than either root.
+    public static func crossCertify(
+        _ subjectRoot: Certificate, issuer: Certificate, issuerKey: Certificate.PrivateKey, now: Date
+    ) throws -> Certificate {
+        let extensions = try Certificate.Extensions {
+            Critical(BasicConstraints.isCertificateAuthority(maxPathLength: nil))
+            Critical(KeyUsage(keyCertSign: true, cRLSign: true))
+            SubjectKeyIdentifier(hash: subjectRoot.publicKey)
+            AuthorityKeyIdentifier(keyIdentifier: SubjectKeyIdentifier(hash: issuer.publicKey).keyIdentifier)
+        }
+        return try Certificate(
+            version: .v3,
+            serialNumber: IssuingCA.randomSerialNumber(),
+            publicKey: subjectRoot.publicKey,
+            notValidBefore: now.addingTimeInterval(-CAFactory.backdate.timeInterval),
+            notValidAfter: min(subjectRoot.notValidAfter, issuer.notValidAfter),
+            issuer: issuer.subject,
+            subject: subjectRoot.subject,
+            signatureAlgorithm: issuerKey.preferredSignatureAlgorithm,
+            extensions: extensions,
+            issuerPrivateKey: issuerKey
+        )
     }
 }

@@ -84,6 +84,7 @@ let package = Package(
             name: "MutualServer",
             dependencies: [
                 "MutualClient",
+                "MutualPKCS11",
                 "MutualPKI",
                 "MutualStore",
                 "MutualAuthority",
@@ -133,6 +134,7 @@ let package = Package(
             name: "MutualAgent",
             dependencies: [
                 "MutualPKI",
+                "MutualPKCS11",
                 "MutualClient",
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Crypto", package: "swift-crypto"),

@@ -3,6 +3,7 @@ import Crypto
 import Foundation
 import Logging
 import MutualClient
+import MutualPKCS11
 import MutualPKI
 import NIOCore
 import NIOSSL
@@ -31,6 +32,9 @@ public final class Agent: Sendable {
         public var hook: ReloadHook
         /// Deadline of one call to the authority, connection attempts included.
         public var requestTimeout: Duration = .seconds(15)
+        /// The private key lives in this PKCS#11 token (generated there on first use) and is kept across renewals:
+        /// only certificates are renewed, the key never leaves the token. nil: a new key file at every renewal.
+        public var keyStore: PKCS11URI?
 
         public init(
             authority: String, rootFingerprint: String, token: String?, identity: String, dnsNames: [String] = [], outDir: String,
@@ -164,7 +168,7 @@ public final class Agent: Sendable {
     public func step() async -> Outcome {
         let current: Delivery.Current?
         do {
-            current = try Delivery.read(outDir: configuration.outDir)
+            current = try Delivery.read(outDir: configuration.outDir, pinFrom: configuration.keyStore)
         } catch {
             return stop("the delivered files in \(configuration.outDir) are unreadable (\(error)); remove them and enroll again with a new token")
         }
@@ -261,7 +265,21 @@ public final class Agent: Sendable {
         do {
             let (enrollment, key, roots) = try await body()
             noteSkew(enrollment.serverDate)
+            let previous = try? Delivery.read(outDir: configuration.outDir, pinFrom: configuration.keyStore)
             try Delivery.deliver(outDir: configuration.outDir, key: key, chain: enrollment.chain, roots: roots)
+            if let keyStore = configuration.keyStore, let label = keyStore.object {
+                // Keys of the token that no delivered certificate uses any more (the previous one stays, as its
+                // delivery directory does, for a consumer still reading the previous version).
+                let keeping = [key, previous?.key].compactMap { k -> [UInt8]? in
+                    guard case .classical(let c)? = k else { return nil }
+                    return PKCS11Key.holding(c.publicKey)?.id
+                }
+                do {
+                    try PKCS11Key.destroyGenerations(keyStore, label: label, keeping: keeping)
+                } catch {
+                    logger.warning("could not remove superseded keys from the token", metadata: ["error": "\(error)"])
+                }
+            }
             let leaf = enrollment.certificate
             // Authorities backdate notBefore (clock skew allowance); the lifetime we schedule on starts when we got it.
             let start = min(max(leaf.notValidBefore, authorityNow()), leaf.notValidAfter)
@@ -460,6 +478,16 @@ public final class Agent: Sendable {
     func withKeyType(current: AnySigningKey?, _ body: (AnySigningKey) async throws -> Enrollment) async throws -> (Enrollment, AnySigningKey) {
         var choice = keyChoice
         if case .mldsa(let variant)? = current?.keyChoice, case .classical = choice { choice = .mldsa(variant) }
+        if let keyStore = configuration.keyStore {
+            // The token's key, the same one at every renewal (a token key cannot be replaced by a fresh file).
+            guard case .classical(let keyType) = choice, PKCS11Key.supportedTypes.contains(keyType) else {
+                throw AgentError(.usage, "a key in a PKCS#11 token may be \(PKCS11Key.supportedTypes.map(\.rawValue).joined(separator: ", ")), not \(choice.rawValue)")
+            }
+            // A new key pair in the token for every certificate (the authority refuses to renew onto the same key),
+            // with the URI's label and a fresh id; superseded ones are destroyed after delivery.
+            let key = AnySigningKey.classical(try PKCS11Key.generate(keyStore, keyType: keyType, anotherGeneration: true).certificatePrivateKey)
+            return (try await body(key), key)
+        }
         let key = try choice.generate()
         do {
             return (try await body(key), key)

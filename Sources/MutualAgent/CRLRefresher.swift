@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import MutualClient
+import MutualPKCS11
 import MutualPKI
 import Synchronization
 import X509
@@ -20,6 +21,8 @@ public final class CRLRefresher: Sendable {
         public var interval: ValidityDuration
         public var hook: ReloadHook
         public var requestTimeout: Duration = .seconds(15)
+        /// The agent's PKCS#11 key store (for the PIN of a token-held key named by key.uri).
+        public var keyStore: PKCS11URI?
 
         public init(authority: String, outDir: String, crlPath: String, interval: ValidityDuration = .minutes(5), hook: ReloadHook = .init()) {
             self.authority = authority.hasSuffix("/") ? String(authority.dropLast()) : authority
@@ -61,7 +64,7 @@ public final class CRLRefresher: Sendable {
     public func refresh() async -> Outcome {
         let now = clock.now
         do {
-            guard let current = try Delivery.read(outDir: configuration.outDir) else {
+            guard let current = try Delivery.read(outDir: configuration.outDir, pinFrom: configuration.keyStore) else {
                 return fail("no certificate in \(configuration.outDir) yet: the CRLs are fetched once the agent has enrolled", now: now, quiet: true)
             }
             let client = try AuthorityClient(baseURL: configuration.authority, trustRoots: current.roots, timeout: configuration.requestTimeout)

@@ -1,4 +1,5 @@
 import Foundation
+import MutualPKCS11
 import MutualPKI
 import X509
 
@@ -27,11 +28,22 @@ public enum Delivery {
     }
 
     /// The delivered credentials, or nil when there are none yet. Throws when they are unreadable or do not match.
-    public static func read(outDir: String) throws -> Current? {
+    public static func read(outDir: String, pinFrom: PKCS11URI? = nil) throws -> Current? {
         let keyPath = outDir + "/key.pem"
-        guard FileManager.default.fileExists(atPath: keyPath) else { return nil }
-        let keyText = String(decoding: try AtomicFile.read(keyPath, limit: 1 << 20, what: "key"), as: UTF8.self)
-        let key = try AnySigningKey(pem: keyText, passphrase: { nil })
+        let uriPath = outDir + "/key.uri"
+        let key: AnySigningKey
+        if FileManager.default.fileExists(atPath: keyPath) {
+            let keyText = String(decoding: try AtomicFile.read(keyPath, limit: 1 << 20, what: "key"), as: UTF8.self)
+            key = try AnySigningKey(pem: keyText, passphrase: { nil })
+        } else if FileManager.default.fileExists(atPath: uriPath) {
+            // The key lives in a PKCS#11 token: key.uri names it (no PIN in it; that comes from the agent's own URI).
+            let text = String(decoding: try AtomicFile.read(uriPath, limit: 8192, what: "key URI"), as: UTF8.self)
+            var uri = try PKCS11URI(text.trimmingCharacters(in: .whitespacesAndNewlines))
+            if uri.pinSource == nil, let configured = pinFrom { uri.pinSource = configured.pinSource; uri.pinValue = configured.pinValue }
+            key = .classical(try PKCS11Key.find(uri).certificatePrivateKey)
+        } else {
+            return nil
+        }
         let chain = try PEMBundle.anyCertificates(fromBytes: try AtomicFile.read(outDir + "/chain.pem", limit: 1 << 20, what: "chain"), what: "chain.pem")
         let roots = try PEMBundle.anyCertificates(fromBytes: try AtomicFile.read(outDir + "/bundle.pem", limit: 1 << 20, what: "bundle"), what: "bundle.pem")
         guard key.matches(chain[0]) else {
@@ -55,7 +67,16 @@ public enum Delivery {
         func pem(_ certificates: [AnyCertificate]) throws -> String {
             try certificates.map { PEMCodec.encode(try $0.der, label: "CERTIFICATE") }.joined()
         }
-        try AtomicFile.write(try key.pem(), to: directory + "/key.pem", mode: 0o600)
+        // A key in a PKCS#11 token is not a file: key.uri names it instead (RFC 7512, without the PIN), for the
+        // agent's next start and for programs that sign through the token themselves.
+        var tokenKey: PKCS11Key?
+        if case .classical(let k) = key { tokenKey = PKCS11Key.holding(k.publicKey) }
+        let keyFile = tokenKey == nil ? "key.pem" : "key.uri"
+        if let tokenKey {
+            try AtomicFile.write(tokenKey.uri.description + "\n", to: directory + "/key.uri", mode: 0o644)
+        } else {
+            try AtomicFile.write(try key.pem(), to: directory + "/key.pem", mode: 0o600)
+        }
         crash(at: "after-key")
         try AtomicFile.write(try pem([chain[0]]), to: directory + "/cert.pem")
         try AtomicFile.write(try pem(chain), to: directory + "/chain.pem")
@@ -71,7 +92,10 @@ public enum Delivery {
         guard rename(temporary, outDir + "/current") == 0 else {
             throw AgentError(.fatal, "cannot publish \(directory): \(String(cString: strerror(errno)))")
         }
-        for file in files where (try? FileManager.default.destinationOfSymbolicLink(atPath: outDir + "/" + file)) != "current/" + file {
+        for stale in ["key.pem", "key.uri"] where stale != keyFile {
+            try? FileManager.default.removeItem(atPath: outDir + "/" + stale)
+        }
+        for file in [keyFile] + files.dropFirst() where (try? FileManager.default.destinationOfSymbolicLink(atPath: outDir + "/" + file)) != "current/" + file {
             let link = outDir + "/." + file + ".tmp"
             try? FileManager.default.removeItem(atPath: link)
             try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: "current/" + file)

@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import Logging
+import MutualPKCS11
 import MutualPKI
 import MutualStore
 import Synchronization
@@ -26,9 +27,15 @@ public final class Authority: Sendable {
     let proofs = ProofLedger()
     /// The issuing CA's subject as stored in every record it issues (computed once).
     let issuerDescription: String
+    /// CA keys held in PKCS#11 tokens (probed by `/readyz`).
+    let tokenKeys: [PKCS11Key]
 
-    init(state: StateDirectory, configuration: AuthorityConfiguration, ca: IssuingCA, store: Store, logger: Logger, pqCA: MLDSAIssuingCA? = nil) {
+    init(
+        state: StateDirectory, configuration: AuthorityConfiguration, ca: IssuingCA, store: Store, logger: Logger,
+        pqCA: MLDSAIssuingCA? = nil, tokenKeys: [PKCS11Key] = []
+    ) {
         self.issuerDescription = ca.certificate.subject.description
+        self.tokenKeys = tokenKeys
         self.pqBox = Mutex(pqCA)
         self.state = state
         self.configuration = configuration
@@ -49,7 +56,8 @@ public final class Authority: Sendable {
     public static func initialize(
         state: StateDirectory, name: String, keyType: KeyType, constraints: CAFactory.Constraints,
         passphrase: String?, policy: IssuancePolicy = IssuancePolicy(), actor: String, now: Date = .now,
-        databaseURL: String? = nil, logger: Logger = Logger(label: "mutual.authority")
+        databaseURL: String? = nil, keyStore: PKCS11URI? = nil, rootKeyStore: PKCS11URI? = nil,
+        logger: Logger = Logger(label: "mutual.authority")
     ) async throws -> InitResult {
         let fm = FileManager.default
         if state.isInitialized || fm.fileExists(atPath: state.databasePath) || fm.fileExists(atPath: state.rootKeyPath) {
@@ -57,19 +65,30 @@ public final class Authority: Sendable {
         }
         var policy = policy
         policy.permittedURIPrefixes = constraints.permittedURIPrefixes
-        let hierarchy = try CAFactory.makeHierarchy(name: name, keyType: keyType, constraints: constraints, now: now)
+        // Keys in a PKCS#11 token: found there, or generated there (sensitive, never extractable).
+        var tokenKeys: (root: PKCS11Key, intermediate: PKCS11Key)?
+        if let keyStore {
+            let rootURI = rootKeyStore ?? keyStore.naming(object: (keyStore.object ?? "mutual") + "-root")
+            tokenKeys = (try Self.tokenKey(rootURI, keyType: keyType), try Self.tokenKey(keyStore, keyType: keyType))
+        }
+        let hierarchy = try CAFactory.makeHierarchy(
+            name: name, keyType: keyType, constraints: constraints, rootKey: tokenKeys?.root.certificatePrivateKey,
+            intermediateKey: tokenKeys?.intermediate.certificatePrivateKey, now: now
+        )
         var created: [String] = []
         do {
             for dir in [state.path, state.caDirectory, state.adminDirectory] where !fm.fileExists(atPath: dir) {
                 try fm.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
                 created.append(dir)
             }
-            try AtomicFile.write(KeyFile.pem(for: hierarchy.rootKey, passphrase: passphrase), to: state.rootKeyPath, mode: 0o600)
-            created.append(state.rootKeyPath)
-            try AtomicFile.write(
-                KeyFile.pem(for: hierarchy.intermediateKey, passphrase: passphrase), to: state.intermediateKeyPath, mode: 0o600
-            )
-            created.append(state.intermediateKeyPath)
+            if tokenKeys == nil {
+                try AtomicFile.write(KeyFile.pem(for: hierarchy.rootKey, passphrase: passphrase), to: state.rootKeyPath, mode: 0o600)
+                created.append(state.rootKeyPath)
+                try AtomicFile.write(
+                    KeyFile.pem(for: hierarchy.intermediateKey, passphrase: passphrase), to: state.intermediateKeyPath, mode: 0o600
+                )
+                created.append(state.intermediateKeyPath)
+            }
             try AtomicFile.write(PEMBundle.pem([hierarchy.root]), to: state.rootCertificatePath)
             created.append(state.rootCertificatePath)
             try AtomicFile.write(PEMBundle.pem([hierarchy.intermediate]), to: state.intermediateCertificatePath)
@@ -90,6 +109,11 @@ public final class Authority: Sendable {
                     keysEncrypted: passphrase != nil
                 )
                 configuration.databaseURL = databaseURL
+                if let tokenKeys {
+                    configuration.keyStore = tokenKeys.intermediate.uri.description
+                    configuration.rootKeyStore = tokenKeys.root.uri.description
+                    configuration.keysEncrypted = false
+                }
                 let ca = try IssuingCA(
                     certificate: hierarchy.intermediate, privateKey: hierarchy.intermediateKey, root: hierarchy.root,
                     policy: policy
@@ -103,6 +127,8 @@ public final class Authority: Sendable {
                             "name": name, "key_type": keyType.rawValue, "root_fingerprint": fingerprint,
                             "permitted_dns": constraints.permittedDNS.joined(separator: ","),
                             "permitted_uri": constraints.permittedURIPrefixes.joined(separator: ","),
+                            "key_store": tokenKeys.map { $0.intermediate.uri.description } ?? "file",
+                            "root_key_store": tokenKeys.map { $0.root.uri.description } ?? "file",
                         ]
                     )
                 )
@@ -147,16 +173,7 @@ public final class Authority: Sendable {
         guard state.isInitialized else {
             throw AuthorityError(.notInitialized, "no Mutual CA in \(state.path): run `mutual init --state-dir \(state.path)` first")
         }
-        let configuration: AuthorityConfiguration
-        do {
-            let decoder = JSONDecoder()
-            decoder.dateDecodingStrategy = .iso8601
-            configuration = try decoder.decode(
-                AuthorityConfiguration.self, from: Data(try AtomicFile.read(state.configPath, limit: 1 << 20, what: "config"))
-            )
-        } catch {
-            throw AuthorityError(.corruptState, "\(state.configPath) is unreadable or corrupt: \(error)")
-        }
+        let configuration = try loadConfiguration(state)
         // Asked at most once: the classical and the ML-DSA keys share one passphrase.
         var answered: String??
         func passphraseOnce() throws -> String? {
@@ -166,6 +183,7 @@ public final class Authority: Sendable {
             return value
         }
         let ca: IssuingCA
+        var tokenKeys: [PKCS11Key] = []
         do {
             let intermediate = try PEMBundle.certificates(
                 fromBytes: try AtomicFile.read(state.intermediateCertificatePath, limit: 1 << 20, what: "issuing CA certificate"),
@@ -175,10 +193,17 @@ public final class Authority: Sendable {
                 fromBytes: try AtomicFile.read(state.rootCertificatePath, limit: 1 << 20, what: "root certificate"),
                 what: state.rootCertificatePath
             )[0]
-            let keyText = String(
-                decoding: try AtomicFile.read(state.intermediateKeyPath, limit: 1 << 20, what: "issuing CA key"), as: UTF8.self
-            )
-            let key = try KeyFile.load(pem: keyText, passphrase: passphraseOnce)
+            let key: Certificate.PrivateKey
+            if let keyStore = configuration.keyStore {
+                let tokenKey = try PKCS11Key.find(try PKCS11URI(keyStore))
+                tokenKeys.append(tokenKey)
+                key = tokenKey.certificatePrivateKey
+            } else {
+                let keyText = String(
+                    decoding: try AtomicFile.read(state.intermediateKeyPath, limit: 1 << 20, what: "issuing CA key"), as: UTF8.self
+                )
+                key = try KeyFile.load(pem: keyText, passphrase: passphraseOnce)
+            }
             ca = try IssuingCA(certificate: intermediate, privateKey: key, root: root, policy: configuration.policy)
         } catch let error as PKIError {
             if error.code == .wrongPassphrase { throw error }
@@ -195,7 +220,45 @@ public final class Authority: Sendable {
             pqCA?.policy.crlURL = url + Self.pqCRLPath
             pqCA?.policy.ocspURL = url + "/ocsp"
         }
-        return Authority(state: state, configuration: configuration, ca: configured, store: store, logger: logger, pqCA: pqCA)
+        return Authority(
+            state: state, configuration: configuration, ca: configured, store: store, logger: logger, pqCA: pqCA, tokenKeys: tokenKeys
+        )
+    }
+
+    /// The CA's settings (config.json).
+    public static func loadConfiguration(_ state: StateDirectory) throws -> AuthorityConfiguration {
+        do {
+            let decoder = JSONDecoder()
+            decoder.dateDecodingStrategy = .iso8601
+            return try decoder.decode(
+                AuthorityConfiguration.self, from: Data(try AtomicFile.read(state.configPath, limit: 1 << 20, what: "config"))
+            )
+        } catch {
+            throw AuthorityError(.corruptState, "\(state.configPath) is unreadable or corrupt: \(error)")
+        }
+    }
+
+    /// The key a URI names in a token, generated there when the token has none by that name.
+    static func tokenKey(_ uri: PKCS11URI, keyType: KeyType) throws -> PKCS11Key {
+        guard PKCS11Key.supportedTypes.contains(keyType) else {
+            throw PKCS11Error(.unsupportedKey, "CA keys in a PKCS#11 token may be \(PKCS11Key.supportedTypes.map(\.rawValue).joined(separator: ", ")), not \(keyType.rawValue)")
+        }
+        return try PKCS11Key.findOrGenerate(uri, keyType: keyType)
+    }
+
+    /// Signs a probe with every token-held key this authority uses: nil when they all can, else the failure
+    /// (`/readyz` turns red with its code while a token cannot sign).
+    public func probeSigningKeys() -> PKCS11Error? {
+        for key in tokenKeys {
+            do {
+                try key.probe()
+            } catch let error as PKCS11Error {
+                return error
+            } catch {
+                return PKCS11Error(.failed, "\(error)")
+            }
+        }
+        return nil
     }
 
     /// How long a root CRL is valid: the root key may be offline, so it is re-signed rarely (`mutual root-crl`).
@@ -210,10 +273,17 @@ public final class Authority: Sendable {
     }
 
     /// Re-signs the root CRL with the next number (needs the root key, so run it where the key is).
-    public static func refreshRootCRL(state: StateDirectory, passphrase: () throws -> String?, now: Date = .now) throws -> (number: UInt64, nextUpdate: Date) {
+    public static func refreshRootCRL(
+        state: StateDirectory, passphrase: () throws -> String?, rootKeyStore: String? = nil, now: Date = .now
+    ) throws -> (number: UInt64, nextUpdate: Date) {
         let root = try PEMBundle.certificates(fromBytes: try AtomicFile.read(state.rootCertificatePath, what: "root certificate"))[0]
-        let keyText = String(decoding: try AtomicFile.read(state.rootKeyPath, what: "root key (take it out of offline storage first)"), as: UTF8.self)
-        let key = try KeyFile.load(pem: keyText, passphrase: passphrase)
+        let key: Certificate.PrivateKey
+        if let rootKeyStore {
+            key = try PKCS11Key.find(try PKCS11URI(rootKeyStore)).certificatePrivateKey
+        } else {
+            let keyText = String(decoding: try AtomicFile.read(state.rootKeyPath, what: "root key (take it out of offline storage first)"), as: UTF8.self)
+            key = try KeyFile.load(pem: keyText, passphrase: passphrase)
+        }
         guard key.publicKey == root.publicKey else { throw PKIError(.inconsistentCA, "the root key does not match ca/root.pem") }
         var number: UInt64 = 1
         if let bytes = try? AtomicFile.read(state.rootCRLPath, what: "root CRL"), let current = try? RevocationList(bytes: bytes),

@@ -71,6 +71,10 @@ public struct AuthorityConfiguration: Codable, Sendable, Hashable {
     public var databaseURL: String?
     /// The ML-DSA variant of the post-quantum hierarchy, when there is one.
     public var pqKeyType: MLDSAVariant?
+    /// PKCS#11 URI (RFC 7512, never with pin-value) of the issuing key when it lives in a token; nil: ca/intermediate.key.
+    public var keyStore: String?
+    /// PKCS#11 URI of the root key when it lives in a token; nil: ca/root.key.
+    public var rootKeyStore: String?
 
     public init(name: String, keyType: KeyType, policy: IssuancePolicy, permittedDNS: [String], createdAt: Date, keysEncrypted: Bool) {
         self.version = 1

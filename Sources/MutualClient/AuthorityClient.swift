@@ -92,7 +92,7 @@ public final class AuthorityClient: Sendable {
         tls.trustRoots = .certificates(try trustRoots.map { try NIOSSLCertificate(bytes: try $0.der, format: .der) })
         if let identity {
             tls.certificateChain = try identity.chain.map { .certificate(try NIOSSLCertificate(bytes: try $0.der, format: .der)) }
-            tls.privateKey = .privateKey(try NIOSSLPrivateKey(bytes: Array(try identity.key.pem().utf8), format: .pem))
+            tls.privateKey = .privateKey(try identity.key.tlsPrivateKey())
         }
         var configuration = HTTPClient.Configuration(tlsConfiguration: tls)
         let seconds = Int64(timeout.components.seconds)

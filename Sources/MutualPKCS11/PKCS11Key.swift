@@ -29,6 +29,40 @@ public final class PKCS11Key: Sendable {
         self.handle = Mutex((generation, handle))
     }
 
+    /// Keys this process holds in tokens, by SubjectPublicKeyInfo: lets code that only has a
+    /// `Certificate.PrivateKey` (a TLS client identity, a delivery) see that the key lives in a token.
+    private static let registry = Mutex<[[UInt8]: PKCS11Key]>([:])
+
+    /// The token key with this public key, when this process found or generated one.
+    public static func holding(_ publicKey: Certificate.PublicKey) -> PKCS11Key? {
+        let spki = Self.spki(publicKey)
+        return registry.withLock { $0[spki] }
+    }
+
+    static func spki(_ publicKey: Certificate.PublicKey) -> [UInt8] {
+        var serializer = DER.Serializer()
+        try? serializer.serialize(publicKey)
+        return serializer.serializedBytes
+    }
+
+    private static func registered(_ key: PKCS11Key) -> PKCS11Key {
+        registry.withLock { $0[spki(key.publicKey)] = key }
+        return key
+    }
+
+    /// The key in the token the URI names, generated there (as ``generate(_:keyType:)``) when there is none.
+    public static func findOrGenerate(_ uri: PKCS11URI, keyType: KeyType) throws -> PKCS11Key {
+        do {
+            let key = try find(uri)
+            guard key.keyType == keyType else {
+                throw PKCS11Error(.unsupportedKey, "the token's key \(uri) is \(key.keyType.rawValue), not the \(keyType.rawValue) asked for")
+            }
+            return key
+        } catch let error as PKCS11Error where error.code == .objectNotFound {
+            return try generate(uri, keyType: keyType)
+        }
+    }
+
     /// The key types a token key may have.
     public static let supportedTypes: [KeyType] = [.p256, .p384, .ed25519]
 
@@ -48,20 +82,21 @@ public final class PKCS11Key: Sendable {
             var named = uri
             named.id = id.isEmpty ? uri.id : id
             named.type = nil
-            return PKCS11Key(token: token, uri: named, keyType: keyType, publicKey: publicKey, id: id, handle: handle, generation: generation)
+            return registered(PKCS11Key(token: token, uri: named, keyType: keyType, publicKey: publicKey, id: id, handle: handle, generation: generation))
         }
     }
 
     /// Generates a key pair inside the token: private key sensitive, never extractable, on the token; labelled with
     /// the URI's `object`, with a random 16-byte CKA_ID unless the URI gives one. Refuses when a key with that label
     /// or id already exists (use ``find(_:)`` to adopt it).
-    public static func generate(_ uri: PKCS11URI, keyType: KeyType) throws -> PKCS11Key {
+    /// `anotherGeneration`: the label may already be in use (an agent's earlier keys, told apart by their ids).
+    public static func generate(_ uri: PKCS11URI, keyType: KeyType, anotherGeneration: Bool = false) throws -> PKCS11Key {
         guard let label = uri.object, !label.isEmpty else {
             throw PKCS11Error(.badURI, "name the new key with object= in the PKCS#11 URI: \(uri)")
         }
         let token = try PKCS11Token.open(uri)
         return try token.withSession { session in
-            if (try? Self.findPrivate(session: session, token: token, label: label, id: nil)) != nil {
+            if !anotherGeneration, !((try? Self.objects(session: session, token: token, template: Self.privateTemplate(label: label, id: nil))) ?? []).isEmpty {
                 throw PKCS11Error(.objectExists, "token '\(uri.token ?? "?")' already holds a key labelled '\(label)'")
             }
             let id = uri.id ?? (0..<16).map { _ in UInt8.random(in: 0...255) }
@@ -80,18 +115,25 @@ public final class PKCS11Key: Sendable {
             default:
                 throw PKCS11Error(.unsupportedKey, "keys in a PKCS#11 token may be p256, p384 or ed25519, not \(keyType.rawValue)")
             }
+            let keyKind: UInt = keyType == .ed25519 ? CKK_EC_EDWARDS : CKK_EC
             let publicTemplate = AttributeTemplate()
+            publicTemplate.add(CKA_CLASS, ulong: CKO_PUBLIC_KEY)
+            publicTemplate.add(CKA_KEY_TYPE, ulong: keyKind)
             publicTemplate.add(CKA_TOKEN, bool: true)
             publicTemplate.add(CKA_VERIFY, bool: true)
             publicTemplate.add(CKA_EC_PARAMS, bytes: parameters)
             publicTemplate.add(CKA_LABEL, bytes: Array(label.utf8))
             publicTemplate.add(CKA_ID, bytes: id)
             let privateTemplate = AttributeTemplate()
+            privateTemplate.add(CKA_CLASS, ulong: CKO_PRIVATE_KEY)
+            privateTemplate.add(CKA_KEY_TYPE, ulong: keyKind)
             privateTemplate.add(CKA_TOKEN, bool: true)
             privateTemplate.add(CKA_PRIVATE, bool: true)
             privateTemplate.add(CKA_SENSITIVE, bool: true)
             privateTemplate.add(CKA_EXTRACTABLE, bool: false)
             privateTemplate.add(CKA_SIGN, bool: true)
+            // (CKA_DECRYPT/CKA_UNWRAP false would say "signing only" once more for an EC key, but libtpm2_pkcs11
+            // takes any encryption attribute for an RSA template and fails the generation.)
             privateTemplate.add(CKA_LABEL, bytes: Array(label.utf8))
             privateTemplate.add(CKA_ID, bytes: id)
             var mechanism = CK_MECHANISM(mechanism: CK_MECHANISM_TYPE(mechanismType), pParameter: nil, ulParameterLen: 0)
@@ -110,10 +152,10 @@ public final class PKCS11Key: Sendable {
             var named = uri
             named.id = id
             named.type = nil
-            return PKCS11Key(
+            return registered(PKCS11Key(
                 token: token, uri: named, keyType: keyType, publicKey: publicKey, id: id, handle: privateHandle,
                 generation: token.generation
-            )
+            ))
         }
     }
 
@@ -135,11 +177,35 @@ public final class PKCS11Key: Sendable {
         return found
     }
 
-    static func findPrivate(session: CK_SESSION_HANDLE, token: PKCS11Token, label: String?, id: [UInt8]?) throws -> CK_OBJECT_HANDLE {
+    static func privateTemplate(label: String?, id: [UInt8]?, keyClass: UInt = CKO_PRIVATE_KEY) -> AttributeTemplate {
         let template = AttributeTemplate()
-        template.add(CKA_CLASS, ulong: CKO_PRIVATE_KEY)
+        template.add(CKA_CLASS, ulong: keyClass)
         if let label { template.add(CKA_LABEL, bytes: Array(label.utf8)) }
         if let id { template.add(CKA_ID, bytes: id) }
+        return template
+    }
+
+    /// Destroys the key pairs labelled `label` in the token whose ids are not in `keeping` (an agent's superseded
+    /// keys once their certificates are replaced). Returns how many private keys went.
+    @discardableResult
+    public static func destroyGenerations(_ uri: PKCS11URI, label: String, keeping: [[UInt8]]) throws -> Int {
+        let token = try PKCS11Token.open(uri)
+        return try token.withSession { session in
+            var destroyed = 0
+            for keyClass in [CKO_PRIVATE_KEY, CKO_PUBLIC_KEY] {
+                for object in try objects(session: session, token: token, template: privateTemplate(label: label, id: nil, keyClass: keyClass), limit: 64) {
+                    let id = try attribute(session: session, token: token, object: object, type: CKA_ID) ?? []
+                    guard !keeping.contains(id) else { continue }
+                    try PKCS11.check(token.module.f.C_DestroyObject!(session, object), "destroying an old key labelled '\(label)'")
+                    if keyClass == CKO_PRIVATE_KEY { destroyed += 1 }
+                }
+            }
+            return destroyed
+        }
+    }
+
+    static func findPrivate(session: CK_SESSION_HANDLE, token: PKCS11Token, label: String?, id: [UInt8]?) throws -> CK_OBJECT_HANDLE {
+        let template = privateTemplate(label: label, id: id)
         let found = try objects(session: session, token: token, template: template)
         let what = [label.map { "object=\($0)" }, id.map { "id=" + PKCS11URI.percentEncoded($0, all: true) }].compactMap { $0 }
             .joined(separator: ";")
@@ -152,13 +218,13 @@ public final class PKCS11Key: Sendable {
         return first
     }
 
-    static func objects(session: CK_SESSION_HANDLE, token: PKCS11Token, template: AttributeTemplate) throws -> [CK_OBJECT_HANDLE] {
+    static func objects(session: CK_SESSION_HANDLE, token: PKCS11Token, template: AttributeTemplate, limit: Int = 4) throws -> [CK_OBJECT_HANDLE] {
         let f = token.module.f
         try template.withPointer { pointer, count in
             try PKCS11.check(f.C_FindObjectsInit!(session, pointer, count), "searching token '\(token.uri.token ?? "?")'")
         }
         defer { _ = f.C_FindObjectsFinal!(session) }
-        var handles = [CK_OBJECT_HANDLE](repeating: 0, count: 4)
+        var handles = [CK_OBJECT_HANDLE](repeating: 0, count: limit)
         var found: CK_ULONG = 0
         try PKCS11.check(f.C_FindObjects!(session, &handles, CK_ULONG(handles.count), &found), "searching token '\(token.uri.token ?? "?")'")
         return Array(handles.prefix(Int(found)))

@@ -1,6 +1,7 @@
 import Foundation
 import Hummingbird
 import MutualAuthority
+import MutualPKCS11
 import MutualPKI
 import MutualStore
 import X509
@@ -273,6 +274,12 @@ struct AuthorityRoutes: Sendable {
         if let failure = await readinessProbe.check(store: authority.store) {
             throw Problem(.serviceUnavailable, code: "not-ready", title: "Service Unavailable", detail: "the inventory does not accept writes: \(failure)")
         }
+        if let failure = await readinessProbe.checkSigning(authority: authority) {
+            throw Problem(
+                .serviceUnavailable, code: "signing-key-unavailable", title: "Service Unavailable",
+                detail: "a CA key in a PKCS#11 token cannot sign: \(failure.reason)", members: ["key_error": failure.code.name]
+            )
+        }
         return try json(["status": "ready"])
     }
 
@@ -303,6 +310,17 @@ actor ReadinessProbe {
             failure = "\(error)"
         }
         last = (ContinuousClock.now, failure)
+        return failure
+    }
+
+    private var lastSigning: (at: ContinuousClock.Instant, failure: PKCS11Error?)?
+
+    /// nil when every token-held CA key signed a probe within the last second, else the first failure.
+    func checkSigning(authority: Authority) -> PKCS11Error? {
+        let now = ContinuousClock.now
+        if let lastSigning, now - lastSigning.at < .seconds(1) { return lastSigning.failure }
+        let failure = authority.probeSigningKeys()
+        lastSigning = (ContinuousClock.now, failure)
         return failure
     }
 }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Logging
 import MutualAgent
+import MutualPKCS11
 import MutualPKI
 
 struct AgentCommand: AsyncParsableCommand {
@@ -33,6 +34,7 @@ struct AgentCommand: AsyncParsableCommand {
         @Option(name: .customLong("dns"), help: "Additional DNS SAN (repeatable).") var dnsNames: [String] = []
         @Option(help: "Directory for key.pem, cert.pem, chain.pem, bundle.pem and status.json.") var outDir: String
         @Option(help: "Key type: \(KeyChoice.choices). An identity the authority moves to ML-DSA (`mutual pq migrate`) switches at its next renewal by itself.") var keyType: KeyChoice = .classical(.p256)
+        @Option(help: "Keep the private key in a PKCS#11 token (RFC 7512 URI naming token and object, with module-path and pin-source), e.g. a TPM through libtpm2_pkcs11: generated there on first use, kept across renewals, never written to disk; out-dir gets key.uri instead of key.pem.") var keyStore: String?
         @Option(help: "Renew after this fraction of the lifetime, e.g. 2/3 or 0.5.") var renewAt: String = "2/3"
         @Option(help: "Requested lifetime at enrollment (within the token's maximum), e.g. 24h.", transform: ValidityDuration.argument) var validity: ValidityDuration?
         @Option(help: "Profile to request at enrollment (default: the token's).") var profile: String?
@@ -54,12 +56,19 @@ struct AgentCommand: AsyncParsableCommand {
                 guard pidFile != nil else { throw CommandFailure("--signal needs --pid-file", exitCode: 2) }
                 signalNumber = number
             }
-            let configuration = try inputFailure {
+            var configuration = try inputFailure {
                 try Agent.Configuration(
                     authority: authority, rootFingerprint: rootFingerprint, token: token, identity: identity, dnsNames: dnsNames,
                     outDir: outDir, keyType: keyType, schedule: RenewalSchedule(fraction: fraction), validity: validity, profile: profile,
                     hook: ReloadHook(exec: exec, signal: signalNumber, pidFile: pidFile)
                 )
+            }
+            if let keyStore {
+                do {
+                    configuration.keyStore = try PKCS11URI(keyStore)
+                } catch let error as PKCS11Error {
+                    throw CommandFailure("invalid --key-store: \(error.reason)", exitCode: 2, code: error.code.name)
+                }
             }
             var logger = Logger(label: "mutual.agent")
             logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
@@ -68,10 +77,11 @@ struct AgentCommand: AsyncParsableCommand {
                 throw CommandFailure("invalid --crl-out '\(crlOut)': expected a file path", exitCode: 2)
             }
             let refresher = crlOut.map {
-                CRLRefresher(
-                    configuration: .init(authority: configuration.authority, outDir: outDir, crlPath: $0, interval: crlRefresh, hook: configuration.hook),
-                    logger: logger
+                var refresherConfiguration = CRLRefresher.Configuration(
+                    authority: configuration.authority, outDir: outDir, crlPath: $0, interval: crlRefresh, hook: configuration.hook
                 )
+                refresherConfiguration.keyStore = configuration.keyStore
+                return CRLRefresher(configuration: refresherConfiguration, logger: logger)
             }
             if once {
                 switch await agent.step() {

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import MutualAuthority
+import MutualPKCS11
 import MutualPKI
 import MutualStore
 
@@ -37,6 +38,12 @@ struct InitCommand: AsyncParsableCommand {
     @Flag(help: "Encrypt the CA keys with a passphrase (from MUTUAL_PASSPHRASE or a prompt).")
     var encryptKeys = false
 
+    @Option(help: "Keep the issuing CA key in a PKCS#11 token instead of a file: an RFC 7512 URI, e.g. 'pkcs11:token=mutual;object=issuing?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/mutual/pin'. The key named by object/id is used if the token has it, else generated there (sensitive, not extractable). The PIN comes from pin-source, pin-value or MUTUAL_PKCS11_PIN.")
+    var keyStore: String?
+
+    @Option(help: "PKCS#11 URI of the root key (default with --key-store: the same token, object=<object>-root).")
+    var rootKeyStore: String?
+
     @Option(help: "Base URL other hosts use to fetch the CRL (URL/crl) and ask OCSP (URL/ocsp), http://HOST[:PORT]; placed in every certificate, by the CLI and by `serve` alike (change it later with `mutual config`).")
     var httpPublicURL: String?
 
@@ -60,12 +67,21 @@ struct InitCommand: AsyncParsableCommand {
         case .classical(let k): classicalKeyType = k
         case .mldsa: classicalKeyType = .p256
         }
+        if rootKeyStore != nil && keyStore == nil {
+            throw CommandFailure("--root-key-store needs --key-store (the issuing key's token)", exitCode: 2, code: "pkcs11-bad-uri")
+        }
+        if keyStore != nil && encryptKeys {
+            throw CommandFailure("--encrypt-keys applies to key files; keys in a PKCS#11 token are protected by the token's PIN", exitCode: 2)
+        }
+        let keyStoreURI = try await failing { try keyStore.map { try PKCS11URI($0) } }
+        let rootKeyStoreURI = try await failing { try rootKeyStore.map { try PKCS11URI($0) } }
+        if keyStoreURI != nil { passphrase = nil }
         let result = try await failing {
             try await Authority.initialize(
                 state: state, name: name, keyType: classicalKeyType,
                 constraints: .init(permittedDNS: permitDNS, permittedURIPrefixes: permitURI),
                 passphrase: passphrase, policy: IssuancePolicy(maximumValidity: maxValidity), actor: cliActor,
-                databaseURL: stateOptions.databaseURL
+                databaseURL: stateOptions.databaseURL, keyStore: keyStoreURI, rootKeyStore: rootKeyStoreURI
             )
         }
         if let httpPublicURL {
@@ -94,6 +110,10 @@ struct InitCommand: AsyncParsableCommand {
                 "state_dir": state.path, "root": state.rootCertificatePath, "intermediate": state.intermediateCertificatePath,
                 "root_fingerprint": result.rootFingerprint, "admin_cert": state.adminDirectory + "/cert.pem",
             ]
+            if let keyStoreURI {
+                object["key_store"] = keyStoreURI.description
+                object["root_key_store"] = (rootKeyStoreURI ?? keyStoreURI.naming(object: (keyStoreURI.object ?? "mutual") + "-root")).description
+            }
             if let httpPublicURL { object["http_public_url"] = try Authority.validatedHTTPPublicURL(httpPublicURL) }
             if let pq {
                 object["pq_root"] = state.pqRootCertificatePath
@@ -107,7 +127,13 @@ struct InitCommand: AsyncParsableCommand {
         print("Created CA \"\(name)\" in \(state.path)")
         print("  root:          \(state.rootCertificatePath)  (\(classicalKeyType.rawValue), valid until \(result.root.notValidAfter))")
         print("  issuing CA:    \(state.intermediateCertificatePath)  (path length 0\(permitDNS.isEmpty && permitURI.isEmpty ? "" : ", name constraints"))")
-        print("  keys:          \(state.caDirectory)/*.key  (mode 0600\(passphrase != nil ? ", encrypted" : ""))")
+        if let keyStoreURI {
+            let rootURI = rootKeyStoreURI ?? keyStoreURI.naming(object: (keyStoreURI.object ?? "mutual") + "-root")
+            print("  issuing key:   \(keyStoreURI)  (PKCS#11 token; never leaves it)")
+            print("  root key:      \(rootURI)")
+        } else {
+            print("  keys:          \(state.caDirectory)/*.key  (mode 0600\(passphrase != nil ? ", encrypted" : ""))")
+        }
         print("  admin client:  \(state.adminDirectory)/cert.pem")
         print("  root SHA-256:  \(result.rootFingerprint)")
         if let pq { printPQHierarchy(pq, state: state) }
@@ -134,7 +160,9 @@ struct RootCRLCommand: AsyncParsableCommand {
 
     func run() async throws {
         let state = stateOptions.state
-        let result = try await failing { try Authority.refreshRootCRL(state: state, passphrase: Passphrase.read) }
+        let result = try await failing { try Authority.refreshRootCRL(
+                state: state, passphrase: Passphrase.read, rootKeyStore: (try? Authority.loadConfiguration(state))?.rootKeyStore
+            ) }
         if json {
             try printJSON(["path": state.rootCRLPath, "number": String(result.number), "next_update": AuditChain.format(result.nextUpdate)])
             return

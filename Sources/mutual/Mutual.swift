@@ -3,6 +3,7 @@ import MutualProxy
 import Logging
 import Foundation
 import MutualAuthority
+import MutualPKCS11
 import MutualPKI
 import MutualStore
 import NIOCore
@@ -39,7 +40,7 @@ struct Mutual: AsyncParsableCommand {
         } catch let exit as ExitCode {
             Foundation.exit(exit.rawValue)
         } catch let failure as CommandFailure {
-            FileHandle.standardError.write(Data("mutual: \(failure.message)\n".utf8))
+            FileHandle.standardError.write(Data("mutual: \(failure.message)\(failure.code.map { " [\($0)]" } ?? "")\n".utf8))
             Foundation.exit(failure.exitCode)
         } catch {
             let code = exitCode(for: error)
@@ -68,21 +69,26 @@ enum GlobalExecutor {
 struct CommandFailure: Error {
     var message: String
     var exitCode: Int32
+    /// The failure's stable code, printed after the message as `[code]` for scripts to match on.
+    var code: String?
 
-    init(_ message: String, exitCode: Int32 = 1) {
+    init(_ message: String, exitCode: Int32 = 1, code: String? = nil) {
         self.message = message
         self.exitCode = exitCode
+        self.code = code
     }
 
-    /// Maps errors from the modules to a one-line message. Input errors exit 2; refusals and failures exit 1.
+    /// Maps errors from the modules to a one-line message and their code. Input errors exit 2; refusals and
+    /// failures exit 1.
     static func from(_ error: any Error) -> CommandFailure {
         switch error {
         case let e as CommandFailure: return e
         case let e as PKIError:
             let input: Set<PKIError.Code> = [.malformedInput, .inputTooLarge, .invalidDuration]
-            return CommandFailure(e.reason, exitCode: input.contains(e.code) ? 2 : 1)
-        case let e as AuthorityError: return CommandFailure(e.reason, exitCode: 1)
-        case let e as StoreError: return CommandFailure(e.reason, exitCode: 1)
+            return CommandFailure(e.reason, exitCode: input.contains(e.code) ? 2 : 1, code: e.code.name)
+        case let e as AuthorityError: return CommandFailure(e.reason, exitCode: 1, code: e.code.name)
+        case let e as StoreError: return CommandFailure(e.reason, exitCode: 1, code: e.code.name)
+        case let e as PKCS11Error: return CommandFailure(e.reason, exitCode: e.code == .badURI ? 2 : 1, code: e.code.name)
         default: return CommandFailure("\(error)", exitCode: 1)
         }
     }

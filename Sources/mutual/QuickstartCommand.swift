@@ -196,7 +196,7 @@ enum QuickstartCall {
         tls.certificateVerification = .noHostnameVerification
         if let identityDir, let current = try Delivery.read(outDir: identityDir) {
             tls.certificateChain = try current.chain.map { .certificate(try NIOSSLCertificate(bytes: try $0.der, format: .der)) }
-            tls.privateKey = .privateKey(try NIOSSLPrivateKey(bytes: Array(try current.key.pem().utf8), format: .pem))
+            tls.privateKey = .privateKey(try current.key.tlsPrivateKey())
         }
         var configuration = HTTPClient.Configuration(tlsConfiguration: tls)
         configuration.connectionPool = .init(idleTimeout: .seconds(1), concurrentHTTP1ConnectionsPerHostSoftLimit: 1)

@@ -244,7 +244,7 @@ let package = Package(
         .testTarget(
             name: "MutualServerTests",
             dependencies: [
-                "MutualServer", "MutualClient", "MutualAuthority", "MutualPKI", "MutualStore", "MutualAgent", "TestSupport",
+                "MutualServer", "MutualClient", "MutualAuthority", "MutualPKI", "MutualStore", "MutualAgent", "TestSupport", "MutualPKCS11",
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOTLS", package: "swift-nio"),

@@ -25,6 +25,13 @@ command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || need_apt+=(iproute2)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# PKCS#11: the header the build needs, SoftHSM2, pkcs11-tool, and a software TPM behind libtpm2_pkcs11.
+[ -f /usr/include/p11-kit-1/p11-kit/pkcs11.h ] || need_apt+=(libp11-kit-dev)
+[ -f /usr/lib/softhsm/libsofthsm2.so ] || need_apt+=(softhsm2)
+command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
+command -v swtpm >/dev/null 2>&1 || need_apt+=(swtpm swtpm-tools)
+command -v tpm2-abrmd >/dev/null 2>&1 || [ -x /usr/sbin/tpm2-abrmd ] || need_apt+=(tpm2-abrmd libtss2-tcti-tabrmd0 dbus)
+command -v tpm2_ptool >/dev/null 2>&1 || need_apt+=(libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools libtss2-tcti-swtpm0)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} (apt-get)"
   export DEBIAN_FRONTEND=noninteractive
@@ -84,6 +91,8 @@ log "ML-DSA (RFC 9881): hierarchies, CLI, CRL and verify checked by python crypt
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-pq.sh" || status=1
 log "dashboard: headless Chromium (selenium) signs in with a link, searches, revokes with confirmation, reads revocations and the audit trail; read-only, cross-site forms, used and expired links refused; screenshots"
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-dashboard.sh" || status=1
+log "PKCS#11: CA keys generated in SoftHSM2 (pkcs11-tool: never extractable), serve signing certificates, CRL and OCSP through it (openssl verifies), wrong PIN / missing token / module / removal named; agent keys in a software TPM (swtpm + libtpm2_pkcs11) renewing over mTLS"
+MUTUAL="$ROOT/.build/debug/mutual" bash "$ROOT/scripts/interop-pkcs11.sh" || status=1
 log "replicas: two authorities on one PostgreSQL under load, with revocations, a SIGKILL and a database restart"
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" PG_DIR="$PG_DIR" DURATION="${REPLICA_SECONDS:-60}" bash "$ROOT/scripts/replicas.sh" || status=1
 log "ACME on two replicas: 20 concurrent certbot and lego runs across them on one PostgreSQL, nonces shared"

@@ -1,6 +1,7 @@
 import Foundation
 import Hummingbird
 import MutualAuthority
+import MutualPKCS11
 import MutualPKI
 import MutualStore
 import NIOCore
@@ -79,6 +80,10 @@ public struct Problem: Error, HTTPResponseError, Sendable {
             }
         case let e as StoreError:
             return Problem(.serviceUnavailable, code: e.code.name, title: "Service Unavailable", detail: "inventory unavailable: \(e.reason)")
+        case let e as PKCS11Error:
+            // The CA key's token cannot sign (removed, logged out, failing): the request may succeed later or on
+            // another replica, as with an unavailable inventory.
+            return Problem(.serviceUnavailable, code: e.code.name, title: "Service Unavailable", detail: "the CA's key in its PKCS#11 token cannot sign: \(e.reason)")
         case is NIOTooManyBytesError:
             return Problem(.contentTooLarge, code: "body-too-large", title: "Content Too Large", detail: "request bodies are limited to 64 KiB")
         case let e as HTTPError:

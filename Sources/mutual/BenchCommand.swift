@@ -9,12 +9,13 @@ import NIOCore
 import NIOSSL
 import Foundation
 import MutualAuthority
+import MutualPKCS11
 import MutualPKI
 import X509
 
 struct BenchCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "bench", abstract: "Benchmarks of this machine's Mutual.", subcommands: [BenchIssue.self, BenchCAServer.self, BenchCRL.self, BenchRevokeEvent.self, BenchTLSFloor.self, BenchDashboard.self, BenchPQ.self]
+        commandName: "bench", abstract: "Benchmarks of this machine's Mutual.", subcommands: [BenchIssue.self, BenchCAServer.self, BenchCRL.self, BenchRevokeEvent.self, BenchTLSFloor.self, BenchDashboard.self, BenchPQ.self, BenchSign.self]
     )
 }
 
@@ -28,6 +29,7 @@ struct BenchIssue: AsyncParsableCommand {
     @Option(help: "State directory to use (default: a fresh temporary one, deleted afterwards).") var stateDir: String?
     @Option(help: "PostgreSQL URL for the inventory (default: SQLite in the state directory).") var database: String?
     @Flag(help: "Measure renewals instead: issue --count certificates first (untimed), then renew each with a new key.") var renew = false
+    @Option(help: "Keep the bench CA's keys in this PKCS#11 token (an RFC 7512 URI, as `mutual init --key-store`).") var keyStore: String?
     @Flag(help: "Print JSON.") var json = false
 
     func validate() throws {
@@ -43,7 +45,10 @@ struct BenchIssue: AsyncParsableCommand {
         let state = StateDirectory(path: dir)
         if !state.isInitialized {
             _ = try await failing {
-                try await Authority.initialize(state: state, name: "Bench CA", keyType: .p256, constraints: .init(), passphrase: nil, actor: "bench", databaseURL: database)
+                try await Authority.initialize(
+                    state: state, name: "Bench CA", keyType: .p256, constraints: .init(), passphrase: nil, actor: "bench", databaseURL: database,
+                    keyStore: try keyStore.map { try PKCS11URI($0) }
+                )
             }
         }
         let authority = try await failing { try await Authority.open(state: state, databaseURL: database) }

@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import MutualAuthority
 import MutualClient
+import MutualPKCS11
 import MutualPKI
 import MutualServer
 import MutualStore
@@ -23,10 +24,15 @@ final class ServerHarness: @unchecked Sendable {
     var baseURL: String { "https://127.0.0.1:\(port)" }
     var httpURL: String { "http://127.0.0.1:\(httpPort)" }
 
-    static func start(renewExpiredGrace: ValidityDuration? = nil, idleTimeout: Duration = .seconds(30), acme: [ACMEProvisioner] = [], pq: MLDSAVariant? = nil) async throws -> ServerHarness {
+    static func start(
+        renewExpiredGrace: ValidityDuration? = nil, idleTimeout: Duration = .seconds(30), acme: [ACMEProvisioner] = [], pq: MLDSAVariant? = nil,
+        keyStore: PKCS11URI? = nil
+    ) async throws -> ServerHarness {
         let dir = TestPKI.temporaryDirectory("server")
         let state = StateDirectory(path: dir + "/state")
-        _ = try await Authority.initialize(state: state, name: "Server Test", keyType: .p256, constraints: .init(), passphrase: nil, actor: "test")
+        _ = try await Authority.initialize(
+            state: state, name: "Server Test", keyType: .p256, constraints: .init(), passphrase: nil, actor: "test", keyStore: keyStore
+        )
         let authority = try await Authority.open(state: state)
         if let pq { _ = try await authority.addPQHierarchy(variant: pq, passphrase: nil, actor: "test") }
         let harness = ServerHarness(dir: dir, state: state, authority: authority)

@@ -1,0 +1,58 @@
+import Crypto
+import Foundation
+import MutualAuthority
+import MutualClient
+import MutualPKCS11
+import MutualPKI
+import TestSupport
+import Testing
+import X509
+
+/// An authority whose CA keys live in a SoftHSM2 token, serving over real TLS on 127.0.0.1.
+@Suite("Authority with its keys in a PKCS#11 token", .serialized)
+struct PKCS11ServerTests {
+    @Test func issuesThroughTheTokenAndTurnsUnreadyWhenItGoesAway() async throws {
+        let hsm = SoftHSM.shared
+        let label = try hsm.makeToken()
+        let server = try await ServerHarness.start(keyStore: try PKCS11URI(hsm.uri(token: label, object: "issuing")))
+        do {
+            // The issuing key is the token's, and nothing else holds it.
+            let tokenKey = try #require(PKCS11Key.holding(server.authority.ca.certificate.publicKey))
+            #expect(tokenKey.uri.object == "issuing")
+            #expect(!FileManager.default.fileExists(atPath: server.state.intermediateKeyPath))
+            #expect(try await server.curl("/readyz").0 == 200)
+
+            let token = try await server.token(scopes: ["spiffe://example.org/hsm/*"], uses: 5)
+            let client = try server.client()
+            defer { Task { try? await client.shutdown() } }
+            let key = P256.Signing.PrivateKey()
+            let enrollment = try await client.sign(
+                csrPEM: try ServerHarness.csr(Certificate.PrivateKey(key), uri: "spiffe://example.org/hsm/a"), token: token.token
+            )
+            let leaf = try #require(enrollment.certificate.classical)
+            #expect(server.authority.ca.certificate.publicKey.isValidSignature(leaf.signature, for: leaf))
+
+            // The token goes away: readiness names why, issuance is refused with the token's code (not a 500).
+            let directory = try #require(hsm.tokenDirectories().first { dir in
+                (try? Data(contentsOf: URL(fileURLWithPath: dir + "/token.object")))?.range(of: Data(label.utf8)) != nil
+            })
+            try FileManager.default.moveItem(atPath: directory, toPath: directory + ".away")
+            defer { try? FileManager.default.moveItem(atPath: directory + ".away", toPath: directory) }
+            try await Task.sleep(for: .milliseconds(1100))  // past the readiness probe's one-second cache
+            let (status, body) = try await server.curl("/readyz")
+            #expect(status == 503)
+            let problem = ServerHarness.json(body)
+            #expect(problem["type"] as? String == "urn:mutual:problem:signing-key-unavailable")
+            #expect(problem["key_error"] as? String == "pkcs11-token-removed")
+            let refused = await #expect(throws: AuthorityClientError.self) {
+                _ = try await client.sign(
+                    csrPEM: try ServerHarness.csr(Certificate.PrivateKey(P256.Signing.PrivateKey()), uri: "spiffe://example.org/hsm/b"),
+                    token: token.token
+                )
+            }
+            #expect(refused?.status == 503)
+            #expect(refused?.code == "pkcs11-token-removed")
+        }
+        await server.stop()
+    }
+}

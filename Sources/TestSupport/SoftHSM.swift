@@ -24,7 +24,7 @@ public final class SoftHSM: Sendable {
         try? (userPIN + "\n").write(toFile: pin, atomically: true, encoding: .utf8)
         setenv("SOFTHSM2_CONF", config, 1)
         let hsm = SoftHSM(directory: directory, configPath: config, pinFile: pin)
-        for i in 0..<poolSize { try? hsm.initToken("pool-\(i)") }
+        for i in 0..<poolSize { try? hsm.initToken(label(i)) }
         return hsm
     }()
 
@@ -44,8 +44,11 @@ public final class SoftHSM: Sendable {
             return n
         }
         guard index < Self.poolSize else { throw SoftHSMError(message: "the test token pool (\(Self.poolSize)) is used up: raise SoftHSM.poolSize") }
-        return "pool-\(index)"
+        return Self.label(index)
     }
+
+    /// Fixed width ("pool-07"), so that no label is a prefix of another.
+    static func label(_ index: Int) -> String { "pool-" + (index < 10 ? "0" : "") + String(index) }
 
     /// Makes a token with `softhsm2-util`.
     func initToken(_ label: String) throws {
@@ -71,9 +74,12 @@ public final class SoftHSM: Sendable {
         "pkcs11:token=\(token);object=\(object)?module-path=\(Self.modulePath)&pin-source=file:\(pinFile)"
     }
 
-    /// The directory SoftHSM keeps a token in (deleting it is how a test takes the token away).
-    public func tokenDirectories() -> [String] {
-        ((try? FileManager.default.contentsOfDirectory(atPath: directory + "/tokens")) ?? []).map { directory + "/tokens/" + $0 }
+    /// The directory SoftHSM keeps the token labelled `label` in (moving it away is how a test takes the token away).
+    public func tokenDirectory(label: String) -> String? {
+        let directories = ((try? FileManager.default.contentsOfDirectory(atPath: directory + "/tokens")) ?? []).map { directory + "/tokens/" + $0 }
+        return directories.first { dir in
+            (try? Data(contentsOf: URL(fileURLWithPath: dir + "/token.object")))?.range(of: Data(label.utf8)) != nil
+        }
     }
 
     public struct SoftHSMError: Error, CustomStringConvertible {

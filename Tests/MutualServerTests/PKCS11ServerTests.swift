@@ -33,9 +33,7 @@ struct PKCS11ServerTests {
             #expect(server.authority.ca.certificate.publicKey.isValidSignature(leaf.signature, for: leaf))
 
             // The token goes away: readiness names why, issuance is refused with the token's code (not a 500).
-            let directory = try #require(hsm.tokenDirectories().first { dir in
-                (try? Data(contentsOf: URL(fileURLWithPath: dir + "/token.object")))?.range(of: Data(label.utf8)) != nil
-            })
+            let directory = try #require(hsm.tokenDirectory(label: label))
             try FileManager.default.moveItem(atPath: directory, toPath: directory + ".away")
             defer { try? FileManager.default.moveItem(atPath: directory + ".away", toPath: directory) }
             try await Task.sleep(for: .milliseconds(1100))  // past the readiness probe's one-second cache

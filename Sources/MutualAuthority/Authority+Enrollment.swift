@@ -59,8 +59,11 @@ extension Authority {
                 throw refusal
             }
         }
+        // One snapshot of the issuing CA for signing, the record and the chain (a rotation may switch it meanwhile).
+        let active = self.active
+        let ca = active.ca
         let certificate = try ca.issue(request, now: now)
-        let record = try Self.makeRecord(certificate, profile: profile, owner: token.owner, requester: actor, issuerDescription: issuerDescription)
+        let record = try Self.makeRecord(certificate, profile: profile, owner: token.owner, requester: actor, issuerDescription: active.issuer)
         var details = ["profile": profile.rawValue, "serial": record.serial, "identity": record.identity, "token": token.id]
         if !request.droppedRequests.isEmpty { details["dropped"] = request.droppedRequests.joined(separator: "; ") }
         do {
@@ -73,7 +76,7 @@ extension Authority {
             try? await auditRefusal(actor: actor, reason: refusal, now: now)
             throw refusal
         }
-        return IssuedAnyCertificate(IssuedCertificate(certificate: certificate, chain: [certificate, ca.certificate], record: record))
+        return IssuedAnyCertificate(IssuedCertificate(certificate: certificate, chain: [certificate] + ca.chain, record: record))
     }
 
     /// How a certificate renews: over mTLS when it may be a TLS client (clientAuth EKU, or no EKU restriction),
@@ -206,8 +209,10 @@ extension Authority {
             profile: profile, publicKey: csr.request.publicKey, commonName: certificate.subject.lastCommonNameString, dnsNames: dns,
             ipAddresses: ips, uris: uris, validity: validity
         )
+        let active = self.active
+        let ca = active.ca
         let issued = try ca.issue(request, now: now)
-        let newRecord = try Self.makeRecord(issued, profile: profile, owner: record.owner, requester: actor, issuerDescription: issuerDescription)
+        let newRecord = try Self.makeRecord(issued, profile: profile, owner: record.owner, requester: actor, issuerDescription: active.issuer)
         try await store.recordIssuance(
             newRecord,
             audit: AuditEntry(
@@ -215,7 +220,7 @@ extension Authority {
                 details: details.merging(["profile": profile.rawValue, "serial": newRecord.serial, "identity": newRecord.identity]) { a, _ in a }
             )
         )
-        return IssuedAnyCertificate(IssuedCertificate(certificate: issued, chain: [issued, ca.certificate], record: newRecord))
+        return IssuedAnyCertificate(IssuedCertificate(certificate: issued, chain: [issued] + ca.chain, record: newRecord))
     }
 
     /// The statement a device signs with its current key to prove possession when it renews without presenting the

@@ -15,9 +15,18 @@ import X509
 public final class Authority: Sendable {
     public let state: StateDirectory
     public let configuration: AuthorityConfiguration
-    private let caBox: Mutex<IssuingCA>
+    /// The active issuing CA, its subject as recorded, and the CAs a rotation keeps beside it.
+    struct ActiveCA: Sendable {
+        var ca: IssuingCA
+        var issuer: String
+        var rotation: CARotation.Loaded
+    }
+    let caBox: Mutex<ActiveCA>
     /// The issuing CA with its current policy (CRL/OCSP URLs can change while serving).
-    public var ca: IssuingCA { caBox.withLock { $0 } }
+    public var ca: IssuingCA { caBox.withLock { $0.ca } }
+    var active: ActiveCA { caBox.withLock { $0 } }
+    /// The issuing CA's subject as stored in every record it issues (computed once per CA).
+    var issuerDescription: String { caBox.withLock { $0.issuer } }
     public let store: Store
     let logger: Logger
     let pqBox: Mutex<MLDSAIssuingCA?>
@@ -25,21 +34,25 @@ public final class Authority: Sendable {
     public var pqCA: MLDSAIssuingCA? { pqBox.withLock { $0 } }
     /// Proofs of possession already used (kept for as long as they could still be accepted).
     let proofs = ProofLedger()
-    /// The issuing CA's subject as stored in every record it issues (computed once).
-    let issuerDescription: String
     /// CA keys held in PKCS#11 tokens (probed by `/readyz`).
-    let tokenKeys: [PKCS11Key]
+    let tokenKeysBox: Mutex<[PKCS11Key]>
+    var tokenKeys: [PKCS11Key] { tokenKeysBox.withLock { $0 } }
+    /// The passphrase of the CA's key files, when they are encrypted and it was given at open (a rotation's reload
+    /// reads the new generation's key with it).
+    let passphrase: String?
 
     init(
         state: StateDirectory, configuration: AuthorityConfiguration, ca: IssuingCA, store: Store, logger: Logger,
-        pqCA: MLDSAIssuingCA? = nil, tokenKeys: [PKCS11Key] = []
+        pqCA: MLDSAIssuingCA? = nil, tokenKeys: [PKCS11Key] = [], rotation: CARotation.Loaded = .init(), passphrase: String? = nil
     ) {
-        self.issuerDescription = ca.certificate.subject.description
-        self.tokenKeys = tokenKeys
+        self.tokenKeysBox = Mutex(tokenKeys)
+        self.passphrase = passphrase
         self.pqBox = Mutex(pqCA)
         self.state = state
         self.configuration = configuration
-        self.caBox = Mutex(ca)
+        var ca = ca
+        ca.crossCertificates = rotation.crossCertificates
+        self.caBox = Mutex(ActiveCA(ca: ca, issuer: ca.certificate.subject.description, rotation: rotation))
         self.store = store
         self.logger = logger
     }
@@ -184,6 +197,17 @@ public final class Authority: Sendable {
         }
         let ca: IssuingCA
         var tokenKeys: [PKCS11Key] = []
+        var rotation = CARotation.Loaded()
+        if let rotationState = try CARotation.readState(state) {
+            do {
+                (ca, rotation) = try CARotation.load(
+                    state: state, rotation: rotationState, policy: configuration.policy, passphrase: passphraseOnce, tokenKeys: &tokenKeys
+                )
+            } catch let error as PKIError {
+                if error.code == .wrongPassphrase { throw error }
+                throw AuthorityError(.corruptState, "the CA files in \(state.caDirectory) are unusable: \(error.reason)")
+            }
+        } else {
         do {
             let intermediate = try PEMBundle.certificates(
                 fromBytes: try AtomicFile.read(state.intermediateCertificatePath, limit: 1 << 20, what: "issuing CA certificate"),
@@ -205,9 +229,17 @@ public final class Authority: Sendable {
                 key = try KeyFile.load(pem: keyText, passphrase: passphraseOnce)
             }
             ca = try IssuingCA(certificate: intermediate, privateKey: key, root: root, policy: configuration.policy)
+            rotation = CARotation.Loaded(
+                state: CARotation.State(
+                    intermediates: [.init(generation: 1, stage: .active, keyStore: configuration.keyStore, root: 1, changedAt: configuration.createdAt)],
+                    roots: [.init(generation: 1, stage: .active, keyStore: configuration.rootKeyStore, root: nil, changedAt: configuration.createdAt)]
+                ),
+                trustedRoots: [root], rootCRLPaths: [state.rootCRLPath]
+            )
         } catch let error as PKIError {
             if error.code == .wrongPassphrase { throw error }
             throw AuthorityError(.corruptState, "the CA files in \(state.caDirectory) are unusable: \(error.reason)")
+        }
         }
         var pqCA = try configuration.pqKeyType.map { _ in try Self.loadPQ(state: state, policy: configuration.policy, passphrase: passphraseOnce) }
         let store = try await Store.open(databaseURL: databaseURL ?? configuration.databaseURL, sqlitePath: state.databasePath, logger: logger)
@@ -215,15 +247,21 @@ public final class Authority: Sendable {
         // Where relying parties fetch the CRL and ask OCSP: set by `mutual serve --http-public-url`, used by every
         // process that issues from this state directory.
         if let url = try? await store.metadata(Self.httpPublicURLKey) {
-            configured.policy.crlURL = url + "/crl"
+            configured.policy.crlURL = url + Self.crlPath(generation: rotation.state.active(.intermediate)?.generation ?? 1)
             configured.policy.ocspURL = url + "/ocsp"
             pqCA?.policy.crlURL = url + Self.pqCRLPath
             pqCA?.policy.ocspURL = url + "/ocsp"
         }
         return Authority(
-            state: state, configuration: configuration, ca: configured, store: store, logger: logger, pqCA: pqCA, tokenKeys: tokenKeys
+            state: state, configuration: configuration, ca: configured, store: store, logger: logger, pqCA: pqCA, tokenKeys: tokenKeys,
+            rotation: rotation, passphrase: answered ?? nil
         )
     }
+
+    /// Where an issuing CA generation's CRL is published: `/crl` for the first (what certificates issued before any
+    /// rotation carry), `/crl/gN` for later ones, so that every certificate's distribution point names its own issuer's
+    /// CRL while two issuers coexist.
+    public static func crlPath(generation: Int) -> String { generation <= 1 ? "/crl" : "/crl/g\(generation)" }
 
     /// The CA's settings (config.json).
     public static func loadConfiguration(_ state: StateDirectory) throws -> AuthorityConfiguration {
@@ -310,8 +348,8 @@ public final class Authority: Sendable {
             )
         }
         caBox.withLock {
-            $0.policy.crlURL = trimmed + "/crl"
-            $0.policy.ocspURL = trimmed + "/ocsp"
+            $0.ca.policy.crlURL = trimmed + Self.crlPath(generation: $0.rotation.state.active(.intermediate)?.generation ?? 1)
+            $0.ca.policy.ocspURL = trimmed + "/ocsp"
         }
         pqBox.withLock {
             $0?.policy.crlURL = trimmed + Self.pqCRLPath
@@ -386,7 +424,7 @@ public final class Authority: Sendable {
         if !request.droppedRequests.isEmpty { details["dropped"] = request.droppedRequests.joined(separator: "; ") }
         if let owner { details["owner"] = owner }
         let record = try await record(certificate, profile: request.profile, owner: owner, requester: requester, now: now, details: details)
-        return IssuedCertificate(certificate: certificate, chain: [certificate, self.ca.certificate], record: record)
+        return IssuedCertificate(certificate: certificate, chain: [certificate] + ca.chain, record: record)
     }
 
     /// Issues from a CSR (PEM or DER bytes): signature verified, contents decided by the profile.

@@ -45,6 +45,14 @@ public struct AuthorityError: Error, Hashable, Sendable, CustomStringConvertible
         /// The identity is being moved to ML-DSA (`mutual pq migrate`): its next certificate must be for an ML-DSA key
         /// (the parameter set is in ``AuthorityError/details`` under `key_type`).
         public static let keyTypeRequired = Code("key-type-required")
+        /// Another CA rotation is under way: finish it (activate, retire) before starting one.
+        public static let rotationInProgress = Code("rotation-in-progress")
+        /// `activate` or `retire` with nothing at the stage before it.
+        public static let rotationNotPrepared = Code("rotation-not-prepared")
+        /// `retire` while certificates of the old CA are still valid (the details name how many, and whose).
+        public static let caStillInUse = Code("ca-still-in-use")
+        /// Making or cross-signing a CA needs the root key, which is not where it should be (taken offline).
+        public static let rootKeyUnavailable = Code("root-key-unavailable")
         public var description: String { name }
     }
 

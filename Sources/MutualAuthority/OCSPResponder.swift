@@ -72,7 +72,9 @@ public actor OCSPResponder {
     }
 
     private func ensureSigner(now: Date) async throws -> Signer {
-        if let signer {
+        // A fresh signer at two thirds of its lifetime, and as soon as another CA issues (a rotation's activation):
+        // the delegated responder must be certified by the issuer the answers are about.
+        if let signer, signer.certificate.issuer == authority.ca.certificate.subject {
             let lifetime = signer.certificate.notValidAfter.timeIntervalSince(signer.certificate.notValidBefore)
             if now < signer.certificate.notValidBefore.addingTimeInterval(lifetime * 2 / 3) { return signer }
         }
@@ -110,8 +112,15 @@ public actor OCSPResponder {
         // A request about the ML-DSA issuing CA's certificates is answered by that CA itself, signed with ML-DSA; one
         // about the classical CA's by the delegated responder. A request naming neither is not ours to answer.
         let pq = authority.pqCA.flatMap { pq in request.certIDs.contains(where: { $0.matches(issuer: pq.certificate) }) ? pq : nil }
-        let ours: (OCSP.CertID) -> Bool = { id in pq.map { id.matches(issuer: $0.certificate) } ?? id.matches(issuer: issuer) }
-        guard pq != nil || request.certIDs.contains(where: { $0.matches(issuer: issuer) }) else {
+        // A CA replaced by a rotation but not retired answers for its own certificates itself, as the ML-DSA CA does.
+        let previous = pq != nil || request.certIDs.contains(where: { $0.matches(issuer: issuer) })
+            ? nil : authority.active.rotation.previous.first { ca in request.certIDs.contains { $0.matches(issuer: ca.certificate) } }
+        let ours: (OCSP.CertID) -> Bool = { id in
+            if let pq { return id.matches(issuer: pq.certificate) }
+            if let previous { return id.matches(issuer: previous.certificate) }
+            return id.matches(issuer: issuer)
+        }
+        guard pq != nil || previous != nil || request.certIDs.contains(where: { $0.matches(issuer: issuer) }) else {
             return Answer(der: OCSP.errorResponse(.unauthorized), maxAge: 0, cacheHit: false, outcome: "unauthorized")
         }
         do {
@@ -137,6 +146,11 @@ public actor OCSPResponder {
             let der: [UInt8]
             if let pq {
                 der = try OCSP.successfulResponse(responses: singles, nonce: request.nonce, producedAt: now, mldsaIssuer: pq.certificate, key: pq.key)
+            } else if let previous {
+                der = try OCSP.successfulResponse(
+                    responses: singles, nonce: request.nonce, producedAt: now, responderCertificate: previous.certificate,
+                    responderKey: previous.privateKey
+                )
             } else {
                 let signer = try await ensureSigner(now: now)
                 der = try OCSP.successfulResponse(

@@ -17,6 +17,9 @@ public actor RevocationPublisher {
     private var inFlight: Task<StoredCRL, any Error>?
     /// The ML-DSA issuing CA's current CRL, and the last revocation it covers.
     private var pqCached: (crl: RevocationList, der: [UInt8], lastRevocation: Int64)?
+    private var issuerOfNumber: (number: Int64, issuer: DistinguishedName)?
+    /// CRLs of replaced issuing CAs, by generation.
+    private var previousCached: [Int: (der: [UInt8], thisUpdate: Date, number: UInt64, lastRevocation: Int64)] = [:]
 
     public init(authority: Authority, validity: ValidityDuration = .hours(24)) {
         self.authority = authority
@@ -39,6 +42,58 @@ public actor RevocationPublisher {
 
     func isFresh(_ crl: StoredCRL, lastRevocation: Int64, now: Date) -> Bool {
         crl.lastRevocation >= lastRevocation && now < crl.thisUpdate.addingTimeInterval(validity.timeInterval / 2)
+            && issuer(of: crl) == authority.ca.certificate.subject  // a rotation's activation changes the issuer
+    }
+
+    /// The issuer of a stored CRL, parsed once per CRL number.
+    private func issuer(of crl: StoredCRL) -> DistinguishedName? {
+        if let memo = issuerOfNumber, memo.number == crl.number { return memo.issuer }
+        guard let parsed = try? RevocationList(bytes: crl.der) else { return nil }
+        issuerOfNumber = (crl.number, parsed.issuer)
+        return parsed.issuer
+    }
+
+    /// The CRL of an issuing CA generation: the active one's (numbered in the inventory), or that of a CA a rotation
+    /// replaced and has not retired (signed by that CA, numbered by time like the ML-DSA CRL); nil for any other.
+    public func crl(generation: Int, now: Date = .now) async throws -> [UInt8]? {
+        let active = authority.active
+        if active.rotation.state.active(.intermediate)?.generation ?? 1 == generation { return try await current(now: now).der }
+        guard let index = active.rotation.previousGenerations.firstIndex(of: generation) else { return nil }
+        let ca = active.rotation.previous[index]
+        let lastRevocation = try await authority.store.lastRevocationSequence()
+        if let cached = previousCached[generation], cached.lastRevocation >= lastRevocation,
+           now < cached.thisUpdate.addingTimeInterval(validity.timeInterval / 2) {
+            return cached.der
+        }
+        let revoked = try await authority.store.revokedUnexpired(now: now, issuer: ca.certificate.subject.description)
+        let entries: [RevocationListBuilder.Entry] = revoked.compactMap { item in
+            guard let bytes = [UInt8](hex: item.serial) else { return nil }
+            return .init(serialNumber: .init(bytes: bytes), revocationDate: item.revokedAt, reason: RevocationReason(rawValue: item.reason) ?? .unspecified)
+        }
+        var number = UInt64(max(0, now.timeIntervalSince1970 * 1000))
+        if let previous = previousCached[generation] { number = max(number, previous.number + 1) }
+        let der = try RevocationListBuilder(issuer: ca.certificate, issuerKey: ca.privateKey)
+            .build(number: number, thisUpdate: now, nextUpdate: min(now.addingTimeInterval(validity.timeInterval), ca.certificate.notValidAfter), entries: entries)
+        previousCached[generation] = (der, now, number, lastRevocation)
+        return der
+    }
+
+    /// The generation `/crl` serves: the first issuing CA's while it is active or replaced but not retired (the
+    /// certificates it issued carry `/crl`), afterwards the active one's.
+    public nonisolated func plainCRLGeneration() -> Int {
+        let rotation = authority.active.rotation.state
+        let first = rotation.intermediates.first { $0.generation == 1 }
+        if first == nil || first?.stage == .active || first?.stage == .previous { return 1 }
+        return rotation.active(.intermediate)?.generation ?? 1
+    }
+
+    /// Every issuing CA's CRL (DER): the active one's and those of replaced, unretired ones.
+    public func allIssuerCRLs(now: Date = .now) async throws -> [[UInt8]] {
+        var result = [try await current(now: now).der]
+        for generation in authority.active.rotation.previousGenerations {
+            if let der = try await crl(generation: generation, now: now) { result.append(der) }
+        }
+        return result
     }
 
     /// Publishes a CRL that covers every revocation recorded when this was called. Concurrent callers share one
@@ -99,7 +154,8 @@ public actor RevocationPublisher {
         for _ in 0..<5 {
             let lastRevocation = try await authority.store.lastRevocationSequence()
             let latest = try await authority.store.latestCRL()
-            let revoked = try await authority.store.revokedUnexpired(now: now, excludingIssuer: authority.pqCA?.certificate.subject.description)
+            let active = authority.active
+            let revoked = try await authority.store.revokedUnexpired(now: now, issuer: active.issuer)
             var entries: [RevocationListBuilder.Entry] = []
             entries.reserveCapacity(revoked.count)
             for item in revoked {
@@ -109,7 +165,7 @@ public actor RevocationPublisher {
             }
             let number = (latest?.number ?? 0) + 1
             let nextUpdate = now.addingTimeInterval(validity.timeInterval)
-            let der = try RevocationListBuilder(issuer: authority.ca.certificate, issuerKey: authority.ca.privateKey)
+            let der = try RevocationListBuilder(issuer: active.ca.certificate, issuerKey: active.ca.privateKey)
                 .build(number: UInt64(number), thisUpdate: now, nextUpdate: nextUpdate, entries: entries)
             let crl = StoredCRL(number: number, thisUpdate: now, nextUpdate: nextUpdate, lastRevocation: lastRevocation, der: der)
             do {

@@ -33,8 +33,13 @@ public struct IssuingCA: Sendable {
         self.nameConstraints = try? certificate.extensions.nameConstraints
     }
 
-    /// The chain a leaf should present after itself: the issuing intermediate (the root is the trust anchor).
-    public var chain: [Certificate] { [certificate] }
+    /// Certificates sent after the intermediate in every chain: during a root rotation, the new root certified by the
+    /// old one, so relying parties that trust only the old root still reach chains under the new one.
+    public var crossCertificates: [Certificate] = []
+
+    /// The chain a leaf should present after itself: the issuing intermediate (the root is the trust anchor), then any
+    /// cross-certificate of a root rotation.
+    public var chain: [Certificate] { [certificate] + crossCertificates }
 
     /// Validates `request` against its profile and this CA's constraints, then signs it.
     ///

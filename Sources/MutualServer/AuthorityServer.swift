@@ -202,7 +202,11 @@ public struct AuthorityServer: Sendable {
             router: router,
             server: .loggedTLS(
                 http1: .init(additionalChannelHandlers: [ParseErrorProblemResponder()], idleTimeout: timeout),
-                tls: .init(tlsConfiguration: try credentials.tlsConfiguration()), metrics: metrics
+                tls: .init(
+                    tlsConfiguration: try credentials.tlsConfiguration(),
+                    customAsyncVerificationCallback: { [credentials] certificates in await credentials.verifyClient(certificates) }
+                ),
+                metrics: metrics
             ),
             configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: nil),
             onServerRunning: { [configuration, authority] channel in

@@ -18,11 +18,23 @@ struct RevocationRoutes: Sendable {
     func registerSignedObjects<Context: RequestContext>(on router: Router<Context>) {
         router.get("/crl") { _, _ in try await self.crl(pem: false) }
         router.get("/crl.pem") { _, _ in try await self.crl(pem: true) }
+        // The CRL of issuing CA generation N (`/crl/g2`, `/crl/g2.pem`): what certificates of a rotated CA carry.
+        router.get("/crl/:generation") { _, context in
+            let name = context.parameters.get("generation") ?? ""
+            let pem = name.hasSuffix(".pem")
+            let digits = name.dropFirst(name.hasPrefix("g") ? 1 : 0).prefix { $0.isNumber }
+            guard name.hasPrefix("g"), let generation = Int(digits), generation >= 1, generation < 1_000_000,
+                  "g\(digits)" + (pem ? ".pem" : "") == name
+            else {
+                throw AuthorityError(.notFound, "no CRL named '\(name.prefix(40))': issuing CA generations are named g1, g2, …")
+            }
+            return try await self.crl(generation: generation, pem: pem)
+        }
         router.post("/ocsp") { request, _ in try await self.ocspPost(request) }
         router.get("/ocsp/**") { request, _ in await self.ocspGet(request) }
         router.get("/roots.pem") { _, _ in
             Response(status: .ok, headers: [.contentType: "application/x-pem-file"],
-                     body: .init(byteBuffer: ByteBuffer(string: try PEMBundle.pem([self.authority.ca.root]))))
+                     body: .init(byteBuffer: ByteBuffer(string: try PEMBundle.pem(self.authority.trustedRoots))))
         }
         // The post-quantum hierarchy: its CRL (signed with ML-DSA) and the migration trust bundle, the classical root
         // then the ML-DSA one. `/roots.pem` stays classical: clients that cannot parse ML-DSA keep working.
@@ -51,10 +63,11 @@ struct RevocationRoutes: Sendable {
     /// `GET /crls.pem`: the root's CRL followed by the issuing CA's current CRL — the file nginx's `ssl_crl` wants.
     func registerChainCRLs(on router: Router<APIContext>) {
         router.get("/crls.pem") { _, _ in
-            let root = (try? String(contentsOfFile: self.authority.state.rootCRLPath, encoding: .utf8)) ?? ""
-            let current = try await self.publisher.current()
+            // Every trusted root's CRL, then every issuing CA's (during a rotation: the old and the new one).
+            let roots = self.authority.rootCRLPaths.map { (try? String(contentsOfFile: $0, encoding: .utf8)) ?? "" }.joined()
+            let issuers = try await self.publisher.allIssuerCRLs().map(RevocationListBuilder.pem).joined()
             return Response(status: .ok, headers: [.contentType: "application/x-pem-file", .cacheControl: "no-store"],
-                            body: .init(byteBuffer: ByteBuffer(string: root + RevocationListBuilder.pem(current.der))))
+                            body: .init(byteBuffer: ByteBuffer(string: roots + issuers)))
         }
     }
 
@@ -63,7 +76,24 @@ struct RevocationRoutes: Sendable {
         router.get("/v1/revocations/events") { request, _ in await self.events(request) }
     }
 
-    func crl(pem: Bool) async throws -> Response {
+    func crl(generation: Int, pem: Bool) async throws -> Response {
+        if generation == authority.activeGeneration { return try await crl(pem: pem, current: true) }
+        guard let der = try await publisher.crl(generation: generation) else {
+            throw AuthorityError(.notFound, "issuing CA g\(generation) is not one of this authority's current CAs")
+        }
+        var headers: HTTPFields = [.cacheControl: "public, max-age=\(max(0, Int(publisher.validity.timeInterval / 4)))"]
+        if pem {
+            headers[.contentType] = "application/x-pem-file"
+            return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: RevocationListBuilder.pem(der))))
+        }
+        headers[.contentType] = "application/pkix-crl"
+        return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: der)))
+    }
+
+    func crl(pem: Bool, current: Bool = false) async throws -> Response {
+        if !current, case let generation = publisher.plainCRLGeneration(), generation != authority.activeGeneration {
+            return try await crl(generation: generation, pem: pem)
+        }
         let crl = try await publisher.current()
         let maxAge = max(0, Int(crl.nextUpdate.timeIntervalSinceNow / 2))
         var headers: HTTPFields = [.cacheControl: "public, max-age=\(maxAge)"]

@@ -59,7 +59,7 @@ struct AuthorityRoutes: Sendable {
         router.post("/v1/revoke") { request, context in try await self.revoke(request, context) }
         router.get("/v1/certificates") { request, context in try await self.listCertificates(request, context) }
         router.get("/v1/certificates/:serial") { request, context in try await self.showCertificate(request, context) }
-        router.get("/bundle.pem") { _, _ in try self.pem([self.authority.ca.root, self.authority.ca.certificate]) }
+        router.get("/bundle.pem") { _, _ in try self.pem(self.authority.trustedRoots + self.authority.publishedIntermediates) }
         router.get("/healthz") { _, _ in try await self.health() }
         router.get("/readyz") { _, _ in try await self.readiness() }
         router.get("/metrics") { _, _ in

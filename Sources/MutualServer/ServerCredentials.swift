@@ -61,7 +61,7 @@ final class ServerCredentials: Sendable {
         configuration.minimumTLSVersion = .tlsv12
         configuration.certificateVerification = .optionalVerification
         // The ML-DSA root too, when there is one: an agent whose identity moved to ML-DSA renews over mTLS with it.
-        var roots = [try NIOSSLCertificate(bytes: try authority.ca.root.derBytes, format: .der)]
+        var roots = try authority.trustedRoots.map { try NIOSSLCertificate(bytes: try $0.derBytes, format: .der) }
         if let pq = authority.pqCA { roots.append(try NIOSSLCertificate(bytes: pq.root.der, format: .der)) }
         configuration.trustRoots = .certificates(roots)
         configuration.verifySignatureAlgorithms = TLSSignatureAlgorithms.all
@@ -77,6 +77,44 @@ final class ServerCredentials: Sendable {
     }
 
     static let backdate = ValidityDuration.hours(24)
+
+    /// Client certificates are verified here rather than by BoringSSL's fixed trust store, so that the roots a CA
+    /// rotation adds (and later retires) take effect in a running server: the chain must lead to a root the authority
+    /// trusts now (or to the ML-DSA root), be valid now, and allow client authentication.
+    func verifyClient(_ certificates: [NIOSSLCertificate]) async -> NIOSSLVerificationResult {
+        guard !certificates.isEmpty, let ders = try? certificates.map({ try $0.toDERBytes() }),
+              let leaf = try? AnyCertificate(derEncoded: ders[0])
+        else { return .failed }
+        let now = Date()
+        switch leaf {
+        case .classical(let certificate):
+            let intermediates = ders.dropFirst().compactMap { try? Certificate(derEncoded: $0) }
+            let outcome = await ChainVerifier(
+                options: .init(roots: authority.trustedRoots, intermediates: intermediates, validationTime: now, requiredEKU: .clientAuth)
+            ).verify(certificate)
+            if case .accepted = outcome { return .certificateVerified }
+            return .failed
+        case .mldsa(let certificate):
+            guard let pq = authority.pqCA else { return .failed }
+            let intermediates = ders.dropFirst().compactMap { try? MLDSACertificate(derEncoded: $0) }
+            let outcome = MLDSAChainVerifier(
+                options: .init(roots: [pq.root], intermediates: intermediates, validationTime: now, requiredEKU: .clientAuth)
+            ).verify(certificate)
+            if case .accepted = outcome { return .certificateVerified }
+            return .failed
+        }
+    }
+
+    /// A new server certificate now (after a rotation's activation: from the CA that issues now).
+    func reissue(logger: Logger) async {
+        do {
+            let fresh = try await Self.issue(authority: authority, dns: names.dns, ips: names.ips, lifetime: lifetime)
+            current.withLock { $0 = fresh }
+            logger.notice("server certificate re-issued from the active CA", metadata: ["not_after": "\(fresh.notAfter)"])
+        } catch {
+            logger.error("server certificate re-issue failed; keeping the current one", metadata: ["error": "\(error)"])
+        }
+    }
 
     /// Renews the certificate when two thirds of its lifetime have passed (counted from issuance, not from the
     /// back-dated notBefore).
@@ -99,15 +137,35 @@ final class ServerCredentials: Sendable {
 struct ServerCertificateRenewal: Service {
     let credentials: ServerCredentials
     let logger: Logger
+    /// Called after the CAs were reloaded (a rotation stage in this or another process).
+    var onRotation: @Sendable () async -> Void = {}
 
+    /// Renews the server certificate when due, and every second looks whether a CA rotation stage happened
+    /// (`mutual ca rotate` bumps a value in the shared database): then the CAs are read again, and after an
+    /// activation the server certificate is re-issued from the new CA.
     func run() async throws {
+        var epoch = try? await credentials.authority.store.metadata(Authority.rotationEpochKey)
+        var ticks = 0
         while !Task.isShuttingDownGracefully && !Task.isCancelled {
             do {
-                try await cancelWhenGracefulShutdown { try await Task.sleep(for: .seconds(60)) }
+                try await cancelWhenGracefulShutdown { try await Task.sleep(for: .seconds(1)) }
             } catch {
                 return
             }
-            await credentials.renewIfDue(logger: logger)
+            ticks += 1
+            if let now = try? await credentials.authority.store.metadata(Authority.rotationEpochKey), now != epoch {
+                let issuerBefore = credentials.authority.ca.certificate.subject
+                do {
+                    try credentials.authority.reloadCAs()
+                    epoch = now
+                    logger.notice("CA rotation: reloaded the CAs", metadata: ["issuing_ca": "\(credentials.authority.ca.certificate.subject)"])
+                    if credentials.authority.ca.certificate.subject != issuerBefore { await credentials.reissue(logger: logger) }
+                    await onRotation()
+                } catch {
+                    logger.error("CA rotation: reloading the CAs failed; still serving the ones loaded before", metadata: ["error": "\(error)"])
+                }
+            }
+            if ticks % 60 == 0 { await credentials.renewIfDue(logger: logger) }
         }
     }
 }

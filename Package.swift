@@ -233,7 +233,7 @@ let package = Package(
         .testTarget(
             name: "MutualAuthorityTests",
             dependencies: [
-                "MutualAuthority", "MutualPKI", "MutualStore", "TestSupport",
+                "MutualAuthority", "MutualPKI", "MutualStore", "TestSupport", "MutualPKCS11",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "_CryptoExtras", package: "swift-crypto"),
                 .product(name: "X509", package: "swift-certificates"),

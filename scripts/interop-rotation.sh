@@ -61,7 +61,7 @@ YAML
 wait_for "$T/sidecar.err" "front listening on" || bad "sidecar proxy: $(tail -3 "$T/sidecar.err")"
 SP=$(grep "front listening on" "$T/sidecar.err" | sed 's/.*://')
 M agent --authority "$A" --root-fingerprint "$FP" --token "$(token 'spiffe://example.org/ns/web/*')" --identity spiffe://example.org/ns/web/sa/client \
-  --out-dir "$T/client" --validity 30s > "$T/client-agent.log" 2>&1 & PIDS+=($!)
+  --out-dir "$T/client" --validity 30s --crl-out "$T/client-crls.pem" --crl-refresh 5s > "$T/client-agent.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 100); do [ -e "$T/client/key.pem" ] && break; sleep 0.1; done
 TOTAL=${ROTATION_SECONDS:-200}
 python3 "$HELP" load "$SP" "$T/client/bundle.pem" "$T/client/chain.pem" "$T/client/key.pem" "$TOTAL" "$T/load.json" & LOAD=$!; PIDS+=($LOAD)
@@ -142,6 +142,9 @@ import json, sys
 issuers = {c["issuer"] for c in json.load(open(sys.argv[1]))}
 assert any("G2" in i for i in issuers) and any("G3" in i for i in issuers) and any(i.endswith("Issuing CA") or "Issuing CA," in i for i in issuers), issuers
 PY
+! grep -q "CRL refresh failed" "$T/client-agent.log" && [ "$(grep -c 'CRLs written' "$T/client-agent.log")" -ge 3 ] \
+  && ok "the agent's --crl-out file (nginx ssl_crl) stayed valid through both rotations ($(grep -c 'CRLs written' "$T/client-agent.log") writes, no failed refresh)" \
+  || bad "agent CRL refresh: $(grep 'CRL refresh failed' "$T/client-agent.log" | head -2)"
 check "mutual audit verify: the chain is intact" M audit verify --state-dir "$S"
 [ "$(M audit list --state-dir "$S" | grep -c 'ca-rotate')" = 6 ] && ok "the audit trail has all six rotation stages" || bad "ca-rotate events: $(M audit list --state-dir "$S" | grep -c 'ca-rotate')"
 echo "CA rotation: $pass passed, $fail failed ($((SECONDS - STARTED)) s under load)"

@@ -93,6 +93,8 @@ log "dashboard: headless Chromium (selenium) signs in with a link, searches, rev
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-dashboard.sh" || status=1
 log "PKCS#11: CA keys generated in SoftHSM2 (pkcs11-tool: never extractable), serve signing certificates, CRL and OCSP through it (openssl verifies), wrong PIN / missing token / module / removal named; agent keys in a software TPM (swtpm + libtpm2_pkcs11) renewing over mTLS"
 MUTUAL="$ROOT/.build/debug/mutual" bash "$ROOT/scripts/interop-pkcs11.sh" || status=1
+log "CA rotation under load: the issuing CA then the root, prepare/activate/retire, while a client calls through mutual proxy (30 s certificates renewed by agents); openssl checks the cross-certificate, CRLs and OCSP of the replaced CA"
+MUTUAL="$ROOT/.build/debug/mutual" ROTATION_SECONDS="${ROTATION_SECONDS:-200}" bash "$ROOT/scripts/interop-rotation.sh" || status=1
 log "replicas: two authorities on one PostgreSQL under load, with revocations, a SIGKILL and a database restart"
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" PG_DIR="$PG_DIR" DURATION="${REPLICA_SECONDS:-60}" bash "$ROOT/scripts/replicas.sh" || status=1
 log "ACME on two replicas: 20 concurrent certbot and lego runs across them on one PostgreSQL, nonces shared"

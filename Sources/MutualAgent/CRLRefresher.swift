@@ -71,7 +71,13 @@ public final class CRLRefresher: Sendable {
             defer { Task { try? await client.shutdown() } }
             let bytes = try await client.chainCRLs()
             // /crls.pem is the classical hierarchy's (nginx's ssl_crl); its issuers are the classical certificates here.
-            let nextUpdate = try Self.check(bytes, issuers: (current.roots + current.chain.dropFirst()).compactMap(\.classical), now: now)
+            let own = (current.roots + current.chain.dropFirst()).compactMap(\.classical)
+            // During a CA rotation /crls.pem also carries the CRLs of the other issuing CA (old or new): its
+            // certificate comes from /bundle.pem and counts only if one of this agent's roots signed it.
+            let others = ((try? await client.bundle()) ?? []).filter { candidate in
+                !own.contains(candidate) && own.contains { $0.subject == candidate.issuer && $0.publicKey.isValidSignature(candidate.signature, for: candidate) }
+            }
+            let nextUpdate = try Self.check(bytes, issuers: own, alsoKnown: others, now: now)
             let existing = FileManager.default.contents(atPath: configuration.crlPath).map { Array($0) }
             let changed = existing != bytes
             if changed {
@@ -96,7 +102,10 @@ public final class CRLRefresher: Sendable {
     /// Checks a `/crls.pem` answer: PEM CRLs, each signed by one of `issuers`, none past its nextUpdate, and one for
     /// every CA among `issuers` (a server that checks every level refuses clients when a level has no CRL). Returns the
     /// earliest nextUpdate.
-    static func check(_ bytes: [UInt8], issuers: [Certificate], now: Date) throws -> Date {
+    /// Checks the CRL file: every CRL signed by its issuer, none expired, one for each of `issuers` (this agent's
+    /// roots and chain). CRLs of `alsoKnown` CAs (another issuing CA during a rotation, certified by one of the roots)
+    /// are accepted too, checked the same way, but not required.
+    static func check(_ bytes: [UInt8], issuers: [Certificate], alsoKnown: [Certificate] = [], now: Date) throws -> Date {
         guard bytes.count <= 16 << 20 else { throw PKIError(.inputTooLarge, "the CRL file is over 16 MiB") }
         let text = String(decoding: bytes, as: UTF8.self)
         let crls = try RevocationList.pemDocuments(text).map { try RevocationList(derEncoded: $0) }
@@ -104,7 +113,7 @@ public final class CRLRefresher: Sendable {
         var earliest = Date.distantFuture
         var covered = Set<DistinguishedName>()
         for crl in crls {
-            guard let issuer = issuers.first(where: { $0.subject == crl.issuer && crl.isSigned(by: $0) }) else {
+            guard let issuer = (issuers + alsoKnown).first(where: { $0.subject == crl.issuer && crl.isSigned(by: $0) }) else {
                 throw PKIError(.badSignature, "a CRL for \(crl.issuer) is not signed by a CA of this agent's chain")
             }
             guard let nextUpdate = crl.nextUpdate, nextUpdate > now else {

@@ -170,6 +170,7 @@ extension Authority {
         lines.append("published: /roots.pem and /bundle.pem now carry the new CA beside the current one; agents take the new bundle at their next renewal")
         lines.append("still issuing from g\(activeIntermediate.generation); next: `mutual ca rotate \(kind.rawValue) --stage activate`")
         try await commit(rotation, kind: kind, stage: "prepare", generation: generation, actor: actor, now: now, details: ["root_generation": String(rootGeneration)])
+        try reloadCAs()
         return RotationReport(kind: kind, stage: "prepare", generation: generation, lines: lines)
     }
 

@@ -190,6 +190,13 @@ public final class AuthorityClient: Sendable {
         return (Int(response.status.code), response.headers.first(name: "date").flatMap { parseHTTPDate($0) }, Array(body.readableBytesView))
     }
 
+    /// The authority's published CA certificates (`/bundle.pem`: roots, then issuing CAs, during a rotation the
+    /// prepared and the replaced ones and a cross-certificate), over this verified connection.
+    public func bundle() async throws -> [Certificate] {
+        let (bytes, _) = try await send(path: "/bundle.pem", method: .GET, body: nil, bearer: nil)
+        return try PEMBundle.certificates(fromBytes: bytes, what: "bundle.pem")
+    }
+
     /// The authority's trust anchors (`/roots.pem`).
     public func roots() async throws -> [Certificate] {
         let (bytes, _) = try await send(path: "/roots.pem", method: .GET, body: nil, bearer: nil)

@@ -233,6 +233,15 @@ struct AgentAgainstServerTests {
         #expect(throws: PKIError.self) { try CRLRefresher.check(Array(expired.utf8), issuers: [ca.certificate], now: now) }
         let foreign = try crl(other, nextUpdate: now.addingTimeInterval(3600))
         #expect(throws: PKIError.self) { try CRLRefresher.check(Array(foreign.utf8), issuers: [ca.certificate], now: now) }
+        // During a rotation the file also carries the other issuing CA's CRL: accepted when that CA is known (from
+        // /bundle.pem, certified by a root), still refused when it is not.
+        let both = Array((good + foreign).utf8)
+        #expect(throws: PKIError.self) { try CRLRefresher.check(both, issuers: [ca.certificate], now: now) }
+        #expect(try CRLRefresher.check(both, issuers: [ca.certificate], alsoKnown: [other.certificate], now: now) <= now.addingTimeInterval(3600))
+        let expiredOther = try crl(other, nextUpdate: now.addingTimeInterval(-1))
+        #expect(throws: PKIError.self) {
+            try CRLRefresher.check(Array((good + expiredOther).utf8), issuers: [ca.certificate], alsoKnown: [other.certificate], now: now)
+        }
     }
 
     /// Runs `body` against a fresh authority (renew-expired allowed for 2 h) with an agent directory, stopping it after.

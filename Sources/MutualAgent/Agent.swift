@@ -35,6 +35,9 @@ public final class Agent: Sendable {
         /// The private key lives in this PKCS#11 token (generated there on first use) and is kept across renewals:
         /// only certificates are renewed, the key never leaves the token. nil: a new key file at every renewal.
         public var keyStore: PKCS11URI?
+        /// How often a waiting agent asks the authority whether its certificate's CA is being rotated out with
+        /// `--renew-now` (then it renews at once).
+        public var caCheckInterval: TimeInterval = 300
 
         public init(
             authority: String, rootFingerprint: String, token: String?, identity: String, dnsNames: [String] = [], outDir: String,
@@ -80,6 +83,8 @@ public final class Agent: Sendable {
     /// The key type the authority asked for (`key-type-required`: a migration to ML-DSA, or a token's key types), once
     /// it did.
     private let movedTo = Mutex<KeyChoice?>(nil)
+    /// When the agent last asked the authority about a CA rotation (`GET /v1/ca`).
+    private let lastCACheck = Mutex<Date?>(nil)
     /// The authority's clock relative to ours, measured on verified exchanges (see ``authorityNow()``).
     private let time: Mutex<TimeKeeping>
 
@@ -124,13 +129,30 @@ public final class Agent: Sendable {
             case .stopped(let reason):
                 throw AgentError(.fatal, reason)
             case .notDue(let until):
-                try await sleep(until: until)
+                try await sleep(until: min(until, authorityNow().addingTimeInterval(configuration.caCheckInterval)))
             case .failed(_, let retryAt):
                 try await sleep(until: retryAt)
             case .enrolled, .renewed:
                 continue
             }
         }
+    }
+
+    /// Whether the authority asked certificates of CAs other than the one issuing now to renew at once (a CA
+    /// rotation activated with `--renew-now`) and this certificate is one of them. Asked at most every
+    /// ``Configuration/caCheckInterval``; an authority that cannot be asked (or an older one) means no.
+    func askedToRenewNow(leaf: AnyCertificate, roots: [AnyCertificate], now: Date) async -> Bool {
+        let due = lastCACheck.withLock { last -> Bool in
+            if let last, now.timeIntervalSince(last) < configuration.caCheckInterval, now >= last { return false }
+            last = now
+            return true
+        }
+        guard due, let client = try? AuthorityClient(baseURL: configuration.authority, trustRoots: roots, timeout: configuration.requestTimeout) else {
+            return false
+        }
+        defer { Task { try? await client.shutdown() } }
+        guard let info = try? await client.issuingCA(), info.renewNow else { return false }
+        return leaf.issuer.description != info.issuer
     }
 
     /// The authority's time now, as far as this host knows: the local clock plus the measured offset. Every decision
@@ -191,8 +213,12 @@ public final class Agent: Sendable {
             return at
         }
         if now < renewAt && status.withLock({ $0.consecutiveFailures == 0 }) {
-            writeStatus()
-            return .notDue(until: renewAt)
+            if await askedToRenewNow(leaf: leaf, roots: current.roots, now: now) {
+                logger.notice("the authority asks certificates of its replaced CA to renew now: renewing before the schedule", metadata: ["issuer": "\(leaf.issuer)"])
+            } else {
+                writeStatus()
+                return .notDue(until: renewAt)
+            }
         }
         if now < leaf.notValidAfter {
             let method = RenewalMethod(for: leaf)

@@ -71,13 +71,18 @@ public final class CRLRefresher: Sendable {
             defer { Task { try? await client.shutdown() } }
             let bytes = try await client.chainCRLs()
             // /crls.pem is the classical hierarchy's (nginx's ssl_crl); its issuers are the classical certificates here.
-            let own = (current.roots + current.chain.dropFirst()).compactMap(\.classical)
-            // During a CA rotation /crls.pem also carries the CRLs of the other issuing CA (old or new): its
-            // certificate comes from /bundle.pem and counts only if one of this agent's roots signed it.
-            let others = ((try? await client.bundle()) ?? []).filter { candidate in
-                !own.contains(candidate) && own.contains { $0.subject == candidate.issuer && $0.publicKey.isValidSignature(candidate.signature, for: candidate) }
+            let roots = current.roots.compactMap(\.classical)
+            // A cross-certificate (a root certified by the root before it, during a root rotation) is another path to
+            // a root this agent trusts, not a CA whose CRL it needs.
+            let chain = current.chain.dropFirst().compactMap(\.classical).filter { ca in !roots.contains { $0.subject == ca.subject } }
+            // Required: a CRL for every CA of this agent's own chain, up to the root that anchors it. During a CA
+            // rotation /crls.pem also carries the CRLs of the other root and issuing CA (old or new): accepted when
+            // that CA is one of this agent's roots, or an issuing CA from /bundle.pem that one of its roots signed.
+            let own = chain + roots.filter { root in chain.isEmpty || chain.contains { $0.issuer == root.subject } }
+            let known = roots.filter { !own.contains($0) } + ((try? await client.bundle()) ?? []).filter { candidate in
+                !own.contains(candidate) && roots.contains { $0.subject == candidate.issuer && $0.publicKey.isValidSignature(candidate.signature, for: candidate) }
             }
-            let nextUpdate = try Self.check(bytes, issuers: own, alsoKnown: others, now: now)
+            let nextUpdate = try Self.check(bytes, issuers: own, alsoKnown: known, now: now)
             let existing = FileManager.default.contents(atPath: configuration.crlPath).map { Array($0) }
             let changed = existing != bytes
             if changed {

@@ -174,8 +174,21 @@ extension Authority {
         return RotationReport(kind: kind, stage: "prepare", generation: generation, lines: lines)
     }
 
-    /// Issues from the prepared CA from now on; the replaced one stays valid and revocable.
-    public func activateRotation(_ kind: CARotation.Kind, passphrase: () throws -> String?, actor: String, now: Date = .now) async throws -> RotationReport {
+    /// Metadata key set by `activate --renew-now`: agents whose certificate another CA issued renew at their next check.
+    public static let renewNowKey = "ca_renew_now"
+
+    /// What `GET /v1/ca` tells agents: the issuing CA in use, and whether certificates of other CAs should renew now.
+    public func issuingCAInfo() async throws -> (issuer: String, generation: Int, renewNow: Bool) {
+        let active = self.active
+        let asked = try await store.metadata(Self.renewNowKey) == "true"
+        return (active.issuer, active.rotation.state.active(.intermediate)?.generation ?? 1, asked && !active.rotation.previous.isEmpty)
+    }
+
+    /// Issues from the prepared CA from now on; the replaced one stays valid and revocable. `renewNow`: agents renew
+    /// onto the new CA at their next check (within minutes) instead of at their normal schedule.
+    public func activateRotation(
+        _ kind: CARotation.Kind, passphrase: () throws -> String?, renewNow: Bool = false, actor: String, now: Date = .now
+    ) async throws -> RotationReport {
         var rotation = try currentRotationState()
         guard let prepared = rotation.prepared(.intermediate), kind == .intermediate || rotation.prepared(.root) != nil else {
             throw AuthorityError(.rotationNotPrepared, "no \(kind.rawValue) rotation is prepared: run `mutual ca rotate \(kind.rawValue) --stage prepare` first")
@@ -201,7 +214,8 @@ extension Authority {
         }
         move(.intermediate)
         if kind == .root { move(.root) }
-        try await commit(rotation, kind: kind, stage: "activate", generation: prepared.generation, actor: actor, now: now, details: [:])
+        try await store.setMetadata([Self.renewNowKey: renewNow ? "true" : "false"], audit: nil)
+        try await commit(rotation, kind: kind, stage: "activate", generation: prepared.generation, actor: actor, now: now, details: ["renew_now": String(renewNow)])
         try reloadCAs()
         // The copies of the active CA files that tools and docs point at.
         let activeRoot = rotation.active(.root)!.generation
@@ -212,7 +226,7 @@ extension Authority {
         var lines = [
             "issuing from g\(prepared.generation) (\(certificate.subject)) from now on",
             "the previous CA stays valid and revocable: its CRL at /crl\(prepared.generation - 1 <= 1 ? "" : "/g\(prepared.generation - 1)"), OCSP answers for both issuers",
-            "agents renew onto the new chain at their normal schedule",
+            renewNow ? "agents renew onto the new chain at their next check (within 5 minutes), not waiting for their schedule" : "agents renew onto the new chain at their normal schedule",
             "admin client certificate re-issued from the new CA in \(state.adminDirectory) (the old one revoked: \(admin))",
         ]
         if kind == .root { lines.insert("root r\(activeRoot) is now the anchor; chains carry its cross-certificate until r\(activeRoot - 1) is retired", at: 1) }

@@ -197,6 +197,16 @@ public final class AuthorityClient: Sendable {
         return try PEMBundle.certificates(fromBytes: bytes, what: "bundle.pem")
     }
 
+    /// The issuing CA in use (`GET /v1/ca`), and whether an operator asked certificates of other CAs to renew now
+    /// (`mutual ca rotate … --stage activate --renew-now`).
+    public func issuingCA() async throws -> (issuer: String, renewNow: Bool) {
+        let (bytes, _) = try await send(path: "/v1/ca", method: .GET, body: nil, bearer: nil)
+        guard let object = try? JSONSerialization.jsonObject(with: Data(bytes)) as? [String: Any], let issuer = object["issuing_ca"] as? String else {
+            throw AuthorityClientError(status: 0, type: "malformed-answer", detail: "/v1/ca did not answer with issuing_ca")
+        }
+        return (issuer, (object["renew_now"] as? String) == "true")
+    }
+
     /// The authority's trust anchors (`/roots.pem`).
     public func roots() async throws -> [Certificate] {
         let (bytes, _) = try await send(path: "/roots.pem", method: .GET, body: nil, bearer: nil)

@@ -59,6 +59,10 @@ struct AuthorityRoutes: Sendable {
         router.post("/v1/revoke") { request, context in try await self.revoke(request, context) }
         router.get("/v1/certificates") { request, context in try await self.listCertificates(request, context) }
         router.get("/v1/certificates/:serial") { request, context in try await self.showCertificate(request, context) }
+        router.get("/v1/ca") { _, _ in
+            let info = try await self.authority.issuingCAInfo()
+            return try self.json(["issuing_ca": info.issuer, "generation": String(info.generation), "renew_now": info.renewNow ? "true" : "false"])
+        }
         router.get("/bundle.pem") { _, _ in try self.pem(self.authority.trustedRoots + self.authority.publishedIntermediates) }
         router.get("/healthz") { _, _ in try await self.health() }
         router.get("/readyz") { _, _ in try await self.readiness() }

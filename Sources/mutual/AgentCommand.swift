@@ -36,6 +36,7 @@ struct AgentCommand: AsyncParsableCommand {
         @Option(help: "Key type: \(KeyChoice.choices). An identity the authority moves to ML-DSA (`mutual pq migrate`) switches at its next renewal by itself.") var keyType: KeyChoice = .classical(.p256)
         @Option(help: "Keep the private key in a PKCS#11 token (RFC 7512 URI naming token and object, with module-path and pin-source), e.g. a TPM through libtpm2_pkcs11: generated there on first use, kept across renewals, never written to disk; out-dir gets key.uri instead of key.pem.") var keyStore: String?
         @Option(help: "Renew after this fraction of the lifetime, e.g. 2/3 or 0.5.") var renewAt: String = "2/3"
+        @Option(help: "How often to ask the authority whether a CA rotation wants certificates renewed now (`mutual ca rotate … --renew-now`).", transform: ValidityDuration.argument) var caCheck: ValidityDuration = .minutes(5)
         @Option(help: "Requested lifetime at enrollment (within the token's maximum), e.g. 24h.", transform: ValidityDuration.argument) var validity: ValidityDuration?
         @Option(help: "Profile to request at enrollment (default: the token's).") var profile: String?
         @Option(help: "Command run with /bin/sh after each delivery, e.g. 'systemctl reload nginx'.") var exec: String?
@@ -63,6 +64,7 @@ struct AgentCommand: AsyncParsableCommand {
                     hook: ReloadHook(exec: exec, signal: signalNumber, pidFile: pidFile)
                 )
             }
+            configuration.caCheckInterval = max(1, caCheck.timeInterval)
             if let keyStore {
                 do {
                     configuration.keyStore = try PKCS11URI(keyStore)

@@ -43,6 +43,9 @@ struct CARotateCommand: AsyncParsableCommand {
     @Flag(help: "retire: even though certificates of the old CA are still valid.")
     var force = false
 
+    @Flag(help: "activate: ask agents to renew onto the new CA at their next check (within 5 minutes) instead of at their normal schedule.")
+    var renewNow = false
+
     @Flag(help: "Print the result as JSON.")
     var json = false
 
@@ -50,6 +53,8 @@ struct CARotateCommand: AsyncParsableCommand {
         guard ["prepare", "activate", "retire"].contains(stage) else {
             throw ValidationError("--stage must be prepare, activate or retire (got '\(stage)')")
         }
+        if renewNow && stage != "activate" { throw ValidationError("--renew-now goes with --stage activate") }
+        if force && stage != "retire" { throw ValidationError("--force goes with --stage retire") }
     }
 
     func run() async throws {
@@ -58,7 +63,7 @@ struct CARotateCommand: AsyncParsableCommand {
             let report = try await failing { () -> RotationReport in
                 switch stage {
                 case "prepare": return try await authority.prepareRotation(kind, passphrase: Passphrase.read, actor: cliActor)
-                case "activate": return try await authority.activateRotation(kind, passphrase: Passphrase.read, actor: cliActor)
+                case "activate": return try await authority.activateRotation(kind, passphrase: Passphrase.read, renewNow: renewNow, actor: cliActor)
                 default: return try await authority.retireRotation(kind, force: force, actor: cliActor)
                 }
             }

@@ -342,3 +342,42 @@ struct AgentAgainstServerTests {
         }
     }
 }
+
+@Suite("The agent during a CA rotation")
+struct AgentRotationTests {
+    @Test("activate --renew-now: an agent whose certificate the replaced CA issued renews at its next check; without it, it waits for its schedule")
+    func renewNow() async throws {
+        let server = try await ServerHarness.start()
+        let dir = TestPKI.temporaryDirectory("agent-rotation")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        do {
+            let key = try KeyType.p256.generate()
+            let uri = "spiffe://example.org/ns/web/sa/rotating"
+            let old = try await server.authority.issue(
+                .init(profile: .workload, publicKey: key.publicKey, uris: [uri], validity: .hours(1)), owner: "test", requester: "test"
+            )
+            try Delivery.deliver(outDir: dir + "/out", key: key, chain: old.chain, roots: [server.root])
+            var configuration = try Agent.Configuration(
+                authority: server.baseURL, rootFingerprint: try Authority.fingerprint(server.root), token: nil, identity: uri, outDir: dir + "/out"
+            )
+            configuration.caCheckInterval = 0
+            configuration.requestTimeout = .seconds(10)
+            let agent = Agent(configuration: configuration, clock: ShiftedClock(offset: 0), logger: Logger(label: "test"), random: { 0.5 })
+            guard case .notDue = await agent.step() else { Issue.record("a fresh certificate is not due"); await server.stop(); return }
+
+            _ = try await server.authority.prepareRotation(.intermediate, passphrase: { nil }, actor: "test")
+            _ = try await server.authority.activateRotation(.intermediate, passphrase: { nil }, actor: "test")
+            guard case .notDue = await agent.step() else { Issue.record("without --renew-now the agent keeps its schedule"); await server.stop(); return }
+
+            try await server.authority.store.setMetadata([Authority.renewNowKey: "true"], audit: nil)
+            let outcome = await agent.step()
+            guard case .renewed(let serial) = outcome else { Issue.record("expected a renewal at once, got \(outcome)"); await server.stop(); return }
+            let record = try #require(try await server.authority.store.certificate(serial: serial))
+            #expect(record.issuer == server.authority.ca.certificate.subject.description, "renewed onto the new issuing CA")
+            guard case .notDue = await agent.step() else { Issue.record("once on the new CA, the agent waits again"); await server.stop(); return }
+        } catch {
+            Issue.record("\(error)")
+        }
+        await server.stop()
+    }
+}

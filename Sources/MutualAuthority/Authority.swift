@@ -314,6 +314,22 @@ public final class Authority: Sendable {
     public static func refreshRootCRL(
         state: StateDirectory, passphrase: () throws -> String?, rootKeyStore: String? = nil, now: Date = .now
     ) throws -> (number: UInt64, nextUpdate: Date) {
+        // After a CA rotation the active root and its key live in their generation directory (ca/rN).
+        if let rotation = try CARotation.readState(state), let entry = rotation.active(.root) {
+            let root = try CARotation.readCertificate(CARotation.certificatePath(state, .root, entry.generation))
+            var ignored: [PKCS11Key] = []
+            let key = try CARotation.loadKey(state, .root, entry, passphrase: passphrase, tokenKeys: &ignored)
+            guard key.publicKey == root.publicKey else { throw PKIError(.inconsistentCA, "the root key does not match root r\(entry.generation)") }
+            let path = CARotation.rootCRLPath(state, entry.generation)
+            var number: UInt64 = 1
+            if let bytes = try? AtomicFile.read(path, what: "root CRL"), let current = try? RevocationList(bytes: bytes), let n = current.crlNumber {
+                number = n.reduce(0) { $0 << 8 | UInt64($1) } + 1
+            }
+            let pem = try rootCRLPEM(root: root, rootKey: key, number: number, now: now)
+            try AtomicFile.write(pem, to: path)
+            try AtomicFile.write(pem, to: state.rootCRLPath)
+            return (number, min(now.addingTimeInterval(rootCRLValidity.timeInterval), root.notValidAfter))
+        }
         let root = try PEMBundle.certificates(fromBytes: try AtomicFile.read(state.rootCertificatePath, what: "root certificate"))[0]
         let key: Certificate.PrivateKey
         if let rootKeyStore {

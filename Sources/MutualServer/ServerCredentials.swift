@@ -145,6 +145,11 @@ struct ServerCertificateRenewal: Service {
     /// activation the server certificate is re-issued from the new CA.
     func run() async throws {
         var epoch = try? await credentials.authority.store.metadata(Authority.rotationEpochKey)
+        // Also the rotation file itself: a replica whose ca/ directory was copied from the host that ran the stage
+        // reloads when the copy lands, not only when the database says a stage happened.
+        let rotationFile = credentials.authority.state.caDirectory + "/rotation.json"
+        func stamp() -> Date? { (try? FileManager.default.attributesOfItem(atPath: rotationFile))?[.modificationDate] as? Date }
+        var fileStamp = stamp()
         var ticks = 0
         while !Task.isShuttingDownGracefully && !Task.isCancelled {
             do {
@@ -153,11 +158,15 @@ struct ServerCertificateRenewal: Service {
                 return
             }
             ticks += 1
-            if let now = try? await credentials.authority.store.metadata(Authority.rotationEpochKey), now != epoch {
+            let currentEpoch = try? await credentials.authority.store.metadata(Authority.rotationEpochKey)
+            let currentStamp = stamp()
+            if (currentEpoch != nil && currentEpoch != epoch) || currentStamp != fileStamp {
+                let now = currentEpoch
                 let issuerBefore = credentials.authority.ca.certificate.subject
                 do {
                     try credentials.authority.reloadCAs()
                     epoch = now
+                    fileStamp = currentStamp
                     logger.notice("CA rotation: reloaded the CAs", metadata: ["issuing_ca": "\(credentials.authority.ca.certificate.subject)"])
                     if credentials.authority.ca.certificate.subject != issuerBefore { await credentials.reissue(logger: logger) }
                     await onRotation()

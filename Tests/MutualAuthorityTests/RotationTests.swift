@@ -144,6 +144,12 @@ struct RotationTests {
             let later = try await leaf(authority, "later")
             #expect(later.chain.count == 2, "no cross-certificate once the old root is retired")
             #expect(FileManager.default.contents(atPath: state.rootCertificatePath) == (try? Data(contentsOf: URL(fileURLWithPath: state.caDirectory + "/r2/root.pem"))))
+            // `mutual root-crl` re-signs the active root's CRL with the key in its generation directory.
+            let (number, _) = try Authority.refreshRootCRL(state: state, passphrase: { nil })
+            #expect(number == 2)
+            let rootCRL = try RevocationList(bytes: try AtomicFile.read(state.caDirectory + "/r2/root-crl.pem", what: "crl"))
+            #expect(rootCRL.isSigned(by: r2))
+            #expect(try AtomicFile.read(state.rootCRLPath, what: "crl") == (try AtomicFile.read(state.caDirectory + "/r2/root-crl.pem", what: "crl")))
         }
     }
 

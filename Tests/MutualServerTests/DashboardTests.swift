@@ -360,6 +360,22 @@ struct DashboardTests {
         #expect(css.header("Content-Type")?.hasPrefix("text/css") == true)
     }
 
+    @Test("overview: the CAs with their rotation stages (prepared, active, previous) and the valid certificates each issuing CA has out")
+    func overviewShowsRotation() async throws {
+        let f = try await DashboardFixture()
+        defer { Task { await f.close() } }
+        _ = try await f.authority.prepareRotation(.intermediate, passphrase: { nil }, actor: "test")
+        let (cookie, _) = try await f.login()
+        var page = await f.get("/dashboard/", cookie: cookie)
+        #expect(page.text.contains("<td>Issuing g2</td><td>prepared</td>"))
+        #expect(page.text.contains("<td>Issuing g1</td><td>active</td>"))
+        _ = try await f.authority.activateRotation(.intermediate, passphrase: { nil }, actor: "test")
+        page = await f.get("/dashboard/", cookie: cookie)
+        #expect(page.text.contains("<td>Issuing g2</td><td>active</td>"))
+        #expect(page.text.contains("<td>Issuing g1</td><td>previous</td>"))
+        #expect(page.text.contains("<td>Root r1</td><td>active</td>"))
+    }
+
     @Test("overview: status counts, the 90-day timeline, owners and profiles, issuance per day and missed renewals, computed in SQL")
     func overview() async throws {
         let f = try await DashboardFixture()

@@ -54,11 +54,20 @@ extension DashboardService {
             [Self.serialLink(r.serial), HTML.escape(r.identity), HTML.escape(r.owner ?? "-"), HTML.escape(HTML.relative(r.notAfter, now: time))]
         }, empty: "Every certificate past two thirds of its lifetime has been renewed.")
 
-        let cas = [("Root", authority.ca.root), ("Issuing (intermediate)", authority.ca.certificate)]
-        body += HTML.table(caption: "The CA's own certificates", headers: ["CA", "Subject", "Expires"], rows: cas.map { name, certificate in
-            [HTML.escape(name), HTML.escape(certificate.subject.description),
-             "\(HTML.escape(HTML.date(certificate.notValidAfter))) (\(HTML.escape(HTML.relative(certificate.notValidAfter, now: time))))"]
-        })
+        // Every CA with its rotation stage (`mutual ca status`): during a rotation the prepared or replaced one too,
+        // with the valid certificates each issuing CA still has out.
+        let cas = try await authority.caStatus(now: time)
+        body += HTML.table(
+            caption: "The CA's own certificates and their rotation stages", headers: ["CA", "Stage", "Subject", "Expires", "Valid certificates issued"],
+            rows: cas.map { ca in
+                [HTML.escape((ca.kind == "root" ? "Root r" : "Issuing g") + String(ca.generation)), HTML.escape(ca.stage), HTML.escape(ca.subject),
+                 "\(HTML.escape(HTML.date(ca.notAfter))) (\(HTML.escape(HTML.relative(ca.notAfter, now: time))))",
+                 ca.validCertificates.map { count in
+                     let owners = (ca.owners ?? [:]).sorted { $0.value > $1.value }.prefix(5).map { "\($0.key) \($0.value)" }.joined(separator: ", ")
+                     return HTML.escape("\(count)" + (owners.isEmpty ? "" : " (\(owners))"))
+                 } ?? "<span class=\"muted\">-</span>"]
+            }
+        )
         return page(title: "Overview", active: "Overview", body: body, viewer: viewer)
     }
 

@@ -326,8 +326,11 @@ extension Authority {
         tokenKeysBox.withLock { $0 = tokenKeys }
     }
 
-    /// Issues the operator's admin client certificate from the active CA and revokes the ones of other issuers.
+    /// Issues the operator's admin client certificate (`admin/`) from the active CA and revokes the one it replaces.
+    /// Other admin certificates (issued to people with `mutual issue --profile admin`) are theirs to renew: they count
+    /// towards `retire` like any other certificate.
     func reissueAdmin(actor: String, now: Date) async throws -> Int {
+        let replaced = (try? PEMBundle.certificates(fromBytes: try AtomicFile.read(state.adminDirectory + "/cert.pem", what: "admin certificate")))?.first
         let key = try configuration.keyType.generate()
         let admin = try await issue(
             IssuanceRequest(profile: .admin, publicKey: key.publicKey, commonName: "mutual admin", validity: nil),
@@ -336,13 +339,8 @@ extension Authority {
         try AtomicFile.write(KeyFile.pem(for: key, passphrase: nil), to: state.adminDirectory + "/key.pem", mode: 0o600)
         try AtomicFile.write(PEMBundle.pem([admin.certificate]), to: state.adminDirectory + "/cert.pem")
         try AtomicFile.write(PEMBundle.pem(admin.chain), to: state.adminDirectory + "/chain.pem")
-        var filter = CertificateFilter(status: .valid, now: now, limit: 1000)
-        filter.profile = CertificateProfile.admin.rawValue
-        var revoked = 0
-        for record in try await store.certificates(filter) where record.serial != admin.record.serial && record.issuer != admin.record.issuer {
-            if (try? await revoke(serial: record.serial, reason: .superseded, actor: actor, now: now)) != nil { revoked += 1 }
-        }
-        return revoked
+        guard let replaced, replaced.serialNumber != admin.certificate.serialNumber else { return 0 }
+        return (try? await revoke(serial: replaced.serialHex, reason: .superseded, actor: actor, now: now)) != nil ? 1 : 0
     }
 
     static func describe(_ rotation: CARotation.State) -> String {

@@ -49,8 +49,20 @@ struct RotationTests {
             let early = await #expect(throws: AuthorityError.self) { _ = try await authority.retireRotation(.intermediate, force: false, actor: "test") }
             #expect(early?.code == .rotationNotPrepared)
 
+            let operatorCertificate = try PEMBundle.certificates(fromPEM: String(contentsOfFile: state.adminDirectory + "/cert.pem", encoding: .utf8))[0]
+            let bob = try await authority.issue(
+                IssuanceRequest(profile: .admin, publicKey: Certificate.PublicKey(P256.Signing.PrivateKey().publicKey), commonName: "bob", validity: .days(30)),
+                owner: "bob", requester: "test"
+            )
             _ = try await authority.activateRotation(.intermediate, passphrase: { nil }, actor: "test")
             let g2 = authority.ca.certificate
+            // admin/ is re-issued from g2 and the certificate it replaces revoked; another person's admin certificate
+            // is left alone (theirs to renew; it counts towards retire like any other).
+            let reissued = try PEMBundle.certificates(fromPEM: String(contentsOfFile: state.adminDirectory + "/cert.pem", encoding: .utf8))[0]
+            #expect(reissued.issuer == g2.subject)
+            #expect(try await authority.store.certificate(serial: operatorCertificate.serialHex)?.status == .revoked)
+            #expect(try await authority.store.certificate(serial: bob.record.serial)?.status == .valid)
+            _ = try await authority.revoke(serial: bob.record.serial, reason: .superseded, actor: "test")
             #expect(g2 != g1 && g2.subject.description.contains("Issuing CA G2"))
             let new = try await leaf(authority, "new")
             #expect(new.certificate.issuer == g2.subject)

@@ -23,8 +23,8 @@ struct RevocationRoutes: Sendable {
             let name = context.parameters.get("generation") ?? ""
             let pem = name.hasSuffix(".pem")
             let digits = name.dropFirst(name.hasPrefix("g") ? 1 : 0).prefix { $0.isNumber }
-            guard name.hasPrefix("g"), let generation = Int(digits), generation >= 1, generation < 1_000_000,
-                  "g\(digits)" + (pem ? ".pem" : "") == name
+            guard name.hasPrefix("g"), digits.count <= 6, let generation = Int(digits), generation >= 1,
+                  "g\(generation)" + (pem ? ".pem" : "") == name
             else {
                 throw AuthorityError(.notFound, "no CRL named '\(name.prefix(40))': issuing CA generations are named g1, g2, …")
             }

@@ -54,3 +54,31 @@ struct PKCS11ServerTests {
         await server.stop()
     }
 }
+
+/// The generation CRL route (`/crl/gN`) with what a client could send instead of a generation.
+@Suite("Generation CRL routes")
+struct GenerationCRLRouteTests {
+    @Test func answersCurrentGenerationsAndRefusesTheRest() async throws {
+        let server = try await ServerHarness.start()
+        do {
+            // (The DER form is fetched by scripts/interop-rotation.sh: this harness reads answers as text.)
+            let (okPEM, pem) = try await server.curl("/crl/g1.pem")
+            #expect(okPEM == 200 && pem.contains("BEGIN X509 CRL"))
+            for path in ["/crl/g", "/crl/x1", "/crl/g1x", "/crl/g-1", "/crl/g0", "/crl/g99999999999999999999", "/crl/g1.pem.pem",
+                         "/crl/g01", "/crl/g2", "/crl/G1", "/crl/g1.der"] {
+                let (status, body) = try await server.curl(path)
+                #expect(status == 404, "\(path): \(status)")
+                #expect(ServerHarness.json(body)["type"] as? String == "urn:mutual:problem:not-found", "\(path): \(body.prefix(120))")
+            }
+            // After a rotation the replaced generation answers until it is retired.
+            _ = try await server.authority.prepareRotation(.intermediate, passphrase: { nil }, actor: "test")
+            _ = try await server.authority.activateRotation(.intermediate, passphrase: { nil }, actor: "test")
+            #expect(try await server.curl("/crl/g1.pem").0 == 200)
+            #expect(try await server.curl("/crl/g2.pem").0 == 200)
+            #expect(try await server.curl("/crl/g3.pem").0 == 404)
+        } catch {
+            Issue.record("\(error)")
+        }
+        await server.stop()
+    }
+}

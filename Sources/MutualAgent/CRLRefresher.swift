@@ -79,9 +79,7 @@ public final class CRLRefresher: Sendable {
             // rotation /crls.pem also carries the CRLs of the other root and issuing CA (old or new): accepted when
             // that CA is one of this agent's roots, or an issuing CA from /bundle.pem that one of its roots signed.
             let own = chain + roots.filter { root in chain.isEmpty || chain.contains { $0.issuer == root.subject } }
-            let known = roots.filter { !own.contains($0) } + ((try? await client.bundle()) ?? []).filter { candidate in
-                !own.contains(candidate) && roots.contains { $0.subject == candidate.issuer && $0.publicKey.isValidSignature(candidate.signature, for: candidate) }
-            }
+            let known = Self.certifiedBy(roots, among: ((try? await client.bundle()) ?? []).prefix(64)).filter { !own.contains($0) }
             let nextUpdate = try Self.check(bytes, issuers: own, alsoKnown: known, now: now)
             let existing = FileManager.default.contents(atPath: configuration.crlPath).map { Array($0) }
             let changed = existing != bytes
@@ -107,6 +105,23 @@ public final class CRLRefresher: Sendable {
     /// Checks a `/crls.pem` answer: PEM CRLs, each signed by one of `issuers`, none past its nextUpdate, and one for
     /// every CA among `issuers` (a server that checks every level refuses clients when a level has no CRL). Returns the
     /// earliest nextUpdate.
+    /// `anchors` and every certificate of `candidates` reachable from them by signatures: a CA certified by a
+    /// known CA becomes known (a cross-certificate makes a new root known, then the CAs that root certified).
+    static func certifiedBy(_ anchors: [Certificate], among candidates: some Collection<Certificate>) -> [Certificate] {
+        var known = anchors
+        var added = true
+        while added {
+            added = false
+            for candidate in candidates where !known.contains(candidate) {
+                if known.contains(where: { $0.subject == candidate.issuer && $0.publicKey.isValidSignature(candidate.signature, for: candidate) }) {
+                    known.append(candidate)
+                    added = true
+                }
+            }
+        }
+        return known
+    }
+
     /// Checks the CRL file: every CRL signed by its issuer, none expired, one for each of `issuers` (this agent's
     /// roots and chain). CRLs of `alsoKnown` CAs (another issuing CA during a rotation, certified by one of the roots)
     /// are accepted too, checked the same way, but not required.

@@ -46,7 +46,7 @@ extension Authority {
     public var publishedIntermediates: [Certificate] {
         let active = self.active
         return [active.ca.certificate] + (active.rotation.preparedIntermediate.map { [$0] } ?? []) + active.rotation.previous.map(\.certificate)
-            + active.ca.crossCertificates
+            + active.ca.crossCertificates + active.rotation.preparedCross
     }
 
     /// Metadata key bumped at every rotation stage: `mutual serve` reloads its CAs when it changes.

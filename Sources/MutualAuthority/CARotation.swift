@@ -73,6 +73,9 @@ public enum CARotation {
         public var trustedRoots: [Certificate] = []
         /// Sent after the intermediate in chains while the old root is still trusted by someone.
         public var crossCertificates: [Certificate] = []
+        /// A prepared root's cross-certificate: published in `/bundle.pem` from `prepare` on (not yet in chains), so
+        /// that a relying party holding only the current root can already verify the new root's CRL and CAs.
+        public var preparedCross: [Certificate] = []
         /// Root CRL files (PEM) of every trusted root.
         public var rootCRLPaths: [String] = []
     }
@@ -151,6 +154,9 @@ public enum CARotation {
         // The cross-certificate of the active root, while the root before it is still trusted.
         if !rotation.previous(.root).isEmpty, FileManager.default.fileExists(atPath: crossPath(state, activeRoot.generation)) {
             loaded.crossCertificates = [try readCertificate(crossPath(state, activeRoot.generation))]
+        }
+        if let prepared = rotation.prepared(.root), FileManager.default.fileExists(atPath: crossPath(state, prepared.generation)) {
+            loaded.preparedCross = [try readCertificate(crossPath(state, prepared.generation))]
         }
         func issuing(_ entry: Entry) throws -> IssuingCA {
             let certificate = try readCertificate(certificatePath(state, .intermediate, entry.generation))

@@ -238,6 +238,16 @@ struct AgentAgainstServerTests {
         let both = Array((good + foreign).utf8)
         #expect(throws: PKIError.self) { try CRLRefresher.check(both, issuers: [ca.certificate], now: now) }
         #expect(try CRLRefresher.check(both, issuers: [ca.certificate], alsoKnown: [other.certificate], now: now) <= now.addingTimeInterval(3600))
+        // What the agent learns from /bundle.pem: only CAs its roots reach by signatures (through a cross-certificate
+        // too), never a CA nobody it trusts certified.
+        #expect(CRLRefresher.certifiedBy([ca.root], among: [other.root, other.certificate, ca.certificate]) == [ca.root, ca.certificate])
+        let h = try CAFactory.makeHierarchy(name: "Test CA", keyType: .p256, now: now)
+        let r2Key = try KeyType.p256.generate()
+        let r2 = try CAFactory.makeRoot(name: "Test CA", key: r2Key, generation: 2, now: now)
+        let cross = try CAFactory.crossCertify(r2, issuer: h.root, issuerKey: h.rootKey, now: now)
+        let g3 = try CAFactory.makeIntermediate(name: "Test CA", key: try KeyType.p256.generate(), generation: 3, root: r2, rootKey: r2Key, now: now)
+        #expect(CRLRefresher.certifiedBy([h.root], among: [g3, cross]) == [h.root, cross, g3])
+        #expect(CRLRefresher.certifiedBy([h.root], among: [g3]) == [h.root])
         let expiredOther = try crl(other, nextUpdate: now.addingTimeInterval(-1))
         #expect(throws: PKIError.self) {
             try CRLRefresher.check(Array((good + expiredOther).utf8), issuers: [ca.certificate], alsoKnown: [other.certificate], now: now)

@@ -355,9 +355,10 @@ extension Authority {
     public func caStatus(now: Date = .now) async throws -> [CAStatus] {
         let rotation = try currentRotationState()
         var result: [CAStatus] = []
+        let rotated = CARotation.readStateExists(state)
         for kind in CARotation.Kind.allCases {
             for entry in rotation.entries(kind).sorted(by: { $0.generation > $1.generation }) {
-                let path = CARotation.readStateExists(state)
+                let path = rotated
                     ? CARotation.certificatePath(state, kind, entry.generation)
                     : (kind == .intermediate ? state.intermediateCertificatePath : state.rootCertificatePath)
                 guard let certificate = try? CARotation.readCertificate(path) else { continue }

@@ -164,9 +164,7 @@ public enum CARotation {
                 throw AuthorityError(.corruptState, "issuing CA g\(entry.generation) names root r\(entry.root ?? 0), which is not loaded")
             }
             let key = try loadKey(state, .intermediate, entry, passphrase: passphrase, tokenKeys: &tokenKeys)
-            var ca = try IssuingCA(certificate: certificate, privateKey: key, root: root, policy: policy)
-            if entry.root != activeRoot.generation { ca.crossCertificates = [] }
-            return ca
+            return try IssuingCA(certificate: certificate, privateKey: key, root: root, policy: policy)
         }
         let active = try issuing(activeEntry)
         for entry in rotation.previous(.intermediate) {

@@ -65,17 +65,21 @@ public actor RevocationPublisher {
            now < cached.thisUpdate.addingTimeInterval(validity.timeInterval / 2) {
             return cached.der
         }
-        let revoked = try await authority.store.revokedUnexpired(now: now, issuer: ca.certificate.subject.description)
-        let entries: [RevocationListBuilder.Entry] = revoked.compactMap { item in
-            guard let bytes = [UInt8](hex: item.serial) else { return nil }
-            return .init(serialNumber: .init(bytes: bytes), revocationDate: item.revokedAt, reason: RevocationReason(rawValue: item.reason) ?? .unspecified)
-        }
+        let entries = try await entries(issuer: ca.certificate.subject.description, now: now)
         var number = UInt64(max(0, now.timeIntervalSince1970 * 1000))
         if let previous = previousCached[generation] { number = max(number, previous.number + 1) }
         let der = try RevocationListBuilder(issuer: ca.certificate, issuerKey: ca.privateKey)
             .build(number: number, thisUpdate: now, nextUpdate: min(now.addingTimeInterval(validity.timeInterval), ca.certificate.notValidAfter), entries: entries)
         previousCached[generation] = (der, now, number, lastRevocation)
         return der
+    }
+
+    /// The CRL entries of an issuer: its revoked certificates that have not expired.
+    func entries(issuer: String, now: Date) async throws -> [RevocationListBuilder.Entry] {
+        try await authority.store.revokedUnexpired(now: now, issuer: issuer).compactMap { item in
+            guard let bytes = [UInt8](hex: item.serial) else { return nil }
+            return .init(serialNumber: .init(bytes: bytes), revocationDate: item.revokedAt, reason: RevocationReason(rawValue: item.reason) ?? .unspecified)
+        }
     }
 
     /// The generation `/crl` serves: the first issuing CA's while it is active or replaced but not retired (the
@@ -131,11 +135,7 @@ public actor RevocationPublisher {
            now < cached.crl.thisUpdate.addingTimeInterval(validity.timeInterval / 2) {
             return cached.der
         }
-        let revoked = try await authority.store.revokedUnexpired(now: now, issuer: pq.certificate.subject.description)
-        let entries: [RevocationListBuilder.Entry] = revoked.compactMap { item in
-            guard let bytes = [UInt8](hex: item.serial) else { return nil }
-            return .init(serialNumber: .init(bytes: bytes), revocationDate: item.revokedAt, reason: RevocationReason(rawValue: item.reason) ?? .unspecified)
-        }
+        let entries = try await entries(issuer: pq.certificate.subject.description, now: now)
         var number = UInt64(max(0, now.timeIntervalSince1970 * 1000))
         if let previous = pqCached?.crl.crlNumber {
             number = max(number, previous.reduce(0) { $0 << 8 | UInt64($1) } + 1)
@@ -155,14 +155,7 @@ public actor RevocationPublisher {
             let lastRevocation = try await authority.store.lastRevocationSequence()
             let latest = try await authority.store.latestCRL()
             let active = authority.active
-            let revoked = try await authority.store.revokedUnexpired(now: now, issuer: active.issuer)
-            var entries: [RevocationListBuilder.Entry] = []
-            entries.reserveCapacity(revoked.count)
-            for item in revoked {
-                guard let bytes = [UInt8](hex: item.serial) else { continue }
-                entries.append(.init(serialNumber: .init(bytes: bytes), revocationDate: item.revokedAt,
-                                     reason: RevocationReason(rawValue: item.reason) ?? .unspecified))
-            }
+            let entries = try await entries(issuer: active.issuer, now: now)
             let number = (latest?.number ?? 0) + 1
             let nextUpdate = now.addingTimeInterval(validity.timeInterval)
             let der = try RevocationListBuilder(issuer: active.ca.certificate, issuerKey: active.ca.privateKey)

@@ -51,6 +51,11 @@ struct RevocationRoutes: Sendable {
 
     func pqCRL(pem: Bool) async throws -> Response {
         guard let der = try await publisher.currentPQ() else { throw Self.noPQ }
+        return timeNumberedCRL(der, pem: pem)
+    }
+
+    /// A CRL numbered by time (ML-DSA, a replaced issuing CA), DER or PEM, cacheable for a quarter of its validity.
+    func timeNumberedCRL(_ der: [UInt8], pem: Bool) -> Response {
         var headers: HTTPFields = [.cacheControl: "public, max-age=\(max(0, Int(publisher.validity.timeInterval / 4)))"]
         if pem {
             headers[.contentType] = "application/x-pem-file"
@@ -81,13 +86,7 @@ struct RevocationRoutes: Sendable {
         guard let der = try await publisher.crl(generation: generation) else {
             throw AuthorityError(.notFound, "issuing CA g\(generation) is not one of this authority's current CAs")
         }
-        var headers: HTTPFields = [.cacheControl: "public, max-age=\(max(0, Int(publisher.validity.timeInterval / 4)))"]
-        if pem {
-            headers[.contentType] = "application/x-pem-file"
-            return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: RevocationListBuilder.pem(der))))
-        }
-        headers[.contentType] = "application/pkix-crl"
-        return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(bytes: der)))
+        return timeNumberedCRL(der, pem: pem)
     }
 
     func crl(pem: Bool, current: Bool = false) async throws -> Response {

@@ -224,6 +224,46 @@ public final class AuthorityClient: Sendable {
         }
     }
 
+    /// RFC 8705 `client_credentials` with this client's certificate: the token endpoint's JSON answer
+    /// (`access_token`, `expires_in`, `scope`). Refusals carry the OAuth `error` in `members` and Mutual's code as type.
+    public func accessToken(audience: String?, scopes: [String]) async throws -> [String: Any] {
+        var form = [("grant_type", "client_credentials")]
+        if let audience { form.append(("audience", audience)) }
+        if !scopes.isEmpty { form.append(("scope", scopes.joined(separator: " "))) }
+        return try await postForm(path: "/oauth2/token", form: form)
+    }
+
+    /// RFC 7662 introspection (the admin certificate, or one the authority lets introspect).
+    public func introspect(token: String) async throws -> [String: Any] {
+        try await postForm(path: "/oauth2/introspect", form: [("token", token)])
+    }
+
+    func postForm(path: String, form: [(String, String)]) async throws -> [String: Any] {
+        var allowed = CharacterSet.alphanumerics
+        allowed.insert(charactersIn: "-._~")
+        let body = form.map { "\($0.0)=\($0.1.addingPercentEncoding(withAllowedCharacters: allowed) ?? "")" }.joined(separator: "&")
+        var request = HTTPClientRequest(url: baseURL + path)
+        request.method = .POST
+        request.headers.add(name: "Content-Type", value: "application/x-www-form-urlencoded")
+        request.body = .bytes(ByteBuffer(string: body))
+        let response: HTTPClientResponse
+        do {
+            response = try await http.execute(request, timeout: .seconds(Int64(requestTimeout.components.seconds)))
+        } catch {
+            throw AuthorityClientError(status: 0, type: "transport", detail: "\(error)", serverDate: nil)
+        }
+        let bytes = Array(try await response.body.collect(upTo: 1024 * 1024).readableBytesView)
+        let object = (try? JSONSerialization.jsonObject(with: Data(bytes))) as? [String: Any]
+        guard (200..<300).contains(Int(response.status.code)), let object else {
+            throw AuthorityClientError(
+                status: Int(response.status.code), type: (object?["code"] as? String) ?? "http-\(response.status.code)",
+                detail: (object?["error_description"] as? String) ?? String(decoding: bytes.prefix(200), as: UTF8.self), serverDate: nil,
+                members: (object?["error"] as? String).map { ["error": $0] } ?? [:]
+            )
+        }
+        return object
+    }
+
     func enrollment(path: String, body: [String: String], bearer: String?) async throws -> Enrollment {
         let (bytes, date) = try await send(path: path, method: .POST, body: body, bearer: bearer)
         guard let object = try? JSONSerialization.jsonObject(with: Data(bytes)) as? [String: Any],

@@ -18,6 +18,11 @@ public struct AuthorityFile: Sendable, Equatable {
     public var acme: [ACMEProvisioner] = []
     /// `dashboard: false` turns the dashboard off.
     public var dashboard: Bool?
+    /// `oauth-allow`: token endpoint rules, `IDENTITY_PATTERN=AUDIENCE[:SCOPE,…]` each.
+    public var oauthAllow: [OAuthRule] = []
+    public var oauthTokenLifetime: ValidityDuration?
+    public var oauthIntrospectors: [ScopePattern] = []
+    public var oauthIssuer: String?
 
     public init() {}
 
@@ -45,7 +50,7 @@ public struct AuthorityFile: Sendable, Equatable {
         do { root = try Yams.load(yaml: text) } catch { throw Problem(path: "", reason: "not valid YAML: \(error)") }
         guard let root else { return AuthorityFile() }
         let top = try Self.map(root, "")
-        try Self.known(top, ["listen", "public-url", "http-listen", "http-public-url", "renew-expired-grace", "crl-validity", "server-cert-validity", "log-level", "dashboard", "acme"], "")
+        try Self.known(top, ["listen", "public-url", "http-listen", "http-public-url", "renew-expired-grace", "crl-validity", "server-cert-validity", "log-level", "dashboard", "acme", "oauth-allow", "oauth-token-lifetime", "oauth-introspector", "oauth-issuer"], "")
         var file = AuthorityFile()
         file.listen = try Self.string(top["listen"], "listen")
         file.publicURL = try Self.string(top["public-url"], "public-url")
@@ -65,6 +70,18 @@ public struct AuthorityFile: Sendable, Equatable {
         }
         if let listen = file.listen { _ = try Self.address(listen, "listen") }
         if let http = file.httpListen, http != "off" { _ = try Self.address(http, "http-listen") }
+        for (index, rule) in (try Self.strings(top["oauth-allow"], "oauth-allow") ?? []).enumerated() {
+            do { file.oauthAllow.append(try OAuthRule(parsing: rule)) } catch let error as OAuthError {
+                throw Problem(path: "oauth-allow[\(index)]", reason: error.reason)
+            }
+        }
+        file.oauthTokenLifetime = try Self.duration(top["oauth-token-lifetime"], "oauth-token-lifetime")
+        for (index, pattern) in (try Self.strings(top["oauth-introspector"], "oauth-introspector") ?? []).enumerated() {
+            do { file.oauthIntrospectors.append(try ScopePattern(pattern)) } catch let error as AuthorityError {
+                throw Problem(path: "oauth-introspector[\(index)]", reason: error.reason)
+            }
+        }
+        file.oauthIssuer = try Self.string(top["oauth-issuer"], "oauth-issuer")
         if let acme = top["acme"] {
             guard let list = acme as? [Any] else { throw Problem(path: "acme", reason: "must be a list of provisioners") }
             for (index, item) in list.enumerated() {

@@ -56,6 +56,8 @@ public struct AuthorityServer: Sendable {
         public var acmeProvisioners: [ACMEProvisioner] = []
         /// The dashboard at `/dashboard/` (on by default; it shows nothing without a login or the admin certificate).
         public var dashboard = true
+        /// The OAuth 2.0 token endpoint for certificate-bound access tokens (off while it has no rules).
+        public var oauth = OAuthSettings()
 
         public init(
             host: String = "127.0.0.1", port: Int = 9443, publicURL: URL? = nil,
@@ -187,6 +189,14 @@ public struct AuthorityServer: Sendable {
             )
             DashboardRoutes(service: dashboard).register(on: router)
         }
+        var oauth: OAuthRoutes?
+        if configuration.oauth.enabled {
+            let routes = OAuthRoutes(authority: authority, settings: configuration.oauth, metrics: metrics, logger: logger)
+            // The first signing key is made here, before anyone can ask for a token.
+            try OAuthService(authority: authority, settings: configuration.oauth, issuer: "").keys.ensureKey()
+            routes.register(on: router)
+            oauth = routes
+        }
         var acme: ACMEService?
         if !configuration.acmeProvisioners.isEmpty {
             let service = try await ACMEService.make(
@@ -209,8 +219,10 @@ public struct AuthorityServer: Sendable {
                 metrics: metrics
             ),
             configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: nil),
-            onServerRunning: { [configuration, authority] channel in
+            onServerRunning: { [configuration, authority, oauth] channel in
                 let port = channel.localAddress?.port ?? 0
+                let listenerURL = "https://\(configuration.host.contains(":") ? "[\(configuration.host)]" : configuration.host):\(port)"
+                oauth?.start(base: configuration.publicURL.map { $0.absoluteString.hasSuffix("/") ? String($0.absoluteString.dropLast()) : $0.absoluteString } ?? listenerURL)
                 if configuration.dashboard {
                     // `mutual dashboard login` prints links to this address.
                     let base = configuration.publicURL.map { $0.absoluteString.hasSuffix("/") ? String($0.absoluteString.dropLast()) : $0.absoluteString }

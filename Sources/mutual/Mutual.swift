@@ -21,7 +21,7 @@ struct Mutual: AsyncParsableCommand {
         subcommands: [
             InitCommand.self, IssueCommand.self, SignCommand.self, ListCommand.self, ShowCommand.self,
             RevokeCommand.self, VerifyCommand.self, AuditCommand.self, ServeCommand.self, ProxyCommand.self, AgentCommand.self, TokenCommand.self, RootCRLCommand.self, ConfigCommand.self, DoctorCommand.self,
-            QuickstartCommand.self, BenchCommand.self, ACMECommand.self, DashboardCommand.self, PQCommand.self, CACommand.self,
+            QuickstartCommand.self, BenchCommand.self, ACMECommand.self, DashboardCommand.self, PQCommand.self, CACommand.self, OAuthCommand.self,
         ]
     )
 

@@ -68,6 +68,18 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "Log level: trace|debug|info|notice|warning|error|critical. Default info.")
     var logLevel: String?
 
+    @Option(name: .customLong("oauth-allow"), help: "Serve the OAuth token endpoint (certificate-bound tokens, docs/oauth.md): clients whose certificate matches IDENTITY_PATTERN may get tokens for AUDIENCE with these scopes, as 'IDENTITY_PATTERN=AUDIENCE[:SCOPE,…]' (repeatable; no rule, no token).")
+    var oauthAllow: [String] = []
+
+    @Option(help: "Lifetime of access tokens (default 5m, at most 24h; never past the certificate's notAfter).", transform: ValidityDuration.argument)
+    var oauthTokenLifetime: ValidityDuration?
+
+    @Option(name: .customLong("oauth-introspector"), help: "Callers besides the admin certificate that may introspect tokens: identity pattern (repeatable).")
+    var oauthIntrospectors: [String] = []
+
+    @Option(help: "The tokens' issuer (iss) and metadata base URL; default --public-url, else https://<listen address>.")
+    var oauthIssuer: String?
+
     func run() async throws {
         GlobalExecutor.adoptEventLoops()
         var file = AuthorityFile()
@@ -129,6 +141,7 @@ struct ServeCommand: AsyncParsableCommand {
         configuration.crlValidity = crlValidity
         configuration.acmeProvisioners = file.acme + acmeProvisioners
         configuration.dashboard = !noDashboard && file.dashboard != false
+        configuration.oauth = try await failing { try oauthSettings(file: file) }
         let server = AuthorityServer(authority: authority, configuration: configuration, logger: logger)
         let dashboardOn = configuration.dashboard
         await Self.warnAboutCA(stateOptions.state, logger: logger)
@@ -161,6 +174,34 @@ struct ServeCommand: AsyncParsableCommand {
             try? await authority.close()
             throw CommandFailure("serve stopped: \(error)")
         }
+    }
+}
+
+extension ServeCommand {
+    /// The token endpoint's settings: flags replace the file's lists, as for every other setting.
+    func oauthSettings(file: AuthorityFile) throws -> OAuthSettings {
+        var settings = OAuthSettings()
+        do {
+            settings.rules = oauthAllow.isEmpty ? file.oauthAllow : try oauthAllow.map(OAuthRule.init(parsing:))
+            settings.introspectors = oauthIntrospectors.isEmpty ? file.oauthIntrospectors : try oauthIntrospectors.map(ScopePattern.init)
+        } catch let error as OAuthError {
+            throw CommandFailure("--oauth-allow: \(error.reason)", exitCode: 2, code: error.code)
+        } catch let error as AuthorityError {
+            throw CommandFailure("--oauth-introspector: \(error.reason)", exitCode: 2, code: error.code.name)
+        }
+        if let lifetime = oauthTokenLifetime ?? file.oauthTokenLifetime {
+            guard lifetime.seconds >= 10, lifetime.seconds <= 86_400 else {
+                throw CommandFailure("--oauth-token-lifetime must be between 10s and 24h (got \(lifetime))", exitCode: 2)
+            }
+            settings.tokenLifetime = lifetime.timeInterval
+        }
+        if let issuer = oauthIssuer ?? file.oauthIssuer {
+            guard let url = URL(string: issuer), url.scheme == "https", url.host != nil, url.query == nil, url.fragment == nil else {
+                throw CommandFailure("invalid --oauth-issuer '\(issuer.prefix(100))': expected an https URL without query or fragment (RFC 8414 2)", exitCode: 2)
+            }
+            settings.issuer = issuer
+        }
+        return settings
     }
 }
 

@@ -1,23 +1,8 @@
 import Crypto
 import _CryptoExtras
 import Foundation
+import MutualPKI
 import X509
-
-/// Base64url without padding (RFC 7515 2), strict: any other byte is an error.
-public enum Base64URL {
-    public static func encode<D: DataProtocol>(_ data: D) -> String {
-        Data(data).base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
-            .replacingOccurrences(of: "=", with: "")
-    }
-
-    public static func decode(_ text: String) -> Data? {
-        guard text.utf8.allSatisfy({ ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2D || $0 == 0x5F }),
-              text.utf8.count % 4 != 1 else { return nil }
-        var base64 = text.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
-        base64 += String(repeating: "=", count: (4 - base64.utf8.count % 4) % 4)
-        return Data(base64Encoded: base64)
-    }
-}
 
 /// An account key as a JWK (RFC 7517): the key types ACME clients use — EC P-256/P-384 (ES256/ES384), RSA (RS256,
 /// certbot's default) and Ed25519 (EdDSA).

@@ -1,5 +1,6 @@
 import Crypto
 import Foundation
+import MutualPKI
 import MutualAuthority
 import MutualStore
 import Synchronization

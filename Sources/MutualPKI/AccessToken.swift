@@ -195,6 +195,13 @@ public struct AccessTokenVerifier: Sendable {
     public func verify(
         _ token: Substring, keys: [String: JSONWebKey], thumbprint: String?, requireBinding: Bool = true, now: Date
     ) -> Result<AccessTokenClaims, TokenRefusal> {
+        verifyNamingKey(token, keys: keys, thumbprint: thumbprint, requireBinding: requireBinding, now: now).map(\.claims)
+    }
+
+    /// The same, also saying which key signed the token.
+    public func verifyNamingKey(
+        _ token: Substring, keys: [String: JSONWebKey], thumbprint: String?, requireBinding: Bool = true, now: Date
+    ) -> Result<(claims: AccessTokenClaims, kid: String), TokenRefusal> {
         let parsed: CompactJWS.Parsed
         do { parsed = try CompactJWS.parse(token) } catch { return .failure(error) }
         let alg = parsed.header.alg
@@ -217,6 +224,12 @@ public struct AccessTokenVerifier: Sendable {
         guard let claims = try? JSONDecoder().decode(AccessTokenClaims.self, from: parsed.payload) else {
             return .failure(TokenRefusal(.malformed, "the token's claims are not a JSON object with iss, sub, aud and exp"))
         }
+        return check(claims, thumbprint: thumbprint, requireBinding: requireBinding, now: now).map { ($0, kid) }
+    }
+
+    /// The checks after the signature: time, issuer, audience, binding, scopes. A resource server that already
+    /// verified this token's signature (the proxy, for a token used again on one connection) runs only these.
+    public func check(_ claims: AccessTokenClaims, thumbprint: String?, requireBinding: Bool = true, now: Date) -> Result<AccessTokenClaims, TokenRefusal> {
         let time = now.timeIntervalSince1970
         guard claims.exp + leeway > time else {
             return .failure(TokenRefusal(.expired, "the token expired \(Int(time - claims.exp)) s ago"))

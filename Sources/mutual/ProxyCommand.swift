@@ -110,6 +110,12 @@ struct ProxyCommand: AsyncParsableCommand {
     @Option(name: .customLong("strip-header"), help: "Inbound http: client header to remove before forwarding (repeatable; NAME or PREFIX*); replaces the default list. The proxy's own headers are always removed.")
     var stripHeaders: [String] = []
 
+    @Option(help: "Inbound http: every request also needs an access token for this audience, bound to the client's certificate (RFC 8705); keys from --authority (docs/oauth.md).")
+    var tokenAudience: String?
+
+    @Option(name: .customLong("token-scope"), help: "Inbound http: a scope the access token must carry (repeatable; needs --token-audience).")
+    var tokenScopes: [String] = []
+
     @Option(help: "Log level: trace|debug|info|notice|warning|error|critical.")
     var logLevel: String = "info"
 
@@ -122,6 +128,9 @@ struct ProxyCommand: AsyncParsableCommand {
         let listen = try require(listen, "--listen")
         let upstream = try require(upstream, "--upstream")
         if outbound {
+            if tokenAudience != nil || !tokenScopes.isEmpty {
+                throw CommandFailure("--token-audience is for inbound http listeners, not --outbound", exitCode: 2)
+            }
             var outboundMode: ProxyConfiguration.Mode?
             if let mode {
                 guard let parsed = ProxyConfiguration.Mode(rawValue: mode) else {
@@ -158,6 +167,14 @@ struct ProxyCommand: AsyncParsableCommand {
             listener.maxHeaderCount = maxHeaderCount
             listener.maxHeaderBytes = maxHeaderBytes
             listener.stripHeaders = stripHeaders.isEmpty ? nil : stripHeaders
+            if let tokenAudience {
+                guard authority != nil else {
+                    throw CommandFailure("--token-audience needs --authority (and --authority-ca): the authority whose keys sign the tokens", exitCode: 2)
+                }
+                listener.token = .init(audience: tokenAudience, scopes: tokenScopes.isEmpty ? nil : tokenScopes)
+            } else if !tokenScopes.isEmpty {
+                throw CommandFailure("--token-scope needs --token-audience", exitCode: 2)
+            }
             configuration.listeners = [listener]
         }
         if !crl.isEmpty || authority != nil {
@@ -183,7 +200,7 @@ struct ProxyCommand: AsyncParsableCommand {
         if let config {
             let flagsGiven = listen != nil || upstream != nil || cert != nil || key != nil || clientCA != nil || !allow.isEmpty || outbound
                 || handshakeTimeout != nil || requestHeadTimeout != nil || idleTimeout != nil || maxConnections != nil
-                || maxHeaderCount != nil || maxHeaderBytes != nil || !stripHeaders.isEmpty
+                || maxHeaderCount != nil || maxHeaderBytes != nil || !stripHeaders.isEmpty || tokenAudience != nil || !tokenScopes.isEmpty
             if flagsGiven {
                 throw CommandFailure("--config cannot be combined with listener flags; put them in \(config)", exitCode: 2)
             }

@@ -21,6 +21,8 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
     public var drainTimeout: Double?
     /// Event-loop threads (default: one per CPU core). Each connection lives on one thread, with its upstream.
     public var threads: Int?
+    /// Where routes that require access tokens get the issuer's keys (default: the revocation authority).
+    public var tokens: Tokens?
 
     public struct Listener: Sendable, Codable, Equatable {
         public var name: String?
@@ -57,6 +59,9 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
         /// Client headers removed before forwarding, besides the ones the proxy owns (always removed): names, or
         /// prefixes ending in `*`, compared after lower-casing and `_` → `-`. nil: ``ForwardedIdentity/defaultStrippedHeaders``.
         public var stripHeaders: [String]?
+        /// Every route of this listener that needs a certificate also needs a bound access token for this audience
+        /// (a route's own `token:` wins).
+        public var token: TokenRequirement?
 
         public init(
             name: String? = nil, listen: String, mode: Mode? = nil, upstream: String, cert: String, key: String,
@@ -84,7 +89,7 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
             case proxyProtocol = "proxy-protocol"
             case handshakeTimeout = "handshake-timeout", requestHeadTimeout = "request-head-timeout"
             case idleTimeout = "idle-timeout", maxConnections = "max-connections", maxHeaderCount = "max-header-count"
-            case maxHeaderBytes = "max-header-bytes", stripHeaders = "strip-headers"
+            case maxHeaderBytes = "max-header-bytes", stripHeaders = "strip-headers", token
         }
 
         public init(from decoder: Decoder) throws {
@@ -111,6 +116,7 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
             maxHeaderCount = try c.decodeIfPresent(Int.self, forKey: .maxHeaderCount)
             maxHeaderBytes = try c.decodeIfPresent(Int.self, forKey: .maxHeaderBytes)
             stripHeaders = try c.decodeIfPresent([String].self, forKey: .stripHeaders)
+            token = try c.decodeIfPresent(TokenRequirement.self, forKey: .token)
         }
     }
 
@@ -154,13 +160,69 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
         public var allow: [String]?
         /// Anyone may call this route, with or without a certificate (e.g. `/healthz`).
         public var open: Bool?
+        /// Requests also need an access token bound to the connection's certificate (RFC 8705).
+        public var token: TokenRequirement?
 
-        public init(path: String, methods: [String]? = nil, allow: [String]? = nil, open: Bool? = nil) {
+        public init(path: String, methods: [String]? = nil, allow: [String]? = nil, open: Bool? = nil, token: TokenRequirement? = nil) {
             self.path = path
             self.methods = methods
             self.allow = allow
             self.open = open
+            self.token = token
         }
+    }
+
+    /// `token:` on a route or listener: a certificate-bound access token for `audience` with every one of `scopes`.
+    public struct TokenRequirement: Sendable, Codable, Equatable {
+        public var audience: String
+        public var scopes: [String]?
+        /// Pass the client's `Authorization` header on to the upstream (default false: the proxy removes the token
+        /// and forwards the verified claims in `x-token-claims`, `x-token-subject` and `x-token-scope`).
+        public var forwardToken: Bool?
+
+        public init(audience: String, scopes: [String]? = nil, forwardToken: Bool? = nil) {
+            self.audience = audience
+            self.scopes = scopes
+            self.forwardToken = forwardToken
+        }
+
+        enum CodingKeys: String, CodingKey {
+            case audience, scopes
+            case forwardToken = "forward-token"
+        }
+    }
+
+    /// `tokens:`: the authorization server whose access tokens routes accept.
+    public struct Tokens: Sendable, Codable, Equatable {
+        /// The authority's HTTPS URL: its RFC 8414 metadata gives the issuer and the JWKS (default revocation.authority).
+        public var authority: String?
+        /// Root certificate(s) to verify the authority's TLS certificate (default revocation.authority-ca).
+        public var authorityCA: String?
+        /// Seconds between key-set refreshes (default 60); an unknown `kid` refreshes at once.
+        public var refresh: Double?
+        /// Clock skew allowed on `exp` and `nbf`, seconds (default 30).
+        public var leeway: Double?
+
+        public init(authority: String? = nil, authorityCA: String? = nil, refresh: Double? = nil, leeway: Double? = nil) {
+            self.authority = authority
+            self.authorityCA = authorityCA
+            self.refresh = refresh
+            self.leeway = leeway
+        }
+
+        enum CodingKeys: String, CodingKey {
+            case authority, refresh, leeway
+            case authorityCA = "authority-ca"
+        }
+    }
+
+    /// Where token keys come from, after defaults; nil when no route needs tokens.
+    public var tokenSource: Tokens? {
+        guard listeners.contains(where: { $0.token != nil || ($0.routes ?? []).contains { $0.token != nil } }) else { return nil }
+        var source = tokens ?? Tokens()
+        source.authority = source.authority ?? revocation?.authority
+        source.authorityCA = source.authorityCA ?? revocation?.authorityCA
+        return source
     }
 
     public struct Outbound: Sendable, Codable, Equatable {
@@ -241,7 +303,7 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
     enum CodingKeys: String, CodingKey {
         case listeners, outbound, revocation, identity
         case adminListen = "admin-listen", accessLog = "access-log", watchInterval = "watch-interval"
-        case drainTimeout = "drain-timeout", threads
+        case drainTimeout = "drain-timeout", threads, tokens
     }
 
     public init(from decoder: Decoder) throws {
@@ -255,6 +317,7 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
         watchInterval = try c.decodeIfPresent(Double.self, forKey: .watchInterval)
         drainTimeout = try c.decodeIfPresent(Double.self, forKey: .drainTimeout)
         threads = try c.decodeIfPresent(Int.self, forKey: .threads)
+        tokens = try c.decodeIfPresent(Tokens.self, forKey: .tokens)
     }
 
     /// Largest configuration file accepted.
@@ -356,6 +419,10 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
             revocation.authorityCA = revocation.authorityCA.map(resolve)
             self.revocation = revocation
         }
+        if var tokens {
+            tokens.authorityCA = tokens.authorityCA.map(resolve)
+            self.tokens = tokens
+        }
     }
 
     /// Checks everything that can be checked without touching files: addresses, URLs, principals, routes.
@@ -406,7 +473,24 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
             for header in listener.forward ?? [] where !["xfcc", "rfc9440", "identity"].contains(header) {
                 throw PKIError(.malformedInput, "\(label).forward: unknown '\(header)' (expected xfcc, rfc9440, identity)")
             }
+            if mode == .tcp, listener.token != nil || (listener.routes ?? []).contains(where: { $0.token != nil }) {
+                throw PKIError(.malformedInput, "\(label): access tokens are HTTP; tcp mode cannot require them")
+            }
             _ = try policy(for: listener, label: label)
+        }
+        if let source = tokenSource {
+            guard let authority = source.authority, let url = URL(string: authority), url.scheme == "https", url.host != nil else {
+                throw PKIError(.malformedInput, "routes require access tokens: give tokens.authority (or revocation.authority), the authority's https:// URL, whose keys sign them")
+            }
+            guard source.authorityCA != nil else {
+                throw PKIError(.malformedInput, "tokens need authority-ca (the root that signs the authority's certificate)")
+            }
+            if let refresh = source.refresh, !(refresh >= 1 && refresh <= 86400) {
+                throw PKIError(.malformedInput, "tokens.refresh must be between 1 and 86400 seconds")
+            }
+            if let leeway = source.leeway, !(leeway >= 0 && leeway <= 600) {
+                throw PKIError(.malformedInput, "tokens.leeway must be between 0 and 600 seconds")
+            }
         }
         for (index, out) in outbound.enumerated() {
             let label = out.name ?? "outbound[\(index)]"
@@ -469,11 +553,16 @@ public struct ProxyConfiguration: Sendable, Codable, Equatable {
             if open && !allow.isEmpty {
                 throw PKIError(.malformedInput, "\(label).routes[\(index)] (\(route.path)): an open route takes no 'allow:' list")
             }
-            routes.append(.init(pathPrefix: route.path, methods: Set(route.methods ?? []), allow: allow, allowWithoutCertificate: open))
+            if open, route.token != nil {
+                throw PKIError(.malformedInput, "\(label).routes[\(index)] (\(route.path)): an open route cannot require a token (a bound token needs the client's certificate)")
+            }
+            let token = try (route.token ?? (open ? nil : listener.token)).map { try TokenRule($0, label: "\(label).routes[\(index)].token") }
+            routes.append(.init(pathPrefix: route.path, methods: Set(route.methods ?? []), allow: allow, allowWithoutCertificate: open, token: token))
         }
         if let allow = listener.allow {
             guard !allow.isEmpty else { throw PKIError(.malformedInput, "\(label).allow is empty") }
-            routes.append(.init(pathPrefix: "/", allow: try allow.map(Principal.init(parsing:))))
+            let token = try listener.token.map { try TokenRule($0, label: "\(label).token") }
+            routes.append(.init(pathPrefix: "/", allow: try allow.map(Principal.init(parsing:)), token: token))
         }
         guard !routes.isEmpty else {
             throw PKIError(.malformedInput, "\(label): no 'allow:' list and no 'routes:' — everything would be denied")

@@ -31,6 +31,9 @@ struct ExchangeStateMachine: Sendable, Equatable {
         case clientReadComplete
         case upstreamConnected
         case upstreamUnreachable
+        /// A request allowed at its head is refused after all, before any upstream was asked (an access token whose
+        /// key had to be fetched first turned out bad).
+        case lateRefusal(status: UInt)
         case responseHead(informational: Bool, keepAlive: Bool)
         case responseBody
         /// The end of one read from the upstream.
@@ -62,6 +65,9 @@ struct ExchangeStateMachine: Sendable, Equatable {
         /// The upstream cannot be used before a response: drop held parts, read the client again, and answer 502
         /// now if the request was read (else once it is).
         case upstreamFailed(unreachable: Bool, answerNow: Bool)
+        /// A late refusal: drop the held parts, read the client again, and answer now if the request was read (else
+        /// once it is, with the refusal's status).
+        case dropHeld(answerNow: Bool)
         case relayResponseHead
         case relayResponseBody
         /// Flush the response so far; stop reading the upstream while the client is full.
@@ -138,6 +144,12 @@ struct ExchangeStateMachine: Sendable, Equatable {
         case (.connecting(_, let requestEnded), .upstreamUnreachable):
             state = requestEnded ? .idle : .answering(status: 502, requestEnded: false)
             return .upstreamFailed(unreachable: true, answerNow: requestEnded)
+        case (.connecting(_, let requestEnded), .lateRefusal(let status)):
+            state = requestEnded ? .idle : .answering(status: status, requestEnded: false)
+            return .dropHeld(answerNow: requestEnded)
+        case (_, .lateRefusal):
+            // The exchange it was for is over (the client left).
+            return .none
         case (_, .upstreamConnected), (_, .upstreamUnreachable):
             // Stale: the exchange it was for is over. The handler returns the connection to the pool.
             return .none

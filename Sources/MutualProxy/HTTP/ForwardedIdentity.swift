@@ -13,7 +13,7 @@ public enum ForwardedIdentity {
 
     /// Headers the proxy sets or extends itself; a client's look-alike spelling of one (`X_Forwarded_For`) is removed
     /// too, since CGI/WSGI backends read `_` and `-` alike.
-    static let ownedHeaders: Set<String> = strippedHeaders.union(["x-forwarded-proto", "x-forwarded-for"])
+    static let ownedHeaders: Set<String> = strippedHeaders.union(["x-forwarded-proto", "x-forwarded-for"]).union(TokenGate.ownedHeaders)
 
     /// Identity headers that other proxies and load balancers set, and that backends built for them trust: removed
     /// from every client request unless a listener's `strip-headers` says otherwise. Compared after lower-casing and

@@ -1,4 +1,5 @@
 import Foundation
+import MutualPKI
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -273,6 +274,8 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     private var latency: DurationHistogram
     /// Identity headers, looked up once per connection or stream (the identity does not change within it).
     private var identityHeaders: [(String, String)]?
+    /// The access token last verified on this connection (its signature is checked once).
+    private var verifiedToken: TokenGate.Verified?
     /// The connection's verified client: given at construction when the handler is built after the handshake
     /// (HTTP/2 streams, HTTP/1.1 chosen by ALPN), else delivered by ``PeerVerifiedEvent``. Nil means unauthenticated.
     private var peer: VerifiedPeer?
@@ -287,6 +290,8 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         var allowedBy: String?
         /// The refusal's stable code, when the proxy answers itself.
         var code: String?
+        /// The challenge of a token refusal (RFC 6750 3).
+        var wwwAuthenticate: String?
         var closeAfter = false
         var closeHTTP2Connection = false
         var upstream: UpstreamConnection?
@@ -559,7 +564,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         case .success(let normalized):
             target = normalized
         }
-        let decision = state.policy.decide(method: head.method.rawValue, path: target.routingKey, peer: peer)
+        let (decision, matched) = state.policy.decideRoute(method: head.method.rawValue, path: target.routingKey, peer: peer)
         switch decision {
         case .unauthenticated(let reason):
             refuse(exchange, Refusal(status: .unauthorized, code: "client_certificate_required", reason: reason))
@@ -591,11 +596,114 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             }
             forwarded.add(name: ForwardedIdentity.identityHeader, value: name)
         }
+        if let rule = matched?.token {
+            switch checkToken(rule: rule, head: head) {
+            case .passed(let added):
+                if !rule.forwardToken { forwarded.remove(name: "authorization") }
+                for (name, value) in added { forwarded.add(name: name, value: value) }
+            case .refused(let refusal):
+                exchange.route = nil
+                refuse(exchange, refusal)
+                return
+            case .unknownKey(let tokens):
+                // A key the proxy has not fetched yet (a rotation it has not seen): hold the request while the key
+                // set is refreshed, then decide.
+                guard case .acquireUpstream = machine.receive(.head(refusal: nil)) else { return }
+                let loopBound = NIOLoopBound((self, context, exchange), eventLoop: context.eventLoop)
+                let loop = context.eventLoop
+                tokens.refreshForUnknownKey {
+                    loop.execute {
+                        let (handler, context, exchange) = loopBound.value
+                        handler.resumeAfterKeyRefresh(context: context, exchange: exchange, rule: rule, target: target, forwarded: forwarded)
+                    }
+                }
+                return
+            }
+        }
+        guard case .acquireUpstream = machine.receive(.head(refusal: nil)) else { return }
+        sendHead(context: context, exchange: exchange, target: target, forwarded: forwarded)
+    }
+
+    enum TokenOutcome {
+        case passed([(String, String)])
+        case refused(Refusal)
+        /// The token names a key not in the set: refresh it, then check again.
+        case unknownKey(AccessTokenKeys)
+    }
+
+    /// The route's token check for this request (``TokenGate``), plus the revocation of the connection's certificate
+    /// as known now (a revocation that arrived after the handshake).
+    private func checkToken(rule: TokenRule, head: HTTPRequestHead, afterRefresh: Bool = false) -> TokenOutcome {
+        guard let tokens = runtime.accessTokens else {
+            return .refused(Self.tokenRefusal(TokenRefusal(.unknownKey, "this proxy has no token issuer configured (tokens.authority)")))
+        }
+        let now = runtime.now()
+        if let peer, let (failure, reason) = runtime.revocation.check(chain: peer.chain, now: now), failure == .revoked {
+            return .refused(Self.tokenRefusal(TokenRefusal(.certificateRevoked, reason)))
+        }
+        switch TokenGate.check(
+            authorization: head.headers["authorization"], rule: rule, peer: peer, keys: tokens.keys, leeway: tokens.leeway, now: now,
+            cache: &verifiedToken
+        ) {
+        case .success(let verified):
+            return .passed(TokenGate.headers(for: verified))
+        case .failure(let refusal) where refusal.code == .unknownKey && !afterRefresh:
+            return .unknownKey(tokens)
+        case .failure(let refusal):
+            return .refused(Self.tokenRefusal(refusal, scopes: rule.scopes))
+        }
+    }
+
+    static func tokenRefusal(_ refusal: TokenRefusal, scopes: [String] = []) -> Refusal {
+        Refusal(
+            status: HTTPResponseStatus(statusCode: refusal.status), code: refusal.code.name, reason: refusal.reason,
+            wwwAuthenticate: refusal.challenge(realm: "mutual", scope: scopes)
+        )
+    }
+
+    private func resumeAfterKeyRefresh(context: ChannelHandlerContext, exchange: Exchange, rule: TokenRule, target: RequestTarget, forwarded: HTTPHeaders) {
+        guard self.exchange === exchange, context.channel.isActive else { return }
+        var forwarded = forwarded
+        switch checkToken(rule: rule, head: exchange.head, afterRefresh: true) {
+        case .passed(let added):
+            if !rule.forwardToken { forwarded.remove(name: "authorization") }
+            for (name, value) in added { forwarded.add(name: name, value: value) }
+            sendHead(context: context, exchange: exchange, target: target, forwarded: forwarded)
+        case .refused(let refusal):
+            lateRefusal(context: context, exchange: exchange, refusal: refusal)
+        case .unknownKey:
+            // Not returned after a refresh; fail closed all the same.
+            lateRefusal(context: context, exchange: exchange, refusal: Self.tokenRefusal(TokenRefusal(.unknownKey, "the token's key is not in the issuer's key set")))
+        }
+    }
+
+    /// Refuses a request whose head was already accepted (held while keys were refreshed).
+    private func lateRefusal(context: ChannelHandlerContext, exchange: Exchange, refusal: Refusal) {
+        runtime.metrics.requestRefused(listener: state.name, code: refusal.code)
+        exchange.route = nil
+        exchange.reason = refusal.reason
+        exchange.code = refusal.code
+        exchange.wwwAuthenticate = refusal.wwwAuthenticate
+        switch machine.receive(.lateRefusal(status: refusal.status.code)) {
+        case .dropHeld(let answerNow):
+            resumeClient(context)
+            exchange.pending = []
+            if answerNow { respondDirectly(context: context, exchange: exchange, status: refusal.status) }
+        default:
+            break
+        }
+    }
+
+    /// Writes the request head for the upstream and borrows a connection for it.
+    private func sendHead(context: ChannelHandlerContext, exchange: Exchange, target: RequestTarget, forwarded: HTTPHeaders) {
+        guard let pool = loopPool else { return }
+        var forwarded = forwarded
+        let head = exchange.head
         exchange.upstreamBody = Self.upstreamBody(for: head, forwarded: &forwarded)
-        guard case .acquireUpstream = machine.receive(.head(refusal: nil)), let pool = loopPool else { return }
         var bytes = context.channel.allocator.buffer(capacity: 256 + forwarded.count * 48)
         HTTP1Wire.writeRequestHead(method: head.method.rawValue, target: target.forwarded, headers: forwarded, into: &bytes)
-        exchange.pending.append(bytes)
+        // Body parts that arrived while a token's key was fetched are held already: the head goes before them.
+        exchange.pending.insert(bytes, at: 0)
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         pool.acquire { result in
             let (handler, context) = loopBound.value
@@ -625,6 +733,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         exchange.code = refusal.code
         exchange.closeAfter = refusal.closeConnection
         exchange.closeHTTP2Connection = refusal.closesHTTP2Connection
+        exchange.wwwAuthenticate = refusal.wwwAuthenticate
         _ = machine.receive(.head(refusal: refusal.status.code))
     }
 
@@ -844,11 +953,13 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             var head = HTTPResponseHead(version: exchange.head.version, status: status)
             head.headers.add(name: "content-type", value: "application/json")
             head.headers.add(name: "content-length", value: String(body.utf8.count))
+            if let challenge = exchange.wwwAuthenticate { head.headers.add(name: "www-authenticate", value: challenge) }
             context.write(wrapOutboundOut(.head(head)), promise: nil)
             if exchange.head.method != .HEAD { context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil) }
             written = context.writeAndFlush(wrapOutboundOut(.end(nil)))
         } else {
             var headers = [("content-type", "application/json")]
+            if let challenge = exchange.wwwAuthenticate { headers.append(("www-authenticate", challenge)) }
             if !keepAlive { headers.append(("connection", "close")) } else if exchange.head.version.minor == 0 { headers.append(("connection", "keep-alive")) }
             var bytes = context.channel.allocator.buffer(capacity: 256 + body.utf8.count)
             HTTP1Wire.writeResponse(

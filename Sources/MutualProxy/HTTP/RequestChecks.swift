@@ -12,6 +12,8 @@ struct Refusal: Error, Equatable, Sendable {
     var closeConnection: Bool = false
     /// Also close an HTTP/2 connection (and its other streams): the connection itself is no longer acceptable.
     var closesHTTP2Connection: Bool = false
+    /// The `WWW-Authenticate` challenge of an access-token refusal (RFC 6750 3).
+    var wwwAuthenticate: String? = nil
 }
 
 /// The checks every request head passes before policy, in order: the connection's certificate is still valid, the

@@ -1,4 +1,5 @@
 import Foundation
+import MutualPKI
 
 /// Per-route authorization: the first route whose path prefix (and method list, if any) matches decides; no matching
 /// route means deny. Routes may allow requests without a client certificate (`optionalClientCertificate`), which then
@@ -11,15 +12,18 @@ public struct RoutePolicy: Sendable {
         public var allow: [Principal]
         /// An open route (e.g. `/healthz`): anyone may call it, with or without a certificate; `allow` is ignored.
         public var allowWithoutCertificate: Bool
+        /// Requests also need a certificate-bound access token (RFC 8705).
+        public var token: TokenRule?
         /// `pathPrefix` as request paths are compared: ASCII lower-case (see ``RequestTarget``).
         let matchPrefix: String
 
-        public init(pathPrefix: String, methods: Set<String> = [], allow: [Principal], allowWithoutCertificate: Bool = false) {
+        public init(pathPrefix: String, methods: Set<String> = [], allow: [Principal], allowWithoutCertificate: Bool = false, token: TokenRule? = nil) {
             self.pathPrefix = pathPrefix
             self.matchPrefix = RequestTarget.routingForm(ofPrefix: pathPrefix)
             self.methods = Set(methods.map { $0.uppercased() })
             self.allow = allow
             self.allowWithoutCertificate = allowWithoutCertificate
+            self.token = token
         }
 
         /// `path` is a routing key (``RequestTarget/routingKey``): lower-case, without `;parameters`.
@@ -46,9 +50,18 @@ public struct RoutePolicy: Sendable {
     /// Decides on a request; `path` is the target's routing key (``RequestTarget/routingKey``), so letter case and
     /// `;parameters` cannot route a request around the rules of a prefix.
     public func decide(method: String, path: String, peer: VerifiedPeer?) -> Decision {
+        decideRoute(method: method, path: path, peer: peer).decision
+    }
+
+    /// The decision and the route that made it (its token rule applies after an allow).
+    func decideRoute(method: String, path: String, peer: VerifiedPeer?) -> (decision: Decision, route: Route?) {
         guard let route = routes.first(where: { $0.applies(method: method, path: path) }) else {
-            return .deny(reason: "no route allows \(method) \(path) (default deny)")
+            return (.deny(reason: "no route allows \(method) \(path) (default deny)"), nil)
         }
+        return (decide(route: route, peer: peer), route)
+    }
+
+    private func decide(route: Route, peer: VerifiedPeer?) -> Decision {
         if route.allowWithoutCertificate {
             return .allow(route: route.pathPrefix, by: "no certificate required")
         }
@@ -71,5 +84,29 @@ public struct RoutePolicy: Sendable {
             }
         }
         return peer.spiffeID ?? peer.uris.first.map { "uri:" + $0 } ?? peer.dnsNames.first.map { "dns:" + $0 }
+    }
+}
+
+/// A route's access-token requirement, validated: the audience the token must name and the scopes it must carry.
+public struct TokenRule: Sendable, Equatable {
+    public var audience: String
+    public var scopes: [String]
+    public var forwardToken: Bool
+
+    public init(audience: String, scopes: [String] = [], forwardToken: Bool = false) {
+        self.audience = audience
+        self.scopes = scopes
+        self.forwardToken = forwardToken
+    }
+
+    init(_ requirement: ProxyConfiguration.TokenRequirement, label: String) throws {
+        let printable: (String) -> Bool = { !$0.isEmpty && $0.utf8.count <= 512 && $0.unicodeScalars.allSatisfy { $0.value > 0x20 && $0.value < 0x7F && $0 != "\"" && $0 != "\\" } }
+        guard printable(requirement.audience) else {
+            throw PKIError(.malformedInput, "\(label).audience must be 1 to 512 printable characters without spaces or quotes")
+        }
+        for scope in requirement.scopes ?? [] where !printable(scope) {
+            throw PKIError(.malformedInput, "\(label).scopes: '\(scope.prefix(60))' is not a scope token")
+        }
+        self.init(audience: requirement.audience, scopes: requirement.scopes ?? [], forwardToken: requirement.forwardToken ?? false)
     }
 }

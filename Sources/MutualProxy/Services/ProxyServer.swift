@@ -54,7 +54,11 @@ public final class ProxyServer: Service, Sendable {
             self.ownedGroup = owned
         }
         let revocation = RevocationState(stalePolicy: configuration.revocation?.onStale ?? .deny)
-        let runtime = ProxyRuntime(metrics: ProxyMetrics(), accessLog: try AccessLog(destination: configuration.accessLog), revocation: revocation, logger: logger)
+        let accessTokens = try configuration.tokenSource.map { try AccessTokenKeys(source: $0, logger: logger) }
+        let runtime = ProxyRuntime(
+            metrics: ProxyMetrics(), accessLog: try AccessLog(destination: configuration.accessLog), revocation: revocation, logger: logger,
+            accessTokens: accessTokens
+        )
         self.runtime = runtime
         var inbound: [InboundSlot] = []
         for (index, listener) in configuration.listeners.enumerated() {
@@ -162,6 +166,9 @@ public final class ProxyServer: Service, Sendable {
                     if Task.isCancelled { return }
                     await self.reload(force: false)
                 }
+            }
+            if let tokens = runtime.accessTokens {
+                group.addTask { await tokens.run() }
             }
             if let sources = revocationSources {
                 group.addTask { await sources.refreshLoop() }
@@ -303,6 +310,7 @@ public final class ProxyServer: Service, Sendable {
         for channel in children.all { try? await channel.close() }
         pools.closeAll()
         await revocationSources?.shutdown()
+        await runtime.accessTokens?.shutdown()
         runtime.accessLog.flush()
         try? await ownedGroup?.shutdownGracefully()
     }

@@ -17,13 +17,16 @@ public final class ProxyRuntime: Sendable {
     public let logger: Logger
     /// Wall-clock time for certificate validity decisions; tests inject a fixed or moving clock.
     public let now: @Sendable () -> Date
+    /// The issuer's keys, when routes require access tokens.
+    public let accessTokens: AccessTokenKeys?
 
     /// `logger`'s handler is wrapped so that control characters in any message or metadata value (client-supplied
     /// paths, header values inside error descriptions) are escaped and cannot forge log lines.
     public init(
         metrics: ProxyMetrics, accessLog: AccessLog, revocation: RevocationState, registry: ConnectionRegistry = ConnectionRegistry(),
-        logger: Logger, now: @escaping @Sendable () -> Date = { Date() }
+        logger: Logger, now: @escaping @Sendable () -> Date = { Date() }, accessTokens: AccessTokenKeys? = nil
     ) {
+        self.accessTokens = accessTokens
         self.metrics = metrics
         self.accessLog = accessLog
         self.revocation = revocation

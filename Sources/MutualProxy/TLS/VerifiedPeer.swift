@@ -20,6 +20,8 @@ public final class VerifiedPeer: Sendable, Hashable {
     public let serial: String
     /// SHA-256 of the leaf's DER, lowercase hex (Envoy's XFCC `Hash`).
     public let fingerprint: String
+    /// The same digest base64url-encoded: RFC 8705's `x5t#S256`, what a bound access token names.
+    public let x5tS256: String
     /// The earliest notAfter in the chain: the identity is not valid past it, even on an open connection.
     public let validUntil: Date
     /// The latest notBefore in the chain: the identity is not valid before it.
@@ -58,7 +60,9 @@ public final class VerifiedPeer: Sendable, Hashable {
         }
         self.organizationalUnits = units
         self.serial = leaf.serialHex
-        self.fingerprint = SHA256.hash(data: try leaf.der).hexString
+        let digest = SHA256.hash(data: try leaf.der)
+        self.fingerprint = digest.hexString
+        self.x5tS256 = Base64URL.encode(Data(digest))
         self.validUntil = chain.map(\.notValidAfter).min() ?? leaf.notValidAfter
         self.validFrom = chain.map(\.notValidBefore).max() ?? leaf.notValidBefore
         self.displayName = CertificateIdentity.display(leaf)

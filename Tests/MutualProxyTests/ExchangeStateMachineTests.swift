@@ -24,6 +24,7 @@ struct ExchangeStateMachineTests {
         .head(refusal: nil), .head(refusal: 401), .body(bytes: 10), .end, .clientReadComplete, .upstreamConnected,
         .upstreamUnreachable, .responseHead(informational: true, keepAlive: true), .responseHead(informational: false, keepAlive: true),
         .responseBody, .responseReadComplete, .responseEnd, .upstreamClosed, .upstreamWritable, .clientWritable, .clientClosed,
+        .lateRefusal(status: 401), .lateRefusal(status: 403),
     ]
 
     func machine(_ path: [Machine.Event]) -> Machine {
@@ -51,6 +52,9 @@ struct ExchangeStateMachineTests {
         case (.connecting(_, let ended), .upstreamConnected): return (.sendHeld, .relaying(requestEnded: ended, response: .awaiting))
         case (.connecting(_, let ended), .upstreamUnreachable):
             return (.upstreamFailed(unreachable: true, answerNow: ended), ended ? .idle : .answering(status: 502, requestEnded: false))
+        case (.connecting(_, let ended), .lateRefusal(let status)):
+            return (.dropHeld(answerNow: ended), ended ? .idle : .answering(status: status, requestEnded: false))
+        case (_, .lateRefusal): return (.none, state)
         case (_, .upstreamConnected), (_, .upstreamUnreachable): return (.none, state)
         case (.relaying(_, .awaiting), .responseHead(true, _)): return (.none, state)
         case (.relaying(let ended, .awaiting), .responseHead(false, let keepAlive)):

@@ -26,7 +26,7 @@ final class ServerHarness: @unchecked Sendable {
 
     static func start(
         renewExpiredGrace: ValidityDuration? = nil, idleTimeout: Duration = .seconds(30), acme: [ACMEProvisioner] = [], pq: MLDSAVariant? = nil,
-        keyStore: PKCS11URI? = nil
+        keyStore: PKCS11URI? = nil, oauth: OAuthSettings = OAuthSettings()
     ) async throws -> ServerHarness {
         let dir = TestPKI.temporaryDirectory("server")
         let state = StateDirectory(path: dir + "/state")
@@ -41,6 +41,7 @@ final class ServerHarness: @unchecked Sendable {
         var configuration = AuthorityServer.Configuration(host: "127.0.0.1", port: 0, renewExpiredGrace: renewExpiredGrace, idleTimeout: idleTimeout)
         configuration.httpListen = ("127.0.0.1", 0)
         configuration.acmeProvisioners = acme
+        configuration.oauth = oauth
         let server = AuthorityServer(authority: authority, configuration: configuration, logger: logger)
         let (stream, continuation) = AsyncStream<(String, Int)>.makeStream()
         harness.task = Task {

@@ -41,10 +41,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
   [ "$created_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
 fi
-if [ ! -x "$VENV/bin/lint_pkix_cert" ] || [ ! -x "$VENV/bin/openapi-spec-validator" ] || [ ! -x "$VENV/bin/certbot" ] || ! "$VENV/bin/python3" -c 'import h2, selenium, OpenSSL' 2>/dev/null; then
-  log "installing pkilint, openapi-spec-validator, h2, certbot and selenium into $VENV (pip)"
+if [ ! -x "$VENV/bin/lint_pkix_cert" ] || [ ! -x "$VENV/bin/openapi-spec-validator" ] || [ ! -x "$VENV/bin/certbot" ] || ! "$VENV/bin/python3" -c 'import h2, selenium, OpenSSL, jwt, requests' 2>/dev/null; then
+  log "installing pkilint, openapi-spec-validator, h2, certbot, selenium, pyjwt and requests into $VENV (pip)"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check pkilint cryptography pyopenssl openapi-spec-validator h2 certbot selenium
+  "$VENV/bin/pip" install -q --disable-pip-version-check pkilint cryptography pyopenssl openapi-spec-validator h2 certbot selenium pyjwt requests
 fi
 
 # ---- a throwaway PostgreSQL cluster (127.0.0.1, free port, unprivileged user), removed on exit
@@ -95,6 +95,8 @@ log "PKCS#11: CA keys generated in SoftHSM2 (pkcs11-tool: never extractable), se
 MUTUAL="$ROOT/.build/debug/mutual" bash "$ROOT/scripts/interop-pkcs11.sh" || status=1
 log "CA rotation under load: the issuing CA then the root, prepare/activate/retire, while a client calls through mutual proxy (30 s certificates renewed by agents); openssl checks the cross-certificate, CRLs and OCSP of the replaced CA"
 MUTUAL="$ROOT/.build/debug/mutual" ROTATION_SECONDS="${ROTATION_SECONDS:-200}" bash "$ROOT/scripts/interop-rotation.sh" || status=1
+log "OAuth (RFC 8705): python requests client and stdlib-ssl + pyjwt resource server; mutual proxy refusing forged, foreign and expired tokens; signing-key rotation under steady calls"
+MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" bash "$ROOT/scripts/interop-oauth.sh" || status=1
 log "replicas: two authorities on one PostgreSQL under load, with revocations, a SIGKILL and a database restart"
 MUTUAL="$ROOT/.build/debug/mutual" VENV="$VENV" PG_DIR="$PG_DIR" DURATION="${REPLICA_SECONDS:-60}" bash "$ROOT/scripts/replicas.sh" || status=1
 log "ACME on two replicas: 20 concurrent certbot and lego runs across them on one PostgreSQL, nonces shared"

@@ -151,9 +151,15 @@ struct OAuthCommand: AsyncParsableCommand {
                     """
             )
             @OptionGroup var stateOptions: StateOptions
-            @Option(help: "How long the new key is published before it signs.", transform: ValidityDuration.argument) var publishAhead: ValidityDuration = .minutes(10)
+            @Option(help: "How long the new key is published before it signs (0 signs at once; the proxy fetches a key it does not know).", transform: Self.durationOrZero) var publishAhead: TimeInterval = 600
             @Option(help: "How long the replaced key stays published after the switch.", transform: ValidityDuration.argument) var keepPrevious: ValidityDuration = .hours(1)
             @Flag(help: "Switch now and withdraw the old key at once (its tokens fail from now on).") var emergency = false
+
+            /// A duration as everywhere else, or `0` / `0s`.
+            static func durationOrZero(_ text: String) throws -> TimeInterval {
+                if text == "0" || text == "0s" { return 0 }
+                return try ValidityDuration.argument(text).timeInterval
+            }
 
             func run() async throws {
                 let authority = try await stateOptions.openAuthority()
@@ -162,7 +168,7 @@ struct OAuthCommand: AsyncParsableCommand {
                 let now = Date.now
                 let entry = try await failing {
                     try service.keys.rotate(
-                        publishAhead: emergency ? 0 : publishAhead.timeInterval, keepPrevious: emergency ? 0 : keepPrevious.timeInterval, now: now
+                        publishAhead: emergency ? 0 : publishAhead, keepPrevious: emergency ? 0 : keepPrevious.timeInterval, now: now
                     )
                 }
                 try? await authority.store.appendAudit(AuditEntry(

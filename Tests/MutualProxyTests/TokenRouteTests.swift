@@ -50,8 +50,19 @@ struct TokenRouteTests {
         }
     }
 
-    static func keySet(_ issuer: FakeIssuer) -> AccessTokenKeys {
-        AccessTokenKeys(authority: TokenRouteTests.issuer, refreshInterval: 60, leeway: 30, logger: Logger(label: "t", factory: { _ in SwiftLogNoOpLogHandler() })) { url in
+    /// A monotonic clock the test moves by hand.
+    final class Uptime: Sendable {
+        let seconds = Mutex(100.0)
+        func advance(_ by: Double) { seconds.withLock { $0 += by } }
+    }
+
+    static func keySet(_ issuer: FakeIssuer, uptime: Uptime? = nil) -> AccessTokenKeys {
+        var clock: @Sendable () -> Double = AccessTokenKeys.monotonicSeconds
+        if let uptime { clock = { uptime.seconds.withLock { value in value } } }
+        return AccessTokenKeys(
+            authority: TokenRouteTests.issuer, refreshInterval: 60, leeway: 30, logger: Logger(label: "t", factory: { _ in SwiftLogNoOpLogHandler() }),
+            uptime: clock
+        ) { url in
             try issuer.fetch(url)
         }
     }
@@ -114,7 +125,8 @@ struct TokenRouteTests {
     func keySetRefresh() async throws {
         let issuer = FakeIssuer()
         let first = try issuer.addKey()
-        let keys = Self.keySet(issuer)
+        let uptime = Uptime()
+        let keys = Self.keySet(issuer, uptime: uptime)
         let peer = try GatewayHardeningTests.peer(uris: ["spiffe://example.org/ns/web/sa/app"])
         var cache: TokenGate.Verified?
         #expect(gate(try issuer.token(for: peer, key: first), peer: peer, keys: keys, cache: &cache) == "token_unknown_key", "no keys yet")
@@ -132,8 +144,15 @@ struct TokenRouteTests {
         #expect(issuer.fetches.withLock { $0 } == before + 1)
         #expect(gate(try issuer.token(for: peer, key: second), peer: peer, keys: keys, cache: &cache) == "ok")
         // A flood of unknown kids (forged tokens) cannot make the proxy hammer the authority.
-        for _ in 0..<20 { await withCheckedContinuation { done in keys.refreshForUnknownKey { done.resume() } } }
+        for _ in 0..<20 {
+            uptime.advance(0.04)
+            await withCheckedContinuation { done in keys.refreshForUnknownKey { done.resume() } }
+        }
         #expect(issuer.fetches.withLock { $0 } == before + 1)
+        // A second later the next unknown kid may ask again.
+        uptime.advance(0.5)
+        await withCheckedContinuation { done in keys.refreshForUnknownKey { done.resume() } }
+        #expect(issuer.fetches.withLock { $0 } == before + 2)
         // A set that turns to garbage is not installed.
         let garbage = AccessTokenKeys(authority: Self.issuer, logger: Logger(label: "t", factory: { _ in SwiftLogNoOpLogHandler() })) { url in
             url.hasSuffix("jwks.json") ? Data("{\"keys\":[{\"kty\":\"EC\"}]}".utf8) : try issuer.fetch(url)

@@ -27,13 +27,19 @@ public final class AccessTokenKeys: Sendable {
     let logger: Logger
     let http: HTTPClient?
     private let current = Mutex(Keys(issuer: nil, keys: [:]))
+    /// Monotonic seconds, for the unknown-kid rate limit (injected in tests).
+    let uptime: @Sendable () -> Double
     private struct Refresh {
-        var lastAttempt: ContinuousClock.Instant?
+        var lastAttempt: Double?
         var inFlight: Task<Bool, Never>?
     }
     private let refresh = Mutex(Refresh())
 
-    public init(authority: String, refreshInterval: Double = 60, leeway: Double = 30, logger: Logger, fetch: @escaping Fetch) {
+    public init(
+        authority: String, refreshInterval: Double = 60, leeway: Double = 30, logger: Logger,
+        uptime: @escaping @Sendable () -> Double = AccessTokenKeys.monotonicSeconds, fetch: @escaping Fetch
+    ) {
+        self.uptime = uptime
         self.authority = authority.hasSuffix("/") ? String(authority.dropLast()) : authority
         self.refreshInterval = refreshInterval
         self.leeway = leeway
@@ -55,6 +61,7 @@ public final class AccessTokenKeys: Sendable {
         configuration.timeout = .init(connect: .seconds(5), read: .seconds(10))
         let http = HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
         self.http = http
+        self.uptime = Self.monotonicSeconds
         self.authority = authority.hasSuffix("/") ? String(authority.dropLast()) : authority
         self.refreshInterval = source.refresh ?? 60
         self.leeway = source.leeway ?? 30
@@ -67,6 +74,12 @@ public final class AccessTokenKeys: Sendable {
             return Data(try await response.body.collect(upTo: 256 * 1024).readableBytesView)
         }
     }
+
+    public static let monotonicSeconds: @Sendable () -> Double = {
+        let elapsed = ContinuousClock.now - start
+        return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+    }
+    private static let start = ContinuousClock.now
 
     public func shutdown() async {
         refresh.withLock { $0.inFlight?.cancel() }
@@ -106,8 +119,8 @@ public final class AccessTokenKeys: Sendable {
     public func refreshForUnknownKey(completion: @escaping @Sendable () -> Void) {
         let task: Task<Bool, Never>? = refresh.withLock { state in
             if let inFlight = state.inFlight { return inFlight }
-            let now = ContinuousClock.now
-            if let last = state.lastAttempt, now - last < .seconds(1) { return nil }
+            let now = uptime()
+            if let last = state.lastAttempt, now - last < 1 { return nil }
             state.lastAttempt = now
             let task = Task { [self] in
                 let loaded = await self.load()

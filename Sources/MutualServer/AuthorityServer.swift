@@ -193,7 +193,11 @@ public struct AuthorityServer: Sendable {
         if configuration.oauth.enabled {
             let routes = OAuthRoutes(authority: authority, settings: configuration.oauth, metrics: metrics, logger: logger)
             // The first signing key is made here, before anyone can ask for a token.
-            try OAuthService(authority: authority, settings: configuration.oauth, issuer: "").keys.ensureKey()
+            let keys = OAuthService(authority: authority, settings: configuration.oauth, issuer: "").keys
+            if try keys.entries().isEmpty {
+                let first = try keys.ensureKey()
+                logger.notice("made the first access-token signing key; replicas need a copy of this directory", metadata: ["kid": "\(first.kid)", "directory": "\(keys.directory)"])
+            }
             routes.register(on: router)
             oauth = routes
         }

@@ -272,17 +272,33 @@ public struct AccessTokenVerifier: Sendable {
     /// The token of an `Authorization` header (RFC 6750 2.1): exactly one field, scheme `Bearer` (any case), one
     /// token68. nil when there is no bearer credential at all.
     public static func bearer(fromAuthorization values: [String]) -> Result<Substring, TokenRefusal>? {
-        let bearers = values.filter { $0.utf8.count >= 7 && $0.prefix(7).lowercased() == "bearer " }
+        // Byte-level: this runs on every request of a token route (Foundation's Substring search costs ~10 µs).
+        let bearers = values.filter(isBearer)
         guard !bearers.isEmpty else { return nil }
         guard bearers.count == 1, values.count == 1 else {
             return .failure(TokenRefusal(.badRequest, "more than one Authorization field"))
         }
-        let token = bearers[0].dropFirst(7).drop(while: { $0 == " " })
-        let trimmed = token.reversed().drop(while: { $0 == " " }).count
-        let value = token.prefix(trimmed)
-        guard !value.isEmpty, !value.contains(" ") else {
+        let bytes = bearers[0].utf8
+        var start = bytes.index(bytes.startIndex, offsetBy: 7)
+        while start < bytes.endIndex, bytes[start] == 0x20 { start = bytes.index(after: start) }
+        var end = bytes.endIndex
+        while end > start, bytes[bytes.index(before: end)] == 0x20 { end = bytes.index(before: end) }
+        guard start < end, !bytes[start..<end].contains(0x20) else {
             return .failure(TokenRefusal(.malformed, "the Authorization field does not carry one bearer token"))
         }
-        return .success(value)
+        return .success(bearers[0][start..<end])
+    }
+
+    /// `Bearer ` in any letter case (RFC 7235: the scheme is case-insensitive).
+    static func isBearer(_ value: String) -> Bool {
+        let scheme = Array("bearer ".utf8)
+        var index = 0
+        for byte in value.utf8 {
+            guard index < scheme.count else { return true }
+            let lower = (byte >= 0x41 && byte <= 0x5A) ? byte | 0x20 : byte
+            guard lower == scheme[index] else { return false }
+            index += 1
+        }
+        return index == scheme.count
     }
 }

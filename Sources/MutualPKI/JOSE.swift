@@ -2,19 +2,55 @@ import Crypto
 import Foundation
 import X509
 
-/// Base64url without padding (RFC 7515 2), strict: any other byte is an error.
+/// Base64url without padding (RFC 7515 2), strict: any other byte is an error. Byte-level rather than Foundation's
+/// base64 plus character replacement: the proxy decodes three parts of a token on every token check.
 public enum Base64URL {
+    static let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".utf8)
+    static let values: [UInt8] = {
+        var table = [UInt8](repeating: 0xFF, count: 256)
+        for (index, byte) in alphabet.enumerated() { table[Int(byte)] = UInt8(index) }
+        return table
+    }()
+
     public static func encode<D: DataProtocol>(_ data: D) -> String {
-        Data(data).base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
-            .replacingOccurrences(of: "=", with: "")
+        let bytes = Array(data)
+        var out = [UInt8]()
+        out.reserveCapacity((bytes.count * 4 + 2) / 3)
+        var index = 0
+        while index + 3 <= bytes.count {
+            let chunk = UInt32(bytes[index]) << 16 | UInt32(bytes[index + 1]) << 8 | UInt32(bytes[index + 2])
+            for shift in [18, 12, 6, 0] { out.append(alphabet[Int((chunk >> UInt32(shift)) & 0x3F)]) }
+            index += 3
+        }
+        let rest = bytes.count - index
+        if rest > 0 {
+            let chunk = UInt32(bytes[index]) << 16 | (rest == 2 ? UInt32(bytes[index + 1]) << 8 : 0)
+            out.append(alphabet[Int(chunk >> 18 & 0x3F)])
+            out.append(alphabet[Int(chunk >> 12 & 0x3F)])
+            if rest == 2 { out.append(alphabet[Int(chunk >> 6 & 0x3F)]) }
+        }
+        return String(decoding: out, as: UTF8.self)
     }
 
     public static func decode<S: StringProtocol>(_ text: S) -> Data? {
-        guard text.utf8.allSatisfy({ ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2D || $0 == 0x5F }),
-              text.utf8.count % 4 != 1 else { return nil }
-        var base64 = text.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
-        base64 += String(repeating: "=", count: (4 - base64.utf8.count % 4) % 4)
-        return Data(base64Encoded: base64)
+        let count = text.utf8.count
+        guard count % 4 != 1 else { return nil }
+        var out = Data(capacity: count * 3 / 4)
+        var accumulator: UInt32 = 0
+        var bits = 0
+        for byte in text.utf8 {
+            let value = values[Int(byte)]
+            guard value != 0xFF else { return nil }
+            accumulator = accumulator << 6 | UInt32(value)
+            bits += 6
+            if bits >= 8 {
+                bits -= 8
+                out.append(UInt8(truncatingIfNeeded: accumulator >> UInt32(bits)))
+            }
+        }
+        // The unused low bits of the last character must be zero (one encoding per byte string).
+        guard accumulator & ((1 << UInt32(bits)) - 1) == 0 else { return nil }
+        return out
     }
 }
 
@@ -96,7 +132,7 @@ public struct JSONWebKey: Sendable, Equatable {
         self.init(kid: kid ?? JSONWebKey(kid: "", key: key).thumbprint, key: key)
     }
 
-    init(kid: String, key: Key) {
+    public init(kid: String, key: Key) {
         self.kid = kid
         self.key = key
     }
@@ -165,7 +201,7 @@ public struct JSONWebKey: Sendable, Equatable {
     }
 
     /// The JWK's required members only (RFC 7638 3.2), in lexicographic order.
-    var canonicalJSON: String {
+    public var canonicalJSON: String {
         switch key {
         case .p256(let key):
             let raw = key.rawRepresentation

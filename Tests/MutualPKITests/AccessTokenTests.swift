@@ -152,6 +152,24 @@ struct AccessTokenTests {
         }
     }
 
+    @Test("base64url: round trips of every length, the same as Foundation's base64 with the URL alphabet, strict on input")
+    func base64url() {
+        var generator = SystemRandomNumberGenerator()
+        for length in 0..<200 {
+            let bytes = (0..<length).map { _ in UInt8.random(in: 0...255, using: &generator) }
+            let encoded = Base64URL.encode(bytes)
+            let foundation = Data(bytes).base64EncodedString().replacingOccurrences(of: "+", with: "-")
+                .replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+            #expect(encoded == foundation)
+            #expect(Base64URL.decode(encoded) == Data(bytes))
+        }
+        for bad in ["A", "AB=", "A+B_", "AB/C", "ab cd", "é", "AB\n", "AR"] {
+            #expect(Base64URL.decode(bad) == nil, "\(bad)")
+        }
+        #expect(Base64URL.decode("") == Data())
+        #expect(Base64URL.decode("AQ") == Data([1]))
+    }
+
     @Test("the Authorization field: one Bearer token, any scheme case; none, two, or two tokens in one field are told apart")
     func bearer() {
         func parse(_ values: [String]) -> String {

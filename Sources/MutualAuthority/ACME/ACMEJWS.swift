@@ -76,16 +76,11 @@ public enum ACMEAccountKey: Sendable, Equatable {
     /// The JWK's required members only (RFC 7638 3.2), in lexicographic order: the canonical form.
     public var canonicalJSON: String {
         switch self {
-        case .p256(let key):
-            let raw = key.rawRepresentation
-            return "{\"crv\":\"P-256\",\"kty\":\"EC\",\"x\":\"\(Base64URL.encode(raw.prefix(32)))\",\"y\":\"\(Base64URL.encode(raw.suffix(32)))\"}"
-        case .p384(let key):
-            let raw = key.rawRepresentation
-            return "{\"crv\":\"P-384\",\"kty\":\"EC\",\"x\":\"\(Base64URL.encode(raw.prefix(48)))\",\"y\":\"\(Base64URL.encode(raw.suffix(48)))\"}"
+        case .p256(let key): return JSONWebKey(kid: "", key: .p256(key)).canonicalJSON
+        case .p384(let key): return JSONWebKey(kid: "", key: .p384(key)).canonicalJSON
+        case .ed25519(let key): return JSONWebKey(kid: "", key: .ed25519(key)).canonicalJSON
         case .rsa(let n, let e):
             return "{\"e\":\"\(Base64URL.encode(e))\",\"kty\":\"RSA\",\"n\":\"\(Base64URL.encode(n))\"}"
-        case .ed25519(let key):
-            return "{\"crv\":\"Ed25519\",\"kty\":\"OKP\",\"x\":\"\(Base64URL.encode(key.rawRepresentation))\"}"
         }
     }
 

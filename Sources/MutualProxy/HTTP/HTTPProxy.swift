@@ -276,6 +276,8 @@ final class HTTPProxyHandler: ChannelInboundHandler {
     private var identityHeaders: [(String, String)]?
     /// The access token last verified on this connection (its signature is checked once).
     private var verifiedToken: TokenGate.Verified?
+    /// The revocation state's generation when this connection's certificate was last found unrevoked.
+    private var revocationCheckedAt: Int?
     /// The connection's verified client: given at construction when the handler is built after the handshake
     /// (HTTP/2 streams, HTTP/1.1 chosen by ALPN), else delivered by ``PeerVerifiedEvent``. Nil means unauthenticated.
     private var peer: VerifiedPeer?
@@ -638,8 +640,13 @@ final class HTTPProxyHandler: ChannelInboundHandler {
             return .refused(Self.tokenRefusal(TokenRefusal(.unknownKey, "this proxy has no token issuer configured (tokens.authority)")))
         }
         let now = runtime.now()
-        if let peer, let (failure, reason) = runtime.revocation.check(chain: peer.chain, now: now), failure == .revoked {
-            return .refused(Self.tokenRefusal(TokenRefusal(.certificateRevoked, reason)))
+        // Checked again only when the revocation state changed since this connection last looked.
+        let generation = runtime.revocation.generation
+        if let peer, revocationCheckedAt != generation {
+            if let (failure, reason) = runtime.revocation.check(chain: peer.chain, now: now), failure == .revoked {
+                return .refused(Self.tokenRefusal(TokenRefusal(.certificateRevoked, reason)))
+            }
+            revocationCheckedAt = generation
         }
         switch TokenGate.check(
             authorization: head.headers["authorization"], rule: rule, peer: peer, keys: tokens.keys, leeway: tokens.leeway, now: now,

@@ -20,6 +20,8 @@ public final class RevocationState: Sendable {
         var unavailable: Set<String> = []
         /// Serial (lowercase hex) → human reason, from the authority's event stream.
         var pushed: [String: String] = [:]
+        /// Counts changes (a CRL installed, a revocation pushed): a decision made at one generation holds until it moves.
+        var generation = 0
     }
 
     private let state = Mutex(Snapshot())
@@ -46,6 +48,7 @@ public final class RevocationState: Sendable {
             if let previous, previous.crl.thisUpdate > crl.thisUpdate { return [] }
             snapshot.crls[crl.issuer] = LoadedCRL(source: source, crl: crl, serials: serials)
             snapshot.unavailable.remove(source)
+            snapshot.generation += 1
             return Set(serials.keys).subtracting(previous.map { Set($0.serials.keys) } ?? [])
         }
     }
@@ -54,8 +57,14 @@ public final class RevocationState: Sendable {
     @discardableResult
     func push(serial: String, reason: String) -> Bool {
         let key = serial.lowercased()
-        return state.withLock { $0.pushed.updateValue(reason, forKey: key) == nil }
+        return state.withLock { snapshot in
+            snapshot.generation += 1
+            return snapshot.pushed.updateValue(reason, forKey: key) == nil
+        }
     }
+
+    /// The current generation (see ``Snapshot/generation``).
+    var generation: Int { state.withLock { $0.generation } }
 
     /// True when some CRL is past its nextUpdate (the metric `mutual_proxy_crl_stale`).
     func isStale(now: Date = Date()) -> Bool {

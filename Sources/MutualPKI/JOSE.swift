@@ -35,7 +35,8 @@ public enum Base64URL {
     public static func decode<S: StringProtocol>(_ text: S) -> Data? {
         let count = text.utf8.count
         guard count % 4 != 1 else { return nil }
-        var out = Data(capacity: count * 3 / 4)
+        var out = [UInt8]()
+        out.reserveCapacity(count * 3 / 4)
         var accumulator: UInt32 = 0
         var bits = 0
         for byte in text.utf8 {
@@ -50,7 +51,7 @@ public enum Base64URL {
         }
         // The unused low bits of the last character must be zero (one encoding per byte string).
         guard accumulator & ((1 << UInt32(bits)) - 1) == 0 else { return nil }
-        return out
+        return Data(out)
     }
 }
 

@@ -51,19 +51,34 @@ proxy() {  # the same proxy and load, without and with --token-audience, alterna
   sleep 0.5; PIDS+=($(cat $R/backend/nginx.pid))
   TOKEN=$("$MUTUAL" oauth token --authority https://127.0.0.1:$API_PORT --cert "$OUT/client/chain.pem" --key "$OUT/client/key.pem" \
     --ca "$S/ca/root.pem" --audience bench --scope read)
-  # 500 distinct tokens for the worst case (a new token on every request: no per-connection reuse).
-  for _ in $(seq 500); do
-    "$MUTUAL" oauth token --authority https://127.0.0.1:$API_PORT --cert "$OUT/client/chain.pem" --key "$OUT/client/key.pem" \
-      --ca "$S/ca/root.pem" --audience bench --scope read
-  done > "$OUT/tokens.list" 2>/dev/null &
-  LIST=$!
   cat > "$OUT/same.lua" <<LUA
 wrk.headers["Authorization"] = "Bearer $TOKEN"
 LUA
-  wait $LIST
-  { echo 'local tokens = {}'; while read -r t; do echo "tokens[#tokens + 1] = \"$t\""; done < "$OUT/tokens.list"
-    echo 'local i = 0'
-    echo 'request = function() i = i % #tokens + 1; return wrk.format(nil, nil, {["Authorization"] = "Bearer " .. tokens[i]}) end'; } > "$OUT/rotating.lua"
+  # The worst case: a token never seen before on every request (no connection or shared signature cache helps).
+  # 60,000 tokens with the same claims and key as the authority's (its signing key read from the state directory),
+  # each with its own jti; wrk reads them in order, the measured run after the warm-up's.
+  $BASE/venv/bin/python - "$S" "$TOKEN" 60000 > "$OUT/tokens.list" <<'PY'
+import base64, json, sys
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+state, token, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+entry = [k for k in json.load(open(state + "/oauth/keys.json"))["keys"]][-1]
+key = serialization.load_pem_private_key(open(state + "/oauth/" + entry["file"], "rb").read(), password=None)
+header = token.split(".")[0]
+claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+for i in range(count):
+    claims["jti"] = "bench-%d" % i
+    payload = b64(json.dumps(claims, separators=(",", ":")).encode())
+    r, s = utils.decode_dss_signature(key.sign((header + "." + payload).encode(), ec.ECDSA(hashes.SHA256())))
+    print(header + "." + payload + "." + b64(r.to_bytes(32, "big") + s.to_bytes(32, "big")))
+PY
+  cat > "$OUT/rotating.lua" <<LUA
+local tokens = {}
+for line in io.lines("$OUT/tokens.list") do tokens[#tokens + 1] = line end
+local i = tonumber(os.getenv("TOKEN_OFFSET") or "0")
+request = function() i = i % #tokens + 1; return wrk.format(nil, nil, {["Authorization"] = "Bearer " .. tokens[i]}) end
+LUA
   run_proxy() {  # NAME SCRIPT [token flags]
     local name=$1 script=$2; shift 2
     local port; port=$(free_port)
@@ -76,7 +91,7 @@ LUA
     sleep 1
     "${SHIM[@]}" wrk -t1 -c100 -d2s -s "$script" https://127.0.0.1:$port/ > /dev/null
     local t0; t0=$(cpu_ms $P)
-    "${SHIM[@]}" wrk -t1 -c100 -d${DUR}s -s "$script" https://127.0.0.1:$port/ > "$OUT/load.txt"
+    TOKEN_OFFSET=20000 "${SHIM[@]}" wrk -t1 -c100 -d${DUR}s -s "$script" https://127.0.0.1:$port/ > "$OUT/load.txt"
     local t1; t1=$(cpu_ms $P)
     kill $P; wait $P 2>/dev/null || true
     local n; n=$(awk '/requests in/{print $1}' "$OUT/load.txt")

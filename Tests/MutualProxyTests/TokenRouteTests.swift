@@ -121,6 +121,34 @@ struct TokenRouteTests {
         #expect(gate(token, peer: peer, keys: keys, cache: &cache) == "token_unknown_key")
     }
 
+    @Test("the signature cache shared by connections and streams never stands in for the binding, the time or a withdrawn key")
+    func sharedCache() async throws {
+        let issuer = FakeIssuer()
+        let signer = try issuer.addKey()
+        let keys = Self.keySet(issuer)
+        #expect(await keys.load())
+        let peer = try GatewayHardeningTests.peer(uris: ["spiffe://example.org/ns/web/sa/app"])
+        let token = try issuer.token(for: peer, key: signer)
+        func check(_ peer: VerifiedPeer?, at now: Date = TestPKI.now) -> String {
+            var fresh: TokenGate.Verified?  // a new connection or HTTP/2 stream
+            switch TokenGate.check(authorization: ["Bearer \(token)"], rule: Self.rule, peer: peer, keys: keys.keys, leeway: 30, now: now, cache: &fresh, shared: keys) {
+            case .success: return "ok"
+            case .failure(let refusal): return refusal.code.name
+            }
+        }
+        #expect(keys.verifiedToken(Substring(token)) == nil)
+        #expect(check(peer) == "ok")
+        #expect(keys.verifiedToken(Substring(token))?.kid == signer.kid, "remembered after one verification")
+        #expect(check(peer) == "ok")
+        let thief = try GatewayHardeningTests.peer(uris: ["spiffe://example.org/ns/web/sa/app"])
+        #expect(check(thief) == "token_binding_mismatch")
+        #expect(check(peer, at: TestPKI.now.addingTimeInterval(3600)) == "token_expired")
+        issuer.keys.withLock { $0.removeAll() }
+        _ = try issuer.addKey()
+        #expect(await keys.load())
+        #expect(check(peer) == "token_unknown_key")
+    }
+
     @Test("the key set: nothing before the first fetch (fail closed), the last good set kept when the authority fails, an unknown kid refreshes at most once a second")
     func keySetRefresh() async throws {
         let issuer = FakeIssuer()

@@ -650,7 +650,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
         }
         switch TokenGate.check(
             authorization: head.headers["authorization"], rule: rule, peer: peer, keys: tokens.keys, leeway: tokens.leeway, now: now,
-            cache: &verifiedToken
+            cache: &verifiedToken, shared: tokens
         ) {
         case .success(let verified):
             return .passed(TokenGate.headers(for: verified))

@@ -24,7 +24,7 @@ struct TokenGate {
 
     static func check(
         authorization: [String], rule: TokenRule, peer: VerifiedPeer?, keys: AccessTokenKeys.Keys, leeway: Double, now: Date,
-        cache: inout Verified?
+        cache: inout Verified?, shared: AccessTokenKeys? = nil
     ) -> Result<Verified, TokenRefusal> {
         guard let bearer = AccessTokenVerifier.bearer(fromAuthorization: authorization) else {
             return .failure(TokenRefusal(.missing, "this route needs an access token bound to your certificate (Authorization: Bearer …; get one from the authority's /oauth2/token)"))
@@ -42,6 +42,10 @@ struct TokenGate {
         if let cached = cache, cached.token == token, keys.keys[cached.kid] != nil {
             return verifier.check(cached.claims, thumbprint: thumbprint, now: now).map { _ in cached }
         }
+        if let known = shared?.verifiedToken(token), keys.keys[known.kid] != nil {
+            cache = known
+            return verifier.check(known.claims, thumbprint: thumbprint, now: now).map { _ in known }
+        }
         switch verifier.verifyNamingKey(token, keys: keys.keys, thumbprint: thumbprint, now: now) {
         case .failure(let refusal):
             return .failure(refusal)
@@ -49,9 +53,13 @@ struct TokenGate {
             guard headerSafe(claims.sub), headerSafe(claims.scope ?? "") else {
                 return .failure(TokenRefusal(.malformed, "the token's subject or scope contains characters that cannot be forwarded in a header"))
             }
-            let parts = token.split(separator: ".", omittingEmptySubsequences: false)
-            let verified = Verified(token: String(token), kid: kid, claims: claims, payload: parts[1])
+            // The middle part (verification found exactly two dots).
+            let bytes = token.utf8
+            let first = bytes.firstIndex(of: UInt8(ascii: "."))!
+            let last = bytes.lastIndex(of: UInt8(ascii: "."))!
+            let verified = Verified(token: String(token), kid: kid, claims: claims, payload: token[bytes.index(after: first)..<last])
             cache = verified
+            shared?.remember(verified)
             return .success(verified)
         }
     }

@@ -27,6 +27,22 @@ public final class AccessTokenKeys: Sendable {
     let logger: Logger
     let http: HTTPClient?
     private let current = Mutex(Keys(issuer: nil, keys: [:]))
+    /// Tokens whose signature verified, shared by every connection and HTTP/2 stream (a client that opens many
+    /// connections, or sends each request on its own stream, pays for its token's signature once). Bounded: emptied
+    /// when full. Only the signature is remembered; every other check runs on every request.
+    private let verified = Mutex<[String: TokenGate.Verified]>([:])
+    static let verifiedCapacity = 4096
+
+    func verifiedToken(_ token: Substring) -> TokenGate.Verified? {
+        verified.withLock { $0[String(token)] }
+    }
+
+    func remember(_ token: TokenGate.Verified) {
+        verified.withLock { cache in
+            if cache.count >= Self.verifiedCapacity { cache.removeAll(keepingCapacity: true) }
+            cache[token.token] = token
+        }
+    }
     /// Monotonic seconds, for the unknown-kid rate limit (injected in tests).
     let uptime: @Sendable () -> Double
     private struct Refresh {

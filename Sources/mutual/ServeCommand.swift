@@ -130,6 +130,8 @@ struct ServeCommand: AsyncParsableCommand {
                 return provisioner
             }
         }
+        // Every input is checked before the authority opens: a refusal must not leave a database half-opened.
+        let oauth = try await failing { try oauthSettings(file: file) }
         var logger = Logger(label: "mutual.serve")
         logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
         let authority = try await stateOptions.openAuthority()
@@ -141,7 +143,7 @@ struct ServeCommand: AsyncParsableCommand {
         configuration.crlValidity = crlValidity
         configuration.acmeProvisioners = file.acme + acmeProvisioners
         configuration.dashboard = !noDashboard && file.dashboard != false
-        configuration.oauth = try await failing { try oauthSettings(file: file) }
+        configuration.oauth = oauth
         let server = AuthorityServer(authority: authority, configuration: configuration, logger: logger)
         let dashboardOn = configuration.dashboard
         await Self.warnAboutCA(stateOptions.state, logger: logger)
@@ -188,6 +190,9 @@ extension ServeCommand {
             throw CommandFailure("--oauth-allow: \(error.reason)", exitCode: 2, code: error.code)
         } catch let error as AuthorityError {
             throw CommandFailure("--oauth-introspector: \(error.reason)", exitCode: 2, code: error.code.name)
+        }
+        if settings.rules.isEmpty, !settings.introspectors.isEmpty || oauthTokenLifetime != nil || oauthIssuer != nil {
+            throw CommandFailure("the --oauth-… settings need at least one --oauth-allow rule (the token endpoint is off without one)", exitCode: 2)
         }
         if let lifetime = oauthTokenLifetime ?? file.oauthTokenLifetime {
             guard lifetime.seconds >= 10, lifetime.seconds <= 86_400 else {

@@ -139,6 +139,49 @@ struct CLITests {
         #expect(list.status == 0 && !list.stdout.contains("hmac"), "the HMAC key is shown once only")
     }
 
+    @Test("OAuth flags: bad rules, lifetimes, issuers and lone settings exit 2 with the reason before serving; proxy token flags and oauth commands refuse bad input")
+    func oauthBadInput() async throws {
+        let cli = CLI()
+        defer { cli.cleanup() }
+        let state = cli.home + "/state"
+        #expect(try await cli.run(["init", "--state-dir", state, "--name", "OAuth CLI"]).status == 0)
+        for (arguments, expected) in [
+            (["--oauth-allow", "noequals"], "[oauth-bad-rule]"),
+            (["--oauth-allow", "spiffe://td/**=aud"], "[oauth-bad-rule]"),
+            (["--oauth-allow", "x=aud:re\"ad"], "scope"),
+            (["--oauth-allow", "x=aud", "--oauth-token-lifetime", "2s"], "--oauth-token-lifetime"),
+            (["--oauth-allow", "x=aud", "--oauth-token-lifetime", "48h"], "--oauth-token-lifetime"),
+            (["--oauth-allow", "x=aud", "--oauth-issuer", "http://plain.example"], "--oauth-issuer"),
+            (["--oauth-allow", "x=aud", "--oauth-introspector", "a b"], "--oauth-introspector"),
+            (["--oauth-introspector", "spiffe://td/*"], "--oauth-allow"),
+        ] {
+            let result = try await cli.run(["serve", "--state-dir", state, "--listen", "127.0.0.1:0", "--http-listen", "off"] + arguments)
+            #expect(result.status == 2, "\(arguments): \(result.status) \(result.output)")
+            #expect(result.stderr.contains(expected), "\(arguments): \(result.stderr)")
+            #expect(!result.stdout.contains("listening"), "\(arguments)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: state + "/oauth/keys.json"), "no key made for a refused start")
+        let proxyBase = ["proxy", "--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:1", "--cert", "c", "--key", "k", "--client-ca", "ca", "--allow", "spiffe://td/a"]
+        for (arguments, expected) in [
+            (["--token-scope", "read"], "--token-audience"),
+            (["--token-audience", "payments"], "--authority"),
+        ] {
+            let result = try await cli.run(proxyBase + arguments)
+            #expect(result.status == 2 && result.stderr.contains(expected), "\(arguments): \(result.status) \(result.stderr)")
+        }
+        let missing = try await cli.run(["oauth", "token", "--authority", "https://127.0.0.1:1", "--cert", cli.home + "/none.pem", "--key", "k", "--ca", "c"])
+        #expect(missing.status == 2 && missing.stderr.contains("--ca"), "\(missing.stderr)")
+        let rotate = try await cli.run(["oauth", "keys", "rotate", "--state-dir", state, "--publish-ahead", "soon"])
+        #expect(rotate.status == 2)
+        let first = try await cli.run(["oauth", "keys", "rotate", "--state-dir", state, "--publish-ahead", "0"])
+        #expect(first.status == 0, "\(first.output)")
+        let again = try await cli.run(["oauth", "keys", "rotate", "--state-dir", state, "--publish-ahead", "10m"])
+        let pending = try await cli.run(["oauth", "keys", "rotate", "--state-dir", state])
+        #expect(again.status == 0 && pending.status == 1 && pending.stderr.contains("[rotation-in-progress]"), "\(pending.output)")
+        let keys = try await cli.run(["oauth", "keys", "--state-dir", state, "--json"])
+        #expect(keys.status == 0 && keys.stdout.contains("\"next\"") && keys.stdout.contains("\"active\""), "\(keys.output)")
+    }
+
     @Test("dashboard login: prints a one-time link to where serve recorded its dashboard; bad input exits 2 and stores nothing")
     func dashboardLogin() async throws {
         let cli = CLI()

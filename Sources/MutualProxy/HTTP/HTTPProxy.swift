@@ -613,6 +613,7 @@ final class HTTPProxyHandler: ChannelInboundHandler {
                 guard case .acquireUpstream = machine.receive(.head(refusal: nil)) else { return }
                 let loopBound = NIOLoopBound((self, context, exchange), eventLoop: context.eventLoop)
                 let loop = context.eventLoop
+                let forwarded = forwarded
                 tokens.refreshForUnknownKey {
                     loop.execute {
                         let (handler, context, exchange) = loopBound.value

@@ -206,6 +206,11 @@ struct OAuthTests {
         // Emergency: the new key signs now and the old one is withdrawn now.
         let third = try ring.rotate(publishAhead: 0, keepPrevious: 0, now: t0.addingTimeInterval(5000))
         #expect(try state(5000) == (third.kid, [third.kid]))
+        // A first key made by a rotation (before any serve) has nothing to overlap with: it signs at once.
+        let fresh = OAuthKeyRing(directory: dir + "/fresh", passphrase: nil, keyStore: nil)
+        let only = try fresh.rotate(publishAhead: 600, keepPrevious: 3600, now: t0)
+        #expect(only.activatesAt == t0)
+        #expect(try fresh.snapshot(now: t0).signer.kid == only.kid)
         // Files: 0600, and a tampered list is refused rather than trusted.
         let attributes = try FileManager.default.attributesOfItem(atPath: dir + "/signer-\(third.kid).key")
         #expect((attributes[.posixPermissions] as? Int) == 0o600)

@@ -106,20 +106,23 @@ public final class OAuthKeyRing: Sendable {
         if let pending = entries.first(where: { $0.activatesAt > now }) {
             throw AuthorityError(.rotationInProgress, "signing key \(pending.kid) is published but does not sign until \(AuditChain.format(pending.activatesAt)); rotate again after that")
         }
+        // With no key signing now there is nothing to overlap with: the new key signs at once (a first key made by
+        // `mutual oauth keys rotate` before the first `serve`, or after every key was withdrawn).
+        let signsFrom = entries.contains { $0.activatesAt <= now && ($0.retiresAt.map { $0 > now } ?? true) } ? activatesAt : now
         let entry: Entry
         if let keyStore {
             let key = try PKCS11Key.generate(keyStore.naming(object: "mutual-oauth-signer"), keyType: .p256, anotherGeneration: true)
             let jwk = try JSONWebKey(publicKey: key.publicKey)
-            entry = Entry(kid: jwk.kid, alg: jwk.algorithm.rawValue, file: nil, keyStore: key.uri.description, createdAt: now, activatesAt: activatesAt)
+            entry = Entry(kid: jwk.kid, alg: jwk.algorithm.rawValue, file: nil, keyStore: key.uri.description, createdAt: now, activatesAt: signsFrom)
         } else {
             let key = try KeyType.p256.generate()
             let jwk = try JSONWebKey(publicKey: key.publicKey)
             let file = "signer-\(jwk.kid).key"
             try AtomicFile.write(KeyFile.pem(for: key, passphrase: passphrase), to: directory + "/" + file, mode: 0o600)
-            entry = Entry(kid: jwk.kid, alg: jwk.algorithm.rawValue, file: file, keyStore: nil, createdAt: now, activatesAt: activatesAt)
+            entry = Entry(kid: jwk.kid, alg: jwk.algorithm.rawValue, file: file, keyStore: nil, createdAt: now, activatesAt: signsFrom)
         }
         if let keepPrevious {
-            let retiresAt = activatesAt.addingTimeInterval(keepPrevious)
+            let retiresAt = signsFrom.addingTimeInterval(keepPrevious)
             for index in entries.indices where entries[index].retiresAt == nil || entries[index].retiresAt! > retiresAt {
                 entries[index].retiresAt = retiresAt
             }

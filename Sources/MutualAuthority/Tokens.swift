@@ -98,16 +98,6 @@ public struct TokenService: Sendable {
         SHA256.hash(data: Array(secret.utf8)).hexString
     }
 
-    /// Constant-time comparison of two equal-length hex digests.
-    static func constantTimeEqual(_ a: String, _ b: String) -> Bool {
-        let x = Array(a.utf8)
-        let y = Array(b.utf8)
-        guard x.count == y.count else { return false }
-        var difference: UInt8 = 0
-        for i in x.indices { difference |= x[i] ^ y[i] }
-        return difference == 0
-    }
-
     /// Finds the token a bearer string names and checks its secret, expiry, revocation and remaining uses.
     /// Refusals name their reason; the caller audits them.
     public func authenticate(_ bearer: String, now: Date = .now) async throws -> TokenRecord {
@@ -121,10 +111,10 @@ public struct TokenService: Sendable {
         let id = String(parts[0])
         guard let record = try await store.token(id: id) else {
             // Hash anyway so an unknown id costs the same as a wrong secret.
-            _ = Self.constantTimeEqual(Self.hash(String(parts[1])), String(repeating: "0", count: 64))
+            _ = ConstantTime.equal(Self.hash(String(parts[1])), String(repeating: "0", count: 64))
             throw AuthorityError(.tokenInvalid, "unknown token")
         }
-        guard Self.constantTimeEqual(Self.hash(String(parts[1])), record.secretHash) else {
+        guard ConstantTime.equal(Self.hash(String(parts[1])), record.secretHash) else {
             throw AuthorityError(.tokenInvalid, "token \(id): wrong secret")
         }
         if record.revokedAt != nil { throw AuthorityError(.tokenRevoked, "token \(id) was revoked") }

@@ -250,7 +250,7 @@ public struct AccessTokenVerifier: Sendable {
             guard let thumbprint else {
                 return .failure(TokenRefusal(.noCertificate, "the token is bound to a certificate but this connection presented none"))
             }
-            guard Self.constantTimeEqual(bound, thumbprint) else {
+            guard ConstantTime.equal(bound, thumbprint) else {
                 return .failure(TokenRefusal(.bindingMismatch, "the token is bound to another certificate than the one on this connection"))
             }
         }
@@ -261,13 +261,6 @@ public struct AccessTokenVerifier: Sendable {
         return .success(claims)
     }
 
-    static func constantTimeEqual(_ a: String, _ b: String) -> Bool {
-        let x = Array(a.utf8), y = Array(b.utf8)
-        guard x.count == y.count else { return false }
-        var difference: UInt8 = 0
-        for i in x.indices { difference |= x[i] ^ y[i] }
-        return difference == 0
-    }
 
     /// The token of an `Authorization` header (RFC 6750 2.1): exactly one field, scheme `Bearer` (any case), one
     /// token68. nil when there is no bearer credential at all.
@@ -300,5 +293,17 @@ public struct AccessTokenVerifier: Sendable {
             index += 1
         }
         return index == scheme.count
+    }
+}
+
+/// Comparison of secrets and digests whose time does not depend on where they differ (token hashes, CSRF tokens,
+/// certificate thumbprints): the one implementation every role uses.
+public enum ConstantTime {
+    public static func equal(_ a: String, _ b: String) -> Bool {
+        let x = Array(a.utf8), y = Array(b.utf8)
+        guard x.count == y.count else { return false }
+        var difference: UInt8 = 0
+        for index in x.indices { difference |= x[index] ^ y[index] }
+        return difference == 0
     }
 }

@@ -201,18 +201,24 @@ public struct JSONWebKey: Sendable, Equatable {
         return set
     }
 
-    /// The JWK's required members only (RFC 7638 3.2), in lexicographic order.
-    public var canonicalJSON: String {
+    /// The members that define the key (RFC 7638 3.2).
+    var requiredMembers: [String: String] {
         switch key {
         case .p256(let key):
             let raw = key.rawRepresentation
-            return "{\"crv\":\"P-256\",\"kty\":\"EC\",\"x\":\"\(Base64URL.encode(raw.prefix(32)))\",\"y\":\"\(Base64URL.encode(raw.suffix(32)))\"}"
+            return ["kty": "EC", "crv": "P-256", "x": Base64URL.encode(raw.prefix(32)), "y": Base64URL.encode(raw.suffix(32))]
         case .p384(let key):
             let raw = key.rawRepresentation
-            return "{\"crv\":\"P-384\",\"kty\":\"EC\",\"x\":\"\(Base64URL.encode(raw.prefix(48)))\",\"y\":\"\(Base64URL.encode(raw.suffix(48)))\"}"
+            return ["kty": "EC", "crv": "P-384", "x": Base64URL.encode(raw.prefix(48)), "y": Base64URL.encode(raw.suffix(48))]
         case .ed25519(let key):
-            return "{\"crv\":\"Ed25519\",\"kty\":\"OKP\",\"x\":\"\(Base64URL.encode(key.rawRepresentation))\"}"
+            return ["kty": "OKP", "crv": "Ed25519", "x": Base64URL.encode(key.rawRepresentation)]
         }
+    }
+
+    /// The required members only, in lexicographic order, no whitespace (RFC 7638 3.2). Every value is a name or
+    /// base64url, so none needs escaping.
+    public var canonicalJSON: String {
+        "{" + requiredMembers.sorted { $0.key < $1.key }.map { "\"\($0.key)\":\"\($0.value)\"" }.joined(separator: ",") + "}"
     }
 
     /// RFC 7638 thumbprint (SHA-256, base64url): the `kid` Mutual gives its keys.
@@ -220,18 +226,7 @@ public struct JSONWebKey: Sendable, Equatable {
 
     /// The JWK as published: the required members plus `kid`, `alg` and `use`.
     public var object: [String: String] {
-        var members: [String: String] = ["kid": kid, "alg": algorithm.rawValue, "use": "sig"]
-        switch key {
-        case .p256(let key):
-            let raw = key.rawRepresentation
-            members.merge(["kty": "EC", "crv": "P-256", "x": Base64URL.encode(raw.prefix(32)), "y": Base64URL.encode(raw.suffix(32))]) { $1 }
-        case .p384(let key):
-            let raw = key.rawRepresentation
-            members.merge(["kty": "EC", "crv": "P-384", "x": Base64URL.encode(raw.prefix(48)), "y": Base64URL.encode(raw.suffix(48))]) { $1 }
-        case .ed25519(let key):
-            members.merge(["kty": "OKP", "crv": "Ed25519", "x": Base64URL.encode(key.rawRepresentation)]) { $1 }
-        }
-        return members
+        requiredMembers.merging(["kid": kid, "alg": algorithm.rawValue, "use": "sig"]) { $1 }
     }
 
     /// Whether `signature` (JWS form: raw r‖s for ECDSA) signs `input` under this key.

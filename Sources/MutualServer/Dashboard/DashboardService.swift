@@ -206,7 +206,7 @@ final class DashboardService: Sendable {
             throw DashboardRefusal(status: 403, code: "cross-site-request", message: "this form was sent from \(origin.prefix(100)), not from this dashboard")
         }
         let form = try Self.form(request)
-        guard let token = form["csrf"], Self.constantTimeEqual(token, viewer.csrf) else {
+        guard let token = form["csrf"], ConstantTime.equal(token, viewer.csrf) else {
             throw DashboardRefusal(status: 403, code: "csrf-token-invalid", message: "the form's anti-forgery token is missing or wrong: reload the page and try again")
         }
         return form
@@ -237,14 +237,6 @@ final class DashboardService: Sendable {
             fields[name] = value
         }
         return fields
-    }
-
-    static func constantTimeEqual(_ a: String, _ b: String) -> Bool {
-        let x = Array(a.utf8), y = Array(b.utf8)
-        guard x.count == y.count else { return false }
-        var difference: UInt8 = 0
-        for index in x.indices { difference |= x[index] ^ y[index] }
-        return difference == 0
     }
 
     func requireAdmin(_ viewer: DashboardViewer) throws {
